@@ -1,0 +1,96 @@
+"""`dtsd`: the daemon's command line.
+
+    dtsd [-c FILE]                      run the master in the foreground
+    dtsd --check-config [-c FILE]       validate the configuration and exit (0: fine)
+    dtsd --daemon --pidfile FILE        detach (for hosts without systemd)
+    dtsd migrate [-c FILE]              bring the PostgreSQL schema up to date
+    dtsd config-reference               print the reference dtsd.ini (every option, default)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from . import config as configmod
+
+CONFIG_HELP = f"Configuration file (default: $DTSD_CONFIG, else {configmod.DEFAULT_PATH})."
+
+
+def _load(path: str | None) -> configmod.Config:
+    try:
+        return configmod.load(path)
+    except configmod.ConfigError as exc:
+        click.echo(f"dtsd: configuration error: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "path", metavar="FILE", help=CONFIG_HELP)
+@click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
+@click.option("--daemon", is_flag=True, help="Detach from the terminal (hosts without systemd).")
+@click.option("--pidfile", metavar="FILE", help="With --daemon: write the master's pid here.")
+@click.version_option(__version__, prog_name="dtsd")
+@click.pass_context
+def main(ctx: click.Context, path: str | None, check_config: bool, daemon: bool,
+         pidfile: str | None) -> None:
+    """dtsd, the distributed task scheduler daemon: runs the master, which supervises
+    the gRPC API servers, the workers and the coordinator of this node."""
+    if ctx.invoked_subcommand:
+        ctx.obj = path
+        return
+    cfg = _load(path)
+    if check_config:
+        click.echo(f"{cfg.path}: configuration is valid")
+        return
+    if pidfile and not daemon:
+        raise click.UsageError("--pidfile goes with --daemon")
+    from .child import setup_logging
+    from .master import Master
+    if daemon:
+        sys.exit(_run_detached(cfg, pidfile))
+    setup_logging(cfg, "master")
+    sys.exit(Master(cfg).run())
+
+
+def _run_detached(cfg: configmod.Config, pidfile: str | None) -> int:
+    import daemon as pydaemon
+    from daemon import pidfile as pidlockfile
+
+    from .child import setup_logging
+    from .master import Master
+    context = pydaemon.DaemonContext(
+        pidfile=pidlockfile.TimeoutPIDLockFile(pidfile, acquire_timeout=5) if pidfile else None,
+        working_directory="/", umask=0o022, signal_map={}, detach_process=True)
+    with context:
+        setup_logging(cfg, "master")
+        return Master(cfg).run()
+
+
+@main.command()
+@click.option("-c", "--config", "path", metavar="FILE", help=CONFIG_HELP)
+@click.pass_obj
+def migrate(parent_path: str | None, path: str | None) -> None:
+    """Apply the PostgreSQL migrations not applied yet (under an advisory lock)."""
+    from .store import Store
+    cfg = _load(path or parent_path)
+    store = Store(cfg.get("postgres", "dsn"))
+    try:
+        applied = store.migrate()
+    except Exception as exc:  # report, don't trace: this runs at every start
+        click.echo(f"dtsd migrate: {type(exc).__name__}: {exc}".rstrip(), err=True)
+        sys.exit(1)
+    for name in applied:
+        click.echo(f"applied {name}")
+
+
+@main.command("config-reference")
+def config_reference() -> None:
+    """Print the reference dtsd.ini: every option, commented, with its default."""
+    click.echo(configmod.reference_ini(), nl=False)
+
+
+if __name__ == "__main__":
+    main()

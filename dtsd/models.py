@@ -1,0 +1,192 @@
+"""The job model shared by every process: states, limits, and validation of new jobs.
+
+Everything stored or sent is an Enum member here, never a bare string. Validation is
+the edge: `validate_spec` either returns a `NewJob` that the store may insert as is, or
+raises `InvalidField` naming the field and the problem, before anything is written.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+
+class JobStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class EndReason(str, enum.Enum):
+    """Why an attempt ended other than by the command exiting on its own."""
+
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    LOST = "lost"            # its worker died; recovered by the leader
+    HANDED_BACK = "handed back"  # worker stopped before the job finished; not counted as a failure
+    SPAWN_FAILED = "spawn failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Limits on what a submitter may send. They keep rows, messages and environments sane.
+MAX_ID = 128
+MAX_NAME = 256
+MAX_COMMAND = 64 * 1024
+MAX_ENV_ENTRIES = 256
+MAX_ENV_KEY = 256
+MAX_ENV_TOTAL = 128 * 1024
+MAX_CWD = 4096
+MAX_IDEMPOTENCY_KEY = 256
+MAX_PRIORITY = 9
+MAX_RETRIES_LIMIT = 100
+MAX_TIMEOUT = 30 * 86400.0
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_RETRIES = 3
+
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,%d}$" % (MAX_ID - 1))
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+RESERVED_ENV = frozenset({"DTSD_JOB_ID", "DTSD_ATTEMPT"})
+
+
+class InvalidField(ValueError):
+    """Bad input. `field` names what is wrong, in the API's own words."""
+
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"{field_name}: {problem}")
+        self.field = field_name
+        self.problem = problem
+
+
+@dataclass
+class NewJob:
+    """A validated job, ready to insert."""
+
+    id: str
+    command: str
+    name: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    max_retries: int = DEFAULT_MAX_RETRIES
+    timeout: float = 0.0
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
+    submitted_by: str = ""
+    schedule_id: int | None = None
+    fire_time: datetime | None = None
+
+    def fingerprint(self) -> str:
+        """What an idempotent repeat must match: the spec, not the id or submitter."""
+        spec = [self.command, self.name, sorted(self.env.items()), self.cwd, self.queue,
+                self.priority, self.max_retries, self.timeout]
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def check_text(field_name: str, value: str, limit: int, *, required: bool = False) -> str:
+    if required and not value.strip():
+        raise InvalidField(field_name, "must not be empty")
+    if "\0" in value:
+        raise InvalidField(field_name, "must not contain NUL bytes")
+    if len(value.encode("utf-8", "surrogatepass")) > limit:
+        raise InvalidField(field_name, f"is longer than {limit} bytes")
+    return value
+
+
+def check_job_id(value: str, field_name: str = "id") -> str:
+    if not JOB_ID.match(value):
+        raise InvalidField(field_name, f"malformed job id {value[:80]!r} (letters, digits, "
+                                       f"'.', '_', ':', '-'; at most {MAX_ID})")
+    return value
+
+
+def check_queue(value: str, field_name: str = "queue") -> str:
+    if not QUEUE_NAME.match(value):
+        raise InvalidField(field_name, f"bad queue name {value[:80]!r} (lower-case letters, "
+                                       "digits, '_', '.', '-'; at most 64; starts with a letter "
+                                       "or digit)")
+    return value
+
+
+def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, str] | None = None,
+                  cwd: str = "", queue: str = "", priority: int = 0,
+                  max_retries: int | None = None, timeout: float = 0.0,
+                  run_at: datetime | None = None, idempotency_key: str = "",
+                  submitted_by: str = "", prefix: str = "") -> NewJob:
+    """Check every field of a submitted job; `prefix` qualifies field names (`jobs[3].`)."""
+    def f(name_: str) -> str:
+        return prefix + name_
+
+    job_id = check_job_id(id, f("id")) if id else new_job_id()
+    check_text(f("command"), command, MAX_COMMAND, required=True)
+    check_text(f("name"), name, MAX_NAME)
+    env = dict(env or {})
+    if len(env) > MAX_ENV_ENTRIES:
+        raise InvalidField(f("env"), f"has more than {MAX_ENV_ENTRIES} entries")
+    total = 0
+    for key, value in env.items():
+        if not ENV_KEY.match(key) or len(key) > MAX_ENV_KEY:
+            raise InvalidField(f("env"), f"bad variable name {key[:80]!r} "
+                                         "(letters, digits and '_', not starting with a digit)")
+        if key in RESERVED_ENV:
+            raise InvalidField(f("env"), f"{key} is set by dtsd itself")
+        check_text(f(f"env[{key}]"), value, MAX_ENV_TOTAL)
+        total += len(key) + len(value.encode("utf-8", "surrogatepass")) + 2
+    if total > MAX_ENV_TOTAL:
+        raise InvalidField(f("env"), f"is larger than {MAX_ENV_TOTAL} bytes in all")
+    if cwd:
+        check_text(f("cwd"), cwd, MAX_CWD)
+        if not cwd.startswith("/"):
+            raise InvalidField(f("cwd"), f"must be an absolute path, not {cwd[:80]!r}")
+    queue = check_queue(queue or DEFAULT_QUEUE, f("queue"))
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise InvalidField(f("priority"), f"must be 0 to {MAX_PRIORITY}, not {priority}")
+    if max_retries is None:
+        max_retries = DEFAULT_MAX_RETRIES
+    if not 0 <= max_retries <= MAX_RETRIES_LIMIT:
+        raise InvalidField(f("max_retries"), f"must be 0 to {MAX_RETRIES_LIMIT}, not {max_retries}")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise InvalidField(f("timeout_seconds"), f"must be 0 (none) or positive, not {timeout}")
+    if timeout > MAX_TIMEOUT:
+        raise InvalidField(f("timeout_seconds"), f"must be at most {MAX_TIMEOUT:.0f} (30 days)")
+    if run_at is not None and run_at.tzinfo is None:
+        run_at = run_at.replace(tzinfo=timezone.utc)
+    check_text(f("idempotency_key"), idempotency_key, MAX_IDEMPOTENCY_KEY)
+    return NewJob(id=job_id, command=command, name=name, env=env, cwd=cwd, queue=queue,
+                  priority=priority, max_retries=max_retries, timeout=timeout, run_at=run_at,
+                  idempotency_key=idempotency_key or None, submitted_by=submitted_by)
+
+
+def retry_delay(failures: int, base: float, cap: float, rand: float) -> float:
+    """Exponential back-off with full jitter on the upper half: base * 2^(n-1), capped.
+
+    `rand` is a uniform number in [0, 1) supplied by the caller (testable, no hidden state).
+    The delay lies in [d/2, d], so retries of jobs that failed together spread out.
+    """
+    delay = min(cap, base * (2 ** max(0, failures - 1)))
+    return delay / 2 + delay / 2 * rand

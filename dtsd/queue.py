@@ -1,0 +1,314 @@
+"""Redis: how job ids reach workers fast. Every key name and Lua script lives here.
+
+Redis is an accelerator, not the record: everything in it can be rebuilt from
+PostgreSQL (the leader's reconciler does exactly that), so a lost or flushed Redis
+delays jobs but loses none.
+
+Keys, all under `dtsd:<cluster>:`:
+  queue:<q>:<p>        list   ready job ids of queue q at priority p (0..9), FIFO (RPUSH / LMOVE LEFT)
+  wake:<q>             list   one token per pushed id; idle workers block on it (BLPOP)
+  processing:<worker>  list   ids a worker took and has not acknowledged yet
+  delayed              zset   "q|p|id" scored by due time (run_at, retry back-off)
+  queued               set    every id Redis holds in one of the above (the reconciler's index)
+  worker:<worker>      string heartbeat, JSON, with a TTL; gone = the worker is dead
+  workers              set    worker ids seen, so the leader can look for dead ones
+  job:<id>             pubsub state changes and live output of one job
+  live:<id>            string output of the running attempt so far (for watchers who join late)
+  cancel               pubsub ids of jobs to kill wherever they run
+  node:<node>          string a master's node record (children, leader flag), JSON, with a TTL
+  nodes                set    node ids seen
+
+Priorities are separate lists because Redis lists cannot be ordered by score; a worker's
+fetch takes from the highest non-empty list of its queues, in one Lua call that moves up
+to N ids into its processing list (atomically, like BLMOVE, but for a batch). An idle
+worker blocks on the wake lists of its queues rather than polling.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Sequence
+
+import redis
+
+from .models import MAX_PRIORITY, JobStatus
+
+PRIORITIES = tuple(range(MAX_PRIORITY, -1, -1))  # fetch order: 9 first
+WAKE_TOKENS_MAX = 10000
+
+_FETCH = """
+local out = {}
+local want = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  while #out < want do
+    local id = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
+    if not id then break end
+    out[#out + 1] = id
+  end
+  if #out >= want then break end
+end
+return out
+"""
+
+_PROMOTE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  local q, p, id = string.match(member, '^([^|]+)|(%d)|(.+)$')
+  if q then
+    redis.call('RPUSH', ARGV[3] .. 'queue:' .. q .. ':' .. p, id)
+    redis.call('RPUSH', ARGV[3] .. 'wake:' .. q, '1')
+  end
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+# Watch messages on job:<id>. Output: b"O" + attempt (u32) + offset (u64) + bytes.
+_OUTPUT_HEADER = struct.Struct(">cIQ")
+
+
+@dataclass
+class Event:
+    """A message on a job's channel: a state change or a chunk of live output."""
+
+    kind: str                      # "state" or "output"
+    attempt: int = 0
+    status: JobStatus | None = None
+    exit_code: int | None = None
+    error: str = ""
+    offset: int = 0
+    data: bytes = b""
+
+    def encode(self) -> bytes:
+        if self.kind == "output":
+            return _OUTPUT_HEADER.pack(b"O", self.attempt, self.offset) + self.data
+        body = {"status": self.status.value if self.status else "", "attempt": self.attempt,
+                "exit_code": self.exit_code, "error": self.error}
+        return b"S" + json.dumps(body).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Event":
+        if raw[:1] == b"O":
+            _, attempt, offset = _OUTPUT_HEADER.unpack_from(raw)
+            return cls("output", attempt=attempt, offset=offset, data=raw[_OUTPUT_HEADER.size:])
+        body = json.loads(raw[1:])
+        return cls("state", attempt=body["attempt"], status=JobStatus(body["status"]),
+                   exit_code=body["exit_code"], error=body["error"])
+
+
+class Keys:
+    """The key names of one cluster."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.delayed = prefix + "delayed"
+        self.queued = prefix + "queued"
+        self.workers = prefix + "workers"
+        self.cancel = prefix + "cancel"
+        self.nodes = prefix + "nodes"
+
+    def queue(self, queue: str, priority: int) -> str:
+        return f"{self.prefix}queue:{queue}:{priority}"
+
+    def wake(self, queue: str) -> str:
+        return f"{self.prefix}wake:{queue}"
+
+    def processing(self, worker: str) -> str:
+        return f"{self.prefix}processing:{worker}"
+
+    def heartbeat(self, worker: str) -> str:
+        return f"{self.prefix}worker:{worker}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def live(self, job_id: str) -> str:
+        return f"{self.prefix}live:{job_id}"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}"
+
+
+@dataclass
+class Ready:
+    """A job id to put on a queue: now, or at `run_at`."""
+
+    id: str
+    queue: str
+    priority: int
+    run_at: datetime | None = None
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
+                                health_check_interval=15)
+
+
+class Queue:
+    """The operations dtsd performs on Redis, each a single round trip where possible."""
+
+    def __init__(self, client: redis.Redis, prefix: str):
+        self.redis = client
+        self.keys = Keys(prefix)
+        self._fetch = client.register_script(_FETCH)
+        self._promote = client.register_script(_PROMOTE)
+
+    # --- producers ------------------------------------------------------------------------
+
+    def push(self, jobs: Iterable[Ready], now: float | None = None) -> None:
+        """Make jobs visible to workers: ready ones on their list, future ones in `delayed`."""
+        pipe = self.redis.pipeline(transaction=False)
+        if self._stage(pipe, jobs, now):
+            pipe.execute()
+
+    def _stage(self, pipe, jobs: Iterable[Ready], now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        wake: dict[str, int] = {}
+        ids = []
+        for job in jobs:
+            ids.append(job.id)
+            due = job.run_at.timestamp() if job.run_at else 0.0
+            if due > now:
+                pipe.zadd(self.keys.delayed, {f"{job.queue}|{job.priority}|{job.id}": due})
+            else:
+                pipe.rpush(self.keys.queue(job.queue, job.priority), job.id)
+                wake[job.queue] = wake.get(job.queue, 0) + 1
+        if ids:
+            pipe.sadd(self.keys.queued, *ids)
+        for queue, count in wake.items():
+            key = self.keys.wake(queue)
+            pipe.rpush(key, *([b"1"] * min(count, WAKE_TOKENS_MAX)))
+            pipe.ltrim(key, -WAKE_TOKENS_MAX, -1)
+        return len(ids)
+
+    def promote_due(self, now: float | None = None, limit: int = 1000) -> int:
+        """Move delayed ids whose time has come onto their lists; returns how many."""
+        now = time.time() if now is None else now
+        return int(self._promote(keys=[self.keys.delayed],
+                                 args=[now, limit, self.keys.prefix]))
+
+    # --- consumers ------------------------------------------------------------------------
+
+    def fetch(self, worker: str, queues: Sequence[str], count: int) -> list[str]:
+        """Move up to `count` ids into the worker's processing list; highest priority first."""
+        keys = [self.keys.processing(worker)]
+        for queue in queues:
+            keys.extend(self.keys.queue(queue, p) for p in PRIORITIES)
+        return [i.decode() for i in self._fetch(keys=keys, args=[count])]
+
+    def wait_for_work(self, queues: Sequence[str], timeout: float) -> bool:
+        """Block until some job may be ready on `queues` (or the timeout passes)."""
+        return self.redis.blpop([self.keys.wake(q) for q in queues], timeout=timeout) is not None
+
+    def ack(self, worker: str, ids: Sequence[str], *, events: Sequence[tuple[str, Event]] = (),
+            retries: Sequence[Ready] = ()) -> None:
+        """Forget acknowledged ids, queue retries again and publish events, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        processing = self.keys.processing(worker)
+        for job_id in ids:
+            pipe.lrem(processing, 1, job_id)
+            pipe.delete(self.keys.live(job_id))
+        if ids:
+            pipe.srem(self.keys.queued, *ids)
+        self._stage(pipe, retries)
+        for job_id, event in events:
+            pipe.publish(self.keys.job(job_id), event.encode())
+        pipe.execute()
+
+    def publish(self, events: Sequence[tuple[str, Event]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, event in events:
+            pipe.publish(self.keys.job(job_id), event.encode())
+        pipe.execute()
+
+    def publish_output(self, job_id: str, attempt: int, offset: int, data: bytes,
+                       ttl: int = 3600) -> None:
+        """Live output: kept for late watchers and published for current ones."""
+        pipe = self.redis.pipeline(transaction=False)
+        live = self.keys.live(job_id)
+        pipe.setrange(live, offset, data)
+        pipe.expire(live, ttl)
+        pipe.publish(self.keys.job(job_id),
+                     Event("output", attempt=attempt, offset=offset, data=data).encode())
+        pipe.execute()
+
+    def live_output(self, job_id: str) -> bytes:
+        return self.redis.get(self.keys.live(job_id)) or b""
+
+    def request_cancel(self, job_id: str) -> None:
+        self.redis.publish(self.keys.cancel, job_id)
+
+    # --- heartbeats and recovery ----------------------------------------------------------
+
+    def heartbeat(self, worker: str, info: dict, ttl: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.heartbeat(worker), json.dumps(info), px=int(ttl * 1000))
+        pipe.sadd(self.keys.workers, worker)
+        pipe.execute()
+
+    def retire(self, worker: str) -> None:
+        """A worker that stops cleanly removes its traces."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(self.keys.heartbeat(worker), self.keys.processing(worker))
+        pipe.srem(self.keys.workers, worker)
+        pipe.execute()
+
+    def workers(self) -> dict[str, dict | None]:
+        """Every known worker with its heartbeat (None: no heartbeat, maybe dead)."""
+        names = sorted(w.decode() for w in self.redis.smembers(self.keys.workers))
+        if not names:
+            return {}
+        beats = self.redis.mget([self.keys.heartbeat(w) for w in names])
+        return {name: (json.loads(beat) if beat else None) for name, beat in zip(names, beats)}
+
+    def alive(self, workers: Sequence[str]) -> dict[str, bool]:
+        if not workers:
+            return {}
+        beats = self.redis.mget([self.keys.heartbeat(w) for w in workers])
+        return {w: beat is not None for w, beat in zip(workers, beats)}
+
+    def drop_worker(self, worker: str) -> list[str]:
+        """Forget a dead worker: its processing list goes (PostgreSQL decides what reruns)."""
+        processing = self.keys.processing(worker)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrange(processing, 0, -1)
+        pipe.delete(processing, self.keys.heartbeat(worker))
+        pipe.srem(self.keys.workers, worker)
+        ids = [i.decode() for i in pipe.execute()[0]]
+        if ids:
+            self.redis.srem(self.keys.queued, *ids)
+        return ids
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        """Those of `ids` that Redis holds nowhere (the reconciler pushes them again)."""
+        if not ids:
+            return []
+        present = self.redis.smismember(self.keys.queued, list(ids))
+        return [job_id for job_id, here in zip(ids, present) if not here]
+
+    def publish_node(self, node_id: str, record: dict, ttl: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.node(node_id), json.dumps(record), px=int(ttl * 1000))
+        pipe.sadd(self.keys.nodes, node_id)
+        pipe.execute()
+
+    def nodes(self) -> list[dict]:
+        """Node records of the masters seen recently; forgets the ones long gone."""
+        names = sorted(n.decode() for n in self.redis.smembers(self.keys.nodes))
+        if not names:
+            return []
+        records = self.redis.mget([self.keys.node(n) for n in names])
+        gone = [n for n, r in zip(names, records) if r is None]
+        if gone:
+            self.redis.srem(self.keys.nodes, *gone)
+        return [json.loads(r) for r in records if r]
+
+    def depth(self, queue: str) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for p in PRIORITIES:
+            pipe.llen(self.keys.queue(queue, p))
+        return sum(pipe.execute())

@@ -1,0 +1,544 @@
+"""The gRPC API child: dtsd.v1, the seed's `scheduler` surface, health and reflection.
+
+Every server child binds the same `[server] listen` address (SO_REUSEPORT); the kernel
+spreads connections over them. A request is validated at the edge and answered with
+the status code that says what went wrong (INVALID_ARGUMENT naming the field,
+NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, UNAVAILABLE when a backing store is
+down, so clients try another server). A submit is committed to PostgreSQL first and
+then pushed to Redis; if the push fails the job is still safe, and the leader's
+reconciler pushes it later.
+
+TERM: health goes NOT_SERVING, new RPCs are refused, in-flight ones get `stopwaitsecs`
+to finish, watch streams end. QUIT: the same without the grace.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+import grpc
+import psycopg
+import psycopg_pool
+import redis
+
+from . import __version__, child, introspection
+from .config import Config
+from .dtsdpb import pb, pb_grpc, seed_pb, seed_pb_grpc
+from .models import (DEFAULT_QUEUE, FINAL_STATES, InvalidField, JobStatus, NewJob, check_job_id,
+                     check_queue, validate_spec)
+from .queue import Event, Queue, Ready, connect
+from .store import Conflict, NotFound, Precondition, Store, decode_page_token
+
+log = logging.getLogger("dtsd.server")
+
+SERVICES = ("dtsd.v1.Scheduler", "scheduler.JobService", "scheduler.TaskScheduler")
+MAX_PAGE = 1000
+WATCH_POLL = 2.0
+
+_UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout, redis.ConnectionError,
+                redis.TimeoutError)
+
+
+# --- conversions --------------------------------------------------------------------------
+
+def timestamp(value: datetime | None, message) -> None:
+    """Fill a google.protobuf.Timestamp from an aware datetime (None leaves it unset)."""
+    if value is not None:
+        seconds = value.timestamp()
+        message.seconds = int(seconds // 1)
+        message.nanos = int(round((seconds - int(seconds // 1)) * 1e9)) % 1_000_000_000
+
+
+def to_datetime(message) -> datetime:
+    return datetime.fromtimestamp(message.seconds + message.nanos / 1e9, tz=timezone.utc)
+
+
+def job_message(row: dict[str, Any]) -> pb.Job:
+    job = pb.Job(id=row["id"], status=pb.JobStatus.Value(row["status"]), attempts=row["attempts"],
+                 output_truncated=row["output_truncated"], error=row["error"],
+                 dead_lettered=row["dead_lettered_at"] is not None, worker=row["worker"] or "",
+                 submitted_by=row["submitted_by"], schedule_id=row["schedule_id"] or 0)
+    spec = job.spec
+    spec.id, spec.name, spec.command = row["id"], row["name"], row["command"]
+    spec.env.update(row["env"])
+    spec.cwd, spec.queue, spec.priority = row["cwd"], row["queue"], row["priority"]
+    spec.max_retries, spec.timeout_seconds = row["max_retries"], row["timeout"]
+    spec.idempotency_key = row["idempotency_key"] or ""
+    timestamp(row["run_at"], spec.run_at)
+    if row["exit_code"] is not None:
+        job.exit_code = row["exit_code"]
+    if row.get("output"):
+        job.output = bytes(row["output"])
+    for name in ("created_at", "updated_at", "started_at", "finished_at", "fire_time"):
+        timestamp(row[name], getattr(job, name))
+    for attempt in row.get("attempt_history", ()):
+        item = job.attempt_history.add(
+            number=attempt["attempt"], worker=attempt["worker"],
+            output=bytes(attempt["output"] or b""), output_truncated=attempt["output_truncated"],
+            error=attempt["error"])
+        if attempt["exit_code"] is not None:
+            item.exit_code = attempt["exit_code"]
+        timestamp(attempt["started_at"], item.started_at)
+        timestamp(attempt["finished_at"], item.finished_at)
+    return job
+
+
+def spec_to_job(spec: pb.JobSpec, submitted_by: str, prefix: str = "") -> NewJob:
+    return validate_spec(
+        id=spec.id, command=spec.command, name=spec.name, env=dict(spec.env), cwd=spec.cwd,
+        queue=spec.queue, priority=spec.priority,
+        max_retries=spec.max_retries if spec.HasField("max_retries") else None,
+        timeout=spec.timeout_seconds,
+        run_at=to_datetime(spec.run_at) if spec.HasField("run_at") else None,
+        idempotency_key=spec.idempotency_key, submitted_by=submitted_by, prefix=prefix)
+
+
+def readable(output: bytes | None) -> str:
+    """The seed's string fields: UTF-8 where it is, U+FFFD where it is not."""
+    return bytes(output or b"").decode("utf-8", errors="replace")
+
+
+def epoch(value: datetime | None) -> int:
+    return int(value.timestamp()) if value else 0
+
+
+# --- error mapping ------------------------------------------------------------------------
+
+def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    if isinstance(exc, InvalidField):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, Conflict):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, Precondition):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, _UNAVAILABLE):
+        log.warning("backing store unavailable: %s", exc)
+        return grpc.StatusCode.UNAVAILABLE, "a backing store is unavailable; try again or another server"
+    return None
+
+
+def rpc(method: Callable) -> Callable:
+    """Map dtsd's exceptions to gRPC status codes; anything else is INTERNAL and logged."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            mapped = _status_for(exc)
+            if mapped is None:
+                log.exception("%s failed", method.__name__)
+                mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            context.abort(*mapped)
+    return wrapper
+
+
+# --- the shared core ----------------------------------------------------------------------
+
+class Api:
+    """What both API surfaces do, over one store and one queue."""
+
+    def __init__(self, cfg: Config, store: Store, queue: Queue, stopping: threading.Event):
+        self.cfg = cfg
+        self.store = store
+        self.queue = queue
+        self.stopping = stopping
+
+    def submit(self, jobs: list[NewJob]) -> list[bool]:
+        created = self.store.insert_jobs(jobs)
+        ready = [Ready(job.id, job.queue, job.priority, job.run_at)
+                 for job, new in zip(jobs, created) if new]
+        try:
+            self.queue.push(ready)
+        except redis.RedisError as exc:
+            # Committed is committed: the reconciler pushes these once Redis is back.
+            log.warning("%d job(s) stored but not pushed to Redis yet: %s", len(ready), exc)
+        return created
+
+    def publish_state(self, job_id: str, status: JobStatus, attempt: int = 0) -> None:
+        try:
+            self.queue.publish([(job_id, Event("state", attempt=attempt, status=status))])
+        except redis.RedisError as exc:
+            log.debug("state event of %s not published: %s", job_id, exc)
+
+
+def _peer(context) -> str:
+    return context.peer() or ""
+
+
+class SchedulerService(pb_grpc.SchedulerServicer):
+    """dtsd.v1.Scheduler."""
+
+    def __init__(self, api: Api):
+        self.api = api
+        self.max_batch = api.cfg.get("server", "max_batch")
+
+    @rpc
+    def SubmitJob(self, request, context):
+        job = spec_to_job(request.job, _peer(context))
+        created = self.api.submit([job])[0]
+        return pb.SubmitJobResponse(id=job.id, created=created)
+
+    @rpc
+    def SubmitJobs(self, request, context):
+        if not request.jobs:
+            raise InvalidField("jobs", "must hold at least one job")
+        if len(request.jobs) > self.max_batch:
+            raise InvalidField("jobs", f"holds {len(request.jobs)} jobs; at most "
+                                       f"{self.max_batch} per call ([server] max_batch)")
+        peer = _peer(context)
+        jobs = [spec_to_job(spec, peer, prefix=f"jobs[{i}].") for i, spec in enumerate(request.jobs)]
+        created = self.api.submit(jobs)
+        return pb.SubmitJobsResponse(jobs=[pb.SubmitJobResponse(id=job.id, created=new)
+                                           for job, new in zip(jobs, created)])
+
+    @rpc
+    def GetJob(self, request, context):
+        check_job_id(request.id)
+        return job_message(self.api.store.get_job(request.id, with_attempts=request.include_attempts))
+
+    @rpc
+    def ListJobs(self, request, context):
+        return self._list(request, dead_lettered=request.dead_lettered,
+                          statuses=[self._status(s) for s in request.statuses],
+                          name=request.name, created_after=request.created_after
+                          if request.HasField("created_after") else None,
+                          created_before=request.created_before
+                          if request.HasField("created_before") else None)
+
+    def _list(self, request, *, dead_lettered: bool, statuses=(), name: str = "",
+              created_after=None, created_before=None):
+        size = request.page_size or 100
+        if not 0 < size <= MAX_PAGE:
+            raise InvalidField("page_size", f"must be 1 to {MAX_PAGE}, not {request.page_size}")
+        if request.queue:
+            check_queue(request.queue)
+        if request.page_token:
+            try:
+                decode_page_token(request.page_token)
+            except ValueError:
+                raise InvalidField("page_token", "malformed; pass next_page_token back unchanged")
+        rows, token = self.api.store.list_jobs(
+            statuses=statuses, queue=request.queue, name=name,
+            created_after=to_datetime(created_after) if created_after else None,
+            created_before=to_datetime(created_before) if created_before else None,
+            dead_lettered=dead_lettered, limit=size, page_token=request.page_token)
+        return pb.ListJobsResponse(jobs=[job_message(row) for row in rows], next_page_token=token)
+
+    @staticmethod
+    def _status(value: int) -> JobStatus:
+        if value == pb.JOB_STATUS_UNSPECIFIED or value not in pb.JobStatus.values():
+            raise InvalidField("statuses", f"unknown status {value}")
+        return JobStatus(pb.JobStatus.Name(value))
+
+    def WatchJob(self, request, context) -> Iterator[pb.JobEvent]:
+        try:
+            check_job_id(request.id)
+            yield from Watch(self.api, request.id, context).events()
+        except Exception as exc:
+            mapped = _status_for(exc)
+            if mapped is None:
+                log.exception("WatchJob failed")
+                mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            context.abort(*mapped)
+
+    @rpc
+    def CancelJob(self, request, context):
+        check_job_id(request.id)
+        previous, status, worker = self.api.store.cancel(request.id)
+        if previous is JobStatus.RUNNING:
+            self.api.queue.request_cancel(request.id)
+        if previous is not status:
+            self.api.publish_state(request.id, status)
+        return pb.CancelJobResponse(previous_status=pb.JobStatus.Value(previous.value),
+                                    status=pb.JobStatus.Value(status.value))
+
+    @rpc
+    def RetryJob(self, request, context):
+        check_job_id(request.id)
+        requeued = self.api.store.retry(request.id)
+        self.api.queue.push([Ready(requeued.id, requeued.queue, requeued.priority)])
+        self.api.publish_state(request.id, JobStatus.PENDING)
+        return pb.RetryJobResponse(job=job_message(self.api.store.get_job(request.id)))
+
+    @rpc
+    def ListDeadLetters(self, request, context):
+        return self._list(request, dead_lettered=True)
+
+    @rpc
+    def RequeueDeadLetters(self, request, context):
+        for job_id in request.ids:
+            check_job_id(job_id, "ids")
+        if request.queue:
+            check_queue(request.queue)
+        if not request.ids and not request.all:
+            raise InvalidField("ids", "name the jobs to requeue, or set all")
+        requeued = self.api.store.requeue_dead(request.ids, queue=request.queue)
+        self.api.queue.push([Ready(r.id, r.queue, r.priority) for r in requeued])
+        return pb.RequeueDeadLettersResponse(ids=[r.id for r in requeued])
+
+    @rpc
+    def PurgeDeadLetters(self, request, context):
+        for job_id in request.ids:
+            check_job_id(job_id, "ids")
+        if request.queue:
+            check_queue(request.queue)
+        return pb.PurgeDeadLettersResponse(
+            purged=self.api.store.purge_dead(request.ids, queue=request.queue))
+
+    @rpc
+    def ClusterStatus(self, request, context):
+        by_status, dead, queues = self.api.store.counts()
+        response = pb.ClusterStatusResponse(
+            cluster=self.api.cfg.get("dtsd", "cluster"),
+            single_node=not self.api.cfg.get("etcd", "endpoints"),
+            dead_lettered=dead, server_node=self.api.cfg.node_id)
+        for status in JobStatus:
+            response.job_counts[status.value] = by_status.get(status.value, 0)
+        for name, ready, delayed, running in queues:
+            response.queues.add(queue=name, pending=ready, delayed=delayed, running=running)
+        for record in self.api.queue.nodes():
+            node = response.nodes.add(node_id=record.get("node_id", ""),
+                                      version=record.get("version", ""),
+                                      leader=bool(record.get("leader")),
+                                      state=record.get("state", ""))
+            timestamp(_from_epoch(record.get("started_at")), node.started_at)
+            timestamp(_from_epoch(record.get("seen_at")), node.seen_at)
+            for item in record.get("children", ()):
+                node.children.add(role=item["role"], index=item["index"], pid=item.get("pid") or 0,
+                                  state=item["state"], uptime_seconds=item.get("uptime", 0.0),
+                                  restarts=item.get("restarts", 0))
+            if node.leader and not response.leader:
+                response.leader = node.node_id
+        for worker_id, beat in self.api.queue.workers().items():
+            if beat is None:
+                continue
+            info = response.workers.add(id=worker_id, node_id=beat["node"], pid=beat["pid"],
+                                        queues=beat["queues"], concurrency=beat["concurrency"],
+                                        running=beat["running"])
+            timestamp(_from_epoch(beat.get("seen")), info.seen_at)
+        return response
+
+
+def _from_epoch(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, tz=timezone.utc) if value else None
+
+
+class Watch:
+    """One WatchJob stream: the current state, then output and state changes until final.
+
+    It subscribes before it reads, so nothing between the read and the first message is
+    missed; it also rereads PostgreSQL every few seconds, so a lost message (Redis
+    restart) delays a watcher but never strands it. Output is sent by (attempt, offset):
+    each byte once.
+    """
+
+    def __init__(self, api: Api, job_id: str, context):
+        self.api = api
+        self.job_id = job_id
+        self.context = context
+        self.attempt = 0
+        self.sent = 0           # bytes of the current attempt's output already sent
+
+    def events(self) -> Iterator[pb.JobEvent]:
+        pubsub = self.api.queue.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.api.queue.keys.job(self.job_id))
+            row = self.api.store.get_job(self.job_id)
+            status = JobStatus(row["status"])
+            if status in FINAL_STATES:
+                yield from self._finish(row)
+                return
+            yield self._state(row)
+            if status is JobStatus.RUNNING:
+                yield from self._output(row["attempts"], 0, self.api.queue.live_output(self.job_id))
+            last_check = time.monotonic()
+            while self.context.is_active() and not self.api.stopping.is_set():
+                message = pubsub.get_message(timeout=0.5)
+                if message is None:
+                    if time.monotonic() - last_check < WATCH_POLL:
+                        continue
+                    last_check = time.monotonic()
+                    row = self.api.store.get_job(self.job_id)
+                    if JobStatus(row["status"]) in FINAL_STATES:
+                        yield from self._finish(row)
+                        return
+                    if row["attempts"] != self.attempt or JobStatus(row["status"]) is not status:
+                        status = JobStatus(row["status"])
+                        yield self._state(row)
+                    continue
+                event = Event.decode(message["data"])
+                if event.kind == "output":
+                    yield from self._output(event.attempt, event.offset, event.data)
+                elif event.status in FINAL_STATES:
+                    yield from self._finish(self.api.store.get_job(self.job_id))
+                    return
+                else:
+                    status = event.status
+                    if event.attempt and event.attempt != self.attempt:
+                        self.attempt, self.sent = event.attempt, 0
+                    yield pb.JobEvent(kind=pb.JobEvent.STATE, status=pb.JobStatus.Value(status.value),
+                                      attempt=event.attempt or self.attempt, error=event.error)
+        finally:
+            pubsub.close()
+
+    def _state(self, row: dict[str, Any]) -> pb.JobEvent:
+        if row["attempts"] != self.attempt:
+            self.attempt, self.sent = row["attempts"], 0
+        event = pb.JobEvent(kind=pb.JobEvent.STATE, status=pb.JobStatus.Value(row["status"]),
+                            attempt=row["attempts"], error=row["error"])
+        if row["exit_code"] is not None and JobStatus(row["status"]) in FINAL_STATES:
+            event.exit_code = row["exit_code"]
+        return event
+
+    def _output(self, attempt: int, offset: int, data: bytes) -> Iterator[pb.JobEvent]:
+        if attempt != self.attempt:
+            if attempt < self.attempt:
+                return
+            self.attempt, self.sent = attempt, 0
+        end = offset + len(data)
+        if end <= self.sent or offset > self.sent:
+            return      # already sent, or a gap we will fill from the stored output
+        data = data[self.sent - offset:]
+        yield pb.JobEvent(kind=pb.JobEvent.OUTPUT, attempt=attempt, offset=self.sent, output=data)
+        self.sent = end
+
+    def _finish(self, row: dict[str, Any]) -> Iterator[pb.JobEvent]:
+        """The rest of the final attempt's output, then the final state."""
+        output = bytes(row.get("output") or b"")
+        yield from self._output(row["attempts"], 0, output)
+        yield self._state(row)
+
+
+# --- the seed's surface -------------------------------------------------------------------
+
+class SeedJobService(seed_pb_grpc.JobServiceServicer):
+    """scheduler.JobService, as the Go seed's clients call it."""
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    @rpc
+    def SubmitJob(self, request, context):
+        job = validate_spec(id=request.id, command=request.command, queue=DEFAULT_QUEUE,
+                            submitted_by=_peer(context))
+        self.api.submit([job])
+        return seed_pb.JobResponse(job_id=job.id, success=True, message="Job submitted successfully")
+
+    @rpc
+    def GetJobStatus(self, request, context):
+        check_job_id(request.id)
+        row = self.api.store.get_job(request.id)
+        return seed_pb.JobStatus(id=row["id"], status=row["status"], output=readable(row["output"]),
+                                 created_at=epoch(row["created_at"]),
+                                 updated_at=epoch(row["updated_at"]))
+
+
+class SeedTaskScheduler(seed_pb_grpc.TaskSchedulerServicer):
+    """scheduler.TaskScheduler: defined but dead in the seed; here `schedule_time` delays."""
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    @rpc
+    def SubmitTask(self, request, context):
+        if request.schedule_time < 0:
+            raise InvalidField("schedule_time", "must be unix seconds, not negative")
+        run_at = (datetime.fromtimestamp(request.schedule_time, tz=timezone.utc)
+                  if request.schedule_time else None)
+        job = validate_spec(id=request.id, name=request.name, command=request.command,
+                            run_at=run_at, submitted_by=_peer(context))
+        self.api.submit([job])
+        return seed_pb.TaskResponse(task_id=job.id, success=True, message="Task scheduled successfully")
+
+    @rpc
+    def GetTaskStatus(self, request, context):
+        check_job_id(request.id)
+        row = self.api.store.get_job(request.id)
+        status = "COMPLETED" if row["status"] == JobStatus.SUCCEEDED.value else row["status"]
+        return seed_pb.TaskStatus(id=row["id"], status=status, result=readable(row["output"]))
+
+
+# --- the process --------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, cfg: Config, index: int, parent: child.Parent):
+        self.cfg = cfg
+        self.index = index
+        self.parent = parent
+        threads = cfg.get("server", "threads")
+        self.store = Store(cfg.get("postgres", "dsn"), min_size=cfg.get("postgres", "pool_min"),
+                           max_size=max(2, min(cfg.get("postgres", "pool_max"), threads)),
+                           name=f"dtsd-server-{index}")
+        self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
+        self.stopping = threading.Event()
+        self.fast = False
+        self.api = Api(cfg, self.store, self.queue, self.stopping)
+        max_message = cfg.get("server", "max_message_size")
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+            options=[("grpc.so_reuseport", 1),
+                     ("grpc.max_receive_message_length", max_message),
+                     ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        pb_grpc.add_SchedulerServicer_to_server(SchedulerService(self.api), self.grpc)
+        seed_pb_grpc.add_JobServiceServicer_to_server(SeedJobService(self.api), self.grpc)
+        seed_pb_grpc.add_TaskSchedulerServicer_to_server(SeedTaskScheduler(self.api), self.grpc)
+        self.health = introspection.add_to_server(self.grpc, list(SERVICES))
+
+    def _on_signal(self, signum, frame) -> None:
+        self.fast = self.fast or signum == signal.SIGQUIT
+        self.stopping.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGQUIT, self._on_signal)
+        if child.retry_forever("connecting to PostgreSQL and Redis", self._connect, log,
+                               self.stopping) is None:
+            return child.EXIT_OK
+        host, port = self.cfg.get("server", "listen")
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = self.grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            bound, error = 0, exc
+        else:
+            error = None
+        if not bound:
+            log.error("cannot listen on %s: %s", address, error or "address in use or not available")
+            return child.EXIT_BOOT
+        self.grpc.start()
+        for name in ("", *SERVICES):
+            self.health.set(name, introspection.health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving dtsd %s on %s", __version__, address)
+        self.parent.ready()
+        while not self.stopping.wait(1.0):
+            self.parent.alive()
+        grace = 0 if self.fast else self.cfg.get("server", "stopwaitsecs")
+        log.info("stopping: in-flight RPCs have %.0fs", grace)
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+        self.store.close()
+        return child.EXIT_OK
+
+    def _connect(self) -> bool:
+        self.store.open(wait=True, timeout=30)
+        self.queue.redis.ping()
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, index, parent = child.boot("server", argv)
+    return Server(cfg, index, parent).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""PostgreSQL: the record of every job and attempt. All of dtsd's SQL lives here.
+
+Every state change is one statement (or one transaction) whose WHERE clause says what
+must still hold: a claim only takes a PENDING job (`AND status = 'PENDING'`), and a
+result only lands on the attempt it belongs to (`AND attempts = %(attempt)s AND status =
+'RUNNING'`). So an id delivered twice never runs twice at once, and a stale worker cannot
+overwrite a newer attempt or a cancellation.
+
+Hot paths take lists: one statement claims a worker's whole batch, one transaction writes
+a batch of results (`unnest` of arrays rather than `= ANY`, which keeps the plan custom).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any, Iterable, Sequence
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from .models import FINAL_STATES, EndReason, JobStatus, NewJob
+
+log = logging.getLogger(__name__)
+
+MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process takes
+
+# Columns returned for a job; output only where asked (lists never carry it).
+_JOB_COLUMNS = """id, name, command, env, cwd, queue, priority, max_retries, timeout, run_at,
+    idempotency_key, schedule_id, fire_time, submitted_by, status, attempts, failures, worker,
+    exit_code, output_truncated, error, dead_lettered_at, created_at, updated_at, started_at,
+    finished_at"""
+
+_FINAL = tuple(s.value for s in FINAL_STATES)
+
+
+class StoreError(Exception):
+    """Base of the errors the API maps to status codes."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    """The request contradicts what is stored (ALREADY_EXISTS)."""
+
+
+class Precondition(StoreError):
+    """The job is not in a state that allows this (FAILED_PRECONDITION)."""
+
+
+@dataclass
+class Claimed:
+    """A job a worker now owns: attempt `attempt` of it is RUNNING under that worker."""
+
+    id: str
+    command: str
+    env: dict[str, str]
+    cwd: str
+    timeout: float
+    attempt: int
+    failures: int
+    max_retries: int
+    queue: str
+    priority: int
+
+
+@dataclass
+class Outcome:
+    """What became of one attempt, decided by the worker, written by `finish`."""
+
+    job_id: str
+    attempt: int
+    status: JobStatus            # PENDING (retry or hand-back), SUCCEEDED or FAILED
+    exit_code: int | None
+    output: bytes
+    truncated: bool
+    error: str
+    failed: bool                 # counts against max_retries
+    run_at: datetime | None = None
+    dead: bool = False
+    queue: str = ""
+    priority: int = 0
+
+
+@dataclass
+class Requeued:
+    """A job put back to PENDING, for the caller to push to Redis."""
+
+    id: str
+    queue: str
+    priority: int
+    run_at: datetime | None
+
+
+def encode_page_token(created_at: datetime, job_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[datetime, str]:
+    """Raises ValueError on a token this module did not make."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created, job_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(job_id)
+    except Exception:
+        raise ValueError("malformed page token") from None
+
+
+class Store:
+    """A pool of connections and the statements dtsd runs on them."""
+
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 8,
+                 name: str = "dtsd", timeout: float = 10.0):
+        self.dsn = dsn
+        self.pool = ConnectionPool(
+            dsn, min_size=min_size, max_size=max_size, timeout=timeout, open=False,
+            kwargs={"application_name": name, "autocommit": False}, name=name)
+
+    def open(self, wait: bool = True, timeout: float = 30.0) -> "Store":
+        self.pool.open(wait=wait, timeout=timeout)
+        return self
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def ping(self) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("SELECT 1")
+
+    # --- schema ---------------------------------------------------------------------------
+
+    @staticmethod
+    def migrations() -> list[tuple[int, str, str]]:
+        """(number, file name, SQL) of every shipped migration, in order."""
+        found = []
+        for entry in resources.files("dtsd.migrations").iterdir():
+            if entry.name.endswith(".sql"):
+                found.append((int(entry.name.split("_", 1)[0]), entry.name, entry.read_text()))
+        return sorted(found)
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations not yet applied, under an advisory lock; returns their names."""
+        applied_now = []
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+            try:
+                conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version integer PRIMARY KEY, name text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now())""")
+                done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+                for number, name, sql in self.migrations():
+                    if number in done:
+                        continue
+                    with conn.transaction():
+                        conn.execute(sql)
+                        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                                     (number, name))
+                    log.info("applied migration %s", name)
+                    applied_now.append(name)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        return applied_now
+
+    def schema_version(self) -> int:
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+            return row[0]
+
+    # --- submit ---------------------------------------------------------------------------
+
+    def insert_jobs(self, jobs: Sequence[NewJob]) -> list[bool]:
+        """Insert all of `jobs` in one transaction; returns per job whether it was created.
+
+        An idempotency key seen before with the same spec is not an error: that job's id is
+        written back into the NewJob and `created` is False. The same key with a different
+        spec, or a caller-chosen id that exists, raises Conflict and stores nothing.
+        """
+        with self.pool.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
+                       timeout, run_at, idempotency_key, fingerprint, submitted_by, schedule_id,
+                       fire_time)
+                   SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[],
+                       %s::text[], %s::text[], %s::smallint[], %s::int[], %s::float8[],
+                       %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::bigint[],
+                       %s::timestamptz[])
+                   ON CONFLICT DO NOTHING
+                   RETURNING id""",
+                ([j.id for j in jobs], [j.name for j in jobs], [j.command for j in jobs],
+                 [Jsonb(j.env) for j in jobs], [j.cwd for j in jobs], [j.queue for j in jobs],
+                 [j.priority for j in jobs], [j.max_retries for j in jobs],
+                 [j.timeout for j in jobs], [j.run_at for j in jobs],
+                 [j.idempotency_key for j in jobs], [j.fingerprint() for j in jobs],
+                 [j.submitted_by for j in jobs], [j.schedule_id for j in jobs],
+                 [j.fire_time for j in jobs]))
+            inserted = {row[0] for row in cur.fetchall()}
+            created = []
+            for index, job in enumerate(jobs):
+                if job.id in inserted:
+                    inserted.discard(job.id)  # a repeated id inside the batch is a conflict
+                    created.append(True)
+                    continue
+                created.append(False)
+                self._explain_conflict(cur, job, index, len(jobs))
+            return created
+
+    @staticmethod
+    def _explain_conflict(cur: psycopg.Cursor, job: NewJob, index: int, count: int) -> None:
+        where = f"jobs[{index}]." if count > 1 else ""
+        if job.idempotency_key:
+            cur.execute("SELECT id, fingerprint FROM jobs WHERE idempotency_key = %s",
+                        (job.idempotency_key,))
+            row = cur.fetchone()
+            if row and row[1] == job.fingerprint():
+                job.id = row[0]
+                return
+            if row:
+                raise Conflict(f"{where}idempotency_key {job.idempotency_key!r} was used for job "
+                               f"{row[0]} with a different spec")
+        raise Conflict(f"{where}id: job {job.id} already exists")
+
+    # --- the worker's path ----------------------------------------------------------------
+
+    def claim(self, ids: Sequence[str], worker: str) -> list[Claimed]:
+        """Compare-and-set PENDING -> RUNNING for every due id, opening an attempt for each.
+
+        Ids that are not PENDING (done, cancelled, running elsewhere) or not yet due are
+        left alone and simply absent from the result.
+        """
+        if not ids:
+            return []
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                """WITH claimed AS (
+                       UPDATE jobs j SET status = 'RUNNING', attempts = j.attempts + 1,
+                              worker = %(worker)s, started_at = now(), updated_at = now(),
+                              finished_at = NULL, error = ''
+                       FROM unnest(%(ids)s::text[]) AS u(id)
+                       WHERE j.id = u.id AND j.status = 'PENDING'
+                         AND (j.run_at IS NULL OR j.run_at <= now())
+                       RETURNING j.id, j.command, j.env, j.cwd, j.timeout, j.attempts,
+                                 j.failures, j.max_retries, j.queue, j.priority),
+                   opened AS (
+                       INSERT INTO job_attempts (job_id, attempt, worker)
+                       SELECT id, attempts, %(worker)s FROM claimed)
+                   SELECT * FROM claimed""",
+                {"ids": list(ids), "worker": worker}).fetchall()
+        return [Claimed(*row) for row in rows]
+
+    def finish(self, outcomes: Sequence[Outcome]) -> set[str]:
+        """Record a batch of finished attempts; returns the ids whose job row changed.
+
+        The attempt row is always closed. The job row changes only if it is still RUNNING
+        that very attempt; a job cancelled meanwhile keeps its CANCELLED.
+        """
+        if not outcomes:
+            return set()
+        o = outcomes
+        arrays = ([x.job_id for x in o], [x.attempt for x in o], [x.exit_code for x in o],
+                  [x.output for x in o], [x.truncated for x in o], [x.error for x in o])
+        with self.pool.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                """UPDATE job_attempts a SET finished_at = now(), exit_code = u.exit_code,
+                          output = u.output, output_truncated = u.truncated, error = u.error
+                   FROM unnest(%s::text[], %s::int[], %s::int[], %s::bytea[], %s::bool[],
+                               %s::text[]) AS u(job_id, attempt, exit_code, output, truncated, error)
+                   WHERE a.job_id = u.job_id AND a.attempt = u.attempt AND a.finished_at IS NULL""",
+                arrays)
+            cur.execute(
+                """UPDATE jobs j SET status = u.status, exit_code = u.exit_code, output = u.output,
+                          output_truncated = u.truncated, error = u.error,
+                          failures = j.failures + u.failed::int, run_at = u.run_at,
+                          finished_at = CASE WHEN u.status = ANY(%s) THEN now() END,
+                          dead_lettered_at = CASE WHEN u.dead THEN now() END,
+                          updated_at = now()
+                   FROM unnest(%s::text[], %s::int[], %s::int[], %s::bytea[], %s::bool[],
+                               %s::text[], %s::text[], %s::bool[], %s::timestamptz[], %s::bool[])
+                        AS u(job_id, attempt, exit_code, output, truncated, error, status, failed,
+                             run_at, dead)
+                   WHERE j.id = u.job_id AND j.attempts = u.attempt AND j.status = 'RUNNING'
+                   RETURNING j.id""",
+                (list(_FINAL), *arrays, [x.status.value for x in o], [x.failed for x in o],
+                 [x.run_at for x in o], [x.dead for x in o]))
+            return {row[0] for row in cur.fetchall()}
+
+    # --- operations on one job ------------------------------------------------------------
+
+    def get_job(self, job_id: str, *, with_output: bool = True,
+                with_attempts: bool = False) -> dict[str, Any]:
+        columns = _JOB_COLUMNS + (", output" if with_output else "")
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(f"SELECT {columns} FROM jobs WHERE id = %s", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"job {job_id} not found")
+            if with_attempts:
+                row["attempt_history"] = cur.execute(
+                    """SELECT attempt, worker, started_at, finished_at, exit_code, output,
+                              output_truncated, error
+                       FROM job_attempts WHERE job_id = %s ORDER BY attempt""",
+                    (job_id,)).fetchall()
+            return row
+
+    def cancel(self, job_id: str) -> tuple[JobStatus, JobStatus, str | None]:
+        """PENDING or RUNNING -> CANCELLED. Returns (previous, now, worker of a running job).
+
+        Cancelling a cancelled job is a no-op; cancelling one that finished otherwise is a
+        Precondition error.
+        """
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                """UPDATE jobs j SET status = 'CANCELLED', finished_at = now(), updated_at = now(),
+                          error = %s, run_at = NULL
+                   FROM (SELECT id, status FROM jobs WHERE id = %s FOR UPDATE) AS old
+                   WHERE j.id = old.id AND old.status IN ('PENDING', 'RUNNING')
+                   RETURNING old.status, j.worker""",
+                (str(EndReason.CANCELLED), job_id)).fetchone()
+            if row:
+                previous = JobStatus(row[0])
+                return previous, JobStatus.CANCELLED, row[1] if previous is JobStatus.RUNNING else None
+            current = conn.execute("SELECT status FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        if current is None:
+            raise NotFound(f"job {job_id} not found")
+        status = JobStatus(current[0])
+        if status is JobStatus.CANCELLED:
+            return status, status, None
+        raise Precondition(f"job {job_id} already finished: {status.value}")
+
+    def retry(self, job_id: str) -> Requeued:
+        """A FAILED or CANCELLED job runs again, with a fresh retry budget."""
+        found = self._requeue("id = %s AND status IN ('FAILED', 'CANCELLED')", (job_id,))
+        if found:
+            return found[0]
+        with self.pool.connection() as conn:
+            current = conn.execute("SELECT status FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        if current is None:
+            raise NotFound(f"job {job_id} not found")
+        raise Precondition(f"job {job_id} is {current[0]}: only FAILED or CANCELLED jobs can be retried")
+
+    def _requeue(self, where: str, params: Iterable[Any]) -> list[Requeued]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f"""UPDATE jobs SET status = 'PENDING', failures = 0, run_at = NULL,
+                           dead_lettered_at = NULL, exit_code = NULL, output = NULL,
+                           output_truncated = false, error = '', finished_at = NULL,
+                           updated_at = now()
+                    WHERE {where}
+                    RETURNING id, queue, priority, run_at""", tuple(params)).fetchall()
+        return [Requeued(*row) for row in rows]
+
+    # --- lists ----------------------------------------------------------------------------
+
+    def list_jobs(self, *, statuses: Sequence[JobStatus] = (), queue: str = "", name: str = "",
+                  created_after: datetime | None = None, created_before: datetime | None = None,
+                  dead_lettered: bool = False, limit: int = 100,
+                  page_token: str = "") -> tuple[list[dict[str, Any]], str]:
+        """Newest first, keyset-paged. Returns (rows, next page token or '')."""
+        clauses, params = [], []
+        if statuses:
+            clauses.append("status = ANY(%s)")
+            params.append([s.value for s in statuses])
+        if queue:
+            clauses.append("queue = %s")
+            params.append(queue)
+        if name:
+            clauses.append("name = %s")
+            params.append(name)
+        if created_after:
+            clauses.append("created_at >= %s")
+            params.append(created_after)
+        if created_before:
+            clauses.append("created_at < %s")
+            params.append(created_before)
+        if dead_lettered:
+            clauses.append("dead_lettered_at IS NOT NULL")
+        if page_token:
+            created, last_id = decode_page_token(page_token)
+            clauses.append("(created_at, id) < (%s, %s)")
+            params.extend([created, last_id])
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = cur.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT %s",
+                (*params, limit + 1)).fetchall()
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = encode_page_token(rows[-1]["created_at"], rows[-1]["id"])
+        return rows, token
+
+    # --- the dead-letter queue ------------------------------------------------------------
+
+    def requeue_dead(self, ids: Sequence[str] = (), *, queue: str = "") -> list[Requeued]:
+        """Dead-lettered jobs (the given ones, or all of `queue`, or all) back to PENDING."""
+        where, params = "dead_lettered_at IS NOT NULL AND status = 'FAILED'", []
+        if ids:
+            where += " AND id = ANY(%s)"
+            params.append(list(ids))
+        if queue:
+            where += " AND queue = %s"
+            params.append(queue)
+        return self._requeue(where, params)
+
+    def purge_dead(self, ids: Sequence[str] = (), *, queue: str = "") -> int:
+        """Take jobs out of the dead-letter queue; their FAILED record stays."""
+        where, params = "dead_lettered_at IS NOT NULL", []
+        if ids:
+            where += " AND id = ANY(%s)"
+            params.append(list(ids))
+        if queue:
+            where += " AND queue = %s"
+            params.append(queue)
+        with self.pool.connection() as conn:
+            return conn.execute(f"UPDATE jobs SET dead_lettered_at = NULL, updated_at = now() "
+                                f"WHERE {where}", params).rowcount
+
+    # --- housekeeping (the leader's loops) ------------------------------------------------
+
+    def pending_since(self, older_than: float, after: tuple[datetime, str] | None,
+                      limit: int) -> list[tuple[str, str, int, datetime | None, datetime]]:
+        """PENDING jobs untouched for `older_than` seconds, in (updated_at, id) order after
+        `after`: (id, queue, priority, run_at, updated_at). The reconciler walks these."""
+        params: list[Any] = [older_than]
+        cursor = ""
+        if after:
+            cursor = "AND (updated_at, id) > (%s, %s)"
+            params.extend(after)
+        with self.pool.connection() as conn:
+            return conn.execute(
+                f"""SELECT id, queue, priority, run_at, updated_at FROM jobs
+                    WHERE status = 'PENDING' AND updated_at < now() - make_interval(secs => %s)
+                    {cursor} ORDER BY updated_at, id LIMIT %s""",
+                (*params, limit)).fetchall()
+
+    def running_workers(self) -> list[str]:
+        with self.pool.connection() as conn:
+            return [row[0] for row in conn.execute(
+                "SELECT DISTINCT worker FROM jobs WHERE status = 'RUNNING' AND worker IS NOT NULL")]
+
+    def recover_lost(self, worker: str, *, backoff: float, backoff_max: float) -> list[Requeued]:
+        """Close the open attempts of a dead worker as lost; each job is retried or fails.
+
+        A lost attempt counts as a failure (the command may have done harm before dying);
+        jobs out of retries end FAILED and dead-lettered. Returns the jobs now PENDING.
+        """
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                """WITH lost AS (
+                       SELECT id, attempts, failures, max_retries FROM jobs
+                       WHERE status = 'RUNNING' AND worker = %(worker)s FOR UPDATE),
+                   closed AS (
+                       UPDATE job_attempts a SET finished_at = now(), error = %(error)s
+                       FROM lost WHERE a.job_id = lost.id AND a.attempt = lost.attempts
+                         AND a.finished_at IS NULL)
+                   UPDATE jobs j SET
+                       status = CASE WHEN lost.failures < lost.max_retries
+                                     THEN 'PENDING' ELSE 'FAILED' END,
+                       failures = j.failures + 1, error = %(error)s, exit_code = NULL,
+                       run_at = CASE WHEN lost.failures < lost.max_retries
+                                     THEN now() + make_interval(secs => least(%(cap)s,
+                                          %(base)s * power(2, lost.failures)) * (0.5 + random() / 2))
+                                END,
+                       dead_lettered_at = CASE WHEN lost.failures < lost.max_retries
+                                               THEN NULL ELSE now() END,
+                       finished_at = CASE WHEN lost.failures < lost.max_retries
+                                          THEN NULL ELSE now() END,
+                       updated_at = now()
+                   FROM lost WHERE j.id = lost.id
+                   RETURNING j.id, j.status, j.queue, j.priority, j.run_at""",
+                {"worker": worker, "error": f"{EndReason.LOST}: worker {worker} died",
+                 "base": backoff, "cap": backoff_max}).fetchall()
+        return [Requeued(r[0], r[2], r[3], r[4]) for r in rows if r[1] == JobStatus.PENDING.value]
+
+    # --- cluster status -------------------------------------------------------------------
+
+    def counts(self) -> tuple[dict[str, int], int, list[tuple[str, int, int, int]]]:
+        """(jobs by status, dead-lettered count, per queue: (queue, ready, delayed, running))."""
+        with self.pool.connection() as conn:
+            by_status = dict(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status"))
+            dead = conn.execute(
+                "SELECT count(*) FROM jobs WHERE dead_lettered_at IS NOT NULL").fetchone()[0]
+            queues = conn.execute(
+                """SELECT queue,
+                          count(*) FILTER (WHERE status = 'PENDING'
+                                           AND (run_at IS NULL OR run_at <= now())),
+                          count(*) FILTER (WHERE status = 'PENDING' AND run_at > now()),
+                          count(*) FILTER (WHERE status = 'RUNNING')
+                   FROM jobs WHERE status IN ('PENDING', 'RUNNING')
+                   GROUP BY queue ORDER BY queue""").fetchall()
+        return by_status, dead, queues
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,310 @@
+"""The worker child: takes job ids from Redis, claims them in PostgreSQL, runs them, reports.
+
+One worker process runs up to `[worker] concurrency` jobs at once, each in a thread
+that owns one `Execution`. The main thread fetches: it moves as many ids as it has free
+slots into its processing list (one Lua call), claims them all with one statement,
+and starts them. Finished attempts go to a writer thread that records them in batches
+(one transaction) and acknowledges them in Redis (one pipeline), so under load the
+database sees a few statements per batch rather than several per job.
+
+Signals: TERM drains (no new jobs; running ones may finish within `stopwaitsecs`,
+then they are handed back: PENDING again, no retry spent). QUIT hands back at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as queuemod
+import random
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+from . import child
+from .config import Config
+from .executor import Execution, Result, build_env
+from .models import EndReason, JobStatus, retry_delay
+from .queue import Event, Queue, Ready, connect
+from .store import Claimed, Outcome, Store
+
+log = logging.getLogger("dtsd.worker")
+
+WRITE_BATCH = 500
+RECENT_CANCELS = 1000
+
+
+class Worker:
+    def __init__(self, cfg: Config, index: int, parent: child.Parent):
+        self.cfg = cfg
+        self.settings = cfg.worker
+        self.index = index
+        self.parent = parent
+        self.id = f"{cfg.node_id}-w{index}-{os.getpid()}"
+        self.queues = list(self.settings.queues)
+        self.concurrency = self.settings.concurrency
+        self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=3,
+                           name=f"dtsd-worker-{index}")
+        self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
+        self.started = time.time()
+
+        self.lock = threading.Condition()
+        self.running: dict[str, Execution] = {}
+        self.starting = 0                         # claimed, thread not yet registered
+        self.recent_cancels: dict[str, float] = {}
+        self.results: queuemod.SimpleQueue[Outcome | None] = queuemod.SimpleQueue()
+        self.stopping = threading.Event()         # take no new jobs
+        self.hand_back_now = threading.Event()    # QUIT, or the drain time is over
+        self.done = threading.Event()             # threads may go
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGQUIT, lambda *_: (self.stopping.set(), self.hand_back_now.set()))
+        try:
+            self.store.open(wait=True, timeout=60)
+            self.queue.redis.ping()
+        except Exception as exc:
+            log.error("cannot connect to the backing stores: %s", exc)
+            return child.EXIT_BOOT
+        self._beat()
+        threads = [threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True),
+                   threading.Thread(target=self._listen_for_cancels, name="cancels", daemon=True)]
+        writer = threading.Thread(target=self._write_results, name="writer")
+        for thread in (*threads, writer):
+            thread.start()
+        log.info("worker %s ready: queues %s, concurrency %d",
+                 self.id, ",".join(self.queues), self.concurrency)
+        self.parent.ready()
+        self._fetch_loop()
+        self._drain()
+        self.results.put(None)
+        writer.join()
+        self.done.set()
+        try:
+            self.queue.retire(self.id)
+        except Exception as exc:
+            log.warning("could not retire from Redis: %s", exc)
+        self.store.close()
+        log.info("worker %s stopped", self.id)
+        return child.EXIT_OK
+
+    def _drain(self) -> None:
+        """Let running jobs finish within stopwaitsecs; then hand the rest back."""
+        deadline = time.monotonic() + self.settings.stopwaitsecs
+        with self.lock:
+            if self.running:
+                log.info("draining: waiting up to %.0fs for %d running job(s)",
+                         self.settings.stopwaitsecs, len(self.running))
+            while self.running and not self.hand_back_now.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.lock.wait(min(left, 0.2))
+            if self.running:
+                log.info("handing back %d running job(s)", len(self.running))
+            for execution in self.running.values():
+                execution.stop(EndReason.HANDED_BACK)
+            while self.running or self.starting:
+                self.lock.wait(0.2)
+
+    # --- fetching -------------------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        return self.concurrency - len(self.running) - self.starting
+
+    def _fetch_loop(self) -> None:
+        backoff = 0.2
+        while not self.stopping.is_set():
+            with self.lock:
+                while self._free_slots() <= 0 and not self.stopping.is_set():
+                    self.lock.wait(0.5)
+                free = self._free_slots()
+            if self.stopping.is_set():
+                break
+            try:
+                ids = self.queue.fetch(self.id, self.queues, free)
+                if not ids:
+                    self.queue.wait_for_work(self.queues, timeout=1.0)
+                    continue
+                self._claim_and_start(ids)
+                backoff = 0.2
+            except Exception as exc:
+                log.warning("fetch failed: %s; retrying in %.1fs", exc, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(5.0, backoff * 2)
+
+    def _claim_and_start(self, ids: list[str]) -> None:
+        try:
+            claimed = self.store.claim(ids, self.id)
+        except Exception:
+            # PostgreSQL refused: let go of the ids; the reconciler pushes them again.
+            self.queue.ack(self.id, ids)
+            raise
+        mine = {job.id for job in claimed}
+        unclaimed = [job_id for job_id in ids if job_id not in mine]
+        events = [(job.id, Event("state", attempt=job.attempt, status=JobStatus.RUNNING))
+                  for job in claimed]
+        self.queue.ack(self.id, unclaimed, events=events)
+        with self.lock:
+            self.starting += len(claimed)
+        for job in claimed:
+            threading.Thread(target=self._run_job, args=(job,), name=f"job-{job.id}",
+                             daemon=True).start()
+
+    # --- running one job ------------------------------------------------------------------
+
+    def _run_job(self, job: Claimed) -> None:
+        settings = self.settings
+        execution = Execution(
+            job.command,
+            env=build_env(job.env, path=settings.path, job_id=job.id, attempt=job.attempt),
+            cwd=job.cwd or settings.cwd, shell=settings.shell,
+            timeout=job.timeout or settings.default_timeout, kill_grace=settings.kill_grace,
+            max_output=settings.max_output_bytes,
+            on_output=lambda data, offset: self._publish_output(job, data, offset))
+        with self.lock:
+            self.starting -= 1
+            self.running[job.id] = execution
+            if job.id in self.recent_cancels:
+                execution.stop(EndReason.CANCELLED)
+            elif self.hand_back_now.is_set():
+                execution.stop(EndReason.HANDED_BACK)
+        try:
+            result = execution.run()
+        except Exception as exc:  # never lose an attempt to a bug: record it as failed
+            log.exception("job %s attempt %d crashed the executor", job.id, job.attempt)
+            result = Result(exit_code=None, signal=None, output=b"", truncated=False,
+                            reason=EndReason.SPAWN_FAILED, error=f"executor error: {exc}",
+                            duration=0.0)
+        self.results.put(self._outcome(job, result))
+        with self.lock:
+            del self.running[job.id]
+            self.lock.notify_all()
+
+    def _publish_output(self, job: Claimed, data: bytes, offset: int) -> None:
+        try:
+            self.queue.publish_output(job.id, job.attempt, offset, data)
+        except Exception as exc:  # live output is a convenience; the record is in PostgreSQL
+            log.debug("live output of %s not published: %s", job.id, exc)
+
+    def _outcome(self, job: Claimed, result: Result) -> Outcome:
+        """Decide what the attempt means for the job: success, retry, failure, hand-back."""
+        outcome = Outcome(job_id=job.id, attempt=job.attempt, status=JobStatus.SUCCEEDED,
+                          exit_code=result.exit_code, output=result.output,
+                          truncated=result.truncated, error=result.error, failed=False,
+                          queue=job.queue, priority=job.priority)
+        if result.reason is EndReason.HANDED_BACK:
+            outcome.status = JobStatus.PENDING
+            outcome.error = str(EndReason.HANDED_BACK)
+        elif result.reason is EndReason.CANCELLED:
+            outcome.status = JobStatus.CANCELLED
+        elif result.reason is None and result.exit_code == 0:
+            pass
+        else:
+            outcome.failed = True
+            failures = job.failures + 1
+            if not outcome.error:
+                outcome.error = f"exit code {result.exit_code}"
+            if failures <= job.max_retries:
+                delay = retry_delay(failures, self.settings.retry_backoff,
+                                    self.settings.retry_backoff_max, random.random())
+                outcome.status = JobStatus.PENDING
+                outcome.run_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+            else:
+                outcome.status = JobStatus.FAILED
+                outcome.dead = True
+        return outcome
+
+    # --- recording results ----------------------------------------------------------------
+
+    def _write_results(self) -> None:
+        """Record finished attempts in batches; nothing is dropped while PostgreSQL is down."""
+        finished = False
+        while not finished:
+            first = self.results.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < WRITE_BATCH:
+                try:
+                    item = self.results.get_nowait()
+                except queuemod.Empty:
+                    break
+                if item is None:
+                    finished = True
+                    break
+                batch.append(item)
+            child.retry_forever("recording results", lambda: self._record(batch), log,
+                                threading.Event())
+
+    def _record(self, batch: list[Outcome]) -> None:
+        changed = self.store.finish(batch)
+        events, retries = [], []
+        for outcome in batch:
+            if outcome.job_id not in changed:
+                continue
+            events.append((outcome.job_id, Event(
+                "state", attempt=outcome.attempt, status=outcome.status,
+                exit_code=outcome.exit_code, error=outcome.error)))
+            if outcome.status is JobStatus.PENDING:
+                retries.append(Ready(outcome.job_id, outcome.queue, outcome.priority,
+                                     outcome.run_at))
+        child.retry_forever("acknowledging in Redis", lambda: self.queue.ack(
+            self.id, [o.job_id for o in batch], events=events, retries=retries), log,
+            threading.Event(), max_delay=2.0)
+
+    # --- heartbeats and cancels -----------------------------------------------------------
+
+    def _beat(self) -> None:
+        info = {"node": self.cfg.node_id, "pid": os.getpid(), "index": self.index,
+                "queues": self.queues, "concurrency": self.concurrency,
+                "running": len(self.running), "started": self.started, "seen": time.time()}
+        self.queue.heartbeat(self.id, info, self.settings.heartbeat_ttl)
+
+    def _heartbeats(self) -> None:
+        interval = min(1.0, self.settings.heartbeat_ttl / 3)
+        while not self.done.wait(interval):
+            try:
+                self._beat()
+                self.parent.alive()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _listen_for_cancels(self) -> None:
+        while not self.done.is_set():
+            try:
+                pubsub = self.queue.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.queue.keys.cancel)
+                while not self.done.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message["type"] == "message":
+                        self._cancel(message["data"].decode())
+            except Exception as exc:
+                log.warning("cancel channel lost: %s", exc)
+                self.done.wait(1.0)
+
+    def _cancel(self, job_id: str) -> None:
+        with self.lock:
+            now = time.monotonic()
+            self.recent_cancels[job_id] = now
+            if len(self.recent_cancels) > RECENT_CANCELS:
+                oldest = sorted(self.recent_cancels, key=self.recent_cancels.get)
+                for stale in oldest[:len(oldest) // 2]:
+                    del self.recent_cancels[stale]
+            execution = self.running.get(job_id)
+        if execution:
+            log.info("cancelling job %s", job_id)
+            execution.stop(EndReason.CANCELLED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, index, parent = child.boot("worker", argv)
+    return Worker(cfg, index, parent).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
