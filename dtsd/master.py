@@ -33,6 +33,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -117,7 +118,7 @@ class Master:
         os.makedirs(os.path.dirname(self.node_file), exist_ok=True)
         log.info("dtsd %s master starting (pid %d, node %s, config %s)",
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
-        if not self.migrate():
+        if not self.address_is_free() or not self.migrate():
             return 1
         while True:
             self.handle_signals()
@@ -376,6 +377,26 @@ class Master:
             pass
 
     # --- one-shot work before the children start ------------------------------------------
+
+    def address_is_free(self) -> bool:
+        """Refuse to start when something already listens on our address.
+
+        The servers bind with SO_REUSEPORT, so without this check a second dtsd (or a
+        stale one) would silently share the port and split the clients between them.
+        """
+        if not self.cfg.get("server", "processes"):
+            return True
+        host, port = self.cfg.get("server", "listen")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                log.error("cannot listen on %s:%d: %s (is another dtsd running?)",
+                          host, port, exc.strerror)
+                return False
+        return True
 
     def migrate(self) -> bool:
         """Bring the schema up to date in a child process (the master opens no connection)."""

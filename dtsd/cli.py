@@ -1,0 +1,1247 @@
+"""dtsctl: the command-line client of dtsd.
+
+    dtsctl [GLOBAL OPTIONS] VERB [OPTIONS] [ARGS]      (`dtsctl VERB --help` for each verb)
+
+Verbs: submit, status, list, logs, cancel, retry, dlq list|requeue|purge.
+
+Which servers (first match wins; `--submit-server`/`SUBMIT_SERVER` pick the servers for
+writes: submit, cancel, retry, dlq requeue/purge; `--status-servers`/`STATUS_SERVERS` for
+reads: status, list, logs, dlq list, waiting):
+  1. the role's own flag, then `--servers`;
+  2. the role's own variable, then `DTSD_SERVERS`, then the seed's `SERVERS`;
+  3. `[client] servers` of the config file: `-c FILE`, else `$DTSD_CONFIG`, else
+     `/etc/dtsd/dtsd.ini` when it is readable;
+  4. `127.0.0.1:50051`.
+Any flag beats any environment variable. Calls go round-robin over the servers and move on
+to the next one when a server answers UNAVAILABLE. The deadline of each call is `--timeout`,
+else `[client] timeout` of a config file that was read, else 10 s.
+
+Exit codes:
+  0  success
+  1  the job or the operation failed (not found, wrong state, rejected input, ...);
+     the server's message is printed on standard error
+  2  usage error: bad option or argument, malformed jobs file, bad config file
+  3  cannot reach any server (every server UNAVAILABLE, or no connection within the deadline)
+  4  not authorised (UNAUTHENTICATED, PERMISSION_DENIED)
+`submit --wait`, `submit --follow` and `logs -f` exit with the job's own result instead:
+0 when it SUCCEEDED, its exit code when it FAILED with one (-N for signal N becomes 128+N),
+else 1 (FAILED without exit code, CANCELLED).
+
+JSON output (`-o json`, before or after the verb): one document on standard output, keys in
+snake_case named as in `proto/dtsd/v1/dtsd.proto`, times as ISO 8601 UTC strings with
+microseconds (`2024-05-01T12:00:00.000000Z`) or null when unset, statuses as enum names.
+
+A job object has:
+  id, status, attempts, exit_code (null: none), output (UTF-8, undecodable bytes replaced),
+  output_base64 (the exact bytes), output_truncated, error, dead_lettered, worker,
+  submitted_by, created_at, updated_at, started_at, finished_at, schedule_id (0: not a
+  cron run), fire_time,
+  spec: {id, name, command, env {name: value}, cwd, queue, priority,
+         max_retries (null: server default), timeout_seconds, run_at, idempotency_key},
+  attempt_history: [{number, worker, started_at, finished_at, exit_code, output,
+                     output_base64, output_truncated, error}]  (filled by `status JOB_ID`)
+List and dlq list leave output empty (the server omits it there).
+
+Per verb:
+  submit                  {id, created}; with --wait also job: <job>
+  submit --file           {jobs: [{id, created, name}]}; with --wait each also job: <job>
+  status                  {cluster, single_node, leader, server_node, dead_lettered,
+                           job_counts {STATUS: n},
+                           nodes: [{node_id, version, leader, state, started_at, seen_at,
+                                    children: [{role, index, pid, state, uptime_seconds,
+                                                restarts}]}],
+                           workers: [{id, node_id, pid, queues, concurrency, running,
+                                      seen_at}],
+                           queues: [{queue, pending, delayed, running}]}
+  status JOB_ID...        {jobs: [<job>], errors: [{id, code, message}]}
+  list, dlq list          {jobs: [<job>], next_page_token}
+  logs JOB_ID             {id, attempt, output, output_base64, output_truncated}
+  cancel                  {jobs: [{id, previous_status, status}], errors: [...]}
+  retry                   {jobs: [<job>], errors: [...]}
+  dlq requeue             {ids: [...]}
+  dlq purge               {purged}
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
+
+import click
+import grpc
+
+from dtsd import config, models
+from dtsd.client import DEFAULT_TIMEOUT, Client, parse_servers
+from dtsd.v1 import dtsd_pb2
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+POLL_INTERVAL = 0.5
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+STATUS_NAMES = tuple(status.value for status in models.JobStatus)
+
+
+class Exit(enum.IntEnum):
+    """dtsctl's exit codes (the module docstring says when each is used)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    UNREACHABLE = 3
+    UNAUTHORISED = 4
+
+
+class CliError(click.ClickException):
+    """The one error dtsctl raises: a message for standard error and an exit code.
+
+    `grpc_code` is set when the error came from the server, so a verb working through
+    several ids can tell "this one was not found" from "no server answers".
+    """
+
+    def __init__(self, message: str, code: int = Exit.FAILED,
+                 grpc_code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.exit_code = int(code)
+        self.grpc_code = grpc_code
+
+
+def rpc_failure(error: grpc.RpcError, client: Client) -> CliError:
+    """The one place that turns a gRPC error into dtsctl's message and exit code."""
+    code = error.code()
+    details = error.details() or code.name
+    tried = ", ".join(client.last_tried or client.servers)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return CliError(f"cannot reach any server (tried {tried}): {details}",
+                        Exit.UNREACHABLE, code)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if not client.connected():
+            return CliError(f"cannot reach any server (tried {tried}): no connection "
+                            f"within {client.timeout:g}s", Exit.UNREACHABLE, code)
+        return CliError(f"{client.last_server} did not answer within {client.timeout:g}s "
+                        "(raise --timeout?)", Exit.FAILED, code)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return CliError(f"not authorised ({code.name}): {details}", Exit.UNAUTHORISED, code)
+    return CliError(f"{code.name}: {details}", Exit.FAILED, code)
+
+
+# --- where the servers are ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Targets:
+    """The servers for writes and for reads, where each list came from, and the deadline."""
+
+    write: list[str]
+    read: list[str]
+    write_source: str
+    read_source: str
+    timeout: float = DEFAULT_TIMEOUT
+
+
+def read_client_config(config_path: str | None, env: Mapping[str, str]) -> config.Config | None:
+    """The named config file (`-c`, else $DTSD_CONFIG), else /etc/dtsd/dtsd.ini if readable."""
+    path = config_path or env.get("DTSD_CONFIG") or None
+    if path is None:
+        if not os.access(config.DEFAULT_PATH, os.R_OK):
+            return None
+        path = config.DEFAULT_PATH
+    try:
+        return config.load(path, env={})
+    except config.ConfigError as exc:
+        raise CliError(str(exc), Exit.USAGE) from None
+
+
+def resolve_servers(servers: Sequence[str] | None = None,
+                    submit_server: Sequence[str] | None = None,
+                    status_servers: Sequence[str] | None = None, *,
+                    timeout: float | None = None,
+                    config_path: str | None = None,
+                    env: Mapping[str, str] | None = None) -> Targets:
+    """Apply the precedence of the module docstring: flags, environment, config, default.
+
+    The default config file is read only when neither flags nor environment name the
+    servers; a file named with `-c`/$DTSD_CONFIG is always read (for its timeout too).
+    """
+    environ = os.environ if env is None else env
+
+    def from_env(name: str) -> list[str] | None:
+        text = environ.get(name, "").strip()
+        if not text:
+            return None
+        try:
+            return parse_servers(text)
+        except ValueError as exc:
+            raise CliError(f"${name}: {exc}", Exit.USAGE) from None
+
+    def first(*candidates: tuple[str, Sequence[str] | None]) -> tuple[list[str], str] | None:
+        for source, value in candidates:
+            if value:
+                return list(value), source
+        return None
+
+    env_general = (("$DTSD_SERVERS", from_env("DTSD_SERVERS")), ("$SERVERS", from_env("SERVERS")))
+    write = first(("--submit-server", submit_server), ("--servers", servers),
+                  ("$SUBMIT_SERVER", from_env("SUBMIT_SERVER")), *env_general)
+    read = first(("--status-servers", status_servers), ("--servers", servers),
+                 ("$STATUS_SERVERS", from_env("STATUS_SERVERS")), *env_general)
+
+    named = config_path or environ.get("DTSD_CONFIG")
+    cfg = read_client_config(config_path, environ) if (named or not (write and read)) else None
+    fallback = ([DEFAULT_SERVER], "the default")
+    if cfg is not None:
+        fallback = (list(cfg.get("client", "servers")), f"{cfg.path} [client] servers")
+        if timeout is None:
+            timeout = cfg.get("client", "timeout")
+    write = write or fallback
+    read = read or fallback
+    return Targets(write=write[0], read=read[0], write_source=write[1], read_source=read[1],
+                   timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
+
+
+class Role(enum.Enum):
+    WRITE = "write"
+    READ = "read"
+
+
+@dataclass
+class Settings:
+    """Global options, resolved lazily so that `VERB --help` never reads a config file."""
+
+    servers: Sequence[str] | None = None
+    submit_server: Sequence[str] | None = None
+    status_servers: Sequence[str] | None = None
+    config_path: str | None = None
+    token: str | None = None
+    output: str = "table"
+    timeout: float | None = None
+    _targets: Targets | None = field(default=None, repr=False)
+    _clients: dict[tuple[str, ...], Client] = field(default_factory=dict, repr=False)
+
+    @property
+    def json(self) -> bool:
+        return self.output == "json"
+
+    def targets(self) -> Targets:
+        if self._targets is None:
+            self._targets = resolve_servers(self.servers, self.submit_server, self.status_servers,
+                                            timeout=self.timeout, config_path=self.config_path)
+        return self._targets
+
+    def client(self, role: Role) -> Client:
+        targets = self.targets()
+        servers = tuple(targets.write if role is Role.WRITE else targets.read)
+        if servers not in self._clients:
+            self._clients[servers] = Client(servers, targets.timeout, token=self.token)
+        return self._clients[servers]
+
+    def call(self, role: Role, method: str, request: Any) -> Any:
+        client = self.client(role)
+        try:
+            return client.call(method, request)
+        except grpc.RpcError as exc:
+            raise rpc_failure(exc, client) from None
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+# --- values on the command line -----------------------------------------------------------
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """ISO 8601 (no zone: local time), `+DUR` from now or `-DUR` ago -> an aware UTC datetime."""
+    text = text.strip()
+    now = now or datetime.now(timezone.utc)
+    if text[:1] in ("+", "-"):
+        try:
+            delta = timedelta(seconds=config.duration(text[1:]))
+        except ValueError:
+            raise ValueError(f"not a relative time: {text!r} (use +30s, +5m, +1h or -2d)") from None
+        return now + delta if text[0] == "+" else now - delta
+    iso = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        raise ValueError(f"not a time: {text!r} (use ISO 8601 like 2024-05-01T12:00:00Z, "
+                         "+5m from now or -1h ago)") from None
+    return moment.astimezone(timezone.utc)   # a naive time is taken as local time
+
+
+def parse_env(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` -> (KEY, VALUE); the value may be empty or contain '='."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    if not models.ENV_KEY.match(key):
+        raise ValueError(f"bad variable name {key!r} (letters, digits and '_', "
+                         "not starting with a digit)")
+    return key, value
+
+
+def _param_type(name: str, convert: Callable[[str], Any]) -> click.ParamType:
+    class _Type(click.ParamType):
+        def convert(self, value: Any, param: click.Parameter | None,
+                    ctx: click.Context | None) -> Any:
+            if not isinstance(value, str):
+                return value
+            try:
+                return convert(value)
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+    _Type.name = name
+    return _Type()
+
+
+DURATION = _param_type("duration", config.duration)
+WHEN = _param_type("when", parse_when)
+ENV = _param_type("key=value", parse_env)
+SERVERS = _param_type("servers", parse_servers)
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+def iso_utc(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def local_time(iso: str | None) -> str:
+    """An ISO UTC string from the JSON form -> local ISO time without microseconds."""
+    if not iso:
+        return "-"
+    moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return moment.astimezone().replace(microsecond=0, tzinfo=None).isoformat()
+
+
+def to_timestamp(moment: datetime) -> Any:
+    from google.protobuf.timestamp_pb2 import Timestamp
+    delta = moment - EPOCH
+    return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
+
+
+def _time(message: Any, name: str) -> str | None:
+    if not message.HasField(name):
+        return None
+    stamp = getattr(message, name)
+    return iso_utc(EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000))
+
+
+def _optional(message: Any, name: str) -> Any:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def status_name(value: int) -> str:
+    try:
+        return dtsd_pb2.JobStatus.Name(value)
+    except ValueError:
+        return str(value)
+
+
+def is_final(name: str) -> bool:
+    return name in STATUS_NAMES and models.JobStatus(name).final
+
+
+def output_fields(data: bytes) -> dict[str, str]:
+    return {"output": data.decode("utf-8", errors="replace"),
+            "output_base64": base64.b64encode(data).decode("ascii")}
+
+
+def spec_dict(spec: Any) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "name": spec.name,
+        "command": spec.command,
+        "env": dict(sorted(spec.env.items())),
+        "cwd": spec.cwd,
+        "queue": spec.queue,
+        "priority": spec.priority,
+        "max_retries": _optional(spec, "max_retries"),
+        "timeout_seconds": spec.timeout_seconds,
+        "run_at": _time(spec, "run_at"),
+        "idempotency_key": spec.idempotency_key,
+    }
+
+
+def attempt_dict(attempt: Any) -> dict[str, Any]:
+    return {
+        "number": attempt.number,
+        "worker": attempt.worker,
+        "started_at": _time(attempt, "started_at"),
+        "finished_at": _time(attempt, "finished_at"),
+        "exit_code": _optional(attempt, "exit_code"),
+        **output_fields(attempt.output),
+        "output_truncated": attempt.output_truncated,
+        "error": attempt.error,
+    }
+
+
+def job_dict(job: Any) -> dict[str, Any]:
+    """A `dtsd.v1.Job` as the JSON object documented in the module docstring."""
+    return {
+        "id": job.id,
+        "status": status_name(job.status),
+        "attempts": job.attempts,
+        "exit_code": _optional(job, "exit_code"),
+        **output_fields(job.output),
+        "output_truncated": job.output_truncated,
+        "error": job.error,
+        "dead_lettered": job.dead_lettered,
+        "worker": job.worker,
+        "submitted_by": job.submitted_by,
+        "created_at": _time(job, "created_at"),
+        "updated_at": _time(job, "updated_at"),
+        "started_at": _time(job, "started_at"),
+        "finished_at": _time(job, "finished_at"),
+        "schedule_id": job.schedule_id,
+        "fire_time": _time(job, "fire_time"),
+        "spec": spec_dict(job.spec),
+        "attempt_history": [attempt_dict(attempt) for attempt in job.attempt_history],
+    }
+
+
+def cluster_dict(status: Any) -> dict[str, Any]:
+    counts = {name: 0 for name in STATUS_NAMES}
+    counts.update(sorted(status.job_counts.items()))
+    return {
+        "cluster": status.cluster,
+        "single_node": status.single_node,
+        "leader": status.leader,
+        "server_node": status.server_node,
+        "dead_lettered": status.dead_lettered,
+        "job_counts": counts,
+        "nodes": [{
+            "node_id": node.node_id,
+            "version": node.version,
+            "leader": node.leader,
+            "state": node.state,
+            "started_at": _time(node, "started_at"),
+            "seen_at": _time(node, "seen_at"),
+            "children": [{
+                "role": child.role,
+                "index": child.index,
+                "pid": child.pid,
+                "state": child.state,
+                "uptime_seconds": child.uptime_seconds,
+                "restarts": child.restarts,
+            } for child in node.children],
+        } for node in status.nodes],
+        "workers": [{
+            "id": worker.id,
+            "node_id": worker.node_id,
+            "pid": worker.pid,
+            "queues": list(worker.queues),
+            "concurrency": worker.concurrency,
+            "running": worker.running,
+            "seen_at": _time(worker, "seen_at"),
+        } for worker in status.workers],
+        "queues": [{"queue": depth.queue, "pending": depth.pending,
+                    "delayed": depth.delayed, "running": depth.running}
+                   for depth in status.queues],
+    }
+
+
+def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "") -> str:
+    cells = [[str(column) for column in columns]]
+    cells += [["-" if value is None or value == "" else str(value) for value in row]
+              for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(indent + "  ".join(value.ljust(width) for value, width in zip(row, widths))
+                     .rstrip() for row in cells)
+
+
+def format_fields(pairs: Iterable[tuple[str, Any]]) -> str:
+    pairs = [(label, value) for label, value in pairs if value not in (None, "", [], {})]
+    width = max((len(label) for label, _ in pairs), default=0) + 2
+    return "\n".join(f"{label + ':':<{width}}{value}" for label, value in pairs)
+
+
+def seconds_text(seconds: float) -> str:
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{seconds:.0f}s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f}s"
+
+
+def _exit_text(code: int | None) -> str:
+    return "-" if code is None else str(code)
+
+
+def job_table(job: dict[str, Any]) -> str:
+    spec = job["spec"]
+    retries = "default" if spec["max_retries"] is None else spec["max_retries"]
+    lines = [format_fields([
+        ("ID", job["id"]),
+        ("Name", spec["name"]),
+        ("Status", job["status"] + (" (dead-lettered)" if job["dead_lettered"] else "")),
+        ("Exit code", job["exit_code"]),
+        ("Error", job["error"]),
+        ("Command", spec["command"]),
+        ("Queue", spec["queue"]),
+        ("Priority", spec["priority"]),
+        ("Attempts", f"{job['attempts']} (max retries {retries})"),
+        ("Timeout", seconds_text(spec["timeout_seconds"]) if spec["timeout_seconds"] else None),
+        ("Env", " ".join(f"{k}={shlex.quote(v)}" for k, v in spec["env"].items())),
+        ("Cwd", spec["cwd"]),
+        ("Worker", job["worker"]),
+        ("Submitted by", job["submitted_by"]),
+        ("Idempotency key", spec["idempotency_key"]),
+        ("Schedule", job["schedule_id"] or None),
+        ("Fire time", job["fire_time"] and local_time(job["fire_time"])),
+        ("Run at", spec["run_at"] and local_time(spec["run_at"])),
+        ("Created", local_time(job["created_at"])),
+        ("Started", job["started_at"] and local_time(job["started_at"])),
+        ("Finished", job["finished_at"] and local_time(job["finished_at"])),
+    ])]
+    if job["attempt_history"]:
+        lines.append("Attempt history:")
+        lines.append(format_table(
+            ("#", "WORKER", "STARTED", "FINISHED", "EXIT", "ERROR"),
+            [(a["number"], a["worker"], local_time(a["started_at"]), local_time(a["finished_at"]),
+              _exit_text(a["exit_code"]), a["error"]) for a in job["attempt_history"]],
+            indent="  "))
+    lines.append("Output:" + ("" if job["output"] else " (none)"))
+    if job["output"]:
+        lines.append(job["output"].rstrip("\n"))
+    if job["output_truncated"]:
+        lines.append("(output truncated)")
+    return "\n".join(lines)
+
+
+def jobs_table(data: dict[str, Any]) -> str:
+    return format_table(
+        ("ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED"),
+        [(job["id"], job["spec"]["name"], job["status"], job["spec"]["queue"], job["attempts"],
+          _exit_text(job["exit_code"]), local_time(job["created_at"])) for job in data["jobs"]])
+
+
+def cluster_table(data: dict[str, Any]) -> str:
+    mode = "single-node" if data["single_node"] else f"leader {data['leader'] or '(none)'}"
+    parts = [format_fields([("Cluster", f"{data['cluster']} ({mode})"),
+                            ("Answered by", data["server_node"])])]
+    parts.append(format_table(
+        ("NODE", "LEADER", "STATE", "VERSION", "STARTED", "SEEN"),
+        [(node["node_id"], "*" if node["leader"] else "", node["state"], node["version"],
+          local_time(node["started_at"]), local_time(node["seen_at"])) for node in data["nodes"]]))
+    parts.append(format_table(
+        ("NODE", "ROLE", "INDEX", "PID", "STATE", "UPTIME", "RESTARTS"),
+        [(node["node_id"], child["role"], child["index"], child["pid"] or "", child["state"],
+          seconds_text(child["uptime_seconds"]), child["restarts"])
+         for node in data["nodes"] for child in node["children"]]))
+    parts.append(format_table(
+        ("WORKER", "NODE", "PID", "QUEUES", "RUNNING", "SEEN"),
+        [(worker["id"], worker["node_id"], worker["pid"], ",".join(worker["queues"]),
+          f"{worker['running']}/{worker['concurrency']}", local_time(worker["seen_at"]))
+         for worker in data["workers"]]))
+    parts.append(format_table(
+        ("QUEUE", "PENDING", "DELAYED", "RUNNING"),
+        [(q["queue"], q["pending"], q["delayed"], q["running"]) for q in data["queues"]]))
+    counts = "  ".join(f"{name} {count}" for name, count in data["job_counts"].items())
+    parts.append(format_fields([("Jobs", counts), ("Dead-lettered", str(data["dead_lettered"]))]))
+    return "\n\n".join(parts)
+
+
+def render(output: str, data: Any, table: Callable[[Any], str | bytes | None]) -> None:
+    """The one renderer: `data` as JSON with `-o json`, else whatever `table(data)` makes
+    of it (text, or bytes written unchanged, e.g. a job's output)."""
+    if output == "json":
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    text = table(data)
+    if isinstance(text, bytes):
+        stream = binary_stdout()
+        stream.write(text)
+        stream.flush()
+    elif text:
+        click.echo(text)
+
+
+def binary_stdout() -> BinaryIO:
+    """Standard output for bytes (a job's output need not be text)."""
+    sys.stdout.flush()
+    return sys.stdout.buffer
+
+
+def job_exit_code(status: str, exit_code: int | None) -> int:
+    """What `--wait` and `logs -f` exit with: the job's own result."""
+    if status == models.JobStatus.SUCCEEDED.value:
+        return 0
+    if status == models.JobStatus.FAILED.value and exit_code is not None:
+        if 0 < exit_code <= 255:
+            return exit_code
+        if exit_code < 0:
+            return min(128 - exit_code, 255)
+    return Exit.FAILED
+
+
+def _final_line(job: dict[str, Any]) -> str:
+    text = f"{job['id']}: {job['status']}"
+    if job["exit_code"] is not None:
+        text += f", exit code {job['exit_code']}"
+    if job["error"]:
+        text += f" ({job['error']})"
+    return text
+
+
+# --- waiting and following ----------------------------------------------------------------
+
+class OutputFollower:
+    """Writes streamed output exactly once: per attempt, only bytes beyond those written."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.written: dict[int, int] = {}
+        self.attempt = 0
+
+    def chunk(self, attempt: int, offset: int, data: bytes) -> None:
+        if attempt != self.attempt:
+            if self.written.get(self.attempt) and attempt > self.attempt:
+                click.echo(f"--- attempt {attempt} ---", err=True)
+            self.attempt = max(self.attempt, attempt)
+        have = self.written.get(attempt, 0)
+        end = offset + len(data)
+        if end <= have:
+            return
+        self.out.write(data[max(0, have - offset):])
+        self.out.flush()
+        self.written[attempt] = end
+
+    def finish(self, job: Any) -> None:
+        """Write what the stored output of the last attempt has that the stream missed."""
+        if job.attempts:
+            self.chunk(job.attempts, 0, job.output)
+
+
+_FATAL_WATCH = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def wait_for_job(settings: Settings, job_id: str, *, follow: bool = False) -> Any:
+    """Block until the job is final and return it (a `dtsd.v1.Job`, with attempts).
+
+    Watches the job (WatchJob); if the stream breaks, polls GetJob every 0.5 s. With
+    `follow`, output chunks go to standard output as they come, each byte once; the watch
+    is re-opened after a break so the output stays live.
+    """
+    client = settings.client(Role.READ)
+    follower = OutputFollower(binary_stdout()) if follow else None
+    watch = True
+    last_contact = time.monotonic()
+    while True:
+        if watch:
+            watch = False
+            events = client.stream("WatchJob", dtsd_pb2.WatchJobRequest(id=job_id))
+            try:
+                for event in events:
+                    watch = follow
+                    if event.kind == dtsd_pb2.JobEvent.OUTPUT and follower:
+                        follower.chunk(event.attempt, event.offset, event.output)
+                    elif event.kind == dtsd_pb2.JobEvent.STATE and is_final(status_name(event.status)):
+                        break
+            except grpc.RpcError as exc:
+                if exc.code() in _FATAL_WATCH:
+                    raise rpc_failure(exc, client) from None
+            finally:
+                events.close()
+        try:
+            job = client.call("GetJob", dtsd_pb2.GetJobRequest(id=job_id, include_attempts=True))
+            last_contact = time.monotonic()
+        except grpc.RpcError as exc:
+            if exc.code() not in _TRANSIENT or time.monotonic() - last_contact > client.timeout:
+                raise rpc_failure(exc, client) from None
+            job = None
+        if job is not None and is_final(status_name(job.status)):
+            if follower:
+                follower.finish(job)
+            return job
+        time.sleep(POLL_INTERVAL)
+
+
+# --- the jobs file ------------------------------------------------------------------------
+
+_FILE_FIELDS = {"name": str, "command": str, "description": str, "id": str, "env": dict,
+                "cwd": str, "queue": str, "priority": int, "max_retries": int,
+                "timeout": (int, float, str), "idempotency_key": str}
+
+
+def load_jobs_file(path: str) -> list[dict[str, Any]]:
+    """Read the seed's `{"jobs": [{"name", "command", "description"}]}` format.
+
+    Each job may also set id, env, cwd, queue, priority, max_retries, timeout (seconds or
+    a duration like "5m") and idempotency_key. Raises click.UsageError naming the problem.
+    """
+    def bad(problem: str) -> click.UsageError:
+        return click.UsageError(f"jobs file {path}: {problem}")
+
+    try:
+        if path == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as handle:
+                raw = handle.read()
+    except OSError as exc:
+        raise bad(exc.strerror or str(exc)) from None
+    try:
+        document = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise bad(f"not UTF-8: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        raise bad(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    example = '{"jobs": [{"name": "...", "command": "..."}]}'
+    if not isinstance(document, dict) or "jobs" not in document:
+        raise bad(f'no "jobs" list at the top (expected {example})')
+    jobs = document["jobs"]
+    if not isinstance(jobs, list):
+        raise bad(f'"jobs" must be a list (expected {example})')
+    if not jobs:
+        raise bad('"jobs" is empty')
+    for number, job in enumerate(jobs, 1):
+        where = f"job {number}"
+        if not isinstance(job, dict):
+            raise bad(f"{where}: must be an object with a \"command\", not {json.dumps(job)[:60]}")
+        if isinstance(job.get("name"), str) and job["name"]:
+            where += f" ({job['name']!r})"
+        unknown = sorted(set(job) - set(_FILE_FIELDS))
+        if unknown:
+            raise bad(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(_FILE_FIELDS)})")
+        if "command" not in job:
+            raise bad(f'{where}: missing "command"')
+        for key, kind in _FILE_FIELDS.items():
+            if key in job and (not isinstance(job[key], kind) or isinstance(job[key], bool)):
+                raise bad(f"{where}: {key!r} has the wrong type ({type(job[key]).__name__})")
+        if any(not isinstance(value, str) for value in job.get("env", {}).values()):
+            raise bad(f"{where}: every value in 'env' must be a string")
+        if isinstance(job.get("timeout"), str):
+            try:
+                job["timeout"] = config.duration(job["timeout"])
+            except ValueError as exc:
+                raise bad(f"{where}: timeout: {exc}") from None
+    return jobs
+
+
+# --- building requests --------------------------------------------------------------------
+
+_OPTION_OF_FIELD = {"command": "CMD", "name": "--name", "env": "--env", "cwd": "--cwd",
+                    "queue": "--queue", "priority": "--priority",
+                    "max_retries": "--max-retries", "timeout_seconds": "--timeout",
+                    "id": "--id", "idempotency_key": "--idempotency-key"}
+
+
+def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = None,
+             cwd: str = "", queue: str = "", priority: int = 0, max_retries: int | None = None,
+             timeout: float | None = None, run_at: datetime | None = None, id: str = "",
+             idempotency_key: str = "", where: str | None = None) -> Any:
+    """Check the fields as the server will (models.validate_spec) and build a JobSpec.
+
+    A bad field is a usage error (exit 2), raised before anything is sent. `where` names
+    the job in a jobs file; without it the message names the command-line option.
+    """
+    try:
+        models.validate_spec(id=id, command=command, name=name, env=dict(env or {}), cwd=cwd,
+                             queue=queue, priority=priority, max_retries=max_retries,
+                             timeout=timeout or 0.0, run_at=run_at,
+                             idempotency_key=idempotency_key)
+    except models.InvalidField as exc:
+        if where is not None:
+            raise click.UsageError(f"{where}: {exc.field}: {exc.problem}") from None
+        option = _OPTION_OF_FIELD.get(exc.field.split("[")[0], exc.field)
+        raise click.UsageError(f"{option}: {exc.problem}") from None
+    spec = dtsd_pb2.JobSpec(id=id, name=name, command=command, env=dict(env or {}), cwd=cwd,
+                            queue=queue, priority=priority,
+                            timeout_seconds=timeout or 0.0, idempotency_key=idempotency_key)
+    if max_retries is not None:
+        spec.max_retries = max_retries
+    if run_at is not None:
+        spec.run_at.CopyFrom(to_timestamp(run_at))
+    return spec
+
+
+# --- the command line ---------------------------------------------------------------------
+
+_OUTPUT_KEY = "dtsctl.output"
+
+
+def _remember_output(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is None:
+        return
+    settings = ctx.find_object(Settings)
+    if settings is not None:
+        settings.output = value
+    else:
+        ctx.meta[_OUTPUT_KEY] = value
+
+
+option_output = click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default=None, expose_value=False,
+    callback=_remember_output,
+    help="table (default) for people, json for programs (fields: `python3 -m pydoc dtsd.cli`).")
+
+_EPILOG = """\b
+Exit codes: 0 success; 1 the job or operation failed; 2 usage error;
+3 cannot reach any server; 4 not authorised. `submit --wait/--follow` and
+`logs -f` exit with the job's own exit code instead.
+\b
+Servers, first match wins: --submit-server/--status-servers, --servers,
+$SUBMIT_SERVER/$STATUS_SERVERS, $DTSD_SERVERS, $SERVERS, [client] servers of
+the config file, 127.0.0.1:50051."""
+
+
+def _version() -> str:
+    import dtsd
+    return getattr(dtsd, "__version__", "unknown")
+
+
+@click.group("dtsctl", epilog=_EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--servers", type=SERVERS, metavar="HOST:PORT[,...]",
+              help="Servers for every call, tried round-robin with fail-over "
+                   "(env DTSD_SERVERS, then SERVERS).")
+@click.option("--submit-server", type=SERVERS, metavar="HOST:PORT[,...]",
+              help="Servers for writes: submit, cancel, retry, dlq requeue/purge "
+                   "(env SUBMIT_SERVER).")
+@click.option("--status-servers", type=SERVERS, metavar="HOST:PORT[,...]",
+              help="Servers for reads: status, list, logs, dlq list, waiting "
+                   "(env STATUS_SERVERS).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Read [client] servers and timeout from FILE (env DTSD_CONFIG; "
+                   f"default {config.DEFAULT_PATH} if readable and no server is given).")
+@click.option("--token", envvar="DTSD_TOKEN", metavar="TOKEN",
+              help="Sent as 'authorization: Bearer TOKEN' (env DTSD_TOKEN).")
+@option_output
+@click.option("--timeout", type=DURATION, metavar="SECONDS",
+              help="Deadline of each call: 10, 2.5, 30s, 1m (default: [client] timeout of "
+                   "the config file, else 10).")
+@click.version_option(_version(), "-V", "--version", prog_name="dtsctl")
+@click.pass_context
+def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] | None,
+        status_servers: list[str] | None, config_path: str | None, token: str | None,
+        timeout: float | None) -> None:
+    """dtsctl: submit, watch and manage jobs of a dtsd cluster."""
+    ctx.obj = Settings(servers=servers, submit_server=submit_server,
+                       status_servers=status_servers, config_path=config_path, token=token,
+                       output=ctx.meta.get(_OUTPUT_KEY, "table"), timeout=timeout)
+    ctx.call_on_close(ctx.obj.close)
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.option("--name", default="", help="A label for people and for `list --name`.")
+@click.option("--env", "env", type=ENV, multiple=True, metavar="KEY=VALUE",
+              help="Add a variable to the job's clean environment (repeatable).")
+@click.option("--cwd", default="", help="Working directory, absolute (default: [worker] cwd).")
+@click.option("--queue", default="", help="Queue to run in (default: default).")
+@click.option("--priority", type=click.IntRange(0, models.MAX_PRIORITY), default=0,
+              help=f"0 to {models.MAX_PRIORITY}; higher runs first within a queue (default 0).")
+@click.option("--max-retries", type=click.IntRange(0, models.MAX_RETRIES_LIMIT), default=None,
+              help=f"Runs again after a failed attempt up to N times (server default "
+                   f"{models.DEFAULT_MAX_RETRIES}; 0: never).")
+@click.option("--timeout", "job_timeout", type=DURATION, default=None, metavar="DUR",
+              help="Kill the job after DUR: 30, 30s, 5m, 1h (default: [worker] default_timeout). "
+                   "Not the call deadline: that is `dtsctl --timeout`.")
+@click.option("--at", "run_at", type=WHEN, metavar="WHEN",
+              help="Start no earlier than WHEN: ISO 8601 (2024-05-01T12:00:00Z; without a "
+                   "zone: local time) or +DUR from now (+30s, +5m, +1h).")
+@click.option("--id", "job_id", default="", help="Choose the job id ([A-Za-z0-9._:-], <= 128).")
+@click.option("--idempotency-key", default="",
+              help="Submitting the same key again returns the existing job (created: false).")
+@click.option("--wait", is_flag=True,
+              help="Wait until the job is final and exit with its result (see exit codes).")
+@click.option("--follow", is_flag=True,
+              help="Like --wait, and write the job's output to stdout as it runs "
+                   "(the job id goes to stderr).")
+@click.option("--file", "jobs_file", type=click.Path(dir_okay=False, allow_dash=True),
+              metavar="JOBS.JSON",
+              help='Submit every job of the seed\'s {"jobs": [{"name", "command", '
+                   '"description"}]} file in one call ("-": stdin). A job may also set id, '
+                   "env, cwd, queue, priority, max_retries, timeout, idempotency_key; "
+                   "--env/--cwd/--queue/--priority/--max-retries/--timeout/--at give defaults.")
+@click.option("--concurrent", is_flag=True,
+              help="With --file --wait: print each job's block as soon as it ends, "
+                   "instead of in file order.")
+@option_output
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] CMD...")
+@pass_settings
+def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[tuple[str, str], ...],
+           cwd: str, queue: str, priority: int, max_retries: int | None,
+           job_timeout: float | None, run_at: datetime | None, job_id: str,
+           idempotency_key: str, wait: bool, follow: bool, jobs_file: str | None,
+           concurrent: bool) -> None:
+    """Submit a job: dtsctl submit [OPTIONS] -- CMD...
+
+    CMD runs under /bin/sh -c. Several words are quoted and joined (shlex.join); one
+    word is used as is, so `dtsctl submit -- 'echo hi | wc -c'` runs a pipeline.
+    Options must come before CMD: everything from the first word on is the command.
+
+    Prints the job id (JSON: {id, created}; with --wait also job: <job object>).
+    With --file: one line `<id>  <name>` per job (JSON: {jobs: [{id, created, name}]});
+    with --wait a block per job and exit 1 if any job did not succeed.
+    """
+    if jobs_file is not None:
+        if command:
+            raise click.UsageError("give either --file or a command, not both")
+        for given, option in ((name, "--name"), (job_id, "--id"),
+                              (idempotency_key, "--idempotency-key"), (follow, "--follow")):
+            if given:
+                raise click.UsageError(f"{option} cannot be used with --file")
+        defaults = dict(env=dict(env), cwd=cwd, queue=queue, priority=priority,
+                        max_retries=max_retries, timeout=job_timeout, run_at=run_at)
+        _submit_file(settings, jobs_file, defaults, wait=wait, concurrent=concurrent)
+        return
+    if concurrent:
+        raise click.UsageError("--concurrent only goes with --file")
+    if not command:
+        raise click.UsageError("no command: dtsctl submit [OPTIONS] -- CMD...")
+    if follow and settings.json:
+        raise click.UsageError("--follow writes the raw output; use --wait with -o json")
+    text = command[0] if len(command) == 1 else shlex.join(command)
+    spec = job_spec(command=text, name=name, env=dict(env), cwd=cwd, queue=queue,
+                    priority=priority, max_retries=max_retries, timeout=job_timeout,
+                    run_at=run_at, id=job_id, idempotency_key=idempotency_key)
+    reply = settings.call(Role.WRITE, "SubmitJob", dtsd_pb2.SubmitJobRequest(job=spec))
+    result: dict[str, Any] = {"id": reply.id, "created": reply.created}
+    if not reply.created and not settings.json:
+        click.echo(f"{reply.id}: already submitted with this idempotency key", err=True)
+    if not (wait or follow):
+        render(settings.output, result, lambda data: data["id"])
+        return
+    if follow:
+        click.echo(f"job {reply.id}", err=True)
+    elif not settings.json:
+        click.echo(reply.id)
+    job = job_dict(wait_for_job(settings, reply.id, follow=follow))
+    if settings.json:
+        render(settings.output, {**result, "job": job}, lambda data: None)
+    else:
+        click.echo(_final_line(job), err=True)
+    click.get_current_context().exit(job_exit_code(job["status"], job["exit_code"]))
+
+
+def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wait: bool,
+                 concurrent: bool) -> None:
+    entries = load_jobs_file(path)
+    specs = []
+    for number, entry in enumerate(entries, 1):
+        fields = {**defaults, **{k: v for k, v in entry.items() if k != "description"}}
+        fields["env"] = {**defaults["env"], **entry.get("env", {})}
+        where = f"jobs file {path}: job {number}"
+        specs.append(job_spec(where=where, **fields))
+    reply = settings.call(Role.WRITE, "SubmitJobs", dtsd_pb2.SubmitJobsRequest(jobs=specs))
+    results = [{"id": answer.id, "created": answer.created, "name": entry.get("name", "")}
+               for answer, entry in zip(reply.jobs, entries)]
+    table = lambda data: "\n".join(f"{r['id']}  {r['name']}".rstrip() for r in data["jobs"])  # noqa: E731
+    if not wait:
+        render(settings.output, {"jobs": results}, table)
+        return
+    if not settings.json:
+        click.echo(table({"jobs": results}))
+    lock = threading.Lock()
+    settings.client(Role.READ)   # made before the threads start, so they share it
+
+    def finish(index: int) -> dict[str, Any]:
+        job = job_dict(wait_for_job(settings, results[index]["id"]))
+        results[index]["job"] = job
+        if not settings.json:
+            with lock:
+                click.echo(_job_block(entries[index], job))
+        return job
+
+    if concurrent:
+        with ThreadPoolExecutor(max_workers=min(32, len(results))) as pool:
+            finished = list(pool.map(finish, range(len(results))))
+    else:
+        finished = [finish(index) for index in range(len(results))]
+    if settings.json:
+        render(settings.output, {"jobs": results}, lambda data: None)
+    failed = [job for job in finished if job["status"] != models.JobStatus.SUCCEEDED.value]
+    if failed:
+        raise CliError(f"{len(failed)} of {len(finished)} jobs did not succeed")
+
+
+def _job_block(entry: Mapping[str, Any], job: dict[str, Any]) -> str:
+    rule = "=" * 60
+    lines = [rule, f"Job: {entry.get('name', '')}"]
+    if entry.get("description"):
+        lines.append(f"Description: {entry['description']}")
+    lines += [f"Command: {job['spec']['command']}", f"Job ID: {job['id']}",
+              f"Status: {job['status']}"]
+    if job["exit_code"] is not None:
+        lines.append(f"Exit Code: {job['exit_code']}")
+    if job["error"]:
+        lines.append(f"Error: {job['error']}")
+    lines.append("Output:")
+    if job["output"]:
+        lines.append(job["output"].rstrip("\n"))
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def _each(ids: Sequence[str], action: Callable[[str], Any]) -> tuple[list[Any], list[dict[str, str]]]:
+    """Run `action` for every id; an id that fails alone (exit code 1) is reported on stderr
+    and the rest go on; unreachable or unauthorised stops everything."""
+    done, errors = [], []
+    for job_id in ids:
+        try:
+            done.append(action(job_id))
+        except CliError as exc:
+            if exc.exit_code != Exit.FAILED:
+                raise
+            code = exc.grpc_code.name if exc.grpc_code else "FAILED"
+            errors.append({"id": job_id, "code": code, "message": exc.message})
+            click.echo(f"{job_id}: {exc.message}", err=True)
+    return done, errors
+
+
+@cli.command()
+@option_output
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+@pass_settings
+def status(settings: Settings, job_ids: tuple[str, ...]) -> None:
+    """The cluster, or the given jobs.
+
+    Without JOB_ID: cluster name, leader (or single-node), each node and its children
+    (role, index, pid, state, uptime, restarts), workers, queue depths, job counts by
+    status and the dead-lettered count. JSON: the `status` object of `python3 -m pydoc dtsd.cli`.
+
+    With JOB_IDs: each job's status, exit code, attempts, times, error and output.
+    JSON: {jobs: [<job object>], errors: [{id, code, message}]}. Exits 1 if any job
+    is not found.
+    """
+    if not job_ids:
+        reply = settings.call(Role.READ, "ClusterStatus", dtsd_pb2.ClusterStatusRequest())
+        render(settings.output, cluster_dict(reply), cluster_table)
+        return
+    jobs, errors = _each(job_ids, lambda job_id: job_dict(settings.call(
+        Role.READ, "GetJob", dtsd_pb2.GetJobRequest(id=job_id, include_attempts=True))))
+    render(settings.output, {"jobs": jobs, "errors": errors},
+           lambda data: "\n\n".join(job_table(job) for job in data["jobs"]))
+    if errors:
+        click.get_current_context().exit(Exit.FAILED)
+
+
+def _pages(settings: Settings, method: str, request: Any, all_pages: bool) -> dict[str, Any]:
+    jobs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while True:
+        reply = settings.call(Role.READ, method, request)
+        jobs += [job_dict(job) for job in reply.jobs]
+        token = reply.next_page_token
+        if not (all_pages and token) or token in seen:
+            break
+        seen.add(token)
+        request.page_token = token
+    if all_pages:
+        token = ""
+    if token:
+        click.echo(f"more: --page-token {token}", err=True)
+    return {"jobs": jobs, "next_page_token": token}
+
+
+option_limit = click.option("--limit", type=click.IntRange(1, 1000), default=None,
+                            help="Jobs per page (server default 100, at most 1000).")
+option_page_token = click.option("--page-token", default="", metavar="TOKEN",
+                                 help="Continue from the token a previous page printed.")
+option_all = click.option("--all", "all_pages", is_flag=True,
+                          help="Fetch every page, not just the first.")
+
+
+@cli.command("list")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(STATUS_NAMES, case_sensitive=False),
+              help="Only jobs in this status (repeatable, any case).")
+@click.option("--queue", default="", help="Only jobs of this queue.")
+@click.option("--name", default="", help="Only jobs with this name.")
+@click.option("--since", type=WHEN, metavar="WHEN",
+              help="Only jobs created at or after WHEN (ISO 8601, +DUR or -DUR, e.g. -1h).")
+@click.option("--until", type=WHEN, metavar="WHEN", help="Only jobs created before WHEN.")
+@option_limit
+@option_page_token
+@option_all
+@option_output
+@pass_settings
+def list_jobs(settings: Settings, statuses: tuple[str, ...], queue: str, name: str,
+              since: datetime | None, until: datetime | None, limit: int | None,
+              page_token: str, all_pages: bool) -> None:
+    """Jobs, newest first: ID, NAME, STATUS, QUEUE, ATTEMPTS, EXIT, CREATED.
+
+    When more pages exist (and no --all) the next page token goes to stderr.
+    JSON: {jobs: [<job object>, output empty], next_page_token}.
+    """
+    request = dtsd_pb2.ListJobsRequest(
+        statuses=[dtsd_pb2.JobStatus.Value(s.upper()) for s in statuses], queue=queue,
+        name=name, page_size=limit or 0, page_token=page_token)
+    if since is not None:
+        request.created_after.CopyFrom(to_timestamp(since))
+    if until is not None:
+        request.created_before.CopyFrom(to_timestamp(until))
+    render(settings.output, _pages(settings, "ListJobs", request, all_pages), jobs_table)
+
+
+@cli.command()
+@click.option("-f", "--follow", is_flag=True,
+              help="Stream the output while the job runs; exit with the job's result.")
+@click.option("--attempt", type=click.IntRange(1), default=None,
+              help="The output of attempt N instead of the last finished one.")
+@option_output
+@click.argument("job_id")
+@pass_settings
+def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None) -> None:
+    """A job's output (stdout and stderr together), as raw bytes.
+
+    Without -f: the stored output of the last finished attempt.
+    JSON: {id, attempt, output, output_base64, output_truncated}.
+    With -f: output as it is written, each byte once (a retry starts its own output,
+    marked on stderr), until the job is final; exits with the job's result.
+    """
+    if follow:
+        if settings.json or attempt:
+            raise click.UsageError("-f writes the live raw output: no -o json or --attempt")
+        job = job_dict(wait_for_job(settings, job_id, follow=True))
+        click.get_current_context().exit(int(job_exit_code(job["status"], job["exit_code"])))
+    job = settings.call(Role.READ, "GetJob",
+                        dtsd_pb2.GetJobRequest(id=job_id, include_attempts=bool(attempt)))
+    number, data, truncated = job.attempts, job.output, job.output_truncated
+    if attempt:
+        found = [a for a in job.attempt_history if a.number == attempt]
+        if not found:
+            raise CliError(f"{job_id}: no attempt {attempt} (it has {job.attempts})")
+        number, data, truncated = attempt, found[0].output, found[0].output_truncated
+    status_text = status_name(job.status)
+    if not attempt and not is_final(status_text) and not settings.json:
+        click.echo(f"{job_id} is {status_text}: its output is stored when the attempt ends "
+                   "(use logs -f)", err=True)
+    render(settings.output, {"id": job.id, "attempt": number, **output_fields(data),
+                             "output_truncated": truncated}, lambda _: data)
+
+
+@cli.command()
+@option_output
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
+@pass_settings
+def cancel(settings: Settings, job_ids: tuple[str, ...]) -> None:
+    """Cancel jobs: pending ones never run, running ones are killed.
+
+    Prints `<id> <previous status> -> <status>` per job.
+    JSON: {jobs: [{id, previous_status, status}], errors: [{id, code, message}]}.
+    Exits 1 if any job could not be cancelled (not found, already final).
+    """
+    def one(job_id: str) -> dict[str, str]:
+        reply = settings.call(Role.WRITE, "CancelJob", dtsd_pb2.CancelJobRequest(id=job_id))
+        return {"id": job_id, "previous_status": status_name(reply.previous_status),
+                "status": status_name(reply.status)}
+
+    done, errors = _each(job_ids, one)
+    render(settings.output, {"jobs": done, "errors": errors}, lambda data: "\n".join(
+        f"{r['id']} {r['previous_status']} -> {r['status']}" for r in data["jobs"]))
+    if errors:
+        click.get_current_context().exit(Exit.FAILED)
+
+
+@cli.command()
+@option_output
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
+@pass_settings
+def retry(settings: Settings, job_ids: tuple[str, ...]) -> None:
+    """Run FAILED or CANCELLED jobs again, with a fresh retry budget.
+
+    Prints `<id> <new status>` per job.
+    JSON: {jobs: [<job object>], errors: [{id, code, message}]}. Exits 1 on any error.
+    """
+    done, errors = _each(job_ids, lambda job_id: job_dict(settings.call(
+        Role.WRITE, "RetryJob", dtsd_pb2.RetryJobRequest(id=job_id)).job))
+    render(settings.output, {"jobs": done, "errors": errors}, lambda data: "\n".join(
+        f"{job['id']} {job['status']}" for job in data["jobs"]))
+    if errors:
+        click.get_current_context().exit(Exit.FAILED)
+
+
+@cli.group()
+def dlq() -> None:
+    """The dead-letter queue: jobs that FAILED with no retries left."""
+
+
+@dlq.command("list")
+@click.option("--queue", default="", help="Only jobs of this queue.")
+@option_limit
+@option_page_token
+@option_all
+@option_output
+@pass_settings
+def dlq_list(settings: Settings, queue: str, limit: int | None, page_token: str,
+             all_pages: bool) -> None:
+    """Dead-lettered jobs, as `list` shows them. JSON: as `list`."""
+    request = dtsd_pb2.ListDeadLettersRequest(queue=queue, page_size=limit or 0,
+                                              page_token=page_token)
+    render(settings.output, _pages(settings, "ListDeadLetters", request, all_pages), jobs_table)
+
+
+@dlq.command("requeue")
+@click.option("--all", "all_jobs", is_flag=True, help="Every dead-lettered job (of --queue).")
+@click.option("--queue", default="", help="With --all: only jobs of this queue.")
+@option_output
+@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)")
+@pass_settings
+def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, queue: str) -> None:
+    """Run dead-lettered jobs again (they leave the dead-letter queue).
+
+    Prints each requeued id. JSON: {ids: [...]}. Exits 1 if a given id was not requeued.
+    """
+    if bool(job_ids) == all_jobs:
+        raise click.UsageError("give job ids or --all (not both)")
+    if queue and not all_jobs:
+        raise click.UsageError("--queue goes with --all")
+    reply = settings.call(Role.WRITE, "RequeueDeadLetters", dtsd_pb2.RequeueDeadLettersRequest(
+        ids=list(job_ids), all=all_jobs, queue=queue))
+    ids = list(reply.ids)
+    render(settings.output, {"ids": ids}, lambda data: "\n".join(data["ids"]))
+    missing = [job_id for job_id in job_ids if job_id not in set(ids)]
+    for job_id in missing:
+        click.echo(f"{job_id}: not requeued (not in the dead-letter queue?)", err=True)
+    if missing:
+        click.get_current_context().exit(Exit.FAILED)
+
+
+@dlq.command("purge")
+@click.option("--queue", default="", help="Only jobs of this queue.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before purging everything.")
+@option_output
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+@pass_settings
+def dlq_purge(settings: Settings, job_ids: tuple[str, ...], queue: str, yes: bool) -> None:
+    """Remove jobs from the dead-letter queue; their FAILED record stays.
+
+    Without JOB_IDs purges every dead-lettered job (of --queue); that asks first unless
+    --yes is given or stdin is not a terminal. Prints the count. JSON: {purged}.
+    """
+    if not job_ids and not yes and sys.stdin.isatty():
+        scope = f"of queue {queue!r}" if queue else "of every queue"
+        click.confirm(f"Purge every dead-lettered job {scope}?", abort=True)
+    reply = settings.call(Role.WRITE, "PurgeDeadLetters", dtsd_pb2.PurgeDeadLettersRequest(
+        ids=list(job_ids), queue=queue))
+    render(settings.output, {"purged": reply.purged}, lambda data: f"purged {data['purged']}")
+
+
+def main() -> None:
+    cli.main(prog_name="dtsctl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""A small client for the `dtsd.v1.Scheduler` API: round-robin over servers, fail-over.
+
+Used by dtsctl, the tests and the benchmarks. It stays generic: `call("GetJob", request)`
+looks the method up on the generated stub, so a new RPC needs no code here.
+
+Fail-over rule: a call moves on to the next server only when a server answers
+`UNAVAILABLE` (it cannot be reached, or it says a backing store is down). Any other
+error, `DEADLINE_EXCEEDED` included, is raised at once: the request may have been
+received, and repeating a submit elsewhere could run a job twice.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Iterator, Sequence
+
+import grpc
+
+from dtsd import config
+from dtsd.v1 import dtsd_pb2_grpc
+
+DEFAULT_TIMEOUT = 10.0
+MAX_RECEIVE_MESSAGE = 64 * 1024 * 1024
+
+
+def parse_servers(text: str) -> list[str]:
+    """`host:port[,host:port...]` -> a list of addresses; ValueError on a bad one.
+
+    An empty host (`:50051`) means this machine (127.0.0.1); duplicates are dropped.
+    """
+    servers: list[str] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        config.host_port(item)
+        if item.startswith(":"):
+            item = "127.0.0.1" + item
+        if item not in servers:
+            servers.append(item)
+    if not servers:
+        raise ValueError(f"no server address in {text!r} (use host:port[,host:port...])")
+    return servers
+
+
+class Client:
+    """One insecure channel per server, created on first use; calls go round-robin.
+
+    `timeout` is the deadline of each unary call in seconds. `token`, when given, is sent
+    as `authorization: Bearer <token>` metadata on every call. After a call,
+    `last_server` is the server that answered (or failed last) and `last_tried` lists
+    every server the call tried, in order.
+    """
+
+    def __init__(self, servers: Sequence[str], timeout: float = DEFAULT_TIMEOUT, *,
+                 token: str | None = None):
+        if not servers:
+            raise ValueError("Client needs at least one server")
+        self.servers = list(servers)
+        self.timeout = timeout
+        self.metadata: tuple[tuple[str, str], ...] | None = (
+            (("authorization", f"Bearer {token}"),) if token else None)
+        self.last_server: str | None = None
+        self.last_tried: list[str] = []
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, dtsd_pb2_grpc.SchedulerStub] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    # --- calls ----------------------------------------------------------------------------
+
+    def call(self, method_name: str, request: Any, *, timeout: float | None = None) -> Any:
+        """Run one unary RPC, failing over to the next server on UNAVAILABLE.
+
+        Raises the last `grpc.RpcError` when every server answered UNAVAILABLE.
+        """
+        deadline = self.timeout if timeout is None else timeout
+        error: grpc.RpcError | None = None
+        self.last_tried = []
+        for server in self._rotation():
+            self.last_server = server
+            self.last_tried.append(server)
+            method = getattr(self._stub(server), method_name)
+            try:
+                return method(request, timeout=deadline, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                error = exc
+        assert error is not None
+        raise error
+
+    def stream(self, method_name: str, request: Any, *,
+               timeout: float | None = None) -> Iterator[Any]:
+        """Iterate a server-streaming RPC (WatchJob), failing over on UNAVAILABLE.
+
+        Fail-over happens only while connecting, i.e. until the first message arrives;
+        an error after that is raised to the caller, who knows how to resume. No deadline
+        unless `timeout` is given: a watch lasts as long as the job does.
+        """
+        error: grpc.RpcError | None = None
+        self.last_tried = []
+        for server in self._rotation():
+            self.last_server = server
+            self.last_tried.append(server)
+            method = getattr(self._stub(server), method_name)
+            responses = method(request, timeout=timeout, metadata=self.metadata)
+            try:
+                first = next(responses)
+            except StopIteration:
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                error = exc
+                continue
+            try:
+                yield first
+                yield from responses
+            finally:
+                responses.cancel()
+            return
+        assert error is not None
+        raise error
+
+    def connected(self, server: str | None = None, wait: float = 1.0) -> bool:
+        """Whether the channel to `server` (default: `last_server`) is READY right now.
+
+        Tells "the server is slow" from "no connection was ever made" after a
+        DEADLINE_EXCEEDED. Never opens a channel or starts a connection attempt.
+        """
+        channel = self._channels.get(server or self.last_server or "")
+        if channel is None:
+            return False
+        states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+        callback = states.put
+        channel.subscribe(callback, try_to_connect=False)
+        try:
+            return states.get(timeout=wait) == grpc.ChannelConnectivity.READY
+        except queue.Empty:
+            return False
+        finally:
+            channel.unsubscribe(callback)
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels, self._stubs = self._channels, {}, {}
+        for channel in channels.values():
+            channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _rotation(self) -> list[str]:
+        """Every server once, starting one further than the previous call did."""
+        with self._lock:
+            start = self._next
+            self._next = (start + 1) % len(self.servers)
+        count = len(self.servers)
+        return [self.servers[(start + i) % count] for i in range(count)]
+
+    def _stub(self, server: str) -> dtsd_pb2_grpc.SchedulerStub:
+        with self._lock:
+            stub = self._stubs.get(server)
+            if stub is None:
+                channel = grpc.insecure_channel(
+                    server, options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE)])
+                self._channels[server] = channel
+                stub = self._stubs[server] = dtsd_pb2_grpc.SchedulerStub(channel)
+            return stub

@@ -1,0 +1,553 @@
+"""dtsctl without a dtsd: argument checks, parsing, rendering, server choice, exit codes.
+
+Nothing here needs a server. Where a command gets as far as the network, it is pointed at
+a loopback port where nothing listens, so "exit 3" proves the arguments were accepted and
+"exit 2" proves they were rejected before any call was made.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import socket
+from datetime import datetime, timedelta, timezone
+
+import click
+import grpc
+import pytest
+from click.testing import CliRunner
+
+from dtsd import cli as dtsctl
+from dtsd import config
+from dtsd.client import Client, parse_servers
+from dtsd.v1 import dtsd_pb2
+
+SERVER_VARIABLES = ("DTSD_SERVERS", "SERVERS", "SUBMIT_SERVER", "STATUS_SERVERS", "DTSD_CONFIG",
+                    "DTSD_TOKEN")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def nowhere() -> str:
+    """A loopback address where nothing listens."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def run(*args: str, env: dict[str, str] | None = None, input: str | None = None):
+    """Invoke dtsctl in-process with stdout and stderr apart (click 8.1 and 8.2+ alike)."""
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:   # click >= 8.2 always keeps them apart
+        runner = CliRunner()
+    environment: dict[str, str | None] = {name: None for name in SERVER_VARIABLES}
+    environment.update(env or {})
+    return runner.invoke(dtsctl.cli, list(args), env=environment, input=input,
+                         catch_exceptions=False)
+
+
+# --- usage errors -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["no-such-verb"], "No such command"),
+    (["submit"], "no command"),
+    (["submit", "--priority", "12", "--", "true"], "--priority"),
+    (["submit", "--max-retries", "-1", "--", "true"], "--max-retries"),
+    (["submit", "--timeout", "5 parsecs", "--", "true"], "not a duration"),
+    (["submit", "--queue", "Not A Queue", "--", "true"], "--queue: bad queue name"),
+    (["submit", "--cwd", "relative/dir", "--", "true"], "--cwd: must be an absolute path"),
+    (["submit", "--id", "bad id!", "--", "true"], "--id: malformed job id"),
+    (["submit", "--", ""], "CMD: must not be empty"),
+    (["submit", "--follow", "-o", "json", "--", "true"], "--follow"),
+    (["submit", "--concurrent", "--", "true"], "--concurrent only goes with --file"),
+    (["list", "--status", "bogus"], "bogus"),
+    (["list", "--limit", "0"], "--limit"),
+    (["logs"], "JOB_ID"),
+    (["logs", "-f", "-o", "json", "some-id"], "-f"),
+    (["cancel"], "JOB_ID"),
+    (["dlq", "requeue"], "job ids or --all"),
+    (["dlq", "requeue", "--all", "some-id"], "job ids or --all"),
+    (["dlq", "requeue", "--queue", "q", "some-id"], "--queue goes with --all"),
+    (["--timeout", "soon", "status"], "not a duration"),
+    (["-o", "yaml", "status"], "yaml"),
+])
+def test_usage_errors_exit_2_before_any_call(nowhere, args, message):
+    result = run("--servers", nowhere, *args)
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "cannot reach" not in result.stderr
+
+
+def test_bad_server_address_is_a_usage_error():
+    result = run("--servers", "no-port-here", "status")
+    assert result.exit_code == 2
+    assert "no-port-here" in result.stderr
+
+
+def test_bad_server_variable_is_a_usage_error():
+    result = run("status", env={"DTSD_SERVERS": "host:notaport"})
+    assert result.exit_code == 2
+    assert "$DTSD_SERVERS" in result.stderr
+
+
+def test_every_command_has_help():
+    def walk(command: click.Command, path: list[str]):
+        yield path
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, path + [name])
+
+    for path in walk(dtsctl.cli, []):
+        result = run(*path, "--help")
+        assert result.exit_code == 0, path
+        assert "Usage: dtsctl" in result.stdout
+
+
+# --- times ----------------------------------------------------------------------------------
+
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("+5m", NOW + timedelta(minutes=5)),
+    ("+30", NOW + timedelta(seconds=30)),
+    ("+1h", NOW + timedelta(hours=1)),
+    ("-2d", NOW - timedelta(days=2)),
+    ("2024-06-01T08:30:00Z", datetime(2024, 6, 1, 8, 30, tzinfo=timezone.utc)),
+    ("2024-06-01T10:30:00+02:00", datetime(2024, 6, 1, 8, 30, tzinfo=timezone.utc)),
+])
+def test_parse_when(text, expected):
+    assert dtsctl.parse_when(text, now=NOW) == expected
+
+
+def test_parse_when_takes_a_time_without_zone_as_local():
+    naive = datetime(2024, 6, 1, 8, 30)
+    assert dtsctl.parse_when("2024-06-01T08:30:00", now=NOW) == naive.astimezone(timezone.utc)
+
+
+@pytest.mark.parametrize("text", ["", "tomorrow", "+", "+5x", "5m", "2024-13-01T00:00:00"])
+def test_parse_when_rejects(text):
+    with pytest.raises(ValueError):
+        dtsctl.parse_when(text, now=NOW)
+
+
+def test_at_relative_is_accepted(nowhere):
+    result = run("--servers", nowhere, "--timeout", "2", "submit", "--at", "+5m", "--", "true")
+    assert result.exit_code == 3, result.stderr    # parsed; failed only at the network
+
+
+def test_at_bad_value_is_a_usage_error(nowhere):
+    result = run("--servers", nowhere, "submit", "--at", "+5 fortnights", "--", "true")
+    assert result.exit_code == 2
+    assert "--at" in result.stderr
+
+
+def test_timestamp_round_trip():
+    moment = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    stamp = dtsctl.to_timestamp(moment)
+    assert (stamp.seconds, stamp.nanos) == (1714564800, 123456000)
+    spec = dtsd_pb2.JobSpec(command="true")
+    spec.run_at.CopyFrom(stamp)
+    assert dtsctl.spec_dict(spec)["run_at"] == "2024-05-01T12:00:00.123456Z"
+
+
+# --- environment ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("A=b", ("A", "b")),
+    ("A=", ("A", "")),
+    ("PATH_2=x=y", ("PATH_2", "x=y")),
+])
+def test_parse_env(text, expected):
+    assert dtsctl.parse_env(text) == expected
+
+
+@pytest.mark.parametrize("text", ["A", "=x", "1A=x", "A-B=x", "A B=x"])
+def test_parse_env_rejects(text):
+    with pytest.raises(ValueError):
+        dtsctl.parse_env(text)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("FOO", "expected KEY=VALUE"),
+    ("9LIVES=yes", "bad variable name"),
+    ("DTSD_JOB_ID=x", "set by dtsd itself"),
+])
+def test_env_errors_exit_2(nowhere, value, message):
+    result = run("--servers", nowhere, "submit", "--env", value, "--", "true")
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+# --- the jobs file ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[]", 'no "jobs" list'),
+    ('{"job": []}', 'no "jobs" list'),
+    ('{"jobs": {"name": "a"}}', '"jobs" must be a list'),
+    ('{"jobs": []}', '"jobs" is empty'),
+    ('{"jobs": [{"name": "build"}]}', "job 1 ('build'): missing \"command\""),
+    ('{"jobs": [{"command": "true"}, "echo"]}', "job 2: must be an object"),
+    ('{"jobs": [{"command": 5}]}', "'command' has the wrong type"),
+    ('{"jobs": [{"command": "true", "comand": "x"}]}', "unknown field 'comand'"),
+    ('{"jobs": [{"command": "true", "priority": true}]}', "'priority' has the wrong type"),
+    ('{"jobs": [{"command": "true", "env": {"A": 1}}]}', "'env' must be a string"),
+    ('{"jobs": [{"command": "true", "timeout": "5 eons"}]}', "timeout: not a duration"),
+    ('{"jobs": [{"command": ""}]}', "job 1: command: must not be empty"),
+    ('{"jobs": [{"command": "true"}, {"command": "true", "priority": 42}]}',
+     "job 2: priority: must be 0 to 9"),
+    ('{"jobs": [{"command": "true", "env": {"1X": "y"}}]}', "job 1: env: bad variable name"),
+])
+def test_malformed_jobs_file_exits_2_naming_the_problem(tmp_path, nowhere, content, message):
+    path = tmp_path / "jobs.json"
+    path.write_text(content)
+    result = run("--servers", nowhere, "submit", "--file", str(path))
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+    assert str(path) in result.stderr
+
+
+def test_missing_jobs_file_exits_2(tmp_path, nowhere):
+    result = run("--servers", nowhere, "submit", "--file", str(tmp_path / "absent.json"))
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("extra", [["--", "true"], ["--name", "x"], ["--id", "x"],
+                                   ["--idempotency-key", "k"], ["--follow"]])
+def test_jobs_file_excludes_a_command_and_per_job_options(tmp_path, nowhere, extra):
+    path = tmp_path / "jobs.json"
+    path.write_text('{"jobs": [{"name": "a", "command": "true"}]}')
+    result = run("--servers", nowhere, "submit", "--file", str(path), *extra)
+    assert result.exit_code == 2, result.stderr
+
+
+def test_valid_jobs_file_gets_as_far_as_the_network(tmp_path, nowhere):
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps({"jobs": [
+        {"name": "one", "command": "echo one", "description": "the seed's format"},
+        {"name": "two", "command": "echo two", "env": {"A": "1"}, "timeout": "5m"}]}))
+    result = run("--servers", nowhere, "--timeout", "2", "submit", "--file", str(path))
+    assert result.exit_code == 3, result.stderr
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+JOB_KEYS = {"id", "status", "attempts", "exit_code", "output", "output_base64",
+            "output_truncated", "error", "dead_lettered", "worker", "submitted_by",
+            "created_at", "updated_at", "started_at", "finished_at", "schedule_id",
+            "fire_time", "spec", "attempt_history"}
+SPEC_KEYS = {"id", "name", "command", "env", "cwd", "queue", "priority", "max_retries",
+             "timeout_seconds", "run_at", "idempotency_key"}
+ATTEMPT_KEYS = {"number", "worker", "started_at", "finished_at", "exit_code", "output",
+                "output_base64", "output_truncated", "error"}
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def stamp(text: str):
+    return dtsctl.to_timestamp(datetime.fromisoformat(text))
+
+
+def sample_job():
+    spec = dtsd_pb2.JobSpec(id="job-1", name="build", command="make -j4", env={"B": "2", "A": "1"},
+                            queue="default", priority=5, max_retries=2, timeout_seconds=300.0)
+    job = dtsd_pb2.Job(id="job-1", spec=spec, status=dtsd_pb2.FAILED, attempts=2,
+                       exit_code=3, output=b"made\n\xff\xfe bytes\n", error="", worker="w-1",
+                       dead_lettered=True, submitted_by="alice",
+                       created_at=stamp("2024-05-01T12:00:00.250000+00:00"),
+                       started_at=stamp("2024-05-01T12:00:01+00:00"),
+                       finished_at=stamp("2024-05-01T12:00:09+00:00"))
+    job.attempt_history.add(number=1, worker="w-1", exit_code=3, output=b"first\n", error="",
+                            started_at=stamp("2024-05-01T12:00:01+00:00"),
+                            finished_at=stamp("2024-05-01T12:00:02+00:00"))
+    job.attempt_history.add(number=2, worker="w-2", error="timeout",
+                            started_at=stamp("2024-05-01T12:00:04+00:00"))
+    return job
+
+
+def test_job_json_fields():
+    data = dtsctl.job_dict(sample_job())
+    assert set(data) == JOB_KEYS
+    assert set(data["spec"]) == SPEC_KEYS
+    assert all(set(attempt) == ATTEMPT_KEYS for attempt in data["attempt_history"])
+    assert data["status"] == "FAILED"
+    assert data["exit_code"] == 3
+    assert data["output"] == "made\n\ufffd\ufffd bytes\n"
+    assert base64.b64decode(data["output_base64"]) == b"made\n\xff\xfe bytes\n"
+    assert data["created_at"] == "2024-05-01T12:00:00.250000Z"
+    assert ISO_UTC.match(data["finished_at"])
+    assert data["updated_at"] is None and data["fire_time"] is None
+    assert data["spec"]["env"] == {"A": "1", "B": "2"}
+    assert data["spec"]["max_retries"] == 2
+    second = data["attempt_history"][1]
+    assert second["exit_code"] is None and second["finished_at"] is None
+    assert second["error"] == "timeout"
+    json.dumps(data)   # serialisable as is
+
+
+def test_unset_optionals_are_null_not_zero():
+    data = dtsctl.job_dict(dtsd_pb2.Job(id="x", spec=dtsd_pb2.JobSpec(command="true")))
+    assert data["exit_code"] is None
+    assert data["spec"]["max_retries"] is None
+    assert data["status"] == "JOB_STATUS_UNSPECIFIED"
+
+
+def test_documented_fields_match_the_json():
+    """The module docstring is the JSON reference; every key must be in it."""
+    doc = dtsctl.__doc__
+    for key in JOB_KEYS | SPEC_KEYS | ATTEMPT_KEYS:
+        assert re.search(rf"\b{key}\b", doc), key
+    cluster = dtsctl.cluster_dict(sample_cluster())
+    keys = set(cluster) | set(cluster["nodes"][0]) | set(cluster["nodes"][0]["children"][0])
+    keys |= set(cluster["workers"][0]) | set(cluster["queues"][0])
+    for key in keys:
+        assert re.search(rf"\b{key}\b", doc), key
+
+
+def test_render_json(capsys):
+    data = dtsctl.job_dict(sample_job())
+    dtsctl.render("json", {"jobs": [data], "errors": []}, dtsctl.jobs_table)
+    assert json.loads(capsys.readouterr().out) == {"jobs": [data], "errors": []}
+
+
+def test_render_table_of_one_job(capsys):
+    dtsctl.render("table", dtsctl.job_dict(sample_job()), dtsctl.job_table)
+    text = capsys.readouterr().out
+    created = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc).astimezone()
+    assert re.search(r"^Status:\s+FAILED \(dead-lettered\)$", text, re.M)
+    assert re.search(r"^Exit code:\s+3$", text, re.M)
+    assert re.search(r"^Attempts:\s+2 \(max retries 2\)$", text, re.M)
+    assert re.search(r"^Env:\s+A=1 B=2$", text, re.M)
+    assert re.search(rf"^Created:\s+{created.replace(tzinfo=None).isoformat()}$", text, re.M)
+    assert ".250000" not in text and "Z\n" not in text    # local, no microseconds
+    assert re.search(r"^\s+2\s+w-2\s+\S+\s+-\s+-\s+timeout$", text, re.M)
+    assert text.endswith("Output:\nmade\n\ufffd\ufffd bytes\n")
+
+
+def test_render_table_bytes_go_out_unchanged():
+    @click.command()
+    def show():
+        dtsctl.render("table", {"ignored": True}, lambda _: b"\xff\x00raw")
+
+    assert CliRunner().invoke(show).stdout_bytes == b"\xff\x00raw"
+
+
+def test_jobs_table_columns():
+    text = dtsctl.jobs_table({"jobs": [dtsctl.job_dict(sample_job())]})
+    header, row = text.splitlines()
+    assert header.split() == ["ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED"]
+    assert row.split()[:6] == ["job-1", "build", "FAILED", "default", "2", "3"]
+
+
+def sample_cluster():
+    reply = dtsd_pb2.ClusterStatusResponse(cluster="prod", single_node=False, leader="node-b",
+                                           server_node="node-a", dead_lettered=4)
+    node = reply.nodes.add(node_id="node-b", version="1.0", leader=True, state="running")
+    node.children.add(role="worker", index=1, pid=4242, state="BACKOFF",
+                      uptime_seconds=3725.0, restarts=3)
+    reply.workers.add(id="node-b/1", node_id="node-b", pid=4242, queues=["default", "io"],
+                      concurrency=4, running=2)
+    reply.queues.add(queue="default", pending=7, delayed=1, running=2)
+    reply.job_counts["PENDING"] = 7
+    return reply
+
+
+def test_cluster_json_and_table():
+    data = dtsctl.cluster_dict(sample_cluster())
+    assert data["job_counts"] == {"PENDING": 7, "RUNNING": 0, "SUCCEEDED": 0, "FAILED": 0,
+                                  "CANCELLED": 0}
+    assert data["nodes"][0]["children"][0] == {"role": "worker", "index": 1, "pid": 4242,
+                                               "state": "BACKOFF", "uptime_seconds": 3725.0,
+                                               "restarts": 3}
+    text = dtsctl.cluster_table(data)
+    assert "prod (leader node-b)" in text
+    assert re.search(r"^node-b\s+worker\s+1\s+4242\s+BACKOFF\s+1h02m\s+3$", text, re.M)
+    assert re.search(r"^node-b/1\s+node-b\s+4242\s+default,io\s+2/4", text, re.M)
+    assert re.search(r"^default\s+7\s+1\s+2$", text, re.M)
+    assert re.search(r"^Dead-lettered:\s+4$", text, re.M)
+
+
+@pytest.mark.parametrize("status, code, expected", [
+    ("SUCCEEDED", 0, 0),
+    ("FAILED", 3, 3),
+    ("FAILED", None, 1),
+    ("FAILED", 0, 1),
+    ("FAILED", -9, 137),
+    ("FAILED", 300, 1),
+    ("CANCELLED", None, 1),
+    ("CANCELLED", -15, 1),
+])
+def test_job_exit_code(status, code, expected):
+    assert dtsctl.job_exit_code(status, code) == expected
+
+
+def test_output_follower_writes_each_byte_once():
+    out = io.BytesIO()
+    follower = dtsctl.OutputFollower(out)
+    follower.chunk(1, 0, b"abc")
+    follower.chunk(1, 0, b"abc")       # a replay after a reconnect
+    follower.chunk(1, 2, b"cde")       # overlaps by one byte
+    follower.chunk(1, 5, b"f")
+    follower.chunk(2, 0, b"xy")        # a retry starts its own output
+    follower.finish(dtsd_pb2.Job(attempts=2, output=b"xyz"))  # the stored output has more
+    assert out.getvalue() == b"abcdefxyz"
+
+
+# --- which servers ----------------------------------------------------------------------------
+
+@pytest.fixture
+def no_default_config(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "absent.ini"))
+
+
+@pytest.fixture
+def client_ini(tmp_path):
+    path = tmp_path / "dtsd.ini"
+    path.write_text("[client]\nservers = cfg:1, cfg:2\ntimeout = 3s\n")
+    return str(path)
+
+
+def test_servers_flag_beats_everything(no_default_config, client_ini):
+    env = {"DTSD_SERVERS": "env:1", "SERVERS": "seed:1", "SUBMIT_SERVER": "sub:1",
+           "STATUS_SERVERS": "stat:1"}
+    targets = dtsctl.resolve_servers(["flag:1"], env=env, config_path=client_ini)
+    assert targets.write == targets.read == ["flag:1"]
+    assert targets.write_source == "--servers"
+
+
+def test_role_flags_beat_servers_flag(no_default_config):
+    targets = dtsctl.resolve_servers(["all:1"], ["sub:1"], ["stat:1", "stat:2"], env={})
+    assert targets.write == ["sub:1"]
+    assert targets.read == ["stat:1", "stat:2"]
+
+
+def test_dtsd_servers_beats_seed_servers(no_default_config, client_ini):
+    targets = dtsctl.resolve_servers(env={"DTSD_SERVERS": "env:1,env:2", "SERVERS": "seed:1"})
+    assert targets.write == targets.read == ["env:1", "env:2"]
+    assert targets.read_source == "$DTSD_SERVERS"
+
+
+def test_seed_servers_beat_the_config_file(client_ini):
+    targets = dtsctl.resolve_servers(env={"SERVERS": "seed:1", "DTSD_CONFIG": client_ini})
+    assert targets.write == ["seed:1"]
+    assert targets.timeout == 3.0     # a named config file still gives its timeout
+
+
+def test_role_variables_beat_general_ones(no_default_config):
+    env = {"SUBMIT_SERVER": "sub:1", "STATUS_SERVERS": "stat:1", "DTSD_SERVERS": "env:1"}
+    targets = dtsctl.resolve_servers(env=env)
+    assert (targets.write, targets.read) == (["sub:1"], ["stat:1"])
+    only_submit = dtsctl.resolve_servers(env={"SUBMIT_SERVER": "sub:1", "SERVERS": "seed:1"})
+    assert (only_submit.write, only_submit.read) == (["sub:1"], ["seed:1"])
+
+
+def test_config_file_beats_the_default(client_ini):
+    targets = dtsctl.resolve_servers(env={}, config_path=client_ini)
+    assert targets.write == targets.read == ["cfg:1", "cfg:2"]
+    assert targets.timeout == 3.0
+    assert client_ini in targets.write_source
+
+
+def test_default_config_path_is_read_when_readable(monkeypatch, client_ini):
+    monkeypatch.setattr(config, "DEFAULT_PATH", client_ini)
+    assert dtsctl.resolve_servers(env={}).read == ["cfg:1", "cfg:2"]
+
+
+def test_default_when_nothing_is_given(no_default_config):
+    targets = dtsctl.resolve_servers(env={})
+    assert targets.write == targets.read == ["127.0.0.1:50051"]
+    assert targets.timeout == 10.0
+
+
+def test_timeout_flag_beats_config(client_ini):
+    assert dtsctl.resolve_servers(env={}, config_path=client_ini, timeout=1.5).timeout == 1.5
+
+
+def test_named_config_file_must_exist(tmp_path):
+    with pytest.raises(dtsctl.CliError) as caught:
+        dtsctl.resolve_servers(env={}, config_path=str(tmp_path / "absent.ini"))
+    assert caught.value.exit_code == 2
+
+
+def test_bad_config_file_is_a_usage_error(tmp_path):
+    path = tmp_path / "bad.ini"
+    path.write_text("[client]\nservers = nope\n")
+    result = run("-c", str(path), "status")
+    assert result.exit_code == 2
+    assert "[client] servers" in result.stderr
+
+
+# --- the client -----------------------------------------------------------------------------
+
+def test_parse_servers():
+    assert parse_servers("a:1, b:2,,a:1") == ["a:1", "b:2"]
+    assert parse_servers(":50051") == ["127.0.0.1:50051"]
+    assert parse_servers("[::1]:50051") == ["[::1]:50051"]
+
+
+@pytest.mark.parametrize("text", ["", " , ", "nocolon", "host:port", "host:70000"])
+def test_parse_servers_rejects(text):
+    with pytest.raises(ValueError):
+        parse_servers(text)
+
+
+def test_round_robin_starts_one_further_each_call():
+    client = Client(["a:1", "b:2", "c:3"])
+    assert client._rotation() == ["a:1", "b:2", "c:3"]
+    assert client._rotation() == ["b:2", "c:3", "a:1"]
+    assert client._rotation() == ["c:3", "a:1", "b:2"]
+    assert client._rotation() == ["a:1", "b:2", "c:3"]
+
+
+def test_token_becomes_bearer_metadata():
+    assert Client(["a:1"], token="s3cret").metadata == (("authorization", "Bearer s3cret"),)
+    assert Client(["a:1"]).metadata is None
+
+
+def test_client_fails_over_and_raises_the_last_unavailable():
+    servers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    with Client(servers, timeout=2) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.call("GetJob", dtsd_pb2.GetJobRequest(id="x"))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert client.last_tried == servers
+        with pytest.raises(grpc.RpcError):
+            list(client.stream("WatchJob", dtsd_pb2.WatchJobRequest(id="x")))
+        assert client.last_tried == servers[1:] + servers[:1]
+
+
+# --- cannot reach ---------------------------------------------------------------------------
+
+def test_exit_3_when_no_server_listens():
+    servers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    result = run("--servers", ",".join(servers), "--timeout", "2", "status")
+    assert result.exit_code == 3
+    assert "cannot reach any server" in result.stderr
+    assert all(server in result.stderr for server in servers)
+
+
+@pytest.mark.parametrize("args", [
+    ["list", "-o", "json", "--status", "failed"],     # -o after the verb, status in any case
+    ["status", "some-job"],
+    ["logs", "some-job"],
+    ["cancel", "a", "b"],
+    ["dlq", "purge", "--yes"],
+    ["submit", "--env", "A=1", "--", "echo", "hi there"],
+])
+def test_exit_3_from_each_verb(nowhere, args):
+    result = run("--servers", nowhere, "--timeout", "2", *args)
+    assert result.exit_code == 3, result.stderr
+    assert nowhere in result.stderr
+
+
+def test_role_servers_are_used(nowhere):
+    other = f"127.0.0.1:{free_port()}"
+    result = run("--submit-server", nowhere, "--status-servers", other, "--timeout", "2",
+                 "status")
+    assert result.exit_code == 3
+    assert other in result.stderr and nowhere not in result.stderr
