@@ -6,8 +6,11 @@ result only lands on the attempt it belongs to (`AND attempts = %(attempt)s AND 
 'RUNNING'`). So an id delivered twice never runs twice at once, and a stale worker cannot
 overwrite a newer attempt or a cancellation.
 
-Hot paths take lists: one statement claims a worker's whole batch, one transaction writes
+Hot paths take lists: one statement claims a worker's whole batch, one statement writes
 a batch of results (`unnest` of arrays rather than `= ANY`, which keeps the plan custom).
+Connections run in autocommit: a single-statement write is its own transaction, which
+saves the BEGIN and COMMIT round trips; `conn.transaction()` wraps the few writes that
+need several statements to be atomic.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ class Store:
         self.dsn = dsn
         self.pool = ConnectionPool(
             dsn, min_size=min_size, max_size=max_size, timeout=timeout, open=False,
-            kwargs={"application_name": name, "autocommit": False}, name=name)
+            kwargs={"application_name": name, "autocommit": True}, name=name)
 
     def open(self, wait: bool = True, timeout: float = 30.0) -> "Store":
         self.pool.open(wait=wait, timeout=timeout)
@@ -184,7 +187,7 @@ class Store:
         written back into the NewJob and `created` is False. The same key with a different
         spec, or a caller-chosen id that exists, raises Conflict and stores nothing.
         """
-        with self.pool.connection() as conn, conn.cursor() as cur:
+        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             cur.execute(
                 """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
                        timeout, run_at, idempotency_key, fingerprint, submitted_by, schedule_id,
@@ -265,32 +268,33 @@ class Store:
         if not outcomes:
             return set()
         o = outcomes
-        arrays = ([x.job_id for x in o], [x.attempt for x in o], [x.exit_code for x in o],
-                  [x.output for x in o], [x.truncated for x in o], [x.error for x in o])
-        with self.pool.connection() as conn, conn.cursor() as cur:
-            cur.execute(
-                """UPDATE job_attempts a SET finished_at = now(), exit_code = u.exit_code,
-                          output = u.output, output_truncated = u.truncated, error = u.error
-                   FROM unnest(%s::text[], %s::int[], %s::int[], %s::bytea[], %s::bool[],
-                               %s::text[]) AS u(job_id, attempt, exit_code, output, truncated, error)
-                   WHERE a.job_id = u.job_id AND a.attempt = u.attempt AND a.finished_at IS NULL""",
-                arrays)
-            cur.execute(
-                """UPDATE jobs j SET status = u.status, exit_code = u.exit_code, output = u.output,
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                """WITH u AS (
+                       SELECT * FROM unnest(%s::text[], %s::int[], %s::int[], %s::bytea[],
+                                            %s::bool[], %s::text[], %s::text[], %s::bool[],
+                                            %s::timestamptz[], %s::bool[])
+                           AS u(job_id, attempt, exit_code, output, truncated, error, status,
+                                failed, run_at, dead)),
+                   closed AS (
+                       UPDATE job_attempts a SET finished_at = now(), exit_code = u.exit_code,
+                              output = u.output, output_truncated = u.truncated, error = u.error
+                       FROM u WHERE a.job_id = u.job_id AND a.attempt = u.attempt
+                         AND a.finished_at IS NULL)
+                   UPDATE jobs j SET status = u.status, exit_code = u.exit_code, output = u.output,
                           output_truncated = u.truncated, error = u.error,
                           failures = j.failures + u.failed::int, run_at = u.run_at,
                           finished_at = CASE WHEN u.status = ANY(%s) THEN now() END,
                           dead_lettered_at = CASE WHEN u.dead THEN now() END,
                           updated_at = now()
-                   FROM unnest(%s::text[], %s::int[], %s::int[], %s::bytea[], %s::bool[],
-                               %s::text[], %s::text[], %s::bool[], %s::timestamptz[], %s::bool[])
-                        AS u(job_id, attempt, exit_code, output, truncated, error, status, failed,
-                             run_at, dead)
+                   FROM u
                    WHERE j.id = u.job_id AND j.attempts = u.attempt AND j.status = 'RUNNING'
                    RETURNING j.id""",
-                (list(_FINAL), *arrays, [x.status.value for x in o], [x.failed for x in o],
-                 [x.run_at for x in o], [x.dead for x in o]))
-            return {row[0] for row in cur.fetchall()}
+                ([x.job_id for x in o], [x.attempt for x in o], [x.exit_code for x in o],
+                 [x.output for x in o], [x.truncated for x in o], [x.error for x in o],
+                 [x.status.value for x in o], [x.failed for x in o], [x.run_at for x in o],
+                 [x.dead for x in o], list(_FINAL))).fetchall()
+        return {row[0] for row in rows}
 
     # --- operations on one job ------------------------------------------------------------
 
