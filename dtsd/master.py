@@ -85,11 +85,14 @@ class Child:
     def name(self) -> str:
         return f"{self.role}-{self.index}"
 
-    def transition(self, new: ChildState, why: str = "") -> None:
+    def transition(self, new: ChildState, why: str = "", pid: int | None = None) -> None:
         if new is not self.state:
-            log.info("%s (pid %s): %s -> %s%s", self.name, self.pid, self.state.value, new.value,
-                     f": {why}" if why else "")
+            log.info("%s (pid %s): %s -> %s%s", self.name, pid or self.pid, self.state.value,
+                     new.value, f": {why}" if why else "")
             self.state = new
+            Child.changed = True
+
+    changed = True  # class-wide: some child changed state since the node record was written
 
 
 def _set_pdeathsig() -> None:
@@ -273,9 +276,9 @@ class Master:
     def handle_exit(self, item: Child, code: int) -> None:
         self._close_pipe(item)
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-        item.proc = None
+        pid, item.proc = item.pid, None
         if item.state is ChildState.STOPPING or self.stopping:
-            item.transition(ChildState.STOPPED, how)
+            item.transition(ChildState.STOPPED, how, pid)
             self.children.remove(item)
             return
         if item.removed:
@@ -285,25 +288,25 @@ class Master:
             log.error("%s cannot use the configuration (%s): stopping the master", item.name, how)
             self.exit_code = 1
             self.stopping = True
-            item.transition(ChildState.FATAL, how)
+            item.transition(ChildState.FATAL, how, pid)
             self.children.remove(item)
             return
         if item.state is ChildState.STARTING:
-            self._failed_start(item, how)
+            self._failed_start(item, how, pid)
             return
         item.restarts += 1
-        item.transition(ChildState.EXITED, f"{how}; restarting")
+        item.transition(ChildState.EXITED, f"{how}; restarting", pid)
 
-    def _failed_start(self, item: Child, why: str) -> None:
+    def _failed_start(self, item: Child, why: str, pid: int | None = None) -> None:
         item.failed_starts += 1
         if item.failed_starts >= START_RETRIES:
             item.transition(ChildState.FATAL, f"{why}; gave up after {item.failed_starts} "
-                                              "failed starts")
+                                              "failed starts", pid)
             return
         delay = min(BACKOFF_MAX, 2.0 ** (item.failed_starts - 1))
         item.retry_at = time.monotonic() + delay
         item.restarts += 1
-        item.transition(ChildState.BACKOFF, f"{why}; next start in {delay:.0f}s")
+        item.transition(ChildState.BACKOFF, f"{why}; next start in {delay:.0f}s", pid)
 
     def kill_child(self, item: Child, sig: int) -> None:
         if item.proc is None:
@@ -357,11 +360,13 @@ class Master:
         }
 
     def write_node_record(self) -> None:
-        """For the coordinator to publish: what this master supervises, at most once a second."""
+        """For the coordinator to publish: what this master supervises. Written at once when
+        a child changes state, else every few seconds (for the uptimes)."""
         now = time.monotonic()
-        if now - self._last_record < 1.0:
+        if not Child.changed and now - self._last_record < 5.0:
             return
         self._last_record = now
+        Child.changed = False
         temporary = self.node_file + ".tmp"
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
