@@ -10,6 +10,7 @@ of crash-looping on a configuration error).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -23,7 +24,9 @@ from . import config as configmod
 # Exit codes of children, a documented contract (README, "Processes").
 EXIT_OK = 0
 EXIT_CONFIG = 78      # EX_CONFIG: the configuration is unusable; restarting will not help
-EXIT_BOOT = 3         # could not start (e.g. cannot bind the port); the master backs off
+EXIT_BOOT = 3         # could not start (e.g. cannot bind the port)
+# Before the node was first ready, either one stops the master; later, a failing child
+# backs off and ends FATAL, while the rest of the node goes on serving.
 
 
 def setup_logging(cfg: configmod.Config | None, role: str) -> None:
@@ -40,6 +43,14 @@ def setup_logging(cfg: configmod.Config | None, role: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def reopen_logs() -> None:
+    """After logrotate moved the file: write to a fresh one (USR1)."""
+    for handler in logging.getLogger().handlers:
+        reopen = getattr(handler, "reopenIfNeeded", None)
+        if reopen:
+            reopen()
 
 
 class Parent:
@@ -64,6 +75,9 @@ class Parent:
     def alive(self) -> None:
         self.send("alive")
 
+    def status(self, report: dict) -> None:
+        self.send("status " + json.dumps(report))
+
 
 def boot(role: str, argv: list[str] | None = None) -> tuple[configmod.Config, int, Parent]:
     """Parse the child's arguments and configuration; exits EXIT_CONFIG on a bad file."""
@@ -75,6 +89,7 @@ def boot(role: str, argv: list[str] | None = None) -> tuple[configmod.Config, in
     # The master handles Ctrl-C for the whole tree; a terminal's SIGINT reaches every
     # process of the foreground group, and children must not act on it by themselves.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda *_: reopen_logs())
     try:
         cfg = configmod.load(args.config)
     except configmod.ConfigError as exc:
@@ -101,3 +116,66 @@ def retry_forever(what: str, attempt: Callable[[], object], log: logging.Logger,
 
 def monotonic() -> float:
     return time.monotonic()
+
+
+def _groups_path(runtime_dir: str, worker_pid: int) -> str:
+    return os.path.join(runtime_dir, "jobs", str(worker_pid))
+
+
+class JobGroups:
+    """The process groups of a worker's running jobs, kept in `<runtime_dir>/jobs/<pid>`.
+
+    Jobs run in sessions of their own, so they outlive a worker that is killed outright
+    (KILL, OOM); the master reads this file when it reaps such a worker and kills the
+    groups, so that a recovered job never runs twice at once. Appending a line per start
+    and end is cheap; the file is emptied whenever no job runs.
+    """
+
+    def __init__(self, runtime_dir: str):
+        self.path = _groups_path(runtime_dir, os.getpid())
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        self.live: set[int] = set()
+        self.lock = threading.Lock()
+
+    def add(self, pgid: int) -> None:
+        with self.lock:
+            self.live.add(pgid)
+            os.write(self.fd, b"+%d\n" % pgid)
+
+    def remove(self, pgid: int) -> None:
+        with self.lock:
+            self.live.discard(pgid)
+            if self.live:
+                os.write(self.fd, b"-%d\n" % pgid)
+            else:
+                os.ftruncate(self.fd, 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def kill_orphaned_jobs(runtime_dir: str, worker_pid: int) -> int:
+    """Kill the job groups a dead worker left running; returns how many were alive."""
+    path = _groups_path(runtime_dir, worker_pid)
+    try:
+        with open(path, encoding="ascii") as handle:
+            lines = handle.read().split()
+        os.unlink(path)
+    except OSError:
+        return 0
+    live: set[int] = set()
+    for line in lines:
+        (live.add if line[0] == "+" else live.discard)(int(line[1:]))
+    killed = 0
+    for pgid in live:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    return killed

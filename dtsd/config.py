@@ -137,14 +137,14 @@ def address_list(text: str) -> tuple[str, ...]:
     return items
 
 
-def signal_name(text: str) -> signal.Signals:
+def stop_signal(text: str) -> signal.Signals:
+    """TERM (graceful) or QUIT (fast): the stop signals dtsd's children act on."""
     name = text.strip().upper()
     if not name.startswith("SIG"):
         name = "SIG" + name
-    try:
-        return signal.Signals[name]
-    except KeyError:
-        raise ValueError(f"unknown signal: {text!r}") from None
+    if name not in ("SIGTERM", "SIGQUIT"):
+        raise ValueError(f"must be TERM (graceful) or QUIT (fast), not {text!r}")
+    return signal.Signals[name]
 
 
 def log_level(text: str) -> str:
@@ -183,11 +183,14 @@ def _options() -> list[Option]:
         o("dtsd", "log_file", "", string,
           "Empty: log to standard error (the journal under systemd). USR1 reopens it."),
         o("dtsd", "runtime_dir", "/run/dtsd", string,
-          "Where the master keeps its control socket and node record."),
+          "The master's node record (node.json), the workers' job registries, and the "
+          "log when detached without log_file."),
         o("dtsd", "housekeeping_interval", "1s", positive_duration,
           "How often the leader promotes delayed jobs and recovers work of dead workers."),
         o("dtsd", "reconcile_interval", "5s", positive_duration,
           "How often the leader re-pushes PENDING jobs that Redis does not hold."),
+        o("dtsd", "child_timeout", "30s", positive_duration,
+          "A child that has not reported alive for this long is killed and replaced."),
 
         o("server", "processes", "2", integer(0, 64),
           "gRPC API children, all bound to `listen` (SO_REUSEPORT)."),
@@ -200,6 +203,14 @@ def _options() -> list[Option]:
           "Most jobs in one SubmitJobs call."),
         o("server", "stopwaitsecs", "10s", duration,
           "On stop, how long in-flight RPCs may take before they are cut."),
+        o("server", "startsecs", "1s", duration,
+          "A server child counts as started (RUNNING) once ready and up this long."),
+        o("server", "startretries", "5", integer(1, 1000),
+          "Failed starts in a row before a server child is given up (FATAL)."),
+        o("server", "stopsignal", "TERM", stop_signal,
+          "Signal that asks a server child to stop gracefully."),
+        o("server", "autorestart", "true", autorestart,
+          "Restart a server child that exits: true, false, or unexpected (only on a non-zero exit)."),
 
         o("worker", "processes", "2", integer(0, 256), "Worker children."),
         o("worker", "concurrency", "4", integer(1, 1024), "Jobs run at once per worker child."),
@@ -222,13 +233,22 @@ def _options() -> list[Option]:
           "A worker whose heartbeat is older than this is dead; its jobs are recovered."),
         o("worker", "stopwaitsecs", "30s", duration,
           "On graceful stop, how long running jobs may go on before they are handed back."),
+        o("worker", "startsecs", "1s", duration,
+          "A worker child counts as started (RUNNING) once ready and up this long."),
+        o("worker", "startretries", "5", integer(1, 1000),
+          "Failed starts in a row before a worker child is given up (FATAL)."),
+        o("worker", "stopsignal", "TERM", stop_signal,
+          "Signal that asks a worker child to stop gracefully."),
+        o("worker", "autorestart", "true", autorestart,
+          "Restart a worker child that exits: true, false, or unexpected (only on a non-zero exit)."),
 
         o("postgres", "dsn", "postgresql:///dtsd", nonempty,
           "libpq connection string or URI (env DATABASE_URL)."),
         o("postgres", "pool_min", "1", integer(0, 100),
-          "Connections kept open per child (env PG_MIN_CONNS)."),
+          "Connections kept open per server child (env PG_MIN_CONNS)."),
         o("postgres", "pool_max", "8", integer(1, 1000),
-          "Most connections per child (env PG_MAX_CONNS)."),
+          "Most connections per server child, at most [server] threads (env PG_MAX_CONNS). "
+          "Workers use up to 3, the coordinator 2."),
 
         o("redis", "url", "redis://127.0.0.1:6379/0", nonempty,
           "redis:// or unix:// URL (env REDIS_ADDR, as host:port)."),
@@ -257,6 +277,7 @@ class Config:
 
     path: str
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    from_file: bool = True     # False: the default file is absent and defaults apply
 
     def get(self, section: str, key: str) -> Any:
         return self.values[section][key]
@@ -344,17 +365,20 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     """
     environ = os.environ if env is None else env
     explicit = path or environ.get("DTSD_CONFIG")
-    chosen = explicit or DEFAULT_PATH
+    chosen = os.path.abspath(explicit or DEFAULT_PATH)
+    found = True
     try:
         with open(chosen, encoding="utf-8") as handle:
             text = handle.read()
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{chosen}: no such file") from None
-        text = ""
+        text, found = "", False
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{chosen}: cannot read: {exc}") from None
-    return parse(text, chosen, environ)
+    config = parse(text, chosen, environ)
+    config.from_file = found
+    return config
 
 
 def reference_ini() -> str:

@@ -64,11 +64,15 @@ class Coordinator:
                                self.stop) is None:
             return child.EXIT_OK
         self.parent.ready()
+        if self.cfg.get("etcd", "endpoints"):
+            log.warning("[etcd] endpoints is set, but this version has no etcd election yet: "
+                        "running in single-node mode (this node leads)")
         log.info("coordinator ready (%s)", "single-node mode: this node leads"
                  if self.leadership.single_node else "etcd election")
         interval = self.cfg.get("dtsd", "housekeeping_interval")
         reconcile_every = self.cfg.get("dtsd", "reconcile_interval")
         next_reconcile = time.monotonic() + reconcile_every
+        next_status = 0.0
         while not self.stop.is_set():
             started = time.monotonic()
             self._tick("publishing the node record", self.publish_node)
@@ -79,6 +83,9 @@ class Coordinator:
                     self._tick("reconciling Redis with PostgreSQL", self.reconcile)
                     next_reconcile = started + reconcile_every
             self.parent.alive()
+            if started >= next_status:
+                self._tick("reporting to the master", self.report)
+                next_status = started + 5.0
             self.stop.wait(max(0.0, interval - (time.monotonic() - started)))
         self.store.close()
         return child.EXIT_OK
@@ -124,7 +131,10 @@ class Coordinator:
             self.queue.drop_worker(worker)
             self.queue.push([Ready(r.id, r.queue, r.priority, r.run_at) for r in requeued])
             self.missing_since.pop(worker, None)
-            log.warning("worker %s is dead: %d job(s) requeued", worker, len(requeued))
+            if requeued:
+                log.warning("worker %s is dead: %d job(s) requeued", worker, len(requeued))
+            else:
+                log.info("worker %s is gone; it held no running job", worker)
 
     def reconcile(self) -> None:
         """Walk PENDING jobs in batches; push again those Redis holds nowhere."""
@@ -139,6 +149,11 @@ class Coordinator:
         if lost:
             self.queue.push(lost)
             log.warning("pushed %d PENDING job(s) again that Redis did not hold", len(lost))
+
+    def report(self) -> None:
+        """Leadership and backlog, for the master's systemd STATUS line."""
+        self.parent.status({"leader": self.leadership.is_leader(),
+                            "pending": self.store.pending_count()})
 
     def publish_node(self) -> None:
         try:

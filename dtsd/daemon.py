@@ -56,14 +56,28 @@ def main(ctx: click.Context, path: str | None, check_config: bool, daemon: bool,
 
 
 def _run_detached(cfg: configmod.Config, pidfile: str | None) -> int:
+    """Detach with python-daemon; the signal handling of the master stays as it is.
+
+    Logs go to `[dtsd] log_file`, or `<runtime_dir>/dtsd.log` when none is set: the
+    detached process's stderr is that file, so the children's logs land there too.
+    The pidfile is removed when the master exits.
+    """
+    import os
+
     import daemon as pydaemon
     from daemon import pidfile as pidlockfile
 
     from .child import setup_logging
     from .master import Master
+    runtime_dir = cfg.get("dtsd", "runtime_dir")
+    os.makedirs(runtime_dir, exist_ok=True)
+    log_path = cfg.get("dtsd", "log_file") or os.path.join(runtime_dir, "dtsd.log")
+    log_stream = open(log_path, "a", buffering=1, encoding="utf-8")
+    lock = pidlockfile.TimeoutPIDLockFile(os.path.abspath(pidfile), acquire_timeout=5) \
+        if pidfile else None
     context = pydaemon.DaemonContext(
-        pidfile=pidlockfile.TimeoutPIDLockFile(pidfile, acquire_timeout=5) if pidfile else None,
-        working_directory="/", umask=0o022, signal_map={}, detach_process=True)
+        pidfile=lock, working_directory="/", umask=0o022, signal_map={},
+        stdout=log_stream, stderr=log_stream, detach_process=True)
     with context:
         setup_logging(cfg, "master")
         return Master(cfg).run()

@@ -85,9 +85,15 @@ class Execution:
 
     def __init__(self, command: str, *, env: dict[str, str], cwd: str, shell: str = "/bin/sh",
                  timeout: float = 0.0, kill_grace: float = 10.0, max_output: int = 1 << 20,
-                 on_output: OutputCallback | None = None, wrapper: Sequence[str] = ()):
+                 on_output: OutputCallback | None = None, wrapper: Sequence[str] = (),
+                 on_spawn: Callable[[int], None] | None = None,
+                 on_exit: Callable[[int], None] | None = None):
         """`wrapper` is an argv prefix that execs the shell (prlimit, setpriv ...), so limits
-        and credentials are in place before the command's first instruction."""
+        and credentials are in place before the command's first instruction.
+
+        `on_spawn(pgid)` is called once the job's process group exists and `on_exit(pgid)`
+        once it is dead (and before its id can be reused): the worker keeps a registry of
+        live groups so that the master can kill them if the worker itself is killed."""
         self.argv = [*wrapper, shell, "-c", command]
         self.env = env
         self.cwd = cwd
@@ -95,6 +101,8 @@ class Execution:
         self.kill_grace = kill_grace
         self.max_output = max_output
         self.on_output = on_output
+        self.on_spawn = on_spawn
+        self.on_exit = on_exit
 
         self._lock = threading.Lock()     # guards _started, _requested, _wake_fd
         self._started = False
@@ -168,6 +176,8 @@ class Execution:
             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
             env=self.env, cwd=self.cwd)
         self._pid = self._proc.pid
+        if self.on_spawn:
+            self.on_spawn(self._pid)
         self._out_fd = self._proc.stdout.fileno()
         os.set_blocking(self._out_fd, False)
 
@@ -188,6 +198,8 @@ class Execution:
     def _reap(self) -> None:
         """KILL whatever is left of the group, then reap the shell (only now may its pid go)."""
         self._signal_group(signal.SIGKILL)
+        if self.on_exit:
+            self.on_exit(self._proc.pid)   # the group is dead; its id is not free until reaped
         self._proc.wait()
         self._pid = None
 

@@ -9,18 +9,30 @@ Each child goes through supervisord's states:
     STOPPED -> STARTING -> RUNNING -> STOPPING -> STOPPED
                   |           |
                   v           v
-               BACKOFF     EXITED -> STARTING (restarted at once)
+               BACKOFF     EXITED -> STARTING (autorestart)
                   |
                   v
                 FATAL  (after `startretries` failed starts in a row)
 
-A child is RUNNING once it says `ready` on its pipe (it serves, or is connected to
-PostgreSQL and Redis). A child that exits with EXIT_CONFIG stops the whole master: a
-configuration error does not get better by restarting.
+A child is RUNNING once it has said `ready` on its pipe (it serves, or is connected to
+PostgreSQL and Redis) and has been up `startsecs`. A child that stops saying `alive`
+for `[dtsd] child_timeout` is killed and replaced. Before the node was first ready, a
+child exiting with EXIT_CONFIG or EXIT_BOOT stops the whole master: a configuration
+error or an address in use does not get better by restarting.
 
 Signal handlers only record the signal and wake the loop (a self-pipe through
-`signal.set_wakeup_fd`); reaping, logging and spawning happen in the loop.
-TERM / INT: graceful stop; a second one escalates to a fast stop. QUIT: fast stop.
+`signal.set_wakeup_fd`); reaping, logging and spawning happen in the loop:
+
+    TERM, INT   graceful stop (a second one escalates to a fast stop)
+    QUIT        fast stop: running jobs are handed back at once
+    HUP         reload: validate the file, scale, restart changed roles one at a time
+    TTIN, TTOU  one worker child more, one less
+    USR1        reopen log files (the master's and the children's)
+
+systemd's notify protocol is spoken by the master alone (children never see
+NOTIFY_SOCKET): READY=1 once every child is RUNNING, a one-line STATUS=, RELOADING=1
+with MONOTONIC_USEC= then READY=1 around a reload, STOPPING=1, and WATCHDOG=1 from
+the loop while WATCHDOG_USEC is set.
 """
 
 from __future__ import annotations
@@ -37,15 +49,22 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import __version__, child
+from . import config as configmod
 from .config import Config
 
 log = logging.getLogger("dtsd.master")
 
 ROLES = {"server": "dtsd.server", "worker": "dtsd.worker", "coordinator": "dtsd.coordinator"}
-START_RETRIES = 5          # failed starts in a row before a child is FATAL
+# The sections each role's children read: a reload restarts a role whose sections changed.
+ROLE_SECTIONS = {"server": ("dtsd", "server", "postgres", "redis"),
+                 "worker": ("dtsd", "worker", "postgres", "redis"),
+                 "coordinator": ("dtsd", "worker", "postgres", "redis", "etcd")}
+# How the coordinator is supervised (it has no section of its own).
+COORDINATOR = {"startsecs": 0.0, "startretries": 5, "stopsignal": signal.SIGTERM,
+               "stopwaitsecs": 5.0, "autorestart": "true"}
 BACKOFF_MAX = 30.0
 STOP_MARGIN = 5.0          # beyond the role's stopwaitsecs (+ kill_grace for workers)
 _PR_SET_PDEATHSIG = 1
@@ -65,17 +84,23 @@ class ChildState(str, enum.Enum):
 class Child:
     role: str
     index: int
+    generation: int = 0                 # bumped when a reload replaces the child
     state: ChildState = ChildState.STOPPED
     proc: subprocess.Popen | None = None
     pipe: int | None = None             # read end of the child's report pipe
     buffer: bytes = b""
     started: float = 0.0                # time.monotonic() of the last spawn
+    ready: bool = False
     running_since: float = 0.0
+    last_alive: float = 0.0
     restarts: int = 0
     failed_starts: int = 0
     retry_at: float = 0.0
     stop_deadline: float = 0.0
-    removed: bool = False               # scaled away: do not restart
+    retiring: bool = False              # being stopped on purpose: never restarted
+    outdated: bool = False              # a reload changed its settings: to be replaced
+
+    changed = True                      # class-wide: a state changed since the last record
 
     @property
     def pid(self) -> int | None:
@@ -83,7 +108,7 @@ class Child:
 
     @property
     def name(self) -> str:
-        return f"{self.role}-{self.index}"
+        return f"{self.role}-{self.index}" + (f".{self.generation}" if self.generation else "")
 
     def transition(self, new: ChildState, why: str = "", pid: int | None = None) -> None:
         if new is not self.state:
@@ -92,7 +117,41 @@ class Child:
             self.state = new
             Child.changed = True
 
-    changed = True  # class-wide: some child changed state since the node record was written
+
+class Notifier:
+    """systemd's notify protocol, from the master only; silent without NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._notifier = None
+        if self.enabled:
+            import sdnotify
+            self._notifier = sdnotify.SystemdNotifier()
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        self.watchdog_interval = (int(usec) / 2e6 if usec and usec.isdigit() and
+                                  (not pid or pid == str(os.getpid())) else 0.0)
+        self._last_watchdog = 0.0
+        self._last_status = ""
+
+    def send(self, *lines: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify("\n".join(lines))
+
+    def status(self, text: str) -> None:
+        if text != self._last_status:
+            self._last_status = text
+            self.send(f"STATUS={text}")
+
+    def reloading(self) -> None:
+        monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+
+    def watchdog(self) -> None:
+        now = time.monotonic()
+        if self.watchdog_interval and now - self._last_watchdog >= self.watchdog_interval:
+            self._last_watchdog = now
+            self.send("WATCHDOG=1")
 
 
 def _set_pdeathsig() -> None:
@@ -104,12 +163,18 @@ def _set_pdeathsig() -> None:
 class Master:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.counts = self.wanted(cfg)
         self.children: list[Child] = []
         self.signals: list[int] = []
         self.stopping = False
         self.fast_stop = False
+        self.reloading = False
+        self.was_ready = False
         self.exit_code = 0
         self.started = time.time()
+        self.leader: bool | None = None
+        self.pending: int | None = None
+        self.notifier = Notifier()
         self.node_file = os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json")
         self._wake_r, self._wake_w = os.pipe()
         self._last_record = 0.0
@@ -121,25 +186,31 @@ class Master:
         os.makedirs(os.path.dirname(self.node_file), exist_ok=True)
         log.info("dtsd %s master starting (pid %d, node %s, config %s)",
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
+        self.notifier.status("starting")
         if not self.address_is_free() or not self.migrate():
             return 1
         while True:
             self.handle_signals()
             self.reap_children()
+            self.check_children()
             if self.stopping:
                 self.stop_children()
                 if not self.children:
                     break
             else:
                 self.manage_children()
+                self.advance_reload()
+            self.report()
             self.write_node_record()
-            self.sleep(0.5 if self.stopping else 1.0)
+            self.sleep(0.25 if self.stopping or self.reloading or not self.was_ready else 1.0)
         self.remove_node_record()
         log.info("master stopped")
         return self.exit_code
 
     def sleep(self, timeout: float) -> None:
         """Wait for a signal, a child's report, or the timeout."""
+        if self.notifier.watchdog_interval:
+            timeout = min(timeout, self.notifier.watchdog_interval)
         fds = [self._wake_r] + [c.pipe for c in self.children if c.pipe is not None]
         try:
             readable, _, _ = select.select(fds, [], [], timeout)
@@ -160,62 +231,155 @@ class Master:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+                    signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(sig, self._record_signal)
 
     def _record_signal(self, signum, frame) -> None:
         self.signals.append(signum)
 
     def handle_signals(self) -> None:
+        handlers = {signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_term,
+                    signal.SIGQUIT: self.handle_quit, signal.SIGHUP: self.handle_hup,
+                    signal.SIGTTIN: self.handle_ttin, signal.SIGTTOU: self.handle_ttou,
+                    signal.SIGUSR1: self.handle_usr1}
         while self.signals:
             signum = self.signals.pop(0)
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                self.handle_term(signum)
-            elif signum == signal.SIGQUIT:
-                self.handle_quit()
+            if signum in handlers:
+                handlers[signum](signum)
 
     def handle_term(self, signum: int) -> None:
         if self.stopping:
             log.warning("second %s: stopping fast", signal.Signals(signum).name)
-            self.handle_quit()
+            self.handle_quit(signum)
             return
         log.info("%s: graceful stop", signal.Signals(signum).name)
         self.stopping = True
+        self.notifier.send("STOPPING=1")
 
-    def handle_quit(self) -> None:
+    def handle_quit(self, signum: int = signal.SIGQUIT) -> None:
         log.info("stopping fast: running jobs are handed back now")
+        if not self.stopping:
+            self.notifier.send("STOPPING=1")
         self.stopping = True
         self.fast_stop = True
         for item in self.children:
             if item.proc and item.state is ChildState.STOPPING:
                 self.kill_child(item, signal.SIGQUIT)
-                item.stop_deadline = min(item.stop_deadline, time.monotonic() + self._fast_wait(item))
+                item.stop_deadline = min(item.stop_deadline,
+                                         time.monotonic() + self._stop_wait(item, fast=True))
+
+    def handle_hup(self, signum: int) -> None:
+        """Reload: a bad file changes nothing; a good one is applied without dropping work."""
+        if self.stopping:
+            return
+        try:
+            new = configmod.load(self.cfg.path)
+        except configmod.ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        self.notifier.reloading()
+        old, self.cfg = self.cfg, new
+        child.setup_logging(new, "master")
+        self.counts = self.wanted(new)
+        changed = [role for role, sections in ROLE_SECTIONS.items()
+                   if any(_without_counts(old.values[s]) != _without_counts(new.values[s])
+                          for s in sections)]
+        for item in self.children:
+            if item.role in changed and not item.retiring:
+                item.outdated = True
+        self.reloading = True
+        log.info("reloading %s: processes %s; restarting %s", new.path,
+                 ", ".join(f"{r}={n}" for r, n in self.counts.items()),
+                 ", ".join(changed) or "nothing")
+
+    def handle_ttin(self, signum: int) -> None:
+        self.counts["worker"] += 1
+        log.info("TTIN: %d worker children", self.counts["worker"])
+
+    def handle_ttou(self, signum: int) -> None:
+        self.counts["worker"] = max(0, self.counts["worker"] - 1)
+        log.info("TTOU: %d worker children", self.counts["worker"])
+
+    def handle_usr1(self, signum: int) -> None:
+        child.reopen_logs()
+        for item in self.children:
+            self.kill_child(item, signal.SIGUSR1)
+        log.info("USR1: log files reopened")
 
     # --- children -------------------------------------------------------------------------
 
-    def wanted(self) -> dict[str, int]:
+    @staticmethod
+    def wanted(cfg: Config) -> dict[str, int]:
         return {"coordinator": 1,
-                "server": self.cfg.get("server", "processes"),
-                "worker": self.cfg.get("worker", "processes")}
+                "server": cfg.get("server", "processes"),
+                "worker": cfg.get("worker", "processes")}
+
+    def setting(self, role: str, key: str):
+        return COORDINATOR[key] if role == "coordinator" else self.cfg.get(role, key)
 
     def manage_children(self) -> None:
-        """Start what is missing, restart what died (after its back-off)."""
+        """Start what is missing, retire what is too many, restart what died."""
         now = time.monotonic()
-        for role, count in self.wanted().items():
-            present = {c.index for c in self.children if c.role == role}
+        for role, count in self.counts.items():
+            active = [c for c in self.children if c.role == role and not c.retiring]
+            present = {c.index for c in active}
             for index in range(count):
                 if index not in present:
                     self.children.append(Child(role, index))
+            for item in active:
+                if item.index >= count:
+                    self.retire_child(item, "scaled down")
         for item in self.children:
-            if item.state in (ChildState.STOPPED, ChildState.EXITED):
+            if item.state is ChildState.STOPPED and not item.retiring:
                 self.spawn_child(item)
             elif item.state is ChildState.BACKOFF and now >= item.retry_at:
                 self.spawn_child(item)
 
+    def advance_reload(self) -> None:
+        """Replace outdated children one at a time: the new one first, then the old one goes.
+
+        Servers share the port, so a replacement serves before its predecessor stops; a
+        worker being replaced drains (its running jobs finish or are handed back).
+        """
+        if not self.reloading:
+            return
+        outdated = [c for c in self.children if c.outdated and not c.retiring]
+        for old in outdated:
+            successor = self._successor(old)
+            if successor and successor.state is ChildState.RUNNING:
+                self.retire_child(old, "replaced after reload")
+        if any(c.generation and c.state is ChildState.STARTING for c in self.children):
+            return                              # one replacement at a time
+        for old in [c for c in self.children if c.outdated and not c.retiring]:
+            if self._successor(old):
+                continue
+            if old.state is ChildState.RUNNING:
+                replacement = Child(old.role, old.index, generation=old.generation + 1)
+                self.children.append(replacement)
+                self.spawn_child(replacement)
+                return
+            if old.state is not ChildState.STARTING:
+                self.retire_child(old, "settings changed")   # BACKOFF, FATAL, EXITED: start anew
+        busy = any(c.outdated or (c.retiring and c.proc) for c in self.children)
+        if not busy and self.all_running():
+            self.reloading = False
+            log.info("reload complete")
+            self.notifier.send("READY=1")
+
+    def _successor(self, old: Child) -> Child | None:
+        return next((c for c in self.children if c.role == old.role and c.index == old.index
+                     and c.generation > old.generation and not c.retiring), None)
+
+    def all_running(self) -> bool:
+        active = [c for c in self.children if not c.retiring]
+        return (len(active) == sum(self.counts.values())
+                and all(c.state is ChildState.RUNNING for c in active))
+
     def spawn_child(self, item: Child) -> None:
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
-        argv = [sys.executable, "-m", ROLES[item.role], "-c", self.cfg.path,
+        argv = [sys.executable, "-m", ROLES[item.role], *self.config_args(),
                 "--index", str(item.index), "--notify-fd", str(write_end)]
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
@@ -230,8 +394,8 @@ class Master:
             self._failed_start(item, str(exc))
             return
         os.close(write_end)
-        item.pipe, item.buffer = read_end, b""
-        item.started = time.monotonic()
+        item.pipe, item.buffer, item.ready, item.outdated = read_end, b"", False, False
+        item.started = item.last_alive = time.monotonic()
         item.transition(ChildState.STARTING, f"pid {item.proc.pid}")
 
     def read_report(self, fd: int) -> None:
@@ -239,7 +403,7 @@ class Master:
         if item is None:
             return
         try:
-            data = os.read(fd, 4096)
+            data = os.read(fd, 65536)
         except BlockingIOError:
             return
         if not data:               # the child closed its end (it is exiting)
@@ -247,11 +411,34 @@ class Master:
             return
         item.buffer += data
         *lines, item.buffer = item.buffer.split(b"\n")
+        item.last_alive = time.monotonic()
         for line in lines:
-            if line == b"ready" and item.state is ChildState.STARTING:
+            if line == b"ready":
+                item.ready = True
+            elif line.startswith(b"status ") and item.role == "coordinator":
+                try:
+                    report = json.loads(line[7:])
+                except ValueError:
+                    continue
+                self.leader = report.get("leader")
+                self.pending = report.get("pending")
+        self.check_children()
+
+    def check_children(self) -> None:
+        """Promote started children to RUNNING; kill the ones that stopped reporting."""
+        now = time.monotonic()
+        timeout = self.cfg.get("dtsd", "child_timeout")
+        for item in self.children:
+            if item.state is ChildState.STARTING and item.ready and \
+                    now - item.started >= self.setting(item.role, "startsecs"):
                 item.failed_starts = 0
-                item.running_since = time.monotonic()
+                item.running_since = now
                 item.transition(ChildState.RUNNING, "ready")
+            elif item.state is ChildState.RUNNING and now - item.last_alive > timeout:
+                log.error("%s (pid %s) silent for %.0fs: killing it", item.name, item.pid,
+                          now - item.last_alive)
+                self.kill_child(item, signal.SIGKILL)
+                item.last_alive = now
 
     def _close_pipe(self, item: Child) -> None:
         if item.pipe is not None:
@@ -277,29 +464,39 @@ class Master:
         self._close_pipe(item)
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         pid, item.proc = item.pid, None
-        if item.state is ChildState.STOPPING or self.stopping:
+        if item.role == "worker":
+            orphans = child.kill_orphaned_jobs(self.cfg.get("dtsd", "runtime_dir"), pid)
+            if orphans:
+                log.warning("%s died (%s): killed the %d job(s) it left running; the leader "
+                            "recovers them", item.name, how, orphans)
+        if item.retiring or self.stopping:
             item.transition(ChildState.STOPPED, how, pid)
             self.children.remove(item)
             return
-        if item.removed:
-            self.children.remove(item)
-            return
-        if code == child.EXIT_CONFIG:
-            log.error("%s cannot use the configuration (%s): stopping the master", item.name, how)
-            self.exit_code = 1
-            self.stopping = True
+        if code in (child.EXIT_CONFIG, child.EXIT_BOOT) and not self.was_ready:
+            what = "cannot use the configuration" if code == child.EXIT_CONFIG else "cannot start"
+            log.error("%s %s (%s): stopping the master", item.name, what, how)
             item.transition(ChildState.FATAL, how, pid)
             self.children.remove(item)
+            self.exit_code = 1
+            self.stopping = True
+            self.notifier.send("STOPPING=1")
             return
         if item.state is ChildState.STARTING:
             self._failed_start(item, how, pid)
             return
+        restart = self.setting(item.role, "autorestart")
+        if restart == "false" or (restart == "unexpected" and code == 0):
+            item.transition(ChildState.EXITED, f"{how}; autorestart={restart}", pid)
+            return
         item.restarts += 1
         item.transition(ChildState.EXITED, f"{how}; restarting", pid)
+        self.spawn_child(item)
 
     def _failed_start(self, item: Child, why: str, pid: int | None = None) -> None:
         item.failed_starts += 1
-        if item.failed_starts >= START_RETRIES:
+        retries = self.setting(item.role, "startretries")
+        if item.failed_starts >= retries:
             item.transition(ChildState.FATAL, f"{why}; gave up after {item.failed_starts} "
                                               "failed starts", pid)
             return
@@ -317,16 +514,22 @@ class Master:
             if exc.errno != errno.ESRCH:
                 raise
 
-    def _stop_wait(self, item: Child) -> float:
-        if item.role == "worker":
-            return (self.cfg.get("worker", "stopwaitsecs") + self.cfg.get("worker", "kill_grace")
-                    + STOP_MARGIN)
-        if item.role == "server":
-            return self.cfg.get("server", "stopwaitsecs") + STOP_MARGIN
-        return STOP_MARGIN
+    def retire_child(self, item: Child, why: str) -> None:
+        """Stop one child on purpose (scale-down, replacement): drained, never restarted."""
+        item.retiring = True
+        if item.proc is None:
+            item.transition(ChildState.STOPPED, why)
+            self.children.remove(item)
+            return
+        item.stop_deadline = time.monotonic() + self._stop_wait(item)
+        item.transition(ChildState.STOPPING, why)
+        self.kill_child(item, self.setting(item.role, "stopsignal"))
 
-    def _fast_wait(self, item: Child) -> float:
-        return (self.cfg.get("worker", "kill_grace") if item.role == "worker" else 0) + STOP_MARGIN
+    def _stop_wait(self, item: Child, fast: bool = False) -> float:
+        grace = self.cfg.get("worker", "kill_grace") if item.role == "worker" else 0.0
+        if fast:
+            return grace + STOP_MARGIN
+        return self.setting(item.role, "stopwaitsecs") + grace + STOP_MARGIN
 
     def stop_children(self) -> None:
         """Ask every child to stop once; KILL those that overstay their deadline."""
@@ -336,23 +539,51 @@ class Master:
                 self.children.remove(item)
                 continue
             if item.state is not ChildState.STOPPING:
-                wait = self._fast_wait(item) if self.fast_stop else self._stop_wait(item)
-                item.stop_deadline = now + wait
+                item.stop_deadline = now + self._stop_wait(item, self.fast_stop)
                 item.transition(ChildState.STOPPING)
-                self.kill_child(item, signal.SIGQUIT if self.fast_stop else signal.SIGTERM)
+                self.kill_child(item, signal.SIGQUIT if self.fast_stop
+                                else self.setting(item.role, "stopsignal"))
             elif now > item.stop_deadline:
                 log.warning("%s (pid %s) did not stop in time: KILL", item.name, item.pid)
                 self.kill_child(item, signal.SIGKILL)
                 item.stop_deadline = now + 3600
 
-    # --- the node record ------------------------------------------------------------------
+    # --- what the master tells the world --------------------------------------------------
+
+    def report(self) -> None:
+        """READY once everything runs for the first time; the STATUS line; the watchdog."""
+        if not self.stopping and not self.was_ready and self.all_running():
+            self.was_ready = True
+            log.info("all %d children are running: ready", sum(self.counts.values()))
+            self.notifier.send("READY=1")
+        self.notifier.status(self.status_line())
+        self.notifier.watchdog()
+
+    def status_line(self) -> str:
+        active = [c for c in self.children if not c.retiring]
+        up = sum(c.state is ChildState.RUNNING for c in active)
+        role = {None: "election pending", True: "leader", False: "follower"}[self.leader]
+        if role == "leader" and not self.cfg.get("etcd", "endpoints"):
+            role = "leader (single-node)"
+        parts = [role, f"children {up}/{sum(self.counts.values())} running"]
+        fatal = [c.name for c in active if c.state is ChildState.FATAL]
+        if fatal:
+            parts.append("FATAL: " + ", ".join(fatal))
+        if self.pending is not None:
+            parts.append(f"{self.pending} jobs pending")
+        if self.stopping:
+            parts.insert(0, "stopping")
+        elif self.reloading:
+            parts.insert(0, "reloading")
+        return "; ".join(parts)
 
     def node_record(self) -> dict:
         now = time.monotonic()
         return {
             "node_id": self.cfg.node_id, "version": __version__, "pid": os.getpid(),
             "started_at": self.started,
-            "state": "stopping" if self.stopping else "running",
+            "state": "stopping" if self.stopping else "reloading" if self.reloading else "running",
+            "status": self.status_line(),
             "children": [{"role": c.role, "index": c.index, "pid": c.pid, "state": c.state.value,
                           "uptime": round(now - c.running_since, 1)
                           if c.state is ChildState.RUNNING else 0.0,
@@ -383,6 +614,10 @@ class Master:
 
     # --- one-shot work before the children start ------------------------------------------
 
+    def config_args(self) -> list[str]:
+        """How children find the file (none when the default file is absent: defaults)."""
+        return ["-c", self.cfg.path] if self.cfg.from_file else []
+
     def address_is_free(self) -> bool:
         """Refuse to start when something already listens on our address.
 
@@ -405,9 +640,13 @@ class Master:
 
     def migrate(self) -> bool:
         """Bring the schema up to date in a child process (the master opens no connection)."""
-        result = subprocess.run([sys.executable, "-m", "dtsd", "migrate", "-c", self.cfg.path],
+        result = subprocess.run([sys.executable, "-m", "dtsd", "migrate", *self.config_args()],
                                 stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             log.error("schema migration failed (exit code %d); not starting", result.returncode)
             return False
         return True
+
+
+def _without_counts(values: dict) -> dict:
+    return {key: value for key, value in values.items() if key != "processes"}

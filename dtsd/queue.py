@@ -239,8 +239,9 @@ class Queue:
     def live_output(self, job_id: str) -> bytes:
         return self.redis.get(self.keys.live(job_id)) or b""
 
-    def request_cancel(self, job_id: str) -> None:
-        self.redis.publish(self.keys.cancel, job_id)
+    def request_cancel(self, job_id: str, attempt: int) -> None:
+        """Ask whichever worker runs that attempt to kill it."""
+        self.redis.publish(self.keys.cancel, f"{job_id} {attempt}")
 
     # --- heartbeats and recovery ----------------------------------------------------------
 

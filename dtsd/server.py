@@ -254,9 +254,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     @rpc
     def CancelJob(self, request, context):
         check_job_id(request.id)
-        previous, status, worker = self.api.store.cancel(request.id)
+        previous, status, attempt = self.api.store.cancel(request.id)
         if previous is JobStatus.RUNNING:
-            self.api.queue.request_cancel(request.id)
+            self.api.queue.request_cancel(request.id, attempt)
         if previous is not status:
             self.api.publish_state(request.id, status)
         return pb.CancelJobResponse(previous_status=pb.JobStatus.Value(previous.value),
@@ -300,7 +300,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         by_status, dead, queues = self.api.store.counts()
         response = pb.ClusterStatusResponse(
             cluster=self.api.cfg.get("dtsd", "cluster"),
-            single_node=not self.api.cfg.get("etcd", "endpoints"),
+            single_node=True,
             dead_lettered=dead, server_node=self.api.cfg.node_id)
         for status in JobStatus:
             response.job_counts[status.value] = by_status.get(status.value, 0)
@@ -319,6 +319,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                                   restarts=item.get("restarts", 0))
             if node.leader and not response.leader:
                 response.leader = node.node_id
+            response.single_node = response.single_node and record.get("single_node", True)
         for worker_id, beat in self.api.queue.workers().items():
             if beat is None:
                 continue

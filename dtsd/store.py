@@ -314,8 +314,8 @@ class Store:
                     (job_id,)).fetchall()
             return row
 
-    def cancel(self, job_id: str) -> tuple[JobStatus, JobStatus, str | None]:
-        """PENDING or RUNNING -> CANCELLED. Returns (previous, now, worker of a running job).
+    def cancel(self, job_id: str) -> tuple[JobStatus, JobStatus, int]:
+        """PENDING or RUNNING -> CANCELLED. Returns (previous, now, the attempt to kill).
 
         Cancelling a cancelled job is a no-op; cancelling one that finished otherwise is a
         Precondition error.
@@ -326,17 +326,16 @@ class Store:
                           error = %s, run_at = NULL
                    FROM (SELECT id, status FROM jobs WHERE id = %s FOR UPDATE) AS old
                    WHERE j.id = old.id AND old.status IN ('PENDING', 'RUNNING')
-                   RETURNING old.status, j.worker""",
+                   RETURNING old.status, j.attempts""",
                 (str(EndReason.CANCELLED), job_id)).fetchone()
             if row:
-                previous = JobStatus(row[0])
-                return previous, JobStatus.CANCELLED, row[1] if previous is JobStatus.RUNNING else None
+                return JobStatus(row[0]), JobStatus.CANCELLED, row[1]
             current = conn.execute("SELECT status FROM jobs WHERE id = %s", (job_id,)).fetchone()
         if current is None:
             raise NotFound(f"job {job_id} not found")
         status = JobStatus(current[0])
         if status is JobStatus.CANCELLED:
-            return status, status, None
+            return status, status, 0
         raise Precondition(f"job {job_id} already finished: {status.value}")
 
     def retry(self, job_id: str) -> Requeued:
@@ -445,6 +444,10 @@ class Store:
                     WHERE status = 'PENDING' AND updated_at < now() - make_interval(secs => %s)
                     {cursor} ORDER BY updated_at, id LIMIT %s""",
                 (*params, limit)).fetchall()
+
+    def pending_count(self) -> int:
+        with self.pool.connection() as conn:
+            return conn.execute("SELECT count(*) FROM jobs WHERE status = 'PENDING'").fetchone()[0]
 
     def running_workers(self) -> list[str]:
         with self.pool.connection() as conn:

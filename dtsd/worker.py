@@ -33,7 +33,7 @@ from .store import Claimed, Outcome, Store
 log = logging.getLogger("dtsd.worker")
 
 WRITE_BATCH = 500
-RECENT_CANCELS = 1000
+CANCEL_MEMORY = 60.0   # seconds a cancel is remembered for an attempt still being started
 
 
 class Worker:
@@ -51,9 +51,10 @@ class Worker:
         self.started = time.time()
 
         self.lock = threading.Condition()
-        self.running: dict[str, Execution] = {}
+        self.running: dict[str, tuple[Execution, int]] = {}  # job id -> (execution, attempt)
         self.starting = 0                         # claimed, thread not yet registered
-        self.recent_cancels: dict[str, float] = {}
+        self.recent_cancels: dict[tuple[str, int], float] = {}   # (job, attempt) -> when
+        self.groups = child.JobGroups(cfg.get("dtsd", "runtime_dir"))
         self.results: queuemod.SimpleQueue[Outcome | None] = queuemod.SimpleQueue()
         self.stopping = threading.Event()         # take no new jobs
         self.hand_back_now = threading.Event()    # QUIT, or the drain time is over
@@ -64,13 +65,9 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGQUIT, lambda *_: (self.stopping.set(), self.hand_back_now.set()))
-        try:
-            self.store.open(wait=True, timeout=60)
-            self.queue.redis.ping()
-        except Exception as exc:
-            log.error("cannot connect to the backing stores: %s", exc)
-            return child.EXIT_BOOT
-        self._beat()
+        if child.retry_forever("connecting to PostgreSQL and Redis", self._connect, log,
+                               self.stopping) is None:
+            return child.EXIT_OK
         threads = [threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True),
                    threading.Thread(target=self._listen_for_cancels, name="cancels", daemon=True)]
         writer = threading.Thread(target=self._write_results, name="writer")
@@ -89,8 +86,15 @@ class Worker:
         except Exception as exc:
             log.warning("could not retire from Redis: %s", exc)
         self.store.close()
+        self.groups.close()
         log.info("worker %s stopped", self.id)
         return child.EXIT_OK
+
+    def _connect(self) -> bool:
+        self.store.open(wait=True, timeout=30)
+        self.queue.redis.ping()
+        self._beat()
+        return True
 
     def _drain(self) -> None:
         """Let running jobs finish within stopwaitsecs; then hand the rest back."""
@@ -106,7 +110,7 @@ class Worker:
                 self.lock.wait(min(left, 0.2))
             if self.running:
                 log.info("handing back %d running job(s)", len(self.running))
-            for execution in self.running.values():
+            for execution, _ in self.running.values():
                 execution.stop(EndReason.HANDED_BACK)
             while self.running or self.starting:
                 self.lock.wait(0.2)
@@ -165,11 +169,12 @@ class Worker:
             cwd=job.cwd or settings.cwd, shell=settings.shell,
             timeout=job.timeout or settings.default_timeout, kill_grace=settings.kill_grace,
             max_output=settings.max_output_bytes,
-            on_output=lambda data, offset: self._publish_output(job, data, offset))
+            on_output=lambda data, offset: self._publish_output(job, data, offset),
+            on_spawn=self.groups.add, on_exit=self.groups.remove)
         with self.lock:
             self.starting -= 1
-            self.running[job.id] = execution
-            if job.id in self.recent_cancels:
+            self.running[job.id] = (execution, job.attempt)
+            if (job.id, job.attempt) in self.recent_cancels:
                 execution.stop(EndReason.CANCELLED)
             elif self.hand_back_now.is_set():
                 execution.stop(EndReason.HANDED_BACK)
@@ -193,8 +198,11 @@ class Worker:
 
     def _outcome(self, job: Claimed, result: Result) -> Outcome:
         """Decide what the attempt means for the job: success, retry, failure, hand-back."""
+        # A death by signal N is stored as exit code -N (subprocess's convention).
+        exit_code = result.exit_code if result.exit_code is not None else (
+            -result.signal if result.signal else None)
         outcome = Outcome(job_id=job.id, attempt=job.attempt, status=JobStatus.SUCCEEDED,
-                          exit_code=result.exit_code, output=result.output,
+                          exit_code=exit_code, output=result.output,
                           truncated=result.truncated, error=result.error, failed=False,
                           queue=job.queue, priority=job.priority)
         if result.reason is EndReason.HANDED_BACK:
@@ -208,7 +216,7 @@ class Worker:
             outcome.failed = True
             failures = job.failures + 1
             if not outcome.error:
-                outcome.error = f"exit code {result.exit_code}"
+                outcome.error = f"exit code {exit_code}"
             if failures <= job.max_retries:
                 delay = retry_delay(failures, self.settings.retry_backoff,
                                     self.settings.retry_backoff_max, random.random())
@@ -282,22 +290,23 @@ class Worker:
                 while not self.done.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and message["type"] == "message":
-                        self._cancel(message["data"].decode())
+                        job_id, _, attempt = message["data"].decode().partition(" ")
+                        self._cancel(job_id, int(attempt or 0))
             except Exception as exc:
                 log.warning("cancel channel lost: %s", exc)
                 self.done.wait(1.0)
 
-    def _cancel(self, job_id: str) -> None:
+    def _cancel(self, job_id: str, attempt: int) -> None:
+        """Kill the attempt if it runs here; remember it briefly in case it is starting."""
         with self.lock:
             now = time.monotonic()
-            self.recent_cancels[job_id] = now
-            if len(self.recent_cancels) > RECENT_CANCELS:
-                oldest = sorted(self.recent_cancels, key=self.recent_cancels.get)
-                for stale in oldest[:len(oldest) // 2]:
-                    del self.recent_cancels[stale]
-            execution = self.running.get(job_id)
-        if execution:
-            log.info("cancelling job %s", job_id)
+            self.recent_cancels[(job_id, attempt)] = now
+            for key, when in list(self.recent_cancels.items()):
+                if now - when > CANCEL_MEMORY:
+                    del self.recent_cancels[key]
+            execution, running_attempt = self.running.get(job_id, (None, 0))
+        if execution and running_attempt == attempt:
+            log.info("cancelling job %s attempt %d", job_id, attempt)
             execution.stop(EndReason.CANCELLED)
 
 

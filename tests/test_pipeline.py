@@ -163,6 +163,24 @@ def test_cancel_reaches_a_running_job_within_a_second(api, tmp_path):
     assert job.attempts == 1  # a cancel is never retried
 
 
+def test_a_job_cancelled_while_running_can_be_retried(api, tmp_path):
+    mark = tmp_path / "mark"
+    job_id = submit(api, f"if test -f {mark}; then echo again; else touch {mark}; sleep 300; fi")
+    wait_for(lambda: mark.exists())
+    api.CancelJob(pb.CancelJobRequest(id=job_id))
+    wait_for(lambda: api.GetJob(pb.GetJobRequest(id=job_id, include_attempts=True))
+             .attempt_history[0].finished_at.seconds)
+    api.RetryJob(pb.RetryJobRequest(id=job_id))
+    job = wait_final(api, job_id)
+    assert (job.status, job.output, job.attempts) == (pb.SUCCEEDED, b"again\n", 2)
+
+
+def test_a_job_killed_by_a_signal_records_minus_the_signal(api):
+    job = wait_final(api, submit(api, "kill -9 $$", max_retries=0))
+    assert (job.status, job.exit_code) == (pb.FAILED, -9)
+    assert "SIGKILL" in job.error
+
+
 def test_cancel_of_a_pending_job_means_it_never_runs(dtsd_factory):
     master = dtsd_factory(FAST, worker={"processes": 0})
     api = pb_grpc.SchedulerStub(grpc.insecure_channel(master.address))
@@ -392,11 +410,16 @@ def test_a_job_committed_but_never_pushed_is_recovered(dtsd, api):
 def test_a_killed_worker_s_job_is_recovered_and_run_again(dtsd_factory, tmp_path):
     master = dtsd_factory(FAST, worker={"processes": 1, "heartbeat_ttl": "2s"})
     api = pb_grpc.SchedulerStub(grpc.insecure_channel(master.address))
-    first = tmp_path / "first"
-    job_id = submit(api, f"if test -f {first}; then echo second; else touch {first}; sleep 300; fi")
+    first, pidfile = tmp_path / "first", tmp_path / "pid"
+    job_id = submit(api, f"if test -f {first}; then echo second; else touch {first}; "
+                         f"sleep 300 & echo $! > {pidfile}; wait; fi")
     job = wait_for(lambda: (j := api.GetJob(pb.GetJobRequest(id=job_id))).status == pb.RUNNING and j)
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip())
     worker_pid = int(job.worker.rsplit("-", 1)[1])
     os.kill(worker_pid, 9)
+    # The first run must not go on beside the second: the master kills what the worker left.
+    wait_for(lambda: not _alive(int(pidfile.read_text())), timeout=5,
+             message="the dead worker's job to be killed")
     job = wait_final(api, job_id, timeout=60)
     assert job.status == pb.SUCCEEDED
     assert job.output == b"second\n"
