@@ -147,6 +147,9 @@ class Notifier:
         monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
 
+    def next_watchdog(self) -> float:
+        return self._last_watchdog + self.watchdog_interval
+
     def watchdog(self) -> None:
         now = time.monotonic()
         if self.watchdog_interval and now - self._last_watchdog >= self.watchdog_interval:
@@ -209,8 +212,8 @@ class Master:
 
     def sleep(self, timeout: float) -> None:
         """Wait for a signal, a child's report, or the timeout."""
-        if self.notifier.watchdog_interval:
-            timeout = min(timeout, self.notifier.watchdog_interval)
+        if self.notifier.watchdog_interval:    # wake in time for the next ping, not later
+            timeout = max(0.0, min(timeout, self.notifier.next_watchdog() - time.monotonic()))
         fds = [self._wake_r] + [c.pipe for c in self.children if c.pipe is not None]
         try:
             readable, _, _ = select.select(fds, [], [], timeout)
@@ -365,6 +368,7 @@ class Master:
         if not busy and self.all_running():
             self.reloading = False
             log.info("reload complete")
+            self.write_node_record(force=True)   # whoever acts on READY reads this
             self.notifier.send("READY=1")
 
     def _successor(self, old: Child) -> Child | None:
@@ -555,6 +559,7 @@ class Master:
         if not self.stopping and not self.was_ready and self.all_running():
             self.was_ready = True
             log.info("all %d children are running: ready", sum(self.counts.values()))
+            self.write_node_record(force=True)   # whoever acts on READY reads this
             self.notifier.send("READY=1")
         self.notifier.status(self.status_line())
         self.notifier.watchdog()
@@ -590,11 +595,11 @@ class Master:
                           "restarts": c.restarts} for c in self.children],
         }
 
-    def write_node_record(self) -> None:
+    def write_node_record(self, force: bool = False) -> None:
         """For the coordinator to publish: what this master supervises. Written at once when
         a child changes state, else every few seconds (for the uptimes)."""
         now = time.monotonic()
-        if not Child.changed and now - self._last_record < 5.0:
+        if not force and not Child.changed and now - self._last_record < 5.0:
             return
         self._last_record = now
         Child.changed = False
