@@ -1,9 +1,10 @@
 """The worker child: takes job ids from Redis, claims them in PostgreSQL, runs them, reports.
 
-One worker process runs up to `[worker] concurrency` jobs at once, each in a thread
-that owns one `Execution`. The main thread fetches: it moves as many ids as it has free
-slots into its processing list (one Lua call), claims them all with one statement,
-and starts them. Finished attempts go to a writer thread that records them in batches
+One worker process runs up to `[worker] concurrency` jobs at once on as many long-lived
+job threads, each running one `Execution` at a time. The main thread fetches: it moves
+as many ids as it has free slots into its processing list (one Lua call), claims them
+all with one statement, and hands them to the job threads; nothing else happens on that
+path, so the next fetch follows at once. Finished attempts go to a writer thread that records them in batches
 (one transaction) and acknowledges them in Redis (one pipeline), so under load the
 database sees a few statements per batch rather than several per job.
 
@@ -59,6 +60,7 @@ class Worker:
         self.stopping = threading.Event()         # take no new jobs
         self.hand_back_now = threading.Event()    # QUIT, or the drain time is over
         self.done = threading.Event()             # threads may go
+        self.todo: queuemod.SimpleQueue[Claimed | None] = queuemod.SimpleQueue()
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -70,6 +72,8 @@ class Worker:
             return child.EXIT_OK
         threads = [threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True),
                    threading.Thread(target=self._listen_for_cancels, name="cancels", daemon=True)]
+        threads += [threading.Thread(target=self._job_thread, name=f"job-{n}", daemon=True)
+                    for n in range(self.concurrency)]
         writer = threading.Thread(target=self._write_results, name="writer")
         for thread in (*threads, writer):
             thread.start()
@@ -78,6 +82,8 @@ class Worker:
         self.parent.ready()
         self._fetch_loop()
         self._drain()
+        for _ in range(self.concurrency):
+            self.todo.put(None)
         self.results.put(None)
         writer.join()
         self.done.set()
@@ -150,19 +156,29 @@ class Worker:
             raise
         mine = {job.id for job in claimed}
         unclaimed = [job_id for job_id in ids if job_id not in mine]
-        events = [(job.id, Event("state", attempt=job.attempt, status=JobStatus.RUNNING))
-                  for job in claimed]
-        self.queue.ack(self.id, unclaimed, events=events)
+        if unclaimed:       # done, cancelled or running elsewhere: let go of them
+            self.queue.ack(self.id, unclaimed)
         with self.lock:
             self.starting += len(claimed)
         for job in claimed:
-            threading.Thread(target=self._run_job, args=(job,), name=f"job-{job.id}",
-                             daemon=True).start()
+            self.todo.put(job)
+
+    def _job_thread(self) -> None:
+        while True:
+            job = self.todo.get()
+            if job is None:
+                return
+            self._run_job(job)
 
     # --- running one job ------------------------------------------------------------------
 
     def _run_job(self, job: Claimed) -> None:
         settings = self.settings
+        try:
+            self.queue.publish([(job.id, Event("state", attempt=job.attempt,
+                                               status=JobStatus.RUNNING))])
+        except Exception as exc:  # watchers also poll PostgreSQL; the job runs regardless
+            log.debug("RUNNING event of %s not published: %s", job.id, exc)
         execution = Execution(
             job.command,
             env=build_env(job.env, path=settings.path, job_id=job.id, attempt=job.attempt),
