@@ -129,7 +129,7 @@ def main() -> None:
     workdir = Path(pg.dir) / "dtsd"
     (workdir / "run").mkdir(parents=True)
     master = DtsdMaster(workdir, "bench", {
-        "dtsd": {"node_id": "bench", "runtime_dir": str(workdir / "run"), "log_level": "warning"},
+        "dtsd": {"node_id": "bench", "runtime_dir": str(workdir / "run"), "log_level": os.environ.get("BENCH_LOG", "warning")},
         "server": {"listen": f"127.0.0.1:{free_port()}", "processes": args.servers},
         "worker": {"processes": args.workers, "concurrency": args.concurrency},
         "postgres": {"dsn": pg.create_database("bench")},
