@@ -58,13 +58,13 @@ def wait_done(dsn: str, total: int, timeout: float = 600) -> None:
     while count_done(dsn) < total:
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out: {count_done(dsn)} of {total} done")
-        time.sleep(0.05)
+        time.sleep(0.2)
 
 
 def throughput(api, dsn: str, jobs: int, batch: int, clients: int) -> float:
     """Jobs/s from the first submit to the last finish (PostgreSQL's own timestamps)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE jobs CASCADE")
+        conn.execute("TRUNCATE jobs, job_attempts")
     started = time.time()
     if batch > 1:
         for i in range(0, jobs, batch):
@@ -94,7 +94,7 @@ def throughput(api, dsn: str, jobs: int, batch: int, clients: int) -> float:
 def latency(api, dsn: str, jobs: int, rate: float) -> tuple[float, float]:
     """Submit one job every 1/rate s; submit->start = claim time - client send time (ms)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE jobs CASCADE")
+        conn.execute("TRUNCATE jobs, job_attempts")
     sent: dict[str, float] = {}
     period = 1.0 / rate
     next_at = time.monotonic()
