@@ -123,3 +123,34 @@ def dtsd_factory(request: pytest.FixtureRequest, pg_dsn: str,
             print(f"(kept {factory.dir} for inspection)")
         else:
             shutil.rmtree(factory.dir, ignore_errors=True)
+
+
+# --- etcd (tests/etcd_helpers.py) ------------------------------------------------------------
+# `etcd`: a private single-member etcd; `etcd_cluster`: three members (stop/kill/start them
+# one by one with `.stop_member(i)`, `.kill_member(i)`, `.start_member(i)`). Both give
+# `.endpoints` ("127.0.0.1:p1,..."), and are function-scoped: every test gets fresh data.
+
+@pytest.fixture
+def etcd(request: pytest.FixtureRequest):
+    from tests.etcd_helpers import EtcdServer
+    server = EtcdServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        if _failed(request):
+            print(f"\n{server.logs(60)}")
+        server.cleanup()
+
+
+@pytest.fixture
+def etcd_cluster(request: pytest.FixtureRequest):
+    from tests.etcd_helpers import EtcdCluster
+    cluster = EtcdCluster(3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        if _failed(request):
+            print(f"\n{cluster.logs(60)}")
+        cluster.cleanup()
