@@ -2,7 +2,8 @@
 
     dtsctl [GLOBAL OPTIONS] VERB [OPTIONS] [ARGS]      (`dtsctl VERB --help` for each verb)
 
-Verbs: submit, status, list, logs, cancel, retry, dlq list|requeue|purge.
+Verbs: submit, status, list, logs, cancel, retry, dlq list|requeue|purge,
+cron add|list|pause|resume|rm|run|next.
 
 Which servers (first match wins; `--submit-server`/`SUBMIT_SERVER` pick the servers for
 writes: submit, cancel, retry, dlq requeue/purge; `--status-servers`/`STATUS_SERVERS` for
@@ -60,6 +61,13 @@ Per verb:
   retry                   {jobs: [<job>], errors: [...]}
   dlq requeue             {ids: [...]}
   dlq purge               {purged}
+  cron add|pause|resume   <schedule>: {id, name, expression, timezone, overlap, misfire,
+                           catchup_window_seconds, job: <spec>, paused, next_fire_time,
+                           last_fire_time, last_job_id, created_at, updated_at}
+  cron list               {schedules: [<schedule>]}
+  cron rm                 {name, deleted}
+  cron run                {id, created}
+  cron next               {times: [{at, local, note}]}
 """
 
 from __future__ import annotations
@@ -1237,6 +1245,160 @@ def dlq_purge(settings: Settings, job_ids: tuple[str, ...], queue: str, yes: boo
     reply = settings.call(Role.WRITE, "PurgeDeadLetters", dtsd_pb2.PurgeDeadLettersRequest(
         ids=list(job_ids), queue=queue))
     render(settings.output, {"purged": reply.purged}, lambda data: f"purged {data['purged']}")
+
+
+# --- cron schedules -----------------------------------------------------------------------
+
+OVERLAP_NAMES = ("allow", "forbid", "replace")
+MISFIRE_NAMES = ("skip", "run_once", "run_all")
+
+
+def schedule_dict(schedule: Any) -> dict[str, Any]:
+    return {"id": schedule.id, "name": schedule.name, "expression": schedule.expression,
+            "timezone": schedule.timezone,
+            "overlap": dtsd_pb2.OverlapPolicy.Name(schedule.overlap).lower(),
+            "misfire": dtsd_pb2.MisfirePolicy.Name(schedule.misfire).lower(),
+            "catchup_window_seconds": schedule.catchup_window_seconds,
+            "job": spec_dict(schedule.job), "paused": schedule.paused,
+            "next_fire_time": _time(schedule, "next_fire_time"),
+            "last_fire_time": _time(schedule, "last_fire_time"),
+            "last_job_id": schedule.last_job_id or None,
+            "created_at": _time(schedule, "created_at"), "updated_at": _time(schedule, "updated_at")}
+
+
+def schedules_table(data: dict[str, Any]) -> str:
+    return format_table(
+        ("NAME", "EXPRESSION", "ZONE", "OVERLAP", "MISFIRE", "STATE", "NEXT", "LAST JOB", "COMMAND"),
+        [(s["name"], s["expression"], s["timezone"], s["overlap"], s["misfire"],
+          "paused" if s["paused"] else "active", local_time(s["next_fire_time"]) or "-",
+          s["last_job_id"] or "-", s["job"]["command"]) for s in data["schedules"]])
+
+
+@cli.group()
+def cron() -> None:
+    """Cron schedules: each slot submits one job, fired by the cluster's leader.
+
+    \b
+    Expressions: 5 fields (minute hour day-of-month month day-of-week), or 6 with a
+    SECONDS field FIRST (as the Go seed's cron): `*/10 * * * * *` = every 10 s;
+    aliases @yearly @monthly @weekly @daily @hourly. Times are in --tz (IANA, default UTC).
+    DST: a slot in a spring-forward gap fires once at the end of the gap; a slot in a
+    fall-back hour fires once, at its first occurrence. `dtsctl cron next NAME` shows it.
+    """
+
+
+@cron.command("add")
+@click.option("--tz", "zone", default="", metavar="ZONE", help="IANA time zone (default UTC).")
+@click.option("--overlap", type=click.Choice(OVERLAP_NAMES), default="allow", show_default=True,
+              help="A slot while the previous run still runs: start anyway, skip it, or "
+                   "cancel the running one. forbid holds across the whole cluster.")
+@click.option("--misfire", type=click.Choice(MISFIRE_NAMES), default="run_once",
+              show_default=True, help="Slots missed while no leader could fire them: drop "
+                                      "them, fire the latest once, or fire each.")
+@click.option("--catchup-window", type=DURATION, default=None, metavar="DUR",
+              help="How far back missed slots count (default 1h).")
+@click.option("--name", "job_name", default="", help="Name of the submitted jobs (default: "
+                                                     "the schedule's).")
+@click.option("--env", "env", type=ENV, multiple=True, metavar="KEY=VALUE",
+              help="Environment variable for the job (repeatable).")
+@click.option("--cwd", default="", help="Working directory, absolute.")
+@click.option("--queue", default="", help="Queue to run in (default: default).")
+@click.option("--priority", type=click.IntRange(0, models.MAX_PRIORITY), default=0,
+              help="0 (default) to 9; higher runs first.")
+@click.option("--max-retries", type=click.IntRange(0, models.MAX_RETRIES_LIMIT), default=None,
+              help="Retries after a failure (default 3).")
+@click.option("--timeout", "job_timeout", type=DURATION, default=None, metavar="DUR",
+              help="Kill each run after this long.")
+@option_output
+@click.argument("name")
+@click.argument("expression")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] CMD...")
+@pass_settings
+def cron_add(settings: Settings, name: str, expression: str, command: tuple[str, ...], zone: str,
+             overlap: str, misfire: str, catchup_window: float | None, job_name: str,
+             env: tuple[tuple[str, str], ...], cwd: str, queue: str, priority: int,
+             max_retries: int | None, job_timeout: float | None) -> None:
+    """Add a schedule: dtsctl cron add NAME 'EXPR' [OPTIONS] -- CMD...
+
+    Options may stand anywhere before `--`; everything after it is the command.
+    Prints the schedule (JSON: the schedule object: id, name, expression, timezone,
+    overlap, misfire, catchup_window_seconds, job, paused, next_fire_time,
+    last_fire_time, last_job_id, created_at, updated_at).
+    """
+    if not command:
+        raise click.UsageError("no command: dtsctl cron add NAME 'EXPR' [OPTIONS] -- CMD...")
+    text = command[0] if len(command) == 1 else shlex.join(command)
+    spec = job_spec(command=text, name=job_name, env=dict(env), cwd=cwd, queue=queue,
+                    priority=priority, max_retries=max_retries, timeout=job_timeout)
+    schedule = dtsd_pb2.Schedule(
+        name=name, expression=expression, timezone=zone, job=spec,
+        overlap=dtsd_pb2.OverlapPolicy.Value(overlap.upper()),
+        misfire=dtsd_pb2.MisfirePolicy.Value(misfire.upper()),
+        catchup_window_seconds=catchup_window or 0.0)
+    reply = settings.call(Role.WRITE, "CreateSchedule",
+                          dtsd_pb2.CreateScheduleRequest(schedule=schedule))
+    render(settings.output, schedule_dict(reply), lambda data: schedules_table(
+        {"schedules": [data]}))
+
+
+@cron.command("list")
+@option_output
+@pass_settings
+def cron_list(settings: Settings) -> None:
+    """Every schedule. JSON: {schedules: [<schedule>]}."""
+    reply = settings.call(Role.READ, "ListSchedules", dtsd_pb2.ListSchedulesRequest())
+    render(settings.output, {"schedules": [schedule_dict(s) for s in reply.schedules]},
+           schedules_table)
+
+
+def _schedule_verb(method: str, verb: str, doc: str) -> None:
+    @cron.command(verb, help=doc)
+    @option_output
+    @click.argument("name")
+    @pass_settings
+    def command(settings: Settings, name: str) -> None:
+        reply = settings.call(Role.WRITE, method, dtsd_pb2.ScheduleRef(name=name))
+        if method == "DeleteSchedule":
+            render(settings.output, {"name": name, "deleted": True},
+                   lambda data: f"deleted {data['name']}")
+        elif method == "TriggerSchedule":
+            render(settings.output, {"id": reply.id, "created": reply.created},
+                   lambda data: data["id"])
+        else:
+            render(settings.output, schedule_dict(reply),
+                   lambda data: schedules_table({"schedules": [data]}))
+
+
+_schedule_verb("PauseSchedule", "pause", "Stop firing NAME (JSON: the schedule).")
+_schedule_verb("ResumeSchedule", "resume",
+               "Fire NAME again from its next slot; slots missed while paused are not made "
+               "up (JSON: the schedule).")
+_schedule_verb("DeleteSchedule", "rm", "Delete NAME; jobs it submitted stay (JSON: {name, "
+                                       "deleted}).")
+_schedule_verb("TriggerSchedule", "run", "Fire NAME now, outside its slots; prints the job id "
+                                         "(JSON: {id, created}).")
+
+
+@cron.command("next")
+@click.option("-n", "count", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="How many slots.")
+@click.option("--tz", "zone", default="", metavar="ZONE",
+              help="With an expression instead of NAME: its time zone.")
+@option_output
+@click.argument("name_or_expression")
+@pass_settings
+def cron_next(settings: Settings, name_or_expression: str, count: int, zone: str) -> None:
+    """The next slots of a schedule (or of an expression), in UTC and local time, with
+    the DST rule applied where one applies. JSON: {times: [{at, local, note}]}."""
+    is_name = models.QUEUE_NAME.match(name_or_expression) is not None and not zone
+    request = (dtsd_pb2.PreviewScheduleRequest(name=name_or_expression, count=count) if is_name
+               else dtsd_pb2.PreviewScheduleRequest(expression=name_or_expression, timezone=zone,
+                                                    count=count))
+    reply = settings.call(Role.READ, "PreviewSchedule", request)
+    data = {"times": [{"at": _time(t, "at"), "local": t.local, "note": t.note or None}
+                      for t in reply.times]}
+    render(settings.output, data, lambda d: format_table(
+        ("UTC", "LOCAL", "NOTE"), [(t["at"], t["local"], t["note"] or "") for t in d["times"]]))
 
 
 def main() -> None:

@@ -189,6 +189,8 @@ def _options() -> list[Option]:
           "How often the leader promotes delayed jobs and recovers work of dead workers."),
         o("dtsd", "reconcile_interval", "5s", positive_duration,
           "How often the leader re-pushes PENDING jobs that Redis does not hold."),
+        o("dtsd", "retention", "30d", duration,
+          "The leader deletes finished jobs older than this (dead-lettered ones stay); 0: keep all."),
         o("dtsd", "child_timeout", "30s", positive_duration,
           "A child that has not reported alive for this long is killed and replaced."),
 

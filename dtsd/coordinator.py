@@ -1,17 +1,21 @@
 """The coordinator child: leadership and the leader's housekeeping loops.
 
-Without `[etcd] endpoints` the node runs in single-node mode and always leads. (The etcd
-election with fencing plugs in behind `Leadership`.) The loops are written so that two
-nodes running them at once cannot corrupt anything: every write they make is a
-compare-and-set in PostgreSQL, and pushing an id Redis already holds twice only costs
-a claim that fails.
+With `[etcd] endpoints` the node takes part in an etcd election (dtsd.election); without,
+it runs in single-node mode and always leads. Every leader-only write in PostgreSQL is
+fenced by the leader's token (store.Store.fenced), so a deposed leader that wakes late
+writes nothing. The loops are written so that two nodes running them at once cannot
+corrupt anything: each write is a compare-and-set, a cron slot's job has a unique id,
+and pushing an id Redis already holds costs only a claim that fails.
 
-Loops:
+Loops (leader only):
+  fire       due cron schedules, with their misfire and overlap policies
   promote    delayed and back-off jobs whose time has come go onto their lists
   recover    jobs of dead workers (heartbeat gone): the attempt is closed as lost, retried
   reconcile  PENDING jobs that Redis holds nowhere are pushed again (a crash between the
              PostgreSQL commit and the Redis push, a Redis restart or flush)
-  publish    this node's record (from the master's node file) for `dtsctl status`
+  prune      finished jobs older than [dtsd] retention
+And on every node: publish this node's record (from the master's node file) for
+`dtsctl status`, and report leadership and backlog to the master.
 """
 
 from __future__ import annotations
@@ -23,39 +27,40 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
+from typing import Any
 
 from . import child
+from . import cron as cronmod
 from .config import Config
+from .models import schedule_job
 from .queue import Queue, Ready, connect
-from .store import Store
+from .store import Deposed, Fence, FirePlan, Store
 
 log = logging.getLogger("dtsd.coordinator")
 
 RECONCILE_BATCH = 5000
-
-
-class Leadership:
-    """Who leads. Single-node mode: this node, always."""
-
-    single_node = True
-
-    def is_leader(self) -> bool:
-        return True
+PRUNE_EVERY = 300.0
+STATUS_EVERY = 5.0
+_PB_PYTHON = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, index: int, parent: child.Parent):
+    def __init__(self, cfg: Config, index: int, parent: child.Parent, leadership):
         self.cfg = cfg
         self.parent = parent
         self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=2,
                            name="dtsd-coordinator")
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
-        self.leadership = Leadership()
+        self.leadership = leadership
         self.stop = threading.Event()
         self.missing_since: dict[str, float] = {}
         self.reconcile_cursor: tuple[datetime, str] | None = None
         self.node_file = os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json")
+        self.was_leader = False
+        # A slot later than this was missed (downtime, failover, no quorum) and follows the
+        # schedule's misfire policy; the leader wakes at each slot, so on time is a few ms.
+        self.grace = max(1.0, 3 * cfg.get("dtsd", "housekeeping_interval"))
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
@@ -63,30 +68,43 @@ class Coordinator:
         if child.retry_forever("connecting to PostgreSQL and Redis", self._connect, log,
                                self.stop) is None:
             return child.EXIT_OK
+        self.leadership.start()
         self.parent.ready()
-        if self.cfg.get("etcd", "endpoints"):
-            log.warning("[etcd] endpoints is set, but this version has no etcd election yet: "
-                        "running in single-node mode (this node leads)")
         log.info("coordinator ready (%s)", "single-node mode: this node leads"
                  if self.leadership.single_node else "etcd election")
         interval = self.cfg.get("dtsd", "housekeeping_interval")
         reconcile_every = self.cfg.get("dtsd", "reconcile_interval")
         next_reconcile = time.monotonic() + reconcile_every
-        next_status = 0.0
+        next_status = next_prune = 0.0
         while not self.stop.is_set():
             started = time.monotonic()
+            wake_at = started + interval
+            leader = self.leadership.is_leader()
+            if leader != self.was_leader:
+                self.was_leader = leader
+                log.info("this node %s", "leads: leader loops start" if leader
+                         else "does not lead: leader loops stop")
             self._tick("publishing the node record", self.publish_node)
-            if self.leadership.is_leader():
+            if leader:
+                fence = Fence(self.cfg.get("dtsd", "cluster"), self.leadership.token(),
+                              self.cfg.node_id)
+                due = self._tick("firing schedules", lambda: self.fire(fence))
+                if due is not None:
+                    wake_at = min(wake_at, time.monotonic() + max(0.0, due))
                 self._tick("promoting due jobs", self.promote)
-                self._tick("recovering dead workers", self.recover)
+                self._tick("recovering dead workers", lambda: self.recover(fence))
                 if started >= next_reconcile:
                     self._tick("reconciling Redis with PostgreSQL", self.reconcile)
                     next_reconcile = started + reconcile_every
+                if started >= next_prune:
+                    self._tick("pruning old jobs", lambda: self.prune(fence))
+                    next_prune = started + PRUNE_EVERY
             self.parent.alive()
             if started >= next_status:
                 self._tick("reporting to the master", self.report)
-                next_status = started + 5.0
-            self.stop.wait(max(0.0, interval - (time.monotonic() - started)))
+                next_status = started + STATUS_EVERY
+            self.stop.wait(max(0.0, wake_at - time.monotonic()))
+        self.leadership.stop()
         self.store.close()
         return child.EXIT_OK
 
@@ -95,19 +113,64 @@ class Coordinator:
         self.queue.redis.ping()
         return True
 
-    def _tick(self, what: str, step) -> None:
+    def _tick(self, what: str, step) -> Any:
         try:
-            step()
+            return step()
+        except Deposed as exc:
+            log.warning("%s refused, a newer leader exists: %s", what, exc)
         except Exception as exc:
             log.warning("%s failed: %s", what, exc)
+        return None
 
-    # --- the loops ------------------------------------------------------------------------
+    # --- cron -----------------------------------------------------------------------------
+
+    def fire(self, fence: Fence) -> float | None:
+        """Fire the due schedules; returns seconds until the next slot (None: none)."""
+        now = datetime.now(timezone.utc)
+        for fired in self.store.fire_due_schedules(fence, now, lambda row, runs:
+                                                    self.plan(row, runs, now)):
+            self.queue.push([Ready(j.id, j.queue, j.priority) for j in fired.jobs])
+            for job_id, previous, attempt in fired.cancelled:
+                if previous == "RUNNING":
+                    self.queue.request_cancel(job_id, attempt)
+            for job in fired.jobs:
+                log.info("schedule %s fired job %s for %s", fired.schedule, job.id,
+                         job.fire_time.isoformat() if job.fire_time else "now")
+        due = self.store.next_due()
+        return None if due is None else (due - datetime.now(timezone.utc)).total_seconds()
+
+    def plan(self, row: dict[str, Any], open_runs: list[tuple[str, str, int]],
+             now: datetime) -> FirePlan:
+        """The leader's policy for one due schedule (misfire, then overlap)."""
+        schedule = cronmod.parse(row["expression"], row["timezone"])
+        all_due = slots = cronmod.due_slots(schedule, row["last_fire_time"], row["created_at"],
+                                            now, cronmod.Misfire(row["misfire"]),
+                                            row["catchup_window"], grace=self.grace)
+        overlap = cronmod.Overlap(row["overlap"])
+        cancel: list[str] = []
+        if slots and overlap is not cronmod.Overlap.ALLOW:
+            # One run at a time: of several due slots only the latest can run.
+            if overlap is cronmod.Overlap.FORBID and open_runs:
+                log.info("schedule %s: slot %s skipped, a run is still going (overlap=forbid)",
+                         row["name"], slots[-1].isoformat())
+                slots = []
+            else:
+                slots = slots[-1:]
+                cancel = [job_id for job_id, _, _ in open_runs]
+        # Slots up to `now` are handled (fired, or dropped by the policy), unless due_slots
+        # stopped at its limit: then the rest is taken on the next tick.
+        horizon = all_due[-1] if len(all_due) >= cronmod.MAX_DUE else now
+        jobs = [schedule_job(row, slot) for slot in slots]
+        return FirePlan(jobs=jobs, cancel=cancel, last_fire_time=horizon,
+                        next_fire_time=now if horizon < now else schedule.next_after(now))
+
+    # --- the other loops ------------------------------------------------------------------
 
     def promote(self) -> None:
         while self.queue.promote_due() >= 1000:
             pass
 
-    def recover(self) -> None:
+    def recover(self, fence: Fence) -> None:
         """Requeue the work of workers whose heartbeat is gone."""
         now = time.monotonic()
         ttl = self.cfg.get("worker", "heartbeat_ttl")
@@ -126,7 +189,7 @@ class Coordinator:
                 if now - first < ttl:
                     continue
             requeued = self.store.recover_lost(
-                worker, backoff=self.cfg.get("worker", "retry_backoff"),
+                fence, worker, backoff=self.cfg.get("worker", "retry_backoff"),
                 backoff_max=self.cfg.get("worker", "retry_backoff_max"))
             self.queue.drop_worker(worker)
             self.queue.push([Ready(r.id, r.queue, r.priority, r.run_at) for r in requeued])
@@ -150,6 +213,21 @@ class Coordinator:
             self.queue.push(lost)
             log.warning("pushed %d PENDING job(s) again that Redis did not hold", len(lost))
 
+    def prune(self, fence: Fence) -> None:
+        retention = self.cfg.get("dtsd", "retention")
+        if retention <= 0:
+            return
+        total = 0
+        while True:
+            pruned = self.store.prune(fence, retention)
+            total += pruned
+            if pruned < 5000 or self.stop.is_set():
+                break
+        if total:
+            log.info("pruned %d finished job(s) older than %.0fs", total, retention)
+
+    # --- what this node tells others ------------------------------------------------------
+
     def report(self) -> None:
         """Leadership and backlog, for the master's systemd STATUS line."""
         self.parent.status({"leader": self.leadership.is_leader(),
@@ -163,14 +241,32 @@ class Coordinator:
             record = {"node_id": self.cfg.node_id, "children": []}
         record["leader"] = self.leadership.is_leader()
         record["single_node"] = self.leadership.single_node
+        record["leader_id"] = self.leadership.leader()
         record["seen_at"] = time.time()
         self.queue.publish_node(self.cfg.node_id, record,
                                 ttl=max(5.0, 5 * self.cfg.get("dtsd", "housekeeping_interval")))
 
 
+def _etcd_loads() -> bool:
+    """PyPI's etcd3 0.12 ships stubs that protobuf >= 4 (upb) refuses to load; Debian's
+    python3-etcd3 is regenerated and loads fine. Test it in a throwaway interpreter."""
+    import subprocess
+    probe = subprocess.run([sys.executable, "-c", "import etcd3"], capture_output=True,
+                           stdin=subprocess.DEVNULL)
+    return probe.returncode == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, index, parent = child.boot("coordinator", argv)
-    return Coordinator(cfg, index, parent).run()
+    if cfg.get("etcd", "endpoints") and _PB_PYTHON not in os.environ and not _etcd_loads():
+        # Confined to this process, whose etcd traffic is a few calls a second: the API
+        # servers keep the fast protobuf.
+        log.info("etcd3 needs the pure-Python protobuf here: restarting the coordinator with it")
+        os.environ[_PB_PYTHON] = "python"
+        os.execv(sys.executable, [sys.executable, "-m", "dtsd.coordinator", *sys.argv[1:]])
+    from . import election
+    leadership = election.create(cfg)
+    return Coordinator(cfg, index, parent, leadership).run()
 
 
 if __name__ == "__main__":

@@ -182,6 +182,25 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
                   idempotency_key=idempotency_key or None, submitted_by=submitted_by)
 
 
+def schedule_job(schedule: dict, slot: datetime | None) -> NewJob:
+    """The job a schedule row submits for `slot` (None: fired by hand).
+
+    A slot's job id names the schedule and the slot, so a slot can be inserted only once,
+    whichever leader (or two) fires it.
+    """
+    template = schedule["job"]
+    job_id = (f"cron-{schedule['id']}-{int(slot.timestamp())}" if slot else
+              f"cron-{schedule['id']}-run-{uuid.uuid4().hex[:12]}")
+    return NewJob(id=job_id, command=template["command"],
+                  name=template.get("name") or schedule["name"], env=template.get("env", {}),
+                  cwd=template.get("cwd", ""), queue=template.get("queue", DEFAULT_QUEUE),
+                  priority=template.get("priority", 0),
+                  max_retries=template.get("max_retries", DEFAULT_MAX_RETRIES),
+                  timeout=template.get("timeout", 0.0),
+                  submitted_by=f"schedule:{schedule['name']}", schedule_id=schedule["id"],
+                  fire_time=slot)
+
+
 def retry_delay(failures: int, base: float, cap: float, rand: float) -> float:
     """Exponential back-off with full jitter on the upper half: base * 2^(n-1), capped.
 

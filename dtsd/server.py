@@ -30,10 +30,11 @@ import psycopg_pool
 import redis
 
 from . import __version__, child, introspection
+from . import cron as cronmod
 from .config import Config
 from .dtsdpb import pb, pb_grpc, seed_pb, seed_pb_grpc
-from .models import (DEFAULT_QUEUE, FINAL_STATES, InvalidField, JobStatus, NewJob, check_job_id,
-                     check_queue, validate_spec)
+from .models import (DEFAULT_QUEUE, FINAL_STATES, QUEUE_NAME, InvalidField, JobStatus, NewJob,
+                     check_job_id, check_queue, schedule_job, validate_spec)
 from .queue import Event, Queue, Ready, connect
 from .store import Conflict, NotFound, Precondition, Store, decode_page_token
 
@@ -99,6 +100,51 @@ def spec_to_job(spec: pb.JobSpec, submitted_by: str, prefix: str = "") -> NewJob
         timeout=spec.timeout_seconds,
         run_at=to_datetime(spec.run_at) if spec.HasField("run_at") else None,
         idempotency_key=spec.idempotency_key, submitted_by=submitted_by, prefix=prefix)
+
+
+OVERLAP = {pb.OVERLAP_UNSPECIFIED: cronmod.Overlap.ALLOW, pb.ALLOW: cronmod.Overlap.ALLOW,
+           pb.FORBID: cronmod.Overlap.FORBID, pb.REPLACE: cronmod.Overlap.REPLACE}
+MISFIRE = {pb.MISFIRE_UNSPECIFIED: cronmod.Misfire.RUN_ONCE, pb.SKIP: cronmod.Misfire.SKIP,
+           pb.RUN_ONCE: cronmod.Misfire.RUN_ONCE, pb.RUN_ALL: cronmod.Misfire.RUN_ALL}
+DEFAULT_CATCHUP = 3600.0
+MAX_CATCHUP = 366 * 86400.0
+
+
+def parse_cron(expression: str, zone: str) -> cronmod.Cron:
+    try:
+        return cronmod.parse(expression, zone)
+    except cronmod.CronError as exc:
+        text = str(exc)
+        field = "timezone" if text.startswith("timezone") else "expression"
+        raise InvalidField(field, text.split(": ", 1)[1] if ": " in text else text) from None
+
+
+def schedule_message(row: dict[str, Any]) -> pb.Schedule:
+    template = row["job"]
+    message = pb.Schedule(
+        id=row["id"], name=row["name"], expression=row["expression"], timezone=row["timezone"],
+        overlap=pb.OverlapPolicy.Value(row["overlap"].upper()),
+        misfire=pb.MisfirePolicy.Value(row["misfire"].upper()),
+        catchup_window_seconds=row["catchup_window"], paused=row["paused"],
+        last_job_id=row["last_job_id"] or "")
+    job = message.job
+    job.command, job.name = template["command"], template.get("name", "")
+    job.env.update(template.get("env", {}))
+    job.cwd, job.queue = template.get("cwd", ""), template.get("queue", "")
+    job.priority, job.max_retries = template.get("priority", 0), template.get("max_retries", 3)
+    job.timeout_seconds = template.get("timeout", 0.0)
+    timestamp(row["next_fire_time"], message.next_fire_time)
+    timestamp(row["last_fire_time"], message.last_fire_time)
+    timestamp(row["created_at"], message.created_at)
+    timestamp(row["updated_at"], message.updated_at)
+    return message
+
+
+def check_schedule_name(name: str) -> str:
+    if not QUEUE_NAME.match(name):
+        raise InvalidField("name", f"bad schedule name {name[:80]!r} (lower-case letters, digits, "
+                                   "'_', '.', '-'; at most 64; starts with a letter or digit)")
+    return name
 
 
 def readable(output: bytes | None) -> str:
@@ -175,7 +221,93 @@ def _peer(context) -> str:
     return context.peer() or ""
 
 
-class SchedulerService(pb_grpc.SchedulerServicer):
+class ScheduleService:
+    """The schedule RPCs of dtsd.v1.Scheduler (mixed into SchedulerService)."""
+
+    api: Api
+
+    @rpc
+    def CreateSchedule(self, request, context):
+        given = request.schedule
+        name = check_schedule_name(given.name)
+        cron = parse_cron(given.expression, given.timezone)
+        if given.job.id or given.job.HasField("run_at") or given.job.idempotency_key:
+            raise InvalidField("job", "a schedule's job takes no id, run_at or idempotency_key: "
+                                      "each firing gets its own")
+        job = spec_to_job(given.job, _peer(context), prefix="job.")
+        window = given.catchup_window_seconds or DEFAULT_CATCHUP
+        if not 0 < window <= MAX_CATCHUP:
+            raise InvalidField("catchup_window_seconds", f"must be positive and at most "
+                                                         f"{MAX_CATCHUP:.0f} (a year)")
+        if given.overlap not in OVERLAP:
+            raise InvalidField("overlap", f"unknown policy {given.overlap}")
+        if given.misfire not in MISFIRE:
+            raise InvalidField("misfire", f"unknown policy {given.misfire}")
+        template = {"command": job.command, "name": job.name, "env": job.env, "cwd": job.cwd,
+                    "queue": job.queue, "priority": job.priority,
+                    "max_retries": job.max_retries, "timeout": job.timeout}
+        row = self.api.store.create_schedule(
+            name=name, expression=cron.expression, timezone=cron.timezone,
+            overlap=OVERLAP[given.overlap].value, misfire=MISFIRE[given.misfire].value,
+            catchup_window=window, job=template,
+            next_fire_time=cron.next_after(datetime.now(timezone.utc)), created_by=_peer(context))
+        log.info("schedule %s created by %s: %s (%s)", name, _peer(context), cron.expression,
+                 cron.timezone)
+        return schedule_message(row)
+
+    @rpc
+    def ListSchedules(self, request, context):
+        return pb.ListSchedulesResponse(
+            schedules=[schedule_message(row) for row in self.api.store.list_schedules()])
+
+    @rpc
+    def PauseSchedule(self, request, context):
+        row = self.api.store.pause_schedule(check_schedule_name(request.name), True, _next_slot)
+        log.info("schedule %s paused by %s", request.name, _peer(context))
+        return schedule_message(row)
+
+    @rpc
+    def ResumeSchedule(self, request, context):
+        row = self.api.store.pause_schedule(check_schedule_name(request.name), False, _next_slot)
+        log.info("schedule %s resumed by %s", request.name, _peer(context))
+        return schedule_message(row)
+
+    @rpc
+    def DeleteSchedule(self, request, context):
+        self.api.store.delete_schedule(check_schedule_name(request.name))
+        log.info("schedule %s deleted by %s", request.name, _peer(context))
+        return pb.DeleteScheduleResponse()
+
+    @rpc
+    def TriggerSchedule(self, request, context):
+        row = self.api.store.get_schedule(check_schedule_name(request.name))
+        job = schedule_job(row, None)
+        self.api.submit([job])
+        log.info("schedule %s fired by hand by %s: job %s", row["name"], _peer(context), job.id)
+        return pb.SubmitJobResponse(id=job.id, created=True)
+
+    @rpc
+    def PreviewSchedule(self, request, context):
+        count = request.count or 10
+        if not 0 < count <= 1000:
+            raise InvalidField("count", f"must be 1 to 1000, not {request.count}")
+        if request.name:
+            row = self.api.store.get_schedule(check_schedule_name(request.name))
+            cron = parse_cron(row["expression"], row["timezone"])
+        else:
+            cron = parse_cron(request.expression, request.timezone)
+        response = pb.PreviewScheduleResponse()
+        for instant, local, note in cron.preview(datetime.now(timezone.utc), count):
+            item = response.times.add(local=local, note=note)
+            timestamp(instant, item.at)
+        return response
+
+
+def _next_slot(row: dict[str, Any]) -> datetime:
+    return parse_cron(row["expression"], row["timezone"]).next_after(datetime.now(timezone.utc))
+
+
+class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
     """dtsd.v1.Scheduler."""
 
     def __init__(self, api: Api):

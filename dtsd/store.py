@@ -20,8 +20,9 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from contextlib import contextmanager
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg.rows import dict_row
@@ -57,6 +58,38 @@ class Conflict(StoreError):
 
 class Precondition(StoreError):
     """The job is not in a state that allows this (FAILED_PRECONDITION)."""
+
+
+class Deposed(StoreError):
+    """A newer leader holds the fence: this node's leader-only write was refused."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Who writes as leader: the cluster, the leader's fencing token and its node id."""
+
+    cluster: str
+    token: int
+    holder: str
+
+
+@dataclass
+class FirePlan:
+    """What a schedule's due slots come to, decided by the leader (see coordinator)."""
+
+    jobs: list[NewJob]
+    cancel: list[str]
+    last_fire_time: datetime | None
+    next_fire_time: datetime | None
+
+
+@dataclass
+class Fired:
+    """The outcome of firing one schedule, for the caller to push and publish."""
+
+    schedule: str
+    jobs: list[NewJob]
+    cancelled: list[tuple[str, str, int]]   # (job id, previous status, attempt)
 
 
 @dataclass
@@ -181,40 +214,44 @@ class Store:
     # --- submit ---------------------------------------------------------------------------
 
     def insert_jobs(self, jobs: Sequence[NewJob]) -> list[bool]:
-        """Insert all of `jobs` in one transaction; returns per job whether it was created.
+        """All of `jobs` in one transaction: every one is stored, or none is."""
+        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            return self._insert_jobs(cur, jobs)
+
+    def _insert_jobs(self, cur: psycopg.Cursor, jobs: Sequence[NewJob]) -> list[bool]:
+        """Insert all of `jobs` (the caller's transaction); returns per job whether it was created.
 
         An idempotency key seen before with the same spec is not an error: that job's id is
         written back into the NewJob and `created` is False. The same key with a different
         spec, or a caller-chosen id that exists, raises Conflict and stores nothing.
         """
-        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            cur.execute(
-                """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
-                       timeout, run_at, idempotency_key, fingerprint, submitted_by, schedule_id,
-                       fire_time)
-                   SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[],
-                       %s::text[], %s::text[], %s::smallint[], %s::int[], %s::float8[],
-                       %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::bigint[],
-                       %s::timestamptz[])
-                   ON CONFLICT DO NOTHING
-                   RETURNING id""",
-                ([j.id for j in jobs], [j.name for j in jobs], [j.command for j in jobs],
-                 [Jsonb(j.env) for j in jobs], [j.cwd for j in jobs], [j.queue for j in jobs],
-                 [j.priority for j in jobs], [j.max_retries for j in jobs],
-                 [j.timeout for j in jobs], [j.run_at for j in jobs],
-                 [j.idempotency_key for j in jobs], [j.fingerprint() for j in jobs],
-                 [j.submitted_by for j in jobs], [j.schedule_id for j in jobs],
-                 [j.fire_time for j in jobs]))
-            inserted = {row[0] for row in cur.fetchall()}
-            created = []
-            for index, job in enumerate(jobs):
-                if job.id in inserted:
-                    inserted.discard(job.id)  # a repeated id inside the batch is a conflict
-                    created.append(True)
-                    continue
-                created.append(False)
-                self._explain_conflict(cur, job, index, len(jobs))
-            return created
+        cur.execute(
+            """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
+                   timeout, run_at, idempotency_key, fingerprint, submitted_by, schedule_id,
+                   fire_time)
+               SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[],
+                   %s::text[], %s::text[], %s::smallint[], %s::int[], %s::float8[],
+                   %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::bigint[],
+                   %s::timestamptz[])
+               ON CONFLICT DO NOTHING
+               RETURNING id""",
+            ([j.id for j in jobs], [j.name for j in jobs], [j.command for j in jobs],
+             [Jsonb(j.env) for j in jobs], [j.cwd for j in jobs], [j.queue for j in jobs],
+             [j.priority for j in jobs], [j.max_retries for j in jobs],
+             [j.timeout for j in jobs], [j.run_at for j in jobs],
+             [j.idempotency_key for j in jobs], [j.fingerprint() for j in jobs],
+             [j.submitted_by for j in jobs], [j.schedule_id for j in jobs],
+             [j.fire_time for j in jobs]))
+        inserted = {row[0] for row in cur.fetchall()}
+        created = []
+        for index, job in enumerate(jobs):
+            if job.id in inserted:
+                inserted.discard(job.id)  # a repeated id inside the batch is a conflict
+                created.append(True)
+                continue
+            created.append(False)
+            self._explain_conflict(cur, job, index, len(jobs))
+        return created
 
     @staticmethod
     def _explain_conflict(cur: psycopg.Cursor, job: NewJob, index: int, count: int) -> None:
@@ -454,13 +491,15 @@ class Store:
             return [row[0] for row in conn.execute(
                 "SELECT DISTINCT worker FROM jobs WHERE status = 'RUNNING' AND worker IS NOT NULL")]
 
-    def recover_lost(self, worker: str, *, backoff: float, backoff_max: float) -> list[Requeued]:
+    def recover_lost(self, fence: Fence, worker: str, *, backoff: float,
+                     backoff_max: float) -> list[Requeued]:
         """Close the open attempts of a dead worker as lost; each job is retried or fails.
 
         A lost attempt counts as a failure (the command may have done harm before dying);
         jobs out of retries end FAILED and dead-lettered. Returns the jobs now PENDING.
+        Leader-only: fenced.
         """
-        with self.pool.connection() as conn:
+        with self.fenced(fence) as conn:
             rows = conn.execute(
                 """WITH lost AS (
                        SELECT id, attempts, failures, max_retries FROM jobs
@@ -487,6 +526,156 @@ class Store:
                 {"worker": worker, "error": f"{EndReason.LOST}: worker {worker} died",
                  "base": backoff, "cap": backoff_max}).fetchall()
         return [Requeued(r[0], r[2], r[3], r[4]) for r in rows if r[1] == JobStatus.PENDING.value]
+
+    # --- the leader's fence ----------------------------------------------------------------
+
+    @contextmanager
+    def fenced(self, fence: Fence) -> Iterator[psycopg.Connection]:
+        """A transaction that commits only while `fence.token` is the newest leader's.
+
+        It moves the fence row to our token first (which also locks it until commit, so
+        leader-only transactions of two would-be leaders serialize); a fence already
+        ahead of our token means a newer leader exists: Deposed, nothing written.
+        """
+        with self.pool.connection() as conn, conn.transaction():
+            row = conn.execute(
+                """INSERT INTO leader_fence AS f (cluster, token, holder) VALUES (%s, %s, %s)
+                   ON CONFLICT (cluster) DO UPDATE
+                       SET token = EXCLUDED.token, holder = EXCLUDED.holder, updated_at = now()
+                       WHERE f.token <= EXCLUDED.token
+                   RETURNING token""", (fence.cluster, fence.token, fence.holder)).fetchone()
+            if row is None:
+                current = conn.execute("SELECT token, holder FROM leader_fence WHERE cluster = %s",
+                                       (fence.cluster,)).fetchone()
+                raise Deposed(f"fencing token {fence.token} is stale: {current[1]} leads with "
+                              f"token {current[0]}")
+            yield conn
+
+    def fence_token(self, cluster: str) -> tuple[int, str] | None:
+        with self.pool.connection() as conn:
+            return conn.execute("SELECT token, holder FROM leader_fence WHERE cluster = %s",
+                                (cluster,)).fetchone()
+
+    # --- schedules ------------------------------------------------------------------------
+
+    _SCHEDULE_COLUMNS = """id, name, expression, timezone, overlap, misfire, catchup_window, job,
+        paused, next_fire_time, last_fire_time, last_job_id, created_by, created_at, updated_at"""
+
+    def create_schedule(self, *, name: str, expression: str, timezone: str, overlap: str,
+                        misfire: str, catchup_window: float, job: dict[str, Any],
+                        next_fire_time: datetime, created_by: str) -> dict[str, Any]:
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            try:
+                return cur.execute(
+                    f"""INSERT INTO schedules (name, expression, timezone, overlap, misfire,
+                            catchup_window, job, next_fire_time, last_fire_time, created_by)
+                        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now(), %s)
+                        RETURNING {self._SCHEDULE_COLUMNS}""",
+                    (name, expression, timezone, overlap, misfire, catchup_window, Jsonb(job),
+                     next_fire_time, created_by)).fetchone()
+            except psycopg.errors.UniqueViolation:
+                raise Conflict(f"name: a schedule named {name!r} exists") from None
+
+    def list_schedules(self) -> list[dict[str, Any]]:
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            return cur.execute(f"SELECT {self._SCHEDULE_COLUMNS} FROM schedules ORDER BY name"
+                               ).fetchall()
+
+    def get_schedule(self, name: str) -> dict[str, Any]:
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(f"SELECT {self._SCHEDULE_COLUMNS} FROM schedules WHERE name = %s",
+                              (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"schedule {name!r} not found")
+        return row
+
+    def pause_schedule(self, name: str, paused: bool,
+                       next_fire_time: Callable[[dict[str, Any]], datetime | None]
+                       ) -> dict[str, Any]:
+        """Pause, or resume with the next slot from now (missed slots are not made up)."""
+        with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(f"SELECT {self._SCHEDULE_COLUMNS} FROM schedules WHERE name = %s "
+                              "FOR UPDATE", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"schedule {name!r} not found")
+            if row["paused"] == paused:
+                return row
+            return cur.execute(
+                f"""UPDATE schedules SET paused = %s, next_fire_time = %s,
+                        last_fire_time = CASE WHEN %s THEN last_fire_time ELSE now() END,
+                        updated_at = now()
+                    WHERE id = %s RETURNING {self._SCHEDULE_COLUMNS}""",
+                (paused, None if paused else next_fire_time(row), paused, row["id"])).fetchone()
+
+    def delete_schedule(self, name: str) -> None:
+        with self.pool.connection() as conn:
+            if not conn.execute("DELETE FROM schedules WHERE name = %s", (name,)).rowcount:
+                raise NotFound(f"schedule {name!r} not found")
+
+    def next_due(self) -> datetime | None:
+        """The earliest next_fire_time of all active schedules (the leader sleeps till then)."""
+        with self.pool.connection() as conn:
+            return conn.execute("SELECT min(next_fire_time) FROM schedules WHERE NOT paused"
+                                ).fetchone()[0]
+
+    def fire_due_schedules(self, fence: Fence, now: datetime,
+                           decide: Callable[[dict[str, Any], list[tuple[str, str, int]]], FirePlan]
+                           ) -> list[Fired]:
+        """Fire every due schedule in one fenced transaction.
+
+        Each firing inserts a job whose id and (schedule_id, fire_time) are unique to its
+        slot, so even two leaders at once fire a slot at most once; `decide` (the leader's
+        policy: misfire, overlap) sees the schedule and its unfinished runs, locked, so an
+        overlap rule holds across the whole cluster.
+        """
+        fired: list[Fired] = []
+        with self.fenced(fence) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = cur.execute(
+                f"""SELECT {self._SCHEDULE_COLUMNS} FROM schedules
+                    WHERE NOT paused AND next_fire_time <= %s
+                    ORDER BY next_fire_time FOR UPDATE SKIP LOCKED""", (now,)).fetchall()
+            for row in rows:
+                open_runs = [tuple(r) for r in conn.execute(
+                    """SELECT id, status, attempts FROM jobs
+                       WHERE schedule_id = %s AND status IN ('PENDING', 'RUNNING')
+                       FOR UPDATE""", (row["id"],))]
+                plan = decide(row, open_runs)
+                cancelled = []
+                if plan.cancel:
+                    cancelled = [tuple(r) for r in conn.execute(
+                        """UPDATE jobs j SET status = 'CANCELLED', finished_at = now(),
+                                  updated_at = now(), error = 'replaced by the next run', run_at = NULL
+                           FROM (SELECT id, status FROM jobs WHERE id = ANY(%s) FOR UPDATE) old
+                           WHERE j.id = old.id AND old.status IN ('PENDING', 'RUNNING')
+                           RETURNING j.id, old.status, j.attempts""", (plan.cancel,))]
+                created = self._insert_jobs(conn.cursor(), plan.jobs) if plan.jobs else []
+                jobs = [job for job, new in zip(plan.jobs, created) if new]
+                conn.execute(
+                    """UPDATE schedules SET last_fire_time = %s, next_fire_time = %s,
+                              last_job_id = coalesce(%s, last_job_id), updated_at = now()
+                       WHERE id = %s""",
+                    (plan.last_fire_time, plan.next_fire_time, jobs[-1].id if jobs else None,
+                     row["id"]))
+                fired.append(Fired(row["name"], jobs, cancelled))
+        return fired
+
+    def prune(self, fence: Fence, older_than: float, limit: int = 5000) -> int:
+        """Delete finished jobs (and their attempts) older than `older_than` seconds."""
+        with self.fenced(fence) as conn:
+            ids = [r[0] for r in conn.execute(
+                """SELECT id FROM jobs WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+                     AND finished_at < now() - make_interval(secs => %s)
+                     AND dead_lettered_at IS NULL
+                   LIMIT %s""", (older_than, limit))]
+            if ids:
+                conn.execute("DELETE FROM job_attempts WHERE job_id = ANY(%s)", (ids,))
+                conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,))
+            return len(ids)
 
     # --- cluster status -------------------------------------------------------------------
 

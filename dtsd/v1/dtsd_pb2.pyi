@@ -5,12 +5,20 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
+ALLOW: OverlapPolicy
 CANCELLED: JobStatus
 DESCRIPTOR: _descriptor.FileDescriptor
 FAILED: JobStatus
+FORBID: OverlapPolicy
 JOB_STATUS_UNSPECIFIED: JobStatus
+MISFIRE_UNSPECIFIED: MisfirePolicy
+OVERLAP_UNSPECIFIED: OverlapPolicy
 PENDING: JobStatus
+REPLACE: OverlapPolicy
 RUNNING: JobStatus
+RUN_ALL: MisfirePolicy
+RUN_ONCE: MisfirePolicy
+SKIP: MisfirePolicy
 SUCCEEDED: JobStatus
 
 class Attempt(_message.Message):
@@ -95,6 +103,26 @@ class ClusterStatusResponse(_message.Message):
     single_node: bool
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     def __init__(self, cluster: _Optional[str] = ..., single_node: bool = ..., leader: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., job_counts: _Optional[_Mapping[str, int]] = ..., dead_lettered: _Optional[int] = ..., server_node: _Optional[str] = ...) -> None: ...
+
+class CreateScheduleRequest(_message.Message):
+    __slots__ = ["schedule"]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    schedule: Schedule
+    def __init__(self, schedule: _Optional[_Union[Schedule, _Mapping]] = ...) -> None: ...
+
+class DeleteScheduleResponse(_message.Message):
+    __slots__ = []
+    def __init__(self) -> None: ...
+
+class FireTime(_message.Message):
+    __slots__ = ["at", "local", "note"]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    at: _timestamp_pb2.Timestamp
+    local: str
+    note: str
+    def __init__(self, at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., local: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ["id", "include_attempts"]
@@ -238,6 +266,16 @@ class ListJobsResponse(_message.Message):
     next_page_token: str
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class ListSchedulesRequest(_message.Message):
+    __slots__ = []
+    def __init__(self) -> None: ...
+
+class ListSchedulesResponse(_message.Message):
+    __slots__ = ["schedules"]
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    schedules: _containers.RepeatedCompositeFieldContainer[Schedule]
+    def __init__(self, schedules: _Optional[_Iterable[_Union[Schedule, _Mapping]]] = ...) -> None: ...
+
 class Node(_message.Message):
     __slots__ = ["children", "leader", "node_id", "seen_at", "started_at", "state", "version"]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +293,24 @@ class Node(_message.Message):
     state: str
     version: str
     def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., leader: bool = ..., children: _Optional[_Iterable[_Union[ChildProcess, _Mapping]]] = ..., started_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., seen_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ...) -> None: ...
+
+class PreviewScheduleRequest(_message.Message):
+    __slots__ = ["count", "expression", "name", "timezone"]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    expression: str
+    name: str
+    timezone: str
+    def __init__(self, name: _Optional[str] = ..., expression: _Optional[str] = ..., timezone: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class PreviewScheduleResponse(_message.Message):
+    __slots__ = ["times"]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
+    times: _containers.RepeatedCompositeFieldContainer[FireTime]
+    def __init__(self, times: _Optional[_Iterable[_Union[FireTime, _Mapping]]] = ...) -> None: ...
 
 class PurgeDeadLettersRequest(_message.Message):
     __slots__ = ["ids", "queue"]
@@ -310,6 +366,44 @@ class RetryJobResponse(_message.Message):
     job: Job
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
+class Schedule(_message.Message):
+    __slots__ = ["catchup_window_seconds", "created_at", "expression", "id", "job", "last_fire_time", "last_job_id", "misfire", "name", "next_fire_time", "overlap", "paused", "timezone", "updated_at"]
+    CATCHUP_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MISFIRE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    catchup_window_seconds: float
+    created_at: _timestamp_pb2.Timestamp
+    expression: str
+    id: int
+    job: JobSpec
+    last_fire_time: _timestamp_pb2.Timestamp
+    last_job_id: str
+    misfire: MisfirePolicy
+    name: str
+    next_fire_time: _timestamp_pb2.Timestamp
+    overlap: OverlapPolicy
+    paused: bool
+    timezone: str
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., expression: _Optional[str] = ..., timezone: _Optional[str] = ..., overlap: _Optional[_Union[OverlapPolicy, str]] = ..., misfire: _Optional[_Union[MisfirePolicy, str]] = ..., catchup_window_seconds: _Optional[float] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., paused: bool = ..., next_fire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_fire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_job_id: _Optional[str] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ScheduleRef(_message.Message):
+    __slots__ = ["name"]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class SubmitJobRequest(_message.Message):
     __slots__ = ["job"]
     JOB_FIELD_NUMBER: _ClassVar[int]
@@ -361,4 +455,10 @@ class WorkerInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., node_id: _Optional[str] = ..., pid: _Optional[int] = ..., queues: _Optional[_Iterable[str]] = ..., concurrency: _Optional[int] = ..., running: _Optional[int] = ..., seen_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class JobStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = []
+
+class OverlapPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = []
+
+class MisfirePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = []

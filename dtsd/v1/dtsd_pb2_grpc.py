@@ -69,6 +69,41 @@ class SchedulerStub(object):
                 request_serializer=dtsd_dot_v1_dot_dtsd__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ClusterStatusResponse.FromString,
                 )
+        self.CreateSchedule = channel.unary_unary(
+                '/dtsd.v1.Scheduler/CreateSchedule',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.Schedule.FromString,
+                )
+        self.ListSchedules = channel.unary_unary(
+                '/dtsd.v1.Scheduler/ListSchedules',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ListSchedulesResponse.FromString,
+                )
+        self.PauseSchedule = channel.unary_unary(
+                '/dtsd.v1.Scheduler/PauseSchedule',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.Schedule.FromString,
+                )
+        self.ResumeSchedule = channel.unary_unary(
+                '/dtsd.v1.Scheduler/ResumeSchedule',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.Schedule.FromString,
+                )
+        self.DeleteSchedule = channel.unary_unary(
+                '/dtsd.v1.Scheduler/DeleteSchedule',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.DeleteScheduleResponse.FromString,
+                )
+        self.TriggerSchedule = channel.unary_unary(
+                '/dtsd.v1.Scheduler/TriggerSchedule',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.SubmitJobResponse.FromString,
+                )
+        self.PreviewSchedule = channel.unary_unary(
+                '/dtsd.v1.Scheduler/PreviewSchedule',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleRequest.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleResponse.FromString,
+                )
 
 
 class SchedulerServicer(object):
@@ -143,6 +178,49 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerSchedule(self, request, context):
+        """Fires the schedule now (outside its slots); answers with the job it submitted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +278,41 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ClusterStatus,
                     request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ClusterStatusRequest.FromString,
                     response_serializer=dtsd_dot_v1_dot_dtsd__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.Schedule.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.Schedule.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.Schedule.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'TriggerSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerSchedule,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'PreviewSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewSchedule,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleRequest.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,5 +508,124 @@ class Scheduler(object):
         return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/ClusterStatus',
             dtsd_dot_v1_dot_dtsd__pb2.ClusterStatusRequest.SerializeToString,
             dtsd_dot_v1_dot_dtsd__pb2.ClusterStatusResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/CreateSchedule',
+            dtsd_dot_v1_dot_dtsd__pb2.CreateScheduleRequest.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.Schedule.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/ListSchedules',
+            dtsd_dot_v1_dot_dtsd__pb2.ListSchedulesRequest.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.ListSchedulesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/PauseSchedule',
+            dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.Schedule.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/ResumeSchedule',
+            dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.Schedule.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/DeleteSchedule',
+            dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.DeleteScheduleResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def TriggerSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/TriggerSchedule',
+            dtsd_dot_v1_dot_dtsd__pb2.ScheduleRef.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.SubmitJobResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def PreviewSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/PreviewSchedule',
+            dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleRequest.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
