@@ -899,7 +899,9 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     word is used as is, so `dtsctl submit -- 'echo hi | wc -c'` runs a pipeline.
     Options must come before CMD: everything from the first word on is the command.
 
-    Prints the job id (JSON: {id, created}; with --wait also job: <job object>).
+    Prints the job id (JSON: {id, created}). With --wait or --follow the id goes to
+    standard error, the job's output to standard output (at the end, or live), and a
+    final status line to standard error (JSON: {id, created, job: <job object>}).
     With --file: one line `<id>  <name>` per job (JSON: {jobs: [{id, created, name}]});
     with --wait a block per job and exit 1 if any job did not succeed.
     """
@@ -931,14 +933,17 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     if not (wait or follow):
         render(settings.output, result, lambda data: data["id"])
         return
-    if follow:
+    if not settings.json:
         click.echo(f"job {reply.id}", err=True)
-    elif not settings.json:
-        click.echo(reply.id)
-    job = job_dict(wait_for_job(settings, reply.id, follow=follow))
+    finished = wait_for_job(settings, reply.id, follow=follow)
+    job = job_dict(finished)
     if settings.json:
         render(settings.output, {**result, "job": job}, lambda data: None)
     else:
+        if not follow:       # --wait: the output once the job is done, byte-exact
+            out = binary_stdout()
+            out.write(bytes(finished.output))
+            out.flush()
         click.echo(_final_line(job), err=True)
     click.get_current_context().exit(job_exit_code(job["status"], job["exit_code"]))
 

@@ -54,6 +54,7 @@ class Coordinator:
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.leadership = leadership
         self.stop = threading.Event()
+        self.wake = threading.Event()      # stop, or a schedule changed: look again now
         self.missing_since: dict[str, float] = {}
         self.reconcile_cursor: tuple[datetime, str] | None = None
         self.node_file = os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json")
@@ -63,12 +64,13 @@ class Coordinator:
         self.grace = max(1.0, 3 * cfg.get("dtsd", "housekeeping_interval"))
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGQUIT, lambda *_: self.stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: self._stop())
+        signal.signal(signal.SIGQUIT, lambda *_: self._stop())
         if child.retry_forever("connecting to PostgreSQL and Redis", self._connect, log,
                                self.stop) is None:
             return child.EXIT_OK
         self.leadership.start()
+        threading.Thread(target=self._listen_for_schedules, name="schedules", daemon=True).start()
         self.parent.ready()
         log.info("coordinator ready (%s)", "single-node mode: this node leads"
                  if self.leadership.single_node else "etcd election")
@@ -103,10 +105,29 @@ class Coordinator:
             if started >= next_status:
                 self._tick("reporting to the master", self.report)
                 next_status = started + STATUS_EVERY
-            self.stop.wait(max(0.0, wake_at - time.monotonic()))
+            self.wake.wait(max(0.0, wake_at - time.monotonic()))
+            self.wake.clear()
         self.leadership.stop()
         self.store.close()
         return child.EXIT_OK
+
+    def _stop(self) -> None:
+        self.stop.set()
+        self.wake.set()
+
+    def _listen_for_schedules(self) -> None:
+        """Wake the loop when a schedule is created or resumed (its first slot may be
+        sooner than the loop's next look)."""
+        while not self.stop.is_set():
+            try:
+                pubsub = self.queue.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.queue.keys.schedules)
+                while not self.stop.is_set():
+                    if pubsub.get_message(timeout=1.0):
+                        self.wake.set()
+            except Exception as exc:
+                log.debug("schedule channel lost: %s", exc)
+                self.stop.wait(1.0)
 
     def _connect(self) -> bool:
         self.store.open(wait=True, timeout=30)

@@ -15,6 +15,7 @@ Keys, all under `dtsd:<cluster>:`:
   job:<id>             pubsub state changes and live output of one job
   live:<id>            string output of the running attempt so far (for watchers who join late)
   cancel               pubsub ids of jobs to kill wherever they run
+  schedules            pubsub a schedule was created or resumed: the leader looks at once
   node:<node>          string a master's node record (children, leader flag), JSON, with a TTL
   nodes                set    node ids seen
 
@@ -110,6 +111,7 @@ class Keys:
         self.workers = prefix + "workers"
         self.cancel = prefix + "cancel"
         self.nodes = prefix + "nodes"
+        self.schedules = prefix + "schedules"
 
     def queue(self, queue: str, priority: int) -> str:
         return f"{self.prefix}queue:{queue}:{priority}"
@@ -238,6 +240,9 @@ class Queue:
 
     def live_output(self, job_id: str) -> bytes:
         return self.redis.get(self.keys.live(job_id)) or b""
+
+    def schedules_changed(self) -> None:
+        self.redis.publish(self.keys.schedules, b"1")
 
     def request_cancel(self, job_id: str, attempt: int) -> None:
         """Ask whichever worker runs that attempt to kill it."""

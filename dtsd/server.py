@@ -15,7 +15,9 @@ to finish, watch streams end. QUIT: the same without the grace.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -253,7 +255,15 @@ class ScheduleService:
             next_fire_time=cron.next_after(datetime.now(timezone.utc)), created_by=_peer(context))
         log.info("schedule %s created by %s: %s (%s)", name, _peer(context), cron.expression,
                  cron.timezone)
+        self._wake_leader()
         return schedule_message(row)
+
+    def _wake_leader(self) -> None:
+        """The leader sleeps until the next slot it knows of: tell it about a new one."""
+        try:
+            self.api.queue.schedules_changed()
+        except redis.RedisError as exc:   # it looks again within a housekeeping interval
+            log.debug("could not wake the leader: %s", exc)
 
     @rpc
     def ListSchedules(self, request, context):
@@ -270,6 +280,7 @@ class ScheduleService:
     def ResumeSchedule(self, request, context):
         row = self.api.store.pause_schedule(check_schedule_name(request.name), False, _next_slot)
         log.info("schedule %s resumed by %s", request.name, _peer(context))
+        self._wake_leader()
         return schedule_message(row)
 
     @rpc
@@ -427,6 +438,20 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         return pb.PurgeDeadLettersResponse(
             purged=self.api.store.purge_dead(request.ids, queue=request.queue))
 
+    def _node_records(self) -> list[dict]:
+        """Every node's record from Redis; this host's own children from the master's file,
+        which is current the moment the master says READY (Redis gets it a tick later)."""
+        records = self.api.queue.nodes()
+        local = _local_node_record(self.api.cfg)
+        if local is not None:
+            mine = next((r for r in records if r.get("node_id") == local.get("node_id")), None)
+            if mine is None:
+                records.append({**local, "seen_at": time.time()})
+            else:
+                mine.update({k: local[k] for k in ("children", "state", "status", "version")
+                             if k in local})
+        return records
+
     @rpc
     def ClusterStatus(self, request, context):
         by_status, dead, queues = self.api.store.counts()
@@ -438,7 +463,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             response.job_counts[status.value] = by_status.get(status.value, 0)
         for name, ready, delayed, running in queues:
             response.queues.add(queue=name, pending=ready, delayed=delayed, running=running)
-        for record in self.api.queue.nodes():
+        for record in self._node_records():
             node = response.nodes.add(node_id=record.get("node_id", ""),
                                       version=record.get("version", ""),
                                       leader=bool(record.get("leader")),
@@ -460,6 +485,14 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                                         running=beat["running"])
             timestamp(_from_epoch(beat.get("seen")), info.seen_at)
         return response
+
+
+def _local_node_record(cfg: Config) -> dict | None:
+    try:
+        with open(os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _from_epoch(value: float | None) -> datetime | None:

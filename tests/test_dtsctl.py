@@ -42,8 +42,9 @@ def test_submit_prints_an_id_and_status_shows_the_result(dtsd):
 def test_submit_wait_exits_with_the_job_s_exit_code(dtsd):
     result = dtsd.dtsctl("submit", "--wait", "--max-retries", "0", "--", "sh", "-c", "exit 3")
     assert result.returncode == 3, (result.stdout, result.stderr)
-    result = dtsd.dtsctl("submit", "--wait", "--", "true")
+    result = dtsd.dtsctl("submit", "--wait", "--", "id", "-un")
     assert result.returncode == 0
+    assert result.stdout == subprocess.run(["id", "-un"], capture_output=True, text=True).stdout
 
 
 def test_submit_file_in_the_seed_format(dtsd, tmp_path):
