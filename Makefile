@@ -33,7 +33,40 @@ PROTOS := \
 PROTOC := protoc -Iproto -I/usr/include \
 	--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin
 
-.PHONY: help deps proto proto-check test test-pypi run bench clean
+# The .deb: built with dh + pybuild in build/deb/ (the man pages are generated from the
+# click commands, hence click, grpcio and protobuf); tested in a booted Debian 12.
+DEB_DIR          := build/deb
+DEB_BUILD_DEPS   := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-click python3-grpcio python3-protobuf lintian
+DEB_TEST_DEPS    := debootstrap systemd-container util-linux
+DEB_LINT_DEPS    := systemd python3-click python3-grpcio python3-protobuf
+# `systemd-analyze security` exposure, times ten: the unit must stay at 3.0 or below.
+UNIT_EXPOSURE_MAX := 30
+DEB_VERSION       = $(shell dpkg-parsechangelog -l packaging/debian/changelog -S Version)
+
+# $(call apt-install-missing,PACKAGES): install those not installed yet, without letting
+# their maintainer scripts start daemons (as in `deps`).
+define apt-install-missing
+	@missing=""; \
+	for pkg in $(1); do \
+		status=$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true); \
+		[ "$$status" = "install ok installed" ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		policy=/usr/sbin/policy-rc.d; \
+		if [ ! -e "$$policy" ]; then \
+			trap '$(SUDO) rm -f "$$policy"' EXIT; \
+			printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee "$$policy" >/dev/null && \
+			$(SUDO) chmod 755 "$$policy" || exit 1; \
+		fi; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends $$missing; \
+	fi
+endef
+
+.PHONY: help deps proto proto-check test test-pypi run bench clean deb lint-deb test-deb
 
 help: ## list the targets
 	@echo "dtsd make targets:"
@@ -107,6 +140,57 @@ run: deps ## run a private PostgreSQL + Redis under .run/ and dtsd in the foregr
 
 bench: ## run the pipeline benchmark
 	$(PYTHON) bench/pipeline.py
+
+deb: ## build build/deb/dtsd_<version>_all.deb from a clean export, then lintian
+	$(call apt-install-missing,$(DEB_BUILD_DEPS))
+	@set -euo pipefail; \
+	version=$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version); \
+	upstream=$$($(PYTHON) -c 'import re; print(re.search(r"__version__ = \"(.+)\"", open("dtsd/__init__.py").read())[1])'); \
+	if [ "$$version" != "$$upstream" ]; then \
+		echo "deb: packaging/debian/changelog is at $$version, dtsd/__init__.py at $$upstream" >&2; exit 1; \
+	fi; \
+	tree="$(DEB_DIR)/dtsd-$$version"; \
+	rm -rf "$(DEB_DIR)"; mkdir -p "$$tree"; \
+	echo "deb: exporting the tracked and unignored files to $$tree (a clean clone: HEAD)"; \
+	git ls-files -z --cached --others --exclude-standard | \
+		while IFS= read -r -d '' f; do [ -e "$$f" ] && printf '%s\0' "$$f"; done | \
+		tar --null -T - -cf - | tar -xf - -C "$$tree"; \
+	rm -rf "$$tree/debian"; \
+	cp -a packaging/debian "$$tree/debian"; \
+	cp packaging/systemd/dtsd.service "$$tree/debian/dtsd.service"; \
+	(cd "$$tree" && env -u PYTHONPATH PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+		dpkg-buildpackage -us -uc -b); \
+	deb="$(DEB_DIR)/dtsd_$${version}_all.deb"; \
+	if dpkg-deb -f "$$deb" Depends Recommends | grep -w supervisor >/dev/null; then \
+		echo "deb: the package must not depend on supervisor" >&2; exit 1; \
+	fi; \
+	echo "deb: lintian"; \
+	lintian --fail-on error,warning --display-info --pedantic --tag-display-limit 0 \
+		"$(DEB_DIR)/dtsd_$${version}_"*.changes; \
+	echo "deb: lintian passed"; \
+	ls -l "$$deb"; dpkg-deb -f "$$deb" Package Version Architecture Depends Recommends Suggests
+
+lint-deb: ## check the systemd unit (verify, security exposure) and the dtsctl completion
+	$(call apt-install-missing,$(DEB_LINT_DEPS))
+	@set -euo pipefail; \
+	unit=packaging/systemd/dtsd.service; \
+	out=$$(systemd-analyze verify --man=no "$$unit" 2>&1 | \
+		grep -v '^dtsd.service: Command /usr/bin/dtsd is not executable' || true); \
+	if [ -n "$$out" ]; then echo "$$out" >&2; echo "lint-deb: systemd-analyze verify $$unit failed" >&2; exit 1; fi; \
+	echo "lint-deb: systemd-analyze verify $$unit: clean (/usr/bin/dtsd comes with the package)"; \
+	out=$$(SYSTEMD_COLORS=0 systemd-analyze security --offline=yes --threshold=$(UNIT_EXPOSURE_MAX) "$$unit" 2>&1) || \
+		{ echo "$$out" >&2; echo "lint-deb: the unit's exposure is above $(UNIT_EXPOSURE_MAX)/10" >&2; exit 1; }; \
+	echo "$$out" | grep -E '^(✗|-) |Overall exposure'; \
+	expected=$$(_DTSCTL_COMPLETE=bash_source $(PYTHON) -c 'from dtsd.cli import main; main()'); \
+	if [ "$$expected" != "$$(grep -v '^#' packaging/completion/dtsctl)" ]; then \
+		echo "lint-deb: packaging/completion/dtsctl differs from click's; regenerate it:" >&2; \
+		echo "  _DTSCTL_COMPLETE=bash_source $(PYTHON) -c 'from dtsd.cli import main; main()'" >&2; exit 1; \
+	fi; \
+	echo "lint-deb: packaging/completion/dtsctl matches click's bash_source"
+
+test-deb: deb lint-deb ## install, run, reload, kill and purge the .deb on systemd in a Debian 12 container
+	$(call apt-install-missing,$(DEB_TEST_DEPS))
+	$(SUDO) tests/deb/run-test.sh "$(DEB_DIR)/dtsd_$(DEB_VERSION)_all.deb"
 
 clean: ## remove .run/ (stopping its servers), the PyPI venv and caches
 	@if [ -f .run/pg/postmaster.pid ]; then \
