@@ -52,7 +52,9 @@ define apt-install-missing
 		status=$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true); \
 		[ "$$status" = "install ok installed" ] || missing="$$missing $$pkg"; \
 	done; \
-	if [ -n "$$missing" ]; then \
+	if [ -z "$$missing" ]; then \
+		echo "all of these are installed:$(1)" | cut -c1-100; \
+	else \
 		echo "installing$$missing"; \
 		policy=/usr/sbin/policy-rc.d; \
 		if [ ! -e "$$policy" ]; then \
@@ -79,25 +81,7 @@ deps: ## install the Debian packages dtsd needs and tests use (only the missing 
 	@# redis-server, postgresql-15 or etcd-server on a host with a running init would start
 	@# system daemons (a second supervisord, ...): a policy-rc.d that exits 101 forbids that
 	@# for the install; it is created only if absent and removed again afterwards.
-	@missing=""; \
-	for pkg in $(DEB_PACKAGES) supervisor; do \
-		status=$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true); \
-		[ "$$status" = "install ok installed" ] || missing="$$missing $$pkg"; \
-	done; \
-	if [ -z "$$missing" ]; then \
-		echo "deps: all Debian packages are installed"; \
-	else \
-		echo "deps: installing$$missing"; \
-		policy=/usr/sbin/policy-rc.d; \
-		if [ ! -e "$$policy" ]; then \
-			trap '$(SUDO) rm -f "$$policy"' EXIT; \
-			printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee "$$policy" >/dev/null && \
-			$(SUDO) chmod 755 "$$policy" || exit 1; \
-		fi; \
-		$(SUDO) apt-get update && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y --no-install-recommends $$missing; \
-	fi
+	$(call apt-install-missing,$(DEB_PACKAGES) supervisor)
 
 proto: ## regenerate the committed gRPC stubs from proto/ with Debian's compilers
 	$(PROTOC) --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)

@@ -172,6 +172,21 @@ class Option:
     help: str
 
 
+def _process_options(role: str) -> list[Option]:
+    """supervisord's vocabulary for how the master runs a role's children."""
+    return [
+        Option(role, "startsecs", "1s", duration,
+               f"A {role} child counts as started (RUNNING) once ready and up this long."),
+        Option(role, "startretries", "5", integer(1, 1000),
+               f"Failed starts in a row before a {role} child is given up (FATAL)."),
+        Option(role, "stopsignal", "TERM", stop_signal,
+               f"Signal that asks a {role} child to stop: TERM (graceful) or QUIT (fast)."),
+        Option(role, "autorestart", "true", autorestart,
+               f"Restart a {role} child that exits: true, false, or unexpected (only on a "
+               "non-zero exit)."),
+    ]
+
+
 def _options() -> list[Option]:
     o = Option
     return [
@@ -205,14 +220,7 @@ def _options() -> list[Option]:
           "Most jobs in one SubmitJobs call."),
         o("server", "stopwaitsecs", "10s", duration,
           "On stop, how long in-flight RPCs may take before they are cut."),
-        o("server", "startsecs", "1s", duration,
-          "A server child counts as started (RUNNING) once ready and up this long."),
-        o("server", "startretries", "5", integer(1, 1000),
-          "Failed starts in a row before a server child is given up (FATAL)."),
-        o("server", "stopsignal", "TERM", stop_signal,
-          "Signal that asks a server child to stop gracefully."),
-        o("server", "autorestart", "true", autorestart,
-          "Restart a server child that exits: true, false, or unexpected (only on a non-zero exit)."),
+        *_process_options("server"),
 
         o("worker", "processes", "2", integer(0, 256), "Worker children."),
         o("worker", "concurrency", "4", integer(1, 1024), "Jobs run at once per worker child."),
@@ -235,14 +243,7 @@ def _options() -> list[Option]:
           "A worker whose heartbeat is older than this is dead; its jobs are recovered."),
         o("worker", "stopwaitsecs", "30s", duration,
           "On graceful stop, how long running jobs may go on before they are handed back."),
-        o("worker", "startsecs", "1s", duration,
-          "A worker child counts as started (RUNNING) once ready and up this long."),
-        o("worker", "startretries", "5", integer(1, 1000),
-          "Failed starts in a row before a worker child is given up (FATAL)."),
-        o("worker", "stopsignal", "TERM", stop_signal,
-          "Signal that asks a worker child to stop gracefully."),
-        o("worker", "autorestart", "true", autorestart,
-          "Restart a worker child that exits: true, false, or unexpected (only on a non-zero exit)."),
+        *_process_options("worker"),
 
         o("postgres", "dsn", "postgresql:///dtsd", nonempty,
           "libpq connection string or URI (env DATABASE_URL)."),
