@@ -35,7 +35,7 @@ wall clock of that zone, then each matching wall-clock time becomes one instant:
   Sunday of October in Europe/Berlin), fires **once, at its first occurrence**. The
   repeated hour does not fire again.
 
-Every instant dtsd computes or stores is in UTC. ``dtsctl schedule next`` shows the
+Every instant dtsd computes or stores is in UTC. ``dtsctl cron next`` shows the
 instant, the local time with its UTC offset, and a note wherever one of these rules applied.
 
 Missed slots (misfire policy)
@@ -44,9 +44,11 @@ The leader fires the slots that fall after the schedule's last fired slot (or af
 creation, before the first firing), never counting from "now", so downtime behaves
 predictably. How late a slot is decides what happens to it:
 
-- **On time**: less than ``MISFIRE_GRACE`` (60 s, or the catch-up window if that is
-  shorter) late. It always fires, whatever the policy. This covers ticks, slow
-  transactions and a leader failover.
+- **On time**: less than the grace late (the caller's `grace`; ``MISFIRE_GRACE``, 60 s,
+  when none is given; never more than the catch-up window). It always fires, whatever
+  the policy. The dtsd leader passes three housekeeping ticks (at least 1 s): it wakes
+  at each slot, so a slot fired on time is a few milliseconds late, and a slot that
+  waited out a failover or a loss of quorum is missed and follows the policy.
 - **Missed**: later than that but less than the catch-up window (default 1 hour) late.
   ``skip`` drops it; ``run_once`` fires only the latest missed slot; ``run_all`` fires
   every one, oldest first.
@@ -385,8 +387,8 @@ def due_slots(cron: Cron, last_slot: datetime | None, created: datetime, now: da
       ``catchup_window`` late is **missed**; ``catchup_window`` or more late is
       **expired**.
     - On-time slots fire under every policy. This is normal operation: the leader ticks
-      far more often than ``grace`` (60 s by default), so the latest slot is a few
-      milliseconds late and fires whatever the policy.
+      far more often than ``grace``, so the latest slot is a few milliseconds late and
+      fires whatever the policy.
     - Missed slots: ``SKIP`` fires none; ``RUN_ONCE`` fires only the latest one;
       ``RUN_ALL`` fires all of them.
     - Expired slots never fire.
@@ -399,7 +401,7 @@ def due_slots(cron: Cron, last_slot: datetime | None, created: datetime, now: da
         cron: the schedule.
         last_slot: the last slot fired, or None if it never fired.
         created: when the schedule was created; nothing at or before it fires.
-        now: the time to judge by (the database's clock, for the leader).
+        now: the time to judge by (the leader host's clock).
         misfire: the policy for missed slots.
         catchup_window: seconds; 0 means `DEFAULT_CATCHUP_WINDOW` (as in the proto).
         grace: seconds late a slot may be and still be on time.

@@ -15,8 +15,7 @@
 #    documented drop-in that loosens the sandbox takes effect.
 # 6. The purge block: no configuration, state, unit or process is left.
 #
-# The install section is the one headed "## Install on Debian 12" in README.md, or in
-# docs/install.md until README.md has it; its blocks are the ```sh fences that follow
+# The install section is the one headed "## Install on Debian 12" in README.md; its blocks are the ```sh fences that follow
 # `<!-- test-deb: NAME -->` markers. They run as root in the container, in the directory
 # holding the .deb, with apt configured to answer yes (there is no terminal).
 #
@@ -203,13 +202,11 @@ ensure_tree() {
 
 [ "$(id -u)" = 0 ] || fail "needs root (debootstrap, systemd-nspawn, nsenter)"
 [ -f "$DEB" ] || fail "no such package: $DEB"
-# The install section lives in README.md, or in docs/install.md until README.md has it.
+# The install section of README.md is what the test runs, block by block.
 if grep -xF -- "$INSTALL_HEADING" README.md >/dev/null; then
 	INSTALL_DOC=README.md
-elif [ -f docs/install.md ] && grep -xF -- "$INSTALL_HEADING" docs/install.md >/dev/null; then
-	INSTALL_DOC=docs/install.md
 else
-	fail "neither README.md nor docs/install.md has the heading '$INSTALL_HEADING'"
+	fail "README.md has no heading '$INSTALL_HEADING'"
 fi
 say "the install section: '$INSTALL_HEADING' of $INSTALL_DOC"
 for name in install first-start reload purge; do
