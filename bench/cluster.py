@@ -135,7 +135,7 @@ def main() -> None:
         p50 = delays[len(delays) // 2]
         p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
         print(f"cron lateness over {len(delays)} slots: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-              f"max {delays[-1]:.1f} ms")
+              f"max {delays[-1]:.1f} ms; slowest: {', '.join(f'{d:.0f}' for d in delays[-5:])}")
         if args.kills:
             times = failover(args, pg, redis, base)
             print(f"failover with lease_ttl {args.ttl:g}s over {len(times)} kills: median "
