@@ -13,6 +13,8 @@ reads: status, list, logs, dlq list, waiting):
   3. `[client] servers` of the config file: `-c FILE`, else `$DTSD_CONFIG`, else
      `/etc/dtsd/dtsd.ini` when it is readable;
   4. `127.0.0.1:50051`.
+TLS: `--tls-ca FILE` (else `[client] tls_ca`) turns it on; `--tls-cert`/`--tls-key` add a
+client certificate for servers that require mTLS. A TLS mismatch shows as exit code 3.
 Any flag beats any environment variable. Calls go round-robin over the servers and move on
 to the next one when a server answers UNAVAILABLE. The deadline of each call is `--timeout`,
 else `[client] timeout` of a config file that was read, else 10 s.
@@ -89,7 +91,7 @@ import click
 import grpc
 
 from dtsd import config, models
-from dtsd.client import DEFAULT_TIMEOUT, Client, parse_servers
+from dtsd.client import DEFAULT_TIMEOUT, Client, Tls, parse_servers
 from dtsd.v1 import dtsd_pb2
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -152,6 +154,9 @@ class Targets:
     write_source: str
     read_source: str
     timeout: float = DEFAULT_TIMEOUT
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 def read_client_config(config_path: str | None, env: Mapping[str, str]) -> config.Config | None:
@@ -204,14 +209,16 @@ def resolve_servers(servers: Sequence[str] | None = None,
     named = config_path or environ.get("DTSD_CONFIG")
     cfg = read_client_config(config_path, environ) if (named or not (write and read)) else None
     fallback = ([DEFAULT_SERVER], "the default")
+    tls = {}
     if cfg is not None:
         fallback = (list(cfg.get("client", "servers")), f"{cfg.path} [client] servers")
         if timeout is None:
             timeout = cfg.get("client", "timeout")
+        tls = {f"tls_{key}": cfg.get("client", f"tls_{key}") for key in ("ca", "cert", "key")}
     write = write or fallback
     read = read or fallback
     return Targets(write=write[0], read=read[0], write_source=write[1], read_source=read[1],
-                   timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
+                   timeout=DEFAULT_TIMEOUT if timeout is None else timeout, **tls)
 
 
 class Role(enum.Enum):
@@ -228,6 +235,10 @@ class Settings:
     status_servers: Sequence[str] | None = None
     config_path: str | None = None
     token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
     output: str = "table"
     timeout: float | None = None
     _targets: Targets | None = field(default=None, repr=False)
@@ -247,8 +258,26 @@ class Settings:
         targets = self.targets()
         servers = tuple(targets.write if role is Role.WRITE else targets.read)
         if servers not in self._clients:
-            self._clients[servers] = Client(servers, targets.timeout, token=self.token)
+            try:
+                self._clients[servers] = Client(servers, targets.timeout, token=self.token,
+                                                tls=self.tls(targets))
+            except OSError as exc:
+                raise CliError(f"cannot read a TLS file: {exc}", Exit.USAGE) from None
         return self._clients[servers]
+
+    def tls(self, targets: Targets) -> Tls | None:
+        """TLS when a CA is given (flag, else [client] tls_ca); flags beat the config file."""
+        ca = self.tls_ca or targets.tls_ca
+        cert = self.tls_cert or targets.tls_cert
+        key = self.tls_key or targets.tls_key
+        if not ca:
+            if cert or key or self.tls_server_name:
+                raise CliError("--tls-cert, --tls-key and --tls-server-name need --tls-ca "
+                               "(or [client] tls_ca)", Exit.USAGE)
+            return None
+        if bool(cert) != bool(key):
+            raise CliError("--tls-cert and --tls-key go together", Exit.USAGE)
+        return Tls(ca, cert, key, self.tls_server_name or "")
 
     def call(self, role: Role, method: str, request: Any) -> Any:
         client = self.client(role)
@@ -835,6 +864,15 @@ def _version() -> str:
                    f"default {config.DEFAULT_PATH} if readable and no server is given).")
 @click.option("--token", envvar="DTSD_TOKEN", metavar="TOKEN",
               help="Sent as 'authorization: Bearer TOKEN' (env DTSD_TOKEN).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Use TLS, trusting the servers' certificates signed by this PEM CA "
+                   "(default: [client] tls_ca).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Client certificate (PEM) for servers that require mTLS ([client] tls_cert).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Private key (PEM) of --tls-cert ([client] tls_key).")
+@click.option("--tls-server-name", metavar="NAME",
+              help="Name to check the servers' certificates against (default: their host).")
 @option_output
 @click.option("--timeout", type=DURATION, metavar="SECONDS",
               help="Deadline of each call: 10, 2.5, 30s, 1m (default: [client] timeout of "
@@ -843,10 +881,13 @@ def _version() -> str:
 @click.pass_context
 def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] | None,
         status_servers: list[str] | None, config_path: str | None, token: str | None,
-        timeout: float | None) -> None:
+        tls_ca: str | None, tls_cert: str | None, tls_key: str | None,
+        tls_server_name: str | None, timeout: float | None) -> None:
     """dtsctl: submit, watch and manage jobs of a dtsd cluster."""
     ctx.obj = Settings(servers=servers, submit_server=submit_server,
                        status_servers=status_servers, config_path=config_path, token=token,
+                       tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                       tls_server_name=tls_server_name,
                        output=ctx.meta.get(_OUTPUT_KEY, "table"), timeout=timeout)
     ctx.call_on_close(ctx.obj.close)
 
@@ -1286,7 +1327,8 @@ def cron() -> None:
     \b
     Expressions: 5 fields (minute hour day-of-month month day-of-week), or 6 with a
     SECONDS field FIRST (as the Go seed's cron): `*/10 * * * * *` = every 10 s;
-    aliases @yearly @monthly @weekly @daily @hourly. Times are in --tz (IANA, default UTC).
+    aliases @yearly/@annually @monthly @weekly @daily/@midnight @hourly, and @every 30s
+    (an interval from the epoch). Times are in --tz (IANA, default UTC).
     DST: a slot in a spring-forward gap fires once at the end of the gap; a slot in a
     fall-back hour fires once, at its first occurrence. `dtsctl cron next NAME` shows it.
     """

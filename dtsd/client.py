@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import grpc
@@ -44,8 +45,30 @@ def parse_servers(text: str) -> list[str]:
     return servers
 
 
+@dataclass(frozen=True)
+class Tls:
+    """PEM file paths for a TLS channel: the CA that signed the servers' certificates, and
+    for mTLS a client certificate and key. `server_name` overrides the name checked
+    against the server's certificate (default: the host of the address)."""
+
+    ca: str
+    cert: str = ""
+    key: str = ""
+    server_name: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as handle:
+                return handle.read()
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca),
+                                            private_key=read(self.key),
+                                            certificate_chain=read(self.cert))
+
+
 class Client:
-    """One insecure channel per server, created on first use; calls go round-robin.
+    """One channel per server (TLS when `tls` is given), created on first use; calls go round-robin.
 
     `timeout` is the deadline of each unary call in seconds. `token`, when given, is sent
     as `authorization: Bearer <token>` metadata on every call. After a call,
@@ -54,11 +77,13 @@ class Client:
     """
 
     def __init__(self, servers: Sequence[str], timeout: float = DEFAULT_TIMEOUT, *,
-                 token: str | None = None):
+                 token: str | None = None, tls: Tls | None = None):
         if not servers:
             raise ValueError("Client needs at least one server")
         self.servers = list(servers)
         self.timeout = timeout
+        self.tls = tls
+        self._credentials = tls.credentials() if tls else None
         self.metadata: tuple[tuple[str, str], ...] | None = (
             (("authorization", f"Bearer {token}"),) if token else None)
         self.last_server: str | None = None
@@ -169,8 +194,13 @@ class Client:
         with self._lock:
             stub = self._stubs.get(server)
             if stub is None:
-                channel = grpc.insecure_channel(
-                    server, options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE)])
+                options = [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE)]
+                if self._credentials is None:
+                    channel = grpc.insecure_channel(server, options=options)
+                else:
+                    if self.tls and self.tls.server_name:
+                        options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+                    channel = grpc.secure_channel(server, self._credentials, options=options)
                 self._channels[server] = channel
                 stub = self._stubs[server] = dtsd_pb2_grpc.SchedulerStub(channel)
             return stub

@@ -212,6 +212,15 @@ def _options() -> list[Option]:
         o("server", "processes", "2", integer(0, 64),
           "gRPC API children, all bound to `listen` (SO_REUSEPORT)."),
         o("server", "listen", "127.0.0.1:50051", host_port, "Address of the gRPC API."),
+        o("server", "tokens_file", "", string,
+          "Bearer tokens with roles (dtsd token add). Empty: no authentication."),
+        o("server", "tls_cert", "", string,
+          "PEM certificate chain of the API; with tls_key it turns on TLS."),
+        o("server", "tls_key", "", string, "PEM private key for tls_cert."),
+        o("server", "tls_client_ca", "", string,
+          "PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."),
+        o("server", "insecure", "false", boolean,
+          "Allow a non-loopback listen address without tokens_file and TLS (logs a warning)."),
         o("server", "threads", "32", integer(2, 1024),
           "RPCs served at once per server child (watch streams hold one each)."),
         o("server", "max_message_size", "4MB", size,
@@ -264,6 +273,10 @@ def _options() -> list[Option]:
         o("client", "servers", "127.0.0.1:50051", address_list,
           "Servers dtsctl talks to when given none."),
         o("client", "timeout", "10s", positive_duration, "Deadline of each dtsctl call."),
+        o("client", "tls_ca", "", string,
+          "PEM CA bundle to verify the servers with; when set, dtsctl uses TLS."),
+        o("client", "tls_cert", "", string, "PEM client certificate, for servers that want mTLS."),
+        o("client", "tls_key", "", string, "PEM private key for [client] tls_cert."),
     ]
 
 

@@ -5,6 +5,9 @@
     dtsd --daemon --pidfile FILE        detach (for hosts without systemd)
     dtsd migrate [-c FILE]              bring the PostgreSQL schema up to date
     dtsd config-reference               print the reference dtsd.ini (every option, default)
+    dtsd token add NAME --role ROLE     create an API token in [server] tokens_file (printed once)
+    dtsd token rm NAME                  revoke a token (servers notice within a second)
+    dtsd token list                     names and roles
 """
 
 from __future__ import annotations
@@ -104,6 +107,72 @@ def migrate(parent_path: str | None, path: str | None) -> None:
 def config_reference() -> None:
     """Print the reference dtsd.ini: every option, commented, with its default."""
     click.echo(configmod.reference_ini(), nl=False)
+
+
+@main.group()
+def token() -> None:
+    """Manage the API tokens of [server] tokens_file (roles: read < submit < admin)."""
+
+
+def _tokens_file(parent_path: str | None, path: str | None) -> str:
+    tokens_file = _load(path or parent_path).get("server", "tokens_file")
+    if not tokens_file:
+        click.echo("dtsd token: [server] tokens_file is not set in the configuration "
+                   "(set it, e.g. /etc/dtsd/tokens, to turn authentication on)", err=True)
+        sys.exit(1)
+    return tokens_file
+
+
+@token.command("add")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(["read", "submit", "admin"]),
+              help="read: status and lists; submit: also submit, cancel, retry; "
+                   "admin: also dead letters and schedules.")
+@click.option("-c", "--config", "path", metavar="FILE", help=CONFIG_HELP)
+@click.pass_obj
+def token_add(parent_path: str | None, name: str, role: str, path: str | None) -> None:
+    """Create token NAME and print its secret: the only time it is shown."""
+    from . import auth
+    tokens_file = _tokens_file(parent_path, path)
+    try:
+        secret = auth.add_token(tokens_file, name, role)
+    except (auth.TokenError, OSError) as exc:
+        click.echo(f"dtsd token add: {exc}", err=True)
+        sys.exit(1)
+    click.echo(secret)
+    click.echo(f"token {name} ({role}) added to {tokens_file}; the secret above is not stored "
+               "and cannot be shown again", err=True)
+
+
+@token.command("rm")
+@click.argument("name")
+@click.option("-c", "--config", "path", metavar="FILE", help=CONFIG_HELP)
+@click.pass_obj
+def token_rm(parent_path: str | None, name: str, path: str | None) -> None:
+    """Revoke token NAME; the servers refuse it within about a second."""
+    from . import auth
+    tokens_file = _tokens_file(parent_path, path)
+    try:
+        auth.remove_token(tokens_file, name)
+    except (auth.TokenError, OSError) as exc:
+        click.echo(f"dtsd token rm: {exc}", err=True)
+        sys.exit(1)
+
+
+@token.command("list")
+@click.option("-c", "--config", "path", metavar="FILE", help=CONFIG_HELP)
+@click.pass_obj
+def token_list(parent_path: str | None, path: str | None) -> None:
+    """Names and roles of the tokens (the secrets are not stored)."""
+    from . import auth
+    tokens_file = _tokens_file(parent_path, path)
+    try:
+        tokens = auth.read_tokens(tokens_file)
+    except (auth.TokenError, OSError) as exc:
+        click.echo(f"dtsd token list: {exc}", err=True)
+        sys.exit(1)
+    for item in tokens:
+        click.echo(f"{item.name}\t{item.role.value}")
 
 
 if __name__ == "__main__":

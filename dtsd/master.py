@@ -51,7 +51,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, child
+from . import __version__, auth, child
 from . import config as configmod
 from .config import Config
 
@@ -177,6 +177,7 @@ class Master:
         self.started = time.time()
         self.leader: bool | None = None
         self.pending: int | None = None
+        self.insecure = False       # serving off-loopback without auth+TLS, by choice
         self.notifier = Notifier()
         self.node_file = os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json")
         self._wake_r, self._wake_w = os.pipe()
@@ -190,7 +191,7 @@ class Master:
         log.info("dtsd %s master starting (pid %d, node %s, config %s)",
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
         self.notifier.status("starting")
-        if not self.address_is_free() or not self.migrate():
+        if not self.exposure_allowed() or not self.address_is_free() or not self.migrate():
             return 1
         while True:
             self.handle_signals()
@@ -576,6 +577,8 @@ class Master:
             parts.append("FATAL: " + ", ".join(fatal))
         if self.pending is not None:
             parts.append(f"{self.pending} jobs pending")
+        if self.insecure:
+            parts.append("INSECURE")
         if self.stopping:
             parts.insert(0, "stopping")
         elif self.reloading:
@@ -622,6 +625,27 @@ class Master:
     def config_args(self) -> list[str]:
         """How children find the file (none when the default file is absent: defaults)."""
         return ["-c", self.cfg.path] if self.cfg.from_file else []
+
+    def exposure_allowed(self) -> bool:
+        """Refuse a non-loopback `[server] listen` without tokens and TLS (see auth.exposure).
+
+        With `[server] insecure = true` it starts, warns loudly, and says INSECURE in its
+        status. Checked from the configuration alone, before any child or connection.
+        """
+        if not self.cfg.get("server", "processes"):
+            return True
+        host, port = self.cfg.get("server", "listen")
+        error, warning = auth.exposure(
+            host, port, tokens_file=self.cfg.get("server", "tokens_file"),
+            tls_cert=self.cfg.get("server", "tls_cert"), tls_key=self.cfg.get("server", "tls_key"),
+            insecure=self.cfg.get("server", "insecure"))
+        if error:
+            log.error("%s", error)
+            return False
+        if warning:
+            log.warning("%s", warning)
+            self.insecure = True
+        return True
 
     def address_is_free(self) -> bool:
         """Refuse to start when something already listens on our address.

@@ -31,7 +31,7 @@ import psycopg
 import psycopg_pool
 import redis
 
-from . import __version__, child, introspection
+from . import __version__, auth, child, introspection
 from . import cron as cronmod
 from .config import Config
 from .dtsdpb import pb, pb_grpc, seed_pb, seed_pb_grpc
@@ -220,7 +220,12 @@ class Api:
 
 
 def _peer(context) -> str:
-    return context.peer() or ""
+    """Who is calling, for `submitted_by` and logs: `token:NAME@PEER` with auth, else PEER."""
+    return auth.who(context.peer() or "")
+
+
+def _audit(context, action: str, detail: str) -> None:
+    auth.audit(context.peer() or "", action, detail)
 
 
 class ScheduleService:
@@ -253,8 +258,8 @@ class ScheduleService:
             overlap=OVERLAP[given.overlap].value, misfire=MISFIRE[given.misfire].value,
             catchup_window=window, job=template,
             next_fire_time=cron.next_after(datetime.now(timezone.utc)), created_by=_peer(context))
-        log.info("schedule %s created by %s: %s (%s)", name, _peer(context), cron.expression,
-                 cron.timezone)
+        _audit(context, "schedule create", f"{name}: {cron.expression} ({cron.timezone}): "
+                                           f"{job.command[:200]!r}")
         self._wake_leader()
         return schedule_message(row)
 
@@ -273,20 +278,20 @@ class ScheduleService:
     @rpc
     def PauseSchedule(self, request, context):
         row = self.api.store.pause_schedule(check_schedule_name(request.name), True, _next_slot)
-        log.info("schedule %s paused by %s", request.name, _peer(context))
+        _audit(context, "schedule pause", request.name)
         return schedule_message(row)
 
     @rpc
     def ResumeSchedule(self, request, context):
         row = self.api.store.pause_schedule(check_schedule_name(request.name), False, _next_slot)
-        log.info("schedule %s resumed by %s", request.name, _peer(context))
+        _audit(context, "schedule resume", request.name)
         self._wake_leader()
         return schedule_message(row)
 
     @rpc
     def DeleteSchedule(self, request, context):
         self.api.store.delete_schedule(check_schedule_name(request.name))
-        log.info("schedule %s deleted by %s", request.name, _peer(context))
+        _audit(context, "schedule delete", request.name)
         return pb.DeleteScheduleResponse()
 
     @rpc
@@ -294,7 +299,7 @@ class ScheduleService:
         row = self.api.store.get_schedule(check_schedule_name(request.name))
         job = schedule_job(row, None)
         self.api.submit([job])
-        log.info("schedule %s fired by hand by %s: job %s", row["name"], _peer(context), job.id)
+        _audit(context, "schedule trigger", f"{row['name']}: job {job.id}")
         return pb.SubmitJobResponse(id=job.id, created=True)
 
     @rpc
@@ -329,6 +334,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
     def SubmitJob(self, request, context):
         job = spec_to_job(request.job, _peer(context))
         created = self.api.submit([job])[0]
+        _audit(context, "submit", f"1 job: {job.id}{'' if created else ' (existed)'}")
         return pb.SubmitJobResponse(id=job.id, created=created)
 
     @rpc
@@ -341,6 +347,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         peer = _peer(context)
         jobs = [spec_to_job(spec, peer, prefix=f"jobs[{i}].") for i, spec in enumerate(request.jobs)]
         created = self.api.submit(jobs)
+        _audit(context, "submit", f"{len(jobs)} jobs ({sum(created)} new): {_ids(jobs)}")
         return pb.SubmitJobsResponse(jobs=[pb.SubmitJobResponse(id=job.id, created=new)
                                            for job, new in zip(jobs, created)])
 
@@ -402,6 +409,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             self.api.queue.request_cancel(request.id, attempt)
         if previous is not status:
             self.api.publish_state(request.id, status)
+        _audit(context, "cancel", f"{request.id} ({previous.value} -> {status.value})")
         return pb.CancelJobResponse(previous_status=pb.JobStatus.Value(previous.value),
                                     status=pb.JobStatus.Value(status.value))
 
@@ -411,6 +419,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         requeued = self.api.store.retry(request.id)
         self.api.queue.push([Ready(requeued.id, requeued.queue, requeued.priority)])
         self.api.publish_state(request.id, JobStatus.PENDING)
+        _audit(context, "retry", request.id)
         return pb.RetryJobResponse(job=job_message(self.api.store.get_job(request.id)))
 
     @rpc
@@ -427,6 +436,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             raise InvalidField("ids", "name the jobs to requeue, or set all")
         requeued = self.api.store.requeue_dead(request.ids, queue=request.queue)
         self.api.queue.push([Ready(r.id, r.queue, r.priority) for r in requeued])
+        _audit(context, "dead-letter requeue", f"{len(requeued)} jobs: {_ids(requeued)}")
         return pb.RequeueDeadLettersResponse(ids=[r.id for r in requeued])
 
     @rpc
@@ -435,8 +445,10 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             check_job_id(job_id, "ids")
         if request.queue:
             check_queue(request.queue)
-        return pb.PurgeDeadLettersResponse(
-            purged=self.api.store.purge_dead(request.ids, queue=request.queue))
+        purged = self.api.store.purge_dead(request.ids, queue=request.queue)
+        what = ", ".join(request.ids) if request.ids else f"all of queue {request.queue or '*'}"
+        _audit(context, "dead-letter purge", f"{purged} jobs ({what[:500]})")
+        return pb.PurgeDeadLettersResponse(purged=purged)
 
     def _node_records(self) -> list[dict]:
         """Every node's record from Redis; this host's own children from the master's file,
@@ -485,6 +497,11 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                                         running=beat["running"])
             timestamp(_from_epoch(beat.get("seen")), info.seen_at)
         return response
+
+
+def _ids(jobs, shown: int = 20) -> str:
+    ids = [job.id for job in jobs]
+    return ", ".join(ids[:shown]) + (f", ... ({len(ids) - shown} more)" if len(ids) > shown else "")
 
 
 def _local_node_record(cfg: Config) -> dict | None:
@@ -598,6 +615,7 @@ class SeedJobService(seed_pb_grpc.JobServiceServicer):
         job = validate_spec(id=request.id, command=request.command, queue=DEFAULT_QUEUE,
                             submitted_by=_peer(context))
         self.api.submit([job])
+        _audit(context, "submit", f"1 job: {job.id} (seed JobService)")
         return seed_pb.JobResponse(job_id=job.id, success=True, message="Job submitted successfully")
 
     @rpc
@@ -624,6 +642,7 @@ class SeedTaskScheduler(seed_pb_grpc.TaskSchedulerServicer):
         job = validate_spec(id=request.id, name=request.name, command=request.command,
                             run_at=run_at, submitted_by=_peer(context))
         self.api.submit([job])
+        _audit(context, "submit", f"1 job: {job.id} (seed TaskScheduler)")
         return seed_pb.TaskResponse(task_id=job.id, success=True, message="Task scheduled successfully")
 
     @rpc
@@ -650,8 +669,11 @@ class Server:
         self.fast = False
         self.api = Api(cfg, self.store, self.queue, self.stopping)
         max_message = cfg.get("server", "max_message_size")
+        tokens_file = cfg.get("server", "tokens_file")
+        interceptors = [auth.AuthInterceptor(auth.TokenFile(tokens_file))] if tokens_file else []
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+            interceptors=interceptors,
             options=[("grpc.so_reuseport", 1),
                      ("grpc.max_receive_message_length", max_message),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
@@ -673,8 +695,10 @@ class Server:
         host, port = self.cfg.get("server", "listen")
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound = self.grpc.add_insecure_port(address)
-        except RuntimeError as exc:
+            credentials = self._credentials()
+            bound = (self.grpc.add_secure_port(address, credentials) if credentials
+                     else self.grpc.add_insecure_port(address))
+        except (RuntimeError, OSError) as exc:
             bound, error = 0, exc
         else:
             error = None
@@ -684,7 +708,10 @@ class Server:
         self.grpc.start()
         for name in ("", *SERVICES):
             self.health.set(name, introspection.health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving dtsd %s on %s", __version__, address)
+        log.info("serving dtsd %s on %s (%s, %s)", __version__, address,
+                 "mTLS" if self.cfg.get("server", "tls_client_ca") else
+                 "TLS" if self.cfg.get("server", "tls_cert") else "plaintext",
+                 "tokens required" if self.cfg.get("server", "tokens_file") else "no tokens")
         self.parent.ready()
         while not self.stopping.wait(1.0):
             self.parent.alive()
@@ -694,6 +721,20 @@ class Server:
         self.grpc.stop(grace).wait()
         self.store.close()
         return child.EXIT_OK
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        """TLS when [server] tls_cert and tls_key are set; mTLS with tls_client_ca too."""
+        cert, key = self.cfg.get("server", "tls_cert"), self.cfg.get("server", "tls_key")
+        if not (cert and key):
+            return None
+        client_ca = self.cfg.get("server", "tls_client_ca")
+
+        def read(path: str) -> bytes:
+            with open(path, "rb") as handle:
+                return handle.read()
+        return grpc.ssl_server_credentials(
+            [(read(key), read(cert))], root_certificates=read(client_ca) if client_ca else None,
+            require_client_auth=bool(client_ca))
 
     def _connect(self) -> bool:
         self.store.open(wait=True, timeout=30)

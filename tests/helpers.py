@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -324,11 +324,12 @@ def merge_sections(base: Mapping[str, Mapping[str, Any]],
     return merged
 
 
-def health_status(address: str, timeout: float = 1.0) -> int:
-    """The gRPC health status of `address` for the whole server ("")."""
+def health_status(address: str, timeout: float = 1.0, credentials: Any = None) -> int:
+    """The gRPC health status of `address` for the whole server (""); TLS with `credentials`."""
     import grpc
     from dtsd.health import health_pb2, health_pb2_grpc
-    with grpc.insecure_channel(address) as channel:
+    with (grpc.secure_channel(address, credentials) if credentials is not None
+          else grpc.insecure_channel(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         return reply.status
@@ -368,7 +369,8 @@ class DtsdMaster:
         self.wait_serving(timeout)
         return self
 
-    def wait_serving(self, timeout: float = 30) -> None:
+    def wait_serving(self, timeout: float = 30, credentials: Any = None) -> None:
+        """`credentials`: grpc channel credentials when the server speaks TLS."""
         from dtsd.health import health_pb2
         serving = health_pb2.HealthCheckResponse.SERVING
 
@@ -377,7 +379,7 @@ class DtsdMaster:
                 code = None if self.proc is None else self.proc.returncode
                 raise StopWaiting(f"dtsd {self.node_id} exited with {code} before serving:\n"
                               f"{self.log()[-4000:]}")
-            return health_status(self.address) == serving
+            return health_status(self.address, credentials=credentials) == serving
 
         try:
             wait_for(ready, timeout=timeout, interval=0.1,
@@ -424,19 +426,25 @@ class DtsdMaster:
             pass
 
     def dtsctl(self, *args: str, input: str | None = None, timeout: float = 60,
-               env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+               env: Mapping[str, str] | None = None, token: str | None = None,
+               tls: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
         return run_dtsctl("--servers", self.address, *args, input=input, timeout=timeout,
-                          env=env)
+                          env=env, token=token, tls=tls)
 
     def __repr__(self) -> str:
         return f"<DtsdMaster {self.node_id} {self.address} pid={getattr(self.proc, 'pid', None)}>"
 
 
 def run_dtsctl(*args: str, input: str | None = None, timeout: float = 60,
-               env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `python -m dtsd.cli ARGS` (dtsctl) from the repo; text output."""
+               env: Mapping[str, str] | None = None, token: str | None = None,
+               tls: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """Run `python -m dtsd.cli ARGS` (dtsctl) from the repo; text output.
+
+    `token` is passed as `--token`; `tls` are global TLS options (`--tls-ca`, FILE, ...).
+    """
+    extra = [*(("--token", token) if token else ()), *tls]
     return subprocess.run(
-        [sys.executable, "-m", "dtsd.cli", *args],
+        [sys.executable, "-m", "dtsd.cli", *extra, *args],
         input=input, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
         env=clean_env({"PYTHONPATH": str(REPO_ROOT), **(env or {})}),
         stdin=None if input is not None else subprocess.DEVNULL)

@@ -1,0 +1,104 @@
+"""TLS and mTLS against a real dtsd, with a throwaway CA made by openssl."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.helpers import DtsdMaster
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+
+FAST = {"server": {"processes": 1}, "worker": {"processes": 1}}
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def issue(directory: Path, name: str, subject: str, extensions: str) -> None:
+    """A key and a certificate for `name`, signed by the CA in `directory`."""
+    (directory / f"{name}.ext").write_text(extensions)
+    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+            "-subj", subject, "-out", f"{name}.csr", cwd=directory)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-sha256", "-extfile", f"{name}.ext",
+            "-out", f"{name}.pem", cwd=directory)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-days", "2",
+            "-subj", "/CN=dtsd test CA", "-out", "ca.pem", cwd=directory)
+    issue(directory, "server", "/CN=localhost",
+          "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    issue(directory, "client", "/CN=dtsctl",
+          "extendedKeyUsage=clientAuth\n")
+    return directory
+
+
+def credentials(pki: Path, client_cert: bool) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=(pki / "ca.pem").read_bytes(),
+        private_key=(pki / "client.key").read_bytes() if client_cert else None,
+        certificate_chain=(pki / "client.pem").read_bytes() if client_cert else None)
+
+
+def start_tls(dtsd_factory, pki: Path, mtls: bool) -> DtsdMaster:
+    server = {"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")}
+    if mtls:
+        server["tls_client_ca"] = str(pki / "ca.pem")
+    master = dtsd_factory(FAST, server=server, start=False)
+    # The health probe that tells "serving" must speak TLS too.
+    master.wait_serving = functools.partial(DtsdMaster.wait_serving, master,
+                                            credentials=credentials(pki, client_cert=mtls))
+    return master.start()
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result.stdout
+
+
+def test_tls_server_refuses_plaintext_and_serves_tls_clients(dtsd_factory, pki):
+    master = start_tls(dtsd_factory, pki, mtls=False)
+    assert "(TLS, no tokens)" in master.log()
+    plain = master.dtsctl("--timeout", "3", "list")
+    assert plain.returncode == 3, (plain.returncode, plain.stderr)
+
+    wrong_ca = master.dtsctl("--timeout", "3", "list", tls=["--tls-ca", str(pki / "client.pem")])
+    assert wrong_ca.returncode == 3, (wrong_ca.returncode, wrong_ca.stderr)
+
+    tls = ["--tls-ca", str(pki / "ca.pem")]
+    job_id = ok(master.dtsctl("submit", "--wait", "--", "echo", "over tls", tls=tls)).strip()
+    assert "over tls" in job_id or job_id
+    named = ["--tls-ca", str(pki / "ca.pem"), "--tls-server-name", "localhost"]
+    assert json.loads(ok(master.dtsctl("-o", "json", "list", tls=named)))["jobs"]
+
+
+def test_mtls_needs_a_client_certificate(dtsd_factory, pki):
+    master = start_tls(dtsd_factory, pki, mtls=True)
+    assert "(mTLS, no tokens)" in master.log()
+    no_cert = master.dtsctl("--timeout", "3", "list", tls=["--tls-ca", str(pki / "ca.pem")])
+    assert no_cert.returncode == 3, (no_cert.returncode, no_cert.stderr)
+    with_cert = ["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"),
+                 "--tls-key", str(pki / "client.key")]
+    ok(master.dtsctl("list", tls=with_cert))
+
+
+def test_client_tls_settings_from_the_config_file(dtsd_factory, pki, tmp_path):
+    master = start_tls(dtsd_factory, pki, mtls=True)
+    ini = tmp_path / "client.ini"
+    ini.write_text(f"[client]\nservers = {master.address}\ntls_ca = {pki / 'ca.pem'}\n"
+                   f"tls_cert = {pki / 'client.pem'}\ntls_key = {pki / 'client.key'}\n")
+    from tests.helpers import run_dtsctl
+    ok(run_dtsctl("-c", str(ini), "list"))
+    half = run_dtsctl("--servers", master.address, "--tls-cert", str(pki / "client.pem"), "list")
+    assert half.returncode == 2 and "need --tls-ca" in half.stderr
