@@ -49,8 +49,11 @@ class Coordinator:
     def __init__(self, cfg: Config, index: int, parent: child.Parent, leadership):
         self.cfg = cfg
         self.parent = parent
+        # A fenced transaction left open by a leader that was cut off must not outlive
+        # its lease: the next leader needs the fence row.
+        window = max(1.0, cfg.get("etcd", "lease_ttl") / 2)
         self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=2,
-                           name="dtsd-coordinator")
+                           name="dtsd-coordinator", hold_limit=window)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.leadership = leadership
         self.stop = threading.Event()
@@ -81,15 +84,17 @@ class Coordinator:
         while not self.stop.is_set():
             started = time.monotonic()
             wake_at = started + interval
-            leader = self.leadership.is_leader()
+            self._tick("publishing the node record", self.publish_node)
+            # Leadership is read just before the leader's steps (the node record above may
+            # have waited on Redis): a token of None means the lease lapsed meanwhile.
+            token = self.leadership.token() if self.leadership.is_leader() else None
+            leader = token is not None
             if leader != self.was_leader:
                 self.was_leader = leader
                 log.info("this node %s", "leads: leader loops start" if leader
                          else "does not lead: leader loops stop")
-            self._tick("publishing the node record", self.publish_node)
             if leader:
-                fence = Fence(self.cfg.get("dtsd", "cluster"), self.leadership.token(),
-                              self.cfg.node_id)
+                fence = Fence(self.cfg.get("dtsd", "cluster"), token, self.cfg.node_id)
                 due = self._tick("firing schedules", lambda: self.fire(fence))
                 if due is not None:
                     wake_at = min(wake_at, time.monotonic() + max(0.0, due))

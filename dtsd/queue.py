@@ -146,7 +146,10 @@ class Ready:
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
+    """A client whose calls give up well within a child's heartbeat to the master
+    ([dtsd] child_timeout): a Redis behind a partition must not make a child look hung.
+    The longest blocking call (a worker's wait for work) lasts 1 s."""
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
                                 health_check_interval=15)
 
 

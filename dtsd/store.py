@@ -72,6 +72,10 @@ class Fence:
     token: int
     holder: str
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.token, int):
+            raise Deposed(f"{self.holder} holds no fencing token: it does not lead")
+
 
 @dataclass
 class FirePlan:
@@ -155,11 +159,22 @@ class Store:
     """A pool of connections and the statements dtsd runs on them."""
 
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 8,
-                 name: str = "dtsd", timeout: float = 10.0):
+                 name: str = "dtsd", timeout: float = 10.0, hold_limit: float | None = None):
+        """`hold_limit` (seconds) bounds how long a session may sit in an open transaction
+        or wait for a lock. The leader sets it below its lease window: a leader cut off in
+        the middle of a fenced transaction would otherwise keep the fence row locked (and
+        so every later leader's loops blocked) until TCP gives up, which takes hours."""
         self.dsn = dsn
+        kwargs: dict[str, Any] = {"application_name": name, "autocommit": True,
+                                  "keepalives": 1, "keepalives_idle": 5,
+                                  "keepalives_interval": 2, "keepalives_count": 3}
+        if hold_limit is not None:
+            ms = max(100, int(hold_limit * 1000))
+            kwargs["options"] = (f"-c idle_in_transaction_session_timeout={ms} "
+                                 f"-c lock_timeout={ms}")
         self.pool = ConnectionPool(
             dsn, min_size=min_size, max_size=max_size, timeout=timeout, open=False,
-            kwargs={"application_name": name, "autocommit": True}, name=name)
+            kwargs=kwargs, name=name)
 
     def open(self, wait: bool = True, timeout: float = 30.0) -> "Store":
         self.pool.open(wait=wait, timeout=timeout)
