@@ -92,11 +92,16 @@ class EtcdMember:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def client_urls(self) -> str:
+        """Where clients reach this member (a subclass may add addresses)."""
+        return self.client_url
+
     def spawn(self) -> None:
         c = self.cluster
+        clients = self.client_urls()
         args = [
             ETCD_BINARY, "--name", self.name, "--data-dir", str(self.data_dir),
-            "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
+            "--listen-client-urls", clients, "--advertise-client-urls", clients,
             "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", c.initial_cluster, "--initial-cluster-token", c.token,
             "--initial-cluster-state", "new",

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from tests.etcd_helpers import ETCD_BINARY, EtcdCluster, EtcdMember, _etcd_env
+from tests.etcd_helpers import EtcdCluster, EtcdMember
 from tests.helpers import (REPO_ROOT, DtsdMaster, PostgresServer, RedisServer, clean_env,
                            tail, write_ini)
 
@@ -214,22 +214,8 @@ class DualRedis(RedisServer):
 class DualEtcdMember(EtcdMember):
     """Clients on 127.0.0.1 and the cluster's `extra_ip`; peers on loopback only."""
 
-    def spawn(self) -> None:
-        c = self.cluster
-        extra = f"http://{c.extra_ip}:{self.client_port}"
-        args = [
-            ETCD_BINARY, "--name", self.name, "--data-dir", str(self.data_dir),
-            "--listen-client-urls", f"{self.client_url},{extra}",
-            "--advertise-client-urls", f"{self.client_url},{extra}",
-            "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", c.initial_cluster, "--initial-cluster-token", c.token,
-            "--initial-cluster-state", "new",
-            "--heartbeat-interval", str(c.heartbeat_ms), "--election-timeout", str(c.election_ms),
-            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "info",
-        ]
-        self._log = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=c.dir, env=_etcd_env())
+    def client_urls(self) -> str:
+        return f"{self.client_url},http://{self.cluster.extra_ip}:{self.client_port}"
 
 
 class DualEtcdCluster(EtcdCluster):
