@@ -24,7 +24,6 @@ import enum
 import fcntl
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import re
@@ -361,41 +360,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return _as_caller(handler, token.name)
 
 
-# --- exposure -----------------------------------------------------------------------------
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and localhost; anything else (0.0.0.0, ::, names) is exposed."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: str,
-             insecure: bool) -> tuple[str | None, str | None]:
-    """(error, warning) for serving on host:port with this security configuration.
-
-    An error means: do not start. A non-loopback listen address needs both a tokens file
-    and a TLS certificate and key, unless `[server] insecure = true` says otherwise, in
-    which case the warning is to be logged loudly.
-    """
-    if bool(tls_cert) != bool(tls_key):
-        return ("[server] tls_cert and tls_key go together: set both or neither", None)
-    if is_loopback(host):
-        return None, None
-    missing = [what for what, given in (("[server] tokens_file", tokens_file),
-                                        ("[server] tls_cert and tls_key", tls_cert))
-               if not given]
-    if not missing:
-        return None, None
-    where = f"[server] listen = {host}:{port}"
-    if insecure:
-        return None, (f"INSECURE: {where} is reachable from other hosts without "
-                      f"{' and '.join(missing)}; anyone who can connect may run commands as "
-                      "the workers' user ([server] insecure = true)")
-    return (f"refusing to start: {where} is not a loopback address, and "
-            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. "
-            "Jobs are shell commands: configure tokens and TLS, listen on 127.0.0.1, or set "
-            "[server] insecure = true to accept the risk", None)
+# --- exposure: pure checks of the configuration, kept in config.py so that the master
+# (which must not load gRPC) can run them; re-exported here for the API's side.
+from .config import exposure, is_loopback  # noqa: E402,F401

@@ -51,7 +51,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, auth, child
+from . import __version__, child
 from . import config as configmod
 from .config import Config
 
@@ -627,7 +627,7 @@ class Master:
         return ["-c", self.cfg.path] if self.cfg.from_file else []
 
     def exposure_allowed(self) -> bool:
-        """Refuse a non-loopback `[server] listen` without tokens and TLS (see auth.exposure).
+        """Refuse a non-loopback `[server] listen` without tokens and TLS (see config.exposure).
 
         With `[server] insecure = true` it starts, warns loudly, and says INSECURE in its
         status. Checked from the configuration alone, before any child or connection.
@@ -635,7 +635,7 @@ class Master:
         if not self.cfg.get("server", "processes"):
             return True
         host, port = self.cfg.get("server", "listen")
-        error, warning = auth.exposure(
+        error, warning = configmod.exposure(
             host, port, tokens_file=self.cfg.get("server", "tokens_file"),
             tls_cert=self.cfg.get("server", "tls_cert"), tls_key=self.cfg.get("server", "tls_key"),
             insecure=self.cfg.get("server", "insecure"))

@@ -300,3 +300,15 @@ def test_usr1_reopens_the_log_file(dtsd_factory, tmp_path):
     # A child's next line lands in the new file too.
     os.kill(children(master, "worker")[0]["pid"], signal.SIGKILL)
     wait_for(lambda: "worker" in log_file.read_text() and "ready" in log_file.read_text())
+
+
+def test_the_master_loads_no_client_library():
+    """The master forks children and must hold no gRPC, Redis, PostgreSQL or etcd state;
+    it does not even import them (importing grpc alone cost it 10 MB of RSS)."""
+    probe = ("import sys, dtsd.master, dtsd.daemon; "
+             "print(sorted(m for m in ('grpc', 'redis', 'psycopg', 'psycopg_pool', 'etcd3', "
+             "'google.protobuf') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True,
+                            text=True, env=clean_env({"PYTHONPATH": str(REPO_ROOT)}), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
