@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Callable
 
 from . import config as configmod
@@ -100,6 +99,19 @@ def boot(role: str, argv: list[str] | None = None) -> tuple[configmod.Config, in
     return cfg, args.index, Parent(args.notify_fd)
 
 
+def connect(store, queue, log: logging.Logger, stop: threading.Event,
+            *also: Callable[[], object]) -> bool:
+    """Open the child's PostgreSQL pool and reach Redis (then run `also`), retrying until
+    everything answers; False if `stop` was set first."""
+    def attempt() -> bool:
+        store.open(wait=True, timeout=30)
+        queue.redis.ping()
+        for step in also:
+            step()
+        return True
+    return retry_forever("connecting to PostgreSQL and Redis", attempt, log, stop) is not None
+
+
 def retry_forever(what: str, attempt: Callable[[], object], log: logging.Logger,
                   stop: threading.Event, first_delay: float = 0.2, max_delay: float = 5.0):
     """Call `attempt` until it succeeds or `stop` is set, backing off; logs each failure once."""
@@ -114,8 +126,6 @@ def retry_forever(what: str, attempt: Callable[[], object], log: logging.Logger,
     return None
 
 
-def monotonic() -> float:
-    return time.monotonic()
 
 
 def _groups_path(runtime_dir: str, worker_pid: int) -> str:

@@ -69,8 +69,7 @@ class Coordinator:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self._stop())
         signal.signal(signal.SIGQUIT, lambda *_: self._stop())
-        if child.retry_forever("connecting to PostgreSQL and Redis", self._connect, log,
-                               self.stop) is None:
+        if not child.connect(self.store, self.queue, log, self.stop):
             return child.EXIT_OK
         self.leadership.start()
         threading.Thread(target=self._listen_for_schedules, name="schedules", daemon=True).start()
@@ -133,11 +132,6 @@ class Coordinator:
             except Exception as exc:
                 log.debug("schedule channel lost: %s", exc)
                 self.stop.wait(1.0)
-
-    def _connect(self) -> bool:
-        self.store.open(wait=True, timeout=30)
-        self.queue.redis.ping()
-        return True
 
     def _tick(self, what: str, step) -> Any:
         try:

@@ -316,8 +316,3 @@ class Queue:
             self.redis.srem(self.keys.nodes, *gone)
         return [json.loads(r) for r in records if r]
 
-    def depth(self, queue: str) -> int:
-        pipe = self.redis.pipeline(transaction=False)
-        for p in PRIORITIES:
-            pipe.llen(self.keys.queue(queue, p))
-        return sum(pipe.execute())

@@ -689,8 +689,7 @@ class Server:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGQUIT, self._on_signal)
-        if child.retry_forever("connecting to PostgreSQL and Redis", self._connect, log,
-                               self.stopping) is None:
+        if not child.connect(self.store, self.queue, log, self.stopping):
             return child.EXIT_OK
         host, port = self.cfg.get("server", "listen")
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -735,11 +734,6 @@ class Server:
         return grpc.ssl_server_credentials(
             [(read(key), read(cert))], root_certificates=read(client_ca) if client_ca else None,
             require_client_auth=bool(client_ca))
-
-    def _connect(self) -> bool:
-        self.store.open(wait=True, timeout=30)
-        self.queue.redis.ping()
-        return True
 
 
 def main(argv: list[str] | None = None) -> int:

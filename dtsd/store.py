@@ -19,7 +19,7 @@ import base64
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -183,9 +183,6 @@ class Store:
     def close(self) -> None:
         self.pool.close()
 
-    def ping(self) -> None:
-        with self.pool.connection() as conn:
-            conn.execute("SELECT 1")
 
     # --- schema ---------------------------------------------------------------------------
 
@@ -221,10 +218,6 @@ class Store:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
         return applied_now
 
-    def schema_version(self) -> int:
-        with self.pool.connection() as conn:
-            row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
-            return row[0]
 
     # --- submit ---------------------------------------------------------------------------
 
@@ -710,6 +703,3 @@ class Store:
                    GROUP BY queue ORDER BY queue""").fetchall()
         return by_status, dead, queues
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)

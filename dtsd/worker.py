@@ -67,8 +67,7 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGQUIT, lambda *_: (self.stopping.set(), self.hand_back_now.set()))
-        if child.retry_forever("connecting to PostgreSQL and Redis", self._connect, log,
-                               self.stopping) is None:
+        if not child.connect(self.store, self.queue, log, self.stopping, self._beat):
             return child.EXIT_OK
         threads = [threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True),
                    threading.Thread(target=self._listen_for_cancels, name="cancels", daemon=True)]
@@ -95,12 +94,6 @@ class Worker:
         self.groups.close()
         log.info("worker %s stopped", self.id)
         return child.EXIT_OK
-
-    def _connect(self) -> bool:
-        self.store.open(wait=True, timeout=30)
-        self.queue.redis.ping()
-        self._beat()
-        return True
 
     def _drain(self) -> None:
         """Let running jobs finish within stopwaitsecs; then hand the rest back."""
