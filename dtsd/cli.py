@@ -40,7 +40,9 @@ A job object has:
   submitted_by, created_at, updated_at, started_at, finished_at, schedule_id (0: not a
   cron run), fire_time,
   spec: {id, name, command, env {name: value}, cwd, queue, priority,
-         max_retries (null: server default), timeout_seconds, run_at, idempotency_key},
+         max_retries (null: server default), timeout_seconds, run_at, idempotency_key,
+         limits {name: value, only those set: processes, open_files, file_size, memory,
+         cpu_time}},
   attempt_history: [{number, worker, started_at, finished_at, exit_code, output,
                      output_base64, output_truncated, error}]  (filled by `status JOB_ID`)
 List and dlq list leave output empty (the server omits it there).
@@ -344,6 +346,10 @@ def _param_type(name: str, convert: Callable[[str], Any]) -> click.ParamType:
 DURATION = _param_type("duration", config.duration)
 WHEN = _param_type("when", parse_when)
 ENV = _param_type("key=value", parse_env)
+LIMIT = _param_type("name=value", config.limit_list)
+LIMIT_HELP = ("A resource limit for the job (repeatable): processes=N, open_files=N, "
+              "file_size=SIZE, memory=SIZE, cpu_time=DUR; at most the server's "
+              "[worker] limits_max.")
 SERVERS = _param_type("servers", parse_servers)
 
 
@@ -409,6 +415,9 @@ def spec_dict(spec: Any) -> dict[str, Any]:
         "timeout_seconds": spec.timeout_seconds,
         "run_at": _time(spec, "run_at"),
         "idempotency_key": spec.idempotency_key,
+        "limits": {name: getattr(spec.limits, field)
+                   for name, field in models.LIMIT_PROTO_FIELDS.items()
+                   if getattr(spec.limits, field)},
     }
 
 
@@ -781,13 +790,14 @@ def load_jobs_file(path: str) -> list[dict[str, Any]]:
 _OPTION_OF_FIELD = {"command": "CMD", "name": "--name", "env": "--env", "cwd": "--cwd",
                     "queue": "--queue", "priority": "--priority",
                     "max_retries": "--max-retries", "timeout_seconds": "--timeout",
-                    "id": "--id", "idempotency_key": "--idempotency-key"}
+                    "id": "--id", "idempotency_key": "--idempotency-key", "limits": "--limit"}
 
 
 def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = None,
              cwd: str = "", queue: str = "", priority: int = 0, max_retries: int | None = None,
              timeout: float | None = None, run_at: datetime | None = None, id: str = "",
-             idempotency_key: str = "", where: str | None = None) -> Any:
+             idempotency_key: str = "", limits: Mapping[str, int] | None = None,
+             where: str | None = None) -> Any:
     """Check the fields as the server will (models.validate_spec) and build a JobSpec.
 
     A bad field is a usage error (exit 2), raised before anything is sent. `where` names
@@ -797,15 +807,17 @@ def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = No
         models.validate_spec(id=id, command=command, name=name, env=dict(env or {}), cwd=cwd,
                              queue=queue, priority=priority, max_retries=max_retries,
                              timeout=timeout or 0.0, run_at=run_at,
-                             idempotency_key=idempotency_key)
+                             idempotency_key=idempotency_key, limits=dict(limits or {}))
     except models.InvalidField as exc:
         if where is not None:
             raise click.UsageError(f"{where}: {exc.field}: {exc.problem}") from None
-        option = _OPTION_OF_FIELD.get(exc.field.split("[")[0], exc.field)
+        option = _OPTION_OF_FIELD.get(exc.field.split("[")[0].split(".")[0], exc.field)
         raise click.UsageError(f"{option}: {exc.problem}") from None
     spec = dtsd_pb2.JobSpec(id=id, name=name, command=command, env=dict(env or {}), cwd=cwd,
                             queue=queue, priority=priority,
                             timeout_seconds=timeout or 0.0, idempotency_key=idempotency_key)
+    for name, value in (limits or {}).items():
+        setattr(spec.limits, models.LIMIT_PROTO_FIELDS[name], value)
     if max_retries is not None:
         spec.max_retries = max_retries
     if run_at is not None:
@@ -909,6 +921,8 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
 @click.option("--at", "run_at", type=WHEN, metavar="WHEN",
               help="Start no earlier than WHEN: ISO 8601 (2024-05-01T12:00:00Z; without a "
                    "zone: local time) or +DUR from now (+30s, +5m, +1h).")
+@click.option("--limit", "limits", type=LIMIT, multiple=True, metavar="NAME=VALUE",
+              help=LIMIT_HELP)
 @click.option("--id", "job_id", default="", help="Choose the job id ([A-Za-z0-9._:-], <= 128).")
 @click.option("--idempotency-key", default="",
               help="Submitting the same key again returns the existing job (created: false).")
@@ -932,8 +946,8 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
 def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[tuple[str, str], ...],
            cwd: str, queue: str, priority: int, max_retries: int | None,
            job_timeout: float | None, run_at: datetime | None, job_id: str,
-           idempotency_key: str, wait: bool, follow: bool, jobs_file: str | None,
-           concurrent: bool) -> None:
+           limits: tuple[dict[str, int], ...], idempotency_key: str, wait: bool, follow: bool,
+           jobs_file: str | None, concurrent: bool) -> None:
     """Submit a job: dtsctl submit [OPTIONS] -- CMD...
 
     CMD runs under /bin/sh -c. Several words are quoted and joined (shlex.join); one
@@ -954,7 +968,8 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
             if given:
                 raise click.UsageError(f"{option} cannot be used with --file")
         defaults = dict(env=dict(env), cwd=cwd, queue=queue, priority=priority,
-                        max_retries=max_retries, timeout=job_timeout, run_at=run_at)
+                        max_retries=max_retries, timeout=job_timeout, run_at=run_at,
+                        limits=_merge(limits))
         _submit_file(settings, jobs_file, defaults, wait=wait, concurrent=concurrent)
         return
     if concurrent:
@@ -966,7 +981,8 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     text = command[0] if len(command) == 1 else shlex.join(command)
     spec = job_spec(command=text, name=name, env=dict(env), cwd=cwd, queue=queue,
                     priority=priority, max_retries=max_retries, timeout=job_timeout,
-                    run_at=run_at, id=job_id, idempotency_key=idempotency_key)
+                    run_at=run_at, id=job_id, idempotency_key=idempotency_key,
+                    limits=_merge(limits))
     reply = settings.call(Role.WRITE, "SubmitJob", dtsd_pb2.SubmitJobRequest(job=spec))
     result: dict[str, Any] = {"id": reply.id, "created": reply.created}
     if not reply.created and not settings.json:
@@ -987,6 +1003,11 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
             out.flush()
         click.echo(_final_line(job), err=True)
     click.get_current_context().exit(job_exit_code(job["status"], job["exit_code"]))
+
+
+def _merge(limits: tuple[dict[str, int], ...]) -> dict[str, int]:
+    """Repeated --limit options, the last one winning per name."""
+    return {name: value for given in limits for name, value in given.items()}
 
 
 def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wait: bool,
@@ -1356,6 +1377,8 @@ def cron() -> None:
               help="Retries after a failure (default 3).")
 @click.option("--timeout", "job_timeout", type=DURATION, default=None, metavar="DUR",
               help="Kill each run after this long.")
+@click.option("--limit", "limits", type=LIMIT, multiple=True, metavar="NAME=VALUE",
+              help=LIMIT_HELP)
 @option_output
 @click.argument("name")
 @click.argument("expression")
@@ -1364,7 +1387,8 @@ def cron() -> None:
 def cron_add(settings: Settings, name: str, expression: str, command: tuple[str, ...], zone: str,
              overlap: str, misfire: str, catchup_window: float | None, job_name: str,
              env: tuple[tuple[str, str], ...], cwd: str, queue: str, priority: int,
-             max_retries: int | None, job_timeout: float | None) -> None:
+             max_retries: int | None, job_timeout: float | None,
+             limits: tuple[dict[str, int], ...]) -> None:
     """Add a schedule: dtsctl cron add NAME 'EXPR' [OPTIONS] -- CMD...
 
     Options may stand anywhere before `--`; everything after it is the command.
@@ -1376,7 +1400,8 @@ def cron_add(settings: Settings, name: str, expression: str, command: tuple[str,
         raise click.UsageError("no command: dtsctl cron add NAME 'EXPR' [OPTIONS] -- CMD...")
     text = command[0] if len(command) == 1 else shlex.join(command)
     spec = job_spec(command=text, name=job_name, env=dict(env), cwd=cwd, queue=queue,
-                    priority=priority, max_retries=max_retries, timeout=job_timeout)
+                    priority=priority, max_retries=max_retries, timeout=job_timeout,
+                    limits=_merge(limits))
     schedule = dtsd_pb2.Schedule(
         name=name, expression=expression, timezone=zone, job=spec,
         overlap=dtsd_pb2.OverlapPolicy.Value(overlap.upper()),

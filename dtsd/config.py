@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import configparser
 import ipaddress
+import math
 import os
 import re
 import signal
 import socket
+import stat as stat_module
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -148,6 +151,28 @@ def stop_signal(text: str) -> signal.Signals:
     return signal.Signals[name]
 
 
+def limit_list(text: str) -> dict[str, int]:
+    """`processes=4096 open_files=1024 memory=2GB cpu_time=1h` -> {name: value}.
+
+    Counts are whole numbers, sizes take 64KB/1MB/1GiB, times take durations (whole seconds).
+    """
+    from .models import LIMITS, MAX_LIMIT
+    limits: dict[str, int] = {}
+    for item in name_list(text):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"not name=value: {item!r} (names: {', '.join(LIMITS)})")
+        if name not in LIMITS:
+            raise ValueError(f"unknown limit {name!r} (names: {', '.join(LIMITS)})")
+        unit = LIMITS[name][1]
+        number = (size(value) if unit == "bytes" else
+                  math.ceil(duration(value)) if unit == "seconds" else integer(1)(value))
+        if not 0 < number <= MAX_LIMIT:
+            raise ValueError(f"{name}: must be more than 0")
+        limits[name] = number
+    return limits
+
+
 def log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -228,6 +253,10 @@ def _options() -> list[Option]:
           "Largest request accepted; a larger one is answered RESOURCE_EXHAUSTED."),
         o("server", "max_batch", "10000", integer(1, 100000),
           "Most jobs in one SubmitJobs call."),
+        o("server", "max_pending", "100000", integer(0, 100_000_000),
+          "A submit to a queue already holding this many PENDING jobs (ready or delayed, "
+          "counted in Redis) is answered RESOURCE_EXHAUSTED; a batch that would pass it is "
+          "refused whole. Approximate: may overshoot by the submits in flight. 0: no limit."),
         o("server", "stopwaitsecs", "10s", duration,
           "On stop, how long in-flight RPCs may take before they are cut."),
         *_process_options("server"),
@@ -246,6 +275,19 @@ def _options() -> list[Option]:
         o("worker", "shell", "/bin/sh", nonempty, "Runs each command as `shell -c COMMAND`."),
         o("worker", "path", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
           nonempty, "PATH in the clean environment jobs start with."),
+        o("worker", "job_user", "dtsd-job", string,
+          "User (and its groups) that jobs run as, with every capability dropped and "
+          "no_new_privs set. Empty: the workers' own user, refused when that is root. The "
+          "workers need CAP_SETUID, CAP_SETGID and CAP_SETPCAP to switch (the packaged unit "
+          "grants them to dtsd's own user; no other child keeps them)."),
+        o("worker", "limits", "processes=4096 open_files=1024", limit_list,
+          "Resource limits of each job, soft and hard: processes (per job_user, all jobs of "
+          "the host together), open_files, file_size, memory (address space), cpu_time. "
+          "Unlisted: inherited from the worker."),
+        o("worker", "limits_max", "processes=16384 open_files=65536", limit_list,
+          "Highest limits a job may ask for (JobSpec.limits, dtsctl submit --limit); above "
+          "is refused with INVALID_ARGUMENT. A limit listed in neither key has no ceiling; "
+          "one only in `limits` is its own ceiling."),
         o("worker", "retry_backoff", "1s", duration,
           "First retry waits about this long; each next one twice as long (with jitter)."),
         o("worker", "retry_backoff_max", "5m", duration, "Longest wait between retries."),
@@ -256,7 +298,9 @@ def _options() -> list[Option]:
         *_process_options("worker"),
 
         o("postgres", "dsn", "postgresql:///dtsd", nonempty,
-          "libpq connection string or URI (env DATABASE_URL)."),
+          "libpq connection string or URI (env DATABASE_URL). Keep the password out of it: "
+          "passfile=FILE (mode 0600, owned by dtsd's user); TLS with sslmode=verify-full "
+          "sslrootcert=FILE, a client certificate with sslcert=FILE sslkey=FILE."),
         o("postgres", "pool_min", "1", integer(0, 100),
           "Connections kept open per server child (env PG_MIN_CONNS)."),
         o("postgres", "pool_max", "8", integer(1, 1000),
@@ -264,12 +308,26 @@ def _options() -> list[Option]:
           "Workers use up to 3, the coordinator 2."),
 
         o("redis", "url", "redis://127.0.0.1:6379/0", nonempty,
-          "redis:// or unix:// URL (env REDIS_ADDR, as host:port)."),
+          "redis://, rediss:// (TLS) or unix:// URL (env REDIS_ADDR, as host:port). An ACL "
+          "user: redis://USER:PASSWORD@host:port/0 (percent-encoded; keep this file 0640). "
+          "TLS: rediss://host:port/0?ssl_ca_certs=FILE, a client certificate with "
+          "&ssl_certfile=FILE&ssl_keyfile=FILE."),
 
         o("etcd", "endpoints", "", address_list,
           "host:port list. Empty: single-node mode, this node always leads (env ETCD_ENDPOINTS)."),
         o("etcd", "lease_ttl", "10s", positive_duration,
           "Leader lease; a dead leader is replaced within about this long (env LEASE_TTL)."),
+        o("etcd", "user", "", string,
+          "etcd user to authenticate as (with password_file). Empty: no authentication."),
+        o("etcd", "password_file", "", string,
+          "File holding the etcd user's password (one line; mode 0640 or less), read at "
+          "each (re)connection."),
+        o("etcd", "tls_ca", "", string,
+          "PEM CA bundle to verify etcd with; when set, dtsd talks to etcd over TLS "
+          "(endpoints may then be written https://host:port)."),
+        o("etcd", "tls_cert", "", string,
+          "PEM client certificate, for an etcd started with --client-cert-auth."),
+        o("etcd", "tls_key", "", string, "PEM private key for [etcd] tls_cert."),
 
         o("client", "servers", "127.0.0.1:50051", address_list,
           "Servers dtsctl talks to when given none."),
@@ -295,6 +353,9 @@ class Config:
     path: str
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     from_file: bool = True     # False: the default file is absent and defaults apply
+    # (section, key) -> text exactly as the file gives it (before the environment's
+    # overrides): what secrets_exposure() judges the file by.
+    written: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def get(self, section: str, key: str) -> Any:
         return self.values[section][key]
@@ -312,6 +373,12 @@ class Config:
     @property
     def key_prefix(self) -> str:
         return f"dtsd:{self.values['dtsd']['cluster']}:"
+
+
+def limit_ceiling(config: "Config") -> dict[str, int]:
+    """Per limit, the highest a job may ask for: limits_max, else the default in limits."""
+    worker = config.values["worker"]
+    return {**worker["limits"], **worker["limits_max"]}
 
 
 class _Section:
@@ -349,6 +416,7 @@ def parse(text: str, path: str = "<string>", env: Mapping[str, str] | None = Non
     raw: dict[str, dict[str, str]] = {
         section: {opt.key: opt.default for opt in OPTIONS if opt.section == section}
         for section in SECTIONS}
+    written: dict[tuple[str, str], str] = {}
     for section in parser.sections():
         if section not in raw:
             raise ConfigError(f"{path}: unknown section [{section}] "
@@ -358,8 +426,9 @@ def parse(text: str, path: str = "<string>", env: Mapping[str, str] | None = Non
                 known = ", ".join(opt.key for opt in OPTIONS if opt.section == section)
                 raise ConfigError(f"{path}: [{section}] unknown key {key!r} (known: {known})")
             raw[section][key] = value
+            written[(section, key)] = value
     _apply_env(raw, os.environ if env is None else env)
-    config = Config(path=path)
+    config = Config(path=path, written=written)
     for opt in OPTIONS:
         text_value = raw[opt.section][opt.key]
         if text_value is None:
@@ -371,7 +440,33 @@ def parse(text: str, path: str = "<string>", env: Mapping[str, str] | None = Non
         config.values.setdefault(opt.section, {})[opt.key] = value
     if config.values["postgres"]["pool_min"] > config.values["postgres"]["pool_max"]:
         raise ConfigError(f"{path}: [postgres] pool_min is larger than pool_max")
+    _check_etcd(config.values["etcd"], path)
+    worker = config.values["worker"]
+    for name, value in worker["limits"].items():
+        top = worker["limits_max"].get(name)
+        if top is not None and value > top:
+            raise ConfigError(f"{path}: [worker] limits: {name}={value} is above "
+                              f"[worker] limits_max {name}={top}")
     return config
+
+
+def _check_etcd(etcd: dict[str, Any], path: str) -> None:
+    """The [etcd] keys that only make sense together."""
+    if bool(etcd["user"]) != bool(etcd["password_file"]):
+        raise ConfigError(f"{path}: [etcd] user and password_file go together: set both or "
+                          "neither")
+    if bool(etcd["tls_cert"]) != bool(etcd["tls_key"]):
+        raise ConfigError(f"{path}: [etcd] tls_cert and tls_key go together: set both or "
+                          "neither")
+    if etcd["tls_cert"] and not etcd["tls_ca"]:
+        raise ConfigError(f"{path}: [etcd] tls_cert needs tls_ca (the CA that signed etcd's "
+                          "certificate)")
+    if etcd["endpoints"]:
+        from .election import parse_endpoints   # stdlib only at import: no etcd client here
+        try:
+            parse_endpoints(etcd["endpoints"], tls=bool(etcd["tls_ca"]))
+        except ValueError as exc:
+            raise ConfigError(f"{path}: [etcd] endpoints: {exc}") from None
 
 
 def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -417,6 +512,15 @@ def reference_ini() -> str:
     return "\n".join(lines)
 
 
+def reference_table() -> list[str]:
+    """The rows of README.md's option table (a test keeps the README's equal to these)."""
+    rows = []
+    for opt in OPTIONS:
+        default = f"`{opt.default}`" if opt.default else "*(empty)*"
+        rows.append(f"| `[{opt.section}]` | `{opt.key}` | {default} | {opt.help} |")
+    return rows
+
+
 # --- exposure ---------------------------------------------------------------------------
 
 def is_loopback(host: str) -> bool:
@@ -455,3 +559,100 @@ def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: 
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. "
             "Jobs are shell commands: configure tokens and TLS, listen on 127.0.0.1, or set "
             "[server] insecure = true to accept the risk", None)
+
+
+def server_exposure(config: Config) -> tuple[str | None, str | None]:
+    """`exposure()` for the configured `[server] listen`: what the master checks at start
+    and `dtsd --check-config` reports. No server processes: nothing is exposed."""
+    server = config.values["server"]
+    if not server["processes"]:
+        return None, None
+    host, port = server["listen"]
+    return exposure(host, port, tokens_file=server["tokens_file"], tls_cert=server["tls_cert"],
+                    tls_key=server["tls_key"], insecure=server["insecure"])
+
+
+# --- secrets on disk ----------------------------------------------------------------------
+
+_CONNINFO_PAIR = re.compile(r"(\w+)\s*=\s*('(?:\\.|[^'\\])*'|\S+)")
+
+
+def _connection_fields(text: str) -> dict[str, str]:
+    """The settings of a libpq conninfo (`key=value ...` or URI) or a Redis URL that
+    matter here: `password` and the files named in it (a light parse, no client library)."""
+    text = text.strip()
+    if "://" not in text:
+        return {key.lower(): value.strip("'") for key, value in _CONNINFO_PAIR.findall(text)}
+    url = urllib.parse.urlsplit(text)
+    fields = {key.lower(): values[-1]
+              for key, values in urllib.parse.parse_qs(url.query).items()}
+    if url.password:
+        fields["password"] = url.password
+    return fields
+
+
+def _mode(stat: Callable[[str], os.stat_result], path: str) -> int | None:
+    try:
+        return stat(path).st_mode
+    except OSError:
+        return None     # a missing file is reported by whatever reads it
+
+
+def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.stat
+                     ) -> tuple[str | None, str | None]:
+    """(error, warning) about who else on this host can read dtsd's secrets.
+
+    Errors (the master refuses to start, `--check-config` fails):
+    - the configuration file holds a password ([postgres] dsn, [redis] url) and every
+      user may read it; group-readable is fine (the package installs it 0640 root:dtsd);
+    - a password file or private key it names ([etcd] password_file, any tls_key, the
+      dsn's passfile/sslkey, the Redis URL's ssl_keyfile) is readable by every user;
+    - the configuration file or one of those files (tokens file included) is writable by
+      every user: anyone could then choose the commands dtsd runs, or the tokens.
+    Warning: the tokens file is readable by every user (it holds only hashes of the
+    secrets, but names who may do what).
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    fix = "chmod 640 (owner root or dtsd, group dtsd)"
+    written = config.written
+    in_file = []
+    for section, key in (("postgres", "dsn"), ("redis", "url")):
+        if _connection_fields(written.get((section, key), "")).get("password"):
+            in_file.append(f"[{section}] {key}")
+    if config.from_file:
+        mode = _mode(stat, config.path)
+        if mode is not None and mode & stat_module.S_IWOTH:
+            errors.append(f"{config.path} is writable by every user (mode "
+                          f"{stat_module.S_IMODE(mode):04o}): {fix} {config.path}")
+        elif mode is not None and in_file and mode & stat_module.S_IROTH:
+            errors.append(f"{config.path} holds a password ({', '.join(in_file)}) and is "
+                          f"readable by every user (mode {stat_module.S_IMODE(mode):04o}): "
+                          f"{fix} {config.path}")
+
+    dsn = _connection_fields(config.get("postgres", "dsn"))
+    url = _connection_fields(config.get("redis", "url"))
+    secret_files = [
+        ("[etcd] password_file", config.get("etcd", "password_file")),
+        ("[etcd] tls_key", config.get("etcd", "tls_key")),
+        ("[server] tls_key", config.get("server", "tls_key")),
+        ("[client] tls_key", config.get("client", "tls_key")),
+        ("passfile of [postgres] dsn", dsn.get("passfile", "")),
+        ("sslkey of [postgres] dsn", dsn.get("sslkey", "")),
+        ("ssl_keyfile of [redis] url", url.get("ssl_keyfile", "")),
+    ]
+    files = [(what, path, errors) for what, path in secret_files]
+    files.append(("[server] tokens_file", config.get("server", "tokens_file"), warnings))
+    for what, path, readable_is in files:
+        mode = _mode(stat, path) if path else None
+        if mode is None:
+            continue
+        shown = f"{what} {path} (mode {stat_module.S_IMODE(mode):04o})"
+        if mode & stat_module.S_IWOTH:
+            errors.append(f"{shown} is writable by every user: chmod 600 {path}")
+        elif mode & stat_module.S_IROTH:
+            readable_is.append(f"{shown} is readable by every user: chmod 600 {path} (or "
+                               "640, group dtsd)")
+    if errors:
+        return "refusing to start: " + "; ".join(errors), None
+    return None, ("; ".join(warnings) or None)

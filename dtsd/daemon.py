@@ -46,16 +46,44 @@ def main(ctx: click.Context, path: str | None, check_config: bool, daemon: bool,
         return
     cfg = _load(path)
     if check_config:
-        click.echo(f"{cfg.path}: configuration is valid")
-        return
+        sys.exit(_check_config(cfg))
     if pidfile and not daemon:
         raise click.UsageError("--pidfile goes with --daemon")
     from .child import setup_logging
     from .master import Master
+    error, warning = configmod.secrets_exposure(cfg)
+    if error:   # before detaching: whoever starts it sees why
+        click.echo(f"dtsd: {error}", err=True)
+        sys.exit(1)
     if daemon:
         sys.exit(_run_detached(cfg, pidfile))
     setup_logging(cfg, "master")
+    _warn_secrets(warning)
     sys.exit(Master(cfg).run())
+
+
+def _check_config(cfg: configmod.Config) -> int:
+    """--check-config: parse, then the checks the master makes before starting anything
+    (who may read the secrets, who may reach the listen address) and that the job user
+    exists. 1 on an error."""
+    failed = False
+    from .jobbox import job_user_exposure
+    for error, warning in (configmod.secrets_exposure(cfg), configmod.server_exposure(cfg),
+                           job_user_exposure(cfg)):
+        for problem in (error, warning):
+            if problem:
+                click.echo(f"dtsd: {problem}", err=True)
+        failed = failed or bool(error)
+    if failed:
+        return 1
+    click.echo(f"{cfg.path}: configuration is valid")
+    return 0
+
+
+def _warn_secrets(warning: str | None) -> None:
+    if warning:
+        import logging
+        logging.getLogger("dtsd.master").warning("SECRETS EXPOSED: %s", warning)
 
 
 def _run_detached(cfg: configmod.Config, pidfile: str | None) -> int:
@@ -83,6 +111,7 @@ def _run_detached(cfg: configmod.Config, pidfile: str | None) -> int:
         stdout=log_stream, stderr=log_stream, detach_process=True)
     with context:
         setup_logging(cfg, "master")
+        _warn_secrets(configmod.secrets_exposure(cfg)[1])
         return Master(cfg).run()
 
 

@@ -36,6 +36,14 @@ Two implementations behind one small interface (`Leadership`):
   endpoints python-etcd3 talks to one host:port; on a connection error or timeout the client
             moves to the next endpoint. Every call has a deadline (`rpc_timeout`), so a
             partitioned node never hangs.
+  security  `tls_ca` (and `tls_cert`/`tls_key` for --client-cert-auth) make every client a
+            TLS one; with `user` each new client authenticates with the password read from
+            `password_file` at that moment (so a changed password needs no restart), and
+            etcd's token rides on every call, keepalive streams included. A token etcd no
+            longer knows (unused past --auth-token-ttl, or etcd restarted) is
+            UNAUTHENTICATED: the client is dropped and the next call authenticates again
+            (tests/test_backing_security.py freezes a node to show it). A refused password
+            is logged as such, naming the user and the keys to check.
   stop      resigns: stops the threads, then revokes both leases, so the leader key goes at
             once and another node takes over within one poll interval.
   on_change called with True/False on each transition, from one of the two background
@@ -156,6 +164,19 @@ class EtcdUnavailable(Exception):
     """An etcd call failed (connection refused, deadline, no quorum, ...)."""
 
 
+class EtcdAuthError(Exception):
+    """etcd refused the configured user and password."""
+
+
+def _read_password(path: str) -> str:
+    """The first line of `path` (a trailing newline is not part of the password)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EtcdAuthError(f"cannot read [etcd] password_file: {exc}") from None
+
+
 _PROTOBUF_HINT = ("python-etcd3 cannot load its protobuf stubs with this protobuf; set "
                   "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python before protobuf is first "
                   "imported (the master does this for the coordinator child), or use "
@@ -173,17 +194,24 @@ def _import_etcd3():
     return etcd3
 
 
-def parse_endpoints(endpoints: Iterable[str] | str) -> list[tuple[str, int]]:
-    """`["127.0.0.1:2379", "http://h2:2379"]` or `"a:1,b:2"` -> [(host, port), ...]."""
+def parse_endpoints(endpoints: Iterable[str] | str, tls: bool = False) -> list[tuple[str, int]]:
+    """`["127.0.0.1:2379", "http://h2:2379"]` or `"a:1,b:2"` -> [(host, port), ...].
+
+    With `tls` (an `[etcd] tls_ca` is set) endpoints may say https://, never http://;
+    without, an https:// endpoint is refused rather than spoken to in plain text.
+    """
     if isinstance(endpoints, str):
         endpoints = [e for e in endpoints.replace(",", " ").split() if e]
     result = []
     for item in endpoints:
         text = item.strip()
-        if text.startswith("https://"):
-            raise ValueError(f"etcd endpoint {item!r}: TLS is not supported")
-        if text.startswith("http://"):
-            text = text[len("http://"):]
+        scheme = text.partition("://")[0] if "://" in text else ""
+        if scheme == "https" and not tls:
+            raise ValueError(f"etcd endpoint {item!r} is https:// but [etcd] tls_ca is not set")
+        if scheme == "http" and tls:
+            raise ValueError(f"etcd endpoint {item!r} is http:// but [etcd] tls_ca is set")
+        if scheme in ("http", "https"):
+            text = text[len(scheme) + 3:]
         text = text.rstrip("/")
         host, sep, port = text.rpartition(":")
         if not sep or not port.isdigit():
@@ -227,8 +255,17 @@ class EtcdLeadership(Leadership):
     def __init__(self, endpoints: Iterable[str] | str, *, cluster: str, node_id: str,
                  ttl: float, info: dict[str, Any] | None = None,
                  on_change: OnChange | None = None, poll_interval: float = 0.5,
-                 rpc_timeout: float | None = None):
-        self.endpoints = parse_endpoints(endpoints)
+                 rpc_timeout: float | None = None, user: str = "", password_file: str = "",
+                 tls_ca: str = "", tls_cert: str = "", tls_key: str = ""):
+        self.endpoints = parse_endpoints(endpoints, tls=bool(tls_ca))
+        if bool(user) != bool(password_file) or bool(tls_cert) != bool(tls_key) \
+                or (tls_cert and not tls_ca):
+            raise ValueError("etcd: user goes with password_file, tls_cert with tls_key, "
+                             "and both need tls_ca")
+        self.user = user
+        self.password_file = password_file
+        self.tls = {"ca_cert": tls_ca, "cert_cert": tls_cert or None,
+                    "cert_key": tls_key or None} if tls_ca else {}
         self.cluster = cluster
         self.node_id = node_id
         self.lease_ttl = max(2, int(math.ceil(ttl)))
@@ -370,12 +407,24 @@ class EtcdLeadership(Leadership):
     # --- etcd access --------------------------------------------------------------------------
 
     def _new_client(self):
+        """A client for the current endpoint; with `user`, authenticated (a call to etcd)."""
         host, port = self.endpoints[self._endpoint_index % len(self.endpoints)]
-        return self._etcd3.client(
-            host=host, port=port, timeout=self.rpc_timeout,
-            grpc_options=[("grpc.initial_reconnect_backoff_ms", 200),
-                          ("grpc.min_reconnect_backoff_ms", 200),
-                          ("grpc.max_reconnect_backoff_ms", 1000)])
+        credentials = {}
+        if self.user:
+            credentials = {"user": self.user, "password": _read_password(self.password_file)}
+        try:
+            return self._etcd3.client(
+                host=host, port=port, timeout=self.rpc_timeout, **self.tls, **credentials,
+                grpc_options=[("grpc.initial_reconnect_backoff_ms", 200),
+                              ("grpc.min_reconnect_backoff_ms", 200),
+                              ("grpc.max_reconnect_backoff_ms", 1000)])
+        except Exception as exc:  # noqa: BLE001 - sorted by _call
+            if not (self.user and _grpc_code(exc) in ("INVALID_ARGUMENT", "FAILED_PRECONDITION")):
+                raise
+            refused = _describe(exc)
+        # Raised outside the handler: the message, not the gRPC error, is what gets logged.
+        raise EtcdAuthError(f"etcd {host}:{port} refused user {self.user!r}: {refused} (check "
+                            f"[etcd] user and the password in {self.password_file})")
 
     def _current(self):
         with self._lock:
@@ -414,11 +463,13 @@ class EtcdLeadership(Leadership):
     def _call(self, fn: Callable[[Any], Any]) -> Any:
         """Run `fn(client)`; connection trouble rotates the endpoint and raises
         EtcdUnavailable. Other server errors (lease not found, ...) are re-raised."""
-        client = self._current()
+        client = None
         try:
+            client = self._current()        # may authenticate: a call of its own
             return fn(client)
         except Exception as exc:  # noqa: BLE001 - sorted below
-            if _is_connection_error(exc):
+            if _is_connection_error(exc) or _grpc_code(exc) == "UNAUTHENTICATED":
+                # UNAUTHENTICATED: etcd forgot our token; a new client logs in again.
                 self._rotate(client)
                 raise EtcdUnavailable(_describe(exc)) from exc
             raise
@@ -736,5 +787,8 @@ def create(cfg, *, info: dict[str, Any] | None = None,
     endpoints = cfg.get("etcd", "endpoints")
     if not endpoints:
         return SingleNode(cfg.node_id, info=info, on_change=on_change)
+    etcd = {key: cfg.get("etcd", key)
+            for key in ("user", "password_file", "tls_ca", "tls_cert", "tls_key")}
     return EtcdLeadership(endpoints, cluster=cfg.get("dtsd", "cluster"), node_id=cfg.node_id,
-                          ttl=cfg.get("etcd", "lease_ttl"), info=info, on_change=on_change)
+                          ttl=cfg.get("etcd", "lease_ttl"), info=info, on_change=on_change,
+                          **etcd)

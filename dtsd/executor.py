@@ -33,6 +33,7 @@ FLUSH_INTERVAL = 0.05       # at most this often to on_output...
 FLUSH_BYTES = 64 * 1024     # ...unless this much kept output is waiting
 LINGER = 0.05               # after the shell exits, how long leftovers may hold the pipe
 EXIT_TICK = 0.01            # how often to look for the shell's exit when pidfds are missing
+MAX_POLL_MS = 2**31 - 1      # poll()'s largest timeout
 DRAIN_READS = 16            # bounded final read of what leftovers already wrote
 
 
@@ -290,7 +291,8 @@ class Execution:
             due.append(time.monotonic() + EXIT_TICK)
         if not due:
             return -1
-        return max(0, math.ceil((min(due) - time.monotonic()) * 1000))
+        # poll() takes at most 2**31-1 ms (24.8 days); a farther deadline is looked at again.
+        return min(MAX_POLL_MS, max(0, math.ceil((min(due) - time.monotonic()) * 1000)))
 
     # --- output -----------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from . import __version__, child
 from . import config as configmod
 from .config import Config
+from .jobbox import privilege_argv
 
 log = logging.getLogger("dtsd.master")
 
@@ -182,6 +183,9 @@ class Master:
         self.node_file = os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json")
         self._wake_r, self._wake_w = os.pipe()
         self._last_record = 0.0
+        # Servers and the coordinator give up every capability the master holds; workers
+        # keep only what switching to [worker] job_user takes (see dtsd/jobbox.py).
+        self.privileges = {role: privilege_argv(role) for role in ROLES}
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -384,7 +388,8 @@ class Master:
     def spawn_child(self, item: Child) -> None:
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
-        argv = [sys.executable, "-m", ROLES[item.role], *self.config_args(),
+        argv = [*self.privileges[item.role], sys.executable, "-m", ROLES[item.role],
+                *self.config_args(),
                 "--index", str(item.index), "--notify-fd", str(write_end)]
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
@@ -632,13 +637,7 @@ class Master:
         With `[server] insecure = true` it starts, warns loudly, and says INSECURE in its
         status. Checked from the configuration alone, before any child or connection.
         """
-        if not self.cfg.get("server", "processes"):
-            return True
-        host, port = self.cfg.get("server", "listen")
-        error, warning = configmod.exposure(
-            host, port, tokens_file=self.cfg.get("server", "tokens_file"),
-            tls_cert=self.cfg.get("server", "tls_cert"), tls_key=self.cfg.get("server", "tls_key"),
-            insecure=self.cfg.get("server", "insecure"))
+        error, warning = configmod.server_exposure(self.cfg)
         if error:
             log.error("%s", error)
             return False

@@ -15,6 +15,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Mapping
 
 
 class JobStatus(str, enum.Enum):
@@ -63,10 +64,66 @@ MAX_TIMEOUT = 30 * 86400.0
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRIES = 3
 
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,%d}$" % (MAX_ID - 1))
-ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+# \Z, not $: `$` also matches before a final newline, and "default\n" is no queue name.
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,%d}\Z" % (MAX_ID - 1))
+ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
 RESERVED_ENV = frozenset({"DTSD_JOB_ID", "DTSD_ATTEMPT"})
+
+
+# Per-job resource limits: name -> (prlimit(1) option, unit). Each is set as both the soft
+# and the hard limit of the job's shell, so nothing the job starts can raise it again.
+# `processes` is RLIMIT_NPROC, which the kernel counts per user: it bounds all jobs running
+# as [worker] job_user on a host together, not one job.
+LIMITS: dict[str, tuple[str, str]] = {
+    "processes": ("--nproc", "count"),
+    "open_files": ("--nofile", "count"),
+    "file_size": ("--fsize", "bytes"),
+    "memory": ("--as", "bytes"),
+    "cpu_time": ("--cpu", "seconds"),
+}
+MAX_LIMIT = 1 << 62
+# The same limits as JobSpec.limits (dtsd.v1.ResourceLimits) names them.
+LIMIT_PROTO_FIELDS = {"processes": "processes", "open_files": "open_files",
+                      "file_size": "file_size_bytes", "memory": "memory_bytes",
+                      "cpu_time": "cpu_seconds"}
+
+
+def limits_text(limits: Mapping[str, int]) -> str:
+    """`{"processes": 64, "memory": 1 << 30}` -> `processes=64 memory=1GiB` (for people)."""
+    def show(name: str, value: int) -> str:
+        if LIMITS[name][1] == "bytes":
+            for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+                if value % size == 0:
+                    return f"{value // size}{unit}"
+            return str(value)
+        return f"{value}s" if LIMITS[name][1] == "seconds" else str(value)
+    return " ".join(f"{name}={show(name, value)}" for name, value in limits.items())
+
+
+def check_limits(limits: Mapping[str, int], ceiling: Mapping[str, int] | None,
+                 field_name: str = "limits") -> dict[str, int]:
+    """A job's own limits: known names, positive, and at most the admin's ceiling.
+
+    0 (or absent) means "the worker's default", so it is dropped here.
+    """
+    checked = {}
+    for name, value in limits.items():
+        if name not in LIMITS:
+            raise InvalidField(field_name, f"unknown limit {name[:40]!r} "
+                                           f"(known: {', '.join(LIMITS)})")
+        if not isinstance(value, int) or value < 0 or value > MAX_LIMIT:
+            raise InvalidField(f"{field_name}.{name}", f"must be 0 (the default) or a positive "
+                                                       f"whole number, not {value!r}")
+        if value == 0:
+            continue
+        top = (ceiling or {}).get(name)
+        if top is not None and value > top:
+            raise InvalidField(f"{field_name}.{name}",
+                               f"{limits_text({name: value})} is above the ceiling "
+                               f"{limits_text({name: top})} ([worker] limits_max)")
+        checked[name] = value
+    return checked
 
 
 class InvalidField(ValueError):
@@ -96,11 +153,14 @@ class NewJob:
     submitted_by: str = ""
     schedule_id: int | None = None
     fire_time: datetime | None = None
+    limits: dict[str, int] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """What an idempotent repeat must match: the spec, not the id or submitter."""
         spec = [self.command, self.name, sorted(self.env.items()), self.cwd, self.queue,
                 self.priority, self.max_retries, self.timeout]
+        if self.limits:   # only when set, so fingerprints stored before limits existed hold
+            spec.append(sorted(self.limits.items()))
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
@@ -137,8 +197,12 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
                   cwd: str = "", queue: str = "", priority: int = 0,
                   max_retries: int | None = None, timeout: float = 0.0,
                   run_at: datetime | None = None, idempotency_key: str = "",
-                  submitted_by: str = "", prefix: str = "") -> NewJob:
-    """Check every field of a submitted job; `prefix` qualifies field names (`jobs[3].`)."""
+                  submitted_by: str = "", prefix: str = "",
+                  limits: Mapping[str, int] | None = None,
+                  ceiling: Mapping[str, int] | None = None) -> NewJob:
+    """Check every field of a submitted job; `prefix` qualifies field names (`jobs[3].`).
+
+    `ceiling` is the admin's highest allowed value per limit ([worker] limits_max)."""
     def f(name_: str) -> str:
         return prefix + name_
 
@@ -177,9 +241,11 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
     if run_at is not None and run_at.tzinfo is None:
         run_at = run_at.replace(tzinfo=timezone.utc)
     check_text(f("idempotency_key"), idempotency_key, MAX_IDEMPOTENCY_KEY)
+    checked_limits = check_limits(limits or {}, ceiling, f("limits"))
     return NewJob(id=job_id, command=command, name=name, env=env, cwd=cwd, queue=queue,
                   priority=priority, max_retries=max_retries, timeout=timeout, run_at=run_at,
-                  idempotency_key=idempotency_key or None, submitted_by=submitted_by)
+                  idempotency_key=idempotency_key or None, submitted_by=submitted_by,
+                  limits=checked_limits)
 
 
 def schedule_job(schedule: dict, slot: datetime | None) -> NewJob:
@@ -196,7 +262,7 @@ def schedule_job(schedule: dict, slot: datetime | None) -> NewJob:
                   cwd=template.get("cwd", ""), queue=template.get("queue", DEFAULT_QUEUE),
                   priority=template.get("priority", 0),
                   max_retries=template.get("max_retries", DEFAULT_MAX_RETRIES),
-                  timeout=template.get("timeout", 0.0),
+                  timeout=template.get("timeout", 0.0), limits=template.get("limits", {}),
                   submitted_by=f"schedule:{schedule['name']}", schedule_id=schedule["id"],
                   fire_time=slot)
 

@@ -68,6 +68,22 @@ end
 return #due
 """
 
+# A queue's depth: its ready ids (one LLEN per priority list) and its delayed ids. The
+# delayed set holds every queue's ids, so those of one queue are counted member by member
+# only while the set is small (ARGV[2]); past that, all of it counts (an upper bound).
+_DEPTH = """
+local ready = 0
+for i = 2, #KEYS do ready = ready + redis.call('LLEN', KEYS[i]) end
+local total = redis.call('ZCARD', KEYS[1])
+if total > tonumber(ARGV[2]) then return {ready, total} end
+local delayed, prefix = 0, ARGV[1]
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(member, 1, #prefix) == prefix then delayed = delayed + 1 end
+end
+return {ready, delayed}
+"""
+DEPTH_SCAN_MAX = 1000
+
 # Watch messages on job:<id>. Output: b"O" + attempt (u32) + offset (u64) + bytes.
 _OUTPUT_HEADER = struct.Struct(">cIQ")
 
@@ -161,6 +177,7 @@ class Queue:
         self.keys = Keys(prefix)
         self._fetch = client.register_script(_FETCH)
         self._promote = client.register_script(_PROMOTE)
+        self._depth = client.register_script(_DEPTH)
 
     # --- producers ------------------------------------------------------------------------
 
@@ -189,6 +206,17 @@ class Queue:
             pipe.rpush(key, *([b"1"] * min(count, WAKE_TOKENS_MAX)))
             pipe.ltrim(key, -WAKE_TOKENS_MAX, -1)
         return len(ids)
+
+    def depth(self, queue: str) -> int:
+        """How many ids wait in `queue`, ready or delayed, in one round trip.
+
+        Approximate by design: ids of jobs cancelled while waiting stay until a worker
+        drops them, a flushed Redis holds none until the reconciler pushes them again, and
+        with more than DEPTH_SCAN_MAX delayed ids in the cluster all of them count.
+        """
+        keys = [self.keys.delayed, *(self.keys.queue(queue, p) for p in PRIORITIES)]
+        ready, delayed = self._depth(keys=keys, args=[f"{queue}|", DEPTH_SCAN_MAX])
+        return int(ready) + int(delayed)
 
     def promote_due(self, now: float | None = None, limit: int = 1000) -> int:
         """Move delayed ids whose time has come onto their lists; returns how many."""

@@ -14,6 +14,7 @@ to finish, watch streams end. QUIT: the same without the grace.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 from concurrent import futures
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
 import grpc
@@ -33,10 +34,11 @@ import redis
 
 from . import __version__, auth, child, introspection
 from . import cron as cronmod
-from .config import Config
+from .config import Config, limit_ceiling
 from .dtsdpb import pb, pb_grpc, seed_pb, seed_pb_grpc
-from .models import (DEFAULT_QUEUE, FINAL_STATES, QUEUE_NAME, InvalidField, JobStatus, NewJob,
-                     check_job_id, check_queue, schedule_job, validate_spec)
+from .models import (DEFAULT_QUEUE, FINAL_STATES, LIMIT_PROTO_FIELDS, MAX_NAME, QUEUE_NAME,
+                     InvalidField, JobStatus, NewJob, check_job_id, check_queue, check_text,
+                     schedule_job, validate_spec)
 from .queue import Event, Queue, Ready, connect
 from .store import Conflict, NotFound, Precondition, Store, decode_page_token
 
@@ -60,8 +62,17 @@ def timestamp(value: datetime | None, message) -> None:
         message.nanos = int(round((seconds - int(seconds // 1)) * 1e9)) % 1_000_000_000
 
 
-def to_datetime(message) -> datetime:
-    return datetime.fromtimestamp(message.seconds + message.nanos / 1e9, tz=timezone.utc)
+# The range of google.protobuf.Timestamp (and of datetime): 0001-01-01 to 9999-12-31, UTC.
+MIN_SECONDS, MAX_SECONDS = -62135596800, 253402300799
+
+
+def to_datetime(message, field: str = "timestamp") -> datetime:
+    """An aware datetime from a Timestamp; InvalidField naming `field` outside its range."""
+    if not (MIN_SECONDS <= message.seconds <= MAX_SECONDS and 0 <= message.nanos < 1_000_000_000):
+        raise InvalidField(field, f"seconds={message.seconds} nanos={message.nanos} is not a "
+                                  "valid timestamp (years 1 to 9999, nanos 0 to 999999999)")
+    return (datetime.fromtimestamp(message.seconds, tz=timezone.utc)
+            + timedelta(microseconds=message.nanos // 1000))
 
 
 def job_message(row: dict[str, Any]) -> pb.Job:
@@ -75,6 +86,7 @@ def job_message(row: dict[str, Any]) -> pb.Job:
     spec.cwd, spec.queue, spec.priority = row["cwd"], row["queue"], row["priority"]
     spec.max_retries, spec.timeout_seconds = row["max_retries"], row["timeout"]
     spec.idempotency_key = row["idempotency_key"] or ""
+    limits_message(row["limits"], spec.limits)
     timestamp(row["run_at"], spec.run_at)
     if row["exit_code"] is not None:
         job.exit_code = row["exit_code"]
@@ -94,14 +106,26 @@ def job_message(row: dict[str, Any]) -> pb.Job:
     return job
 
 
-def spec_to_job(spec: pb.JobSpec, submitted_by: str, prefix: str = "") -> NewJob:
+def limits_message(limits: dict[str, int], message) -> None:
+    for name, field_name in LIMIT_PROTO_FIELDS.items():
+        setattr(message, field_name, limits.get(name, 0))
+
+
+def spec_limits(spec: pb.JobSpec) -> dict[str, int]:
+    return {name: getattr(spec.limits, field_name)
+            for name, field_name in LIMIT_PROTO_FIELDS.items() if getattr(spec.limits, field_name)}
+
+
+def spec_to_job(spec: pb.JobSpec, submitted_by: str, prefix: str = "",
+                ceiling: dict[str, int] | None = None) -> NewJob:
     return validate_spec(
         id=spec.id, command=spec.command, name=spec.name, env=dict(spec.env), cwd=spec.cwd,
         queue=spec.queue, priority=spec.priority,
         max_retries=spec.max_retries if spec.HasField("max_retries") else None,
         timeout=spec.timeout_seconds,
-        run_at=to_datetime(spec.run_at) if spec.HasField("run_at") else None,
-        idempotency_key=spec.idempotency_key, submitted_by=submitted_by, prefix=prefix)
+        run_at=to_datetime(spec.run_at, prefix + "run_at") if spec.HasField("run_at") else None,
+        idempotency_key=spec.idempotency_key, submitted_by=submitted_by, prefix=prefix,
+        limits=spec_limits(spec), ceiling=ceiling)
 
 
 OVERLAP = {pb.OVERLAP_UNSPECIFIED: cronmod.Overlap.ALLOW, pb.ALLOW: cronmod.Overlap.ALLOW,
@@ -135,6 +159,7 @@ def schedule_message(row: dict[str, Any]) -> pb.Schedule:
     job.cwd, job.queue = template.get("cwd", ""), template.get("queue", "")
     job.priority, job.max_retries = template.get("priority", 0), template.get("max_retries", 3)
     job.timeout_seconds = template.get("timeout", 0.0)
+    limits_message(template.get("limits", {}), job.limits)
     timestamp(row["next_fire_time"], message.next_fire_time)
     timestamp(row["last_fire_time"], message.last_fire_time)
     timestamp(row["created_at"], message.created_at)
@@ -160,9 +185,15 @@ def epoch(value: datetime | None) -> int:
 
 # --- error mapping ------------------------------------------------------------------------
 
+class QueueFull(Exception):
+    """A submit that would take a queue past [server] max_pending: RESOURCE_EXHAUSTED."""
+
+
 def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, InvalidField):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, Conflict):
@@ -190,6 +221,41 @@ def rpc(method: Callable) -> Callable:
     return wrapper
 
 
+class DecodeRequests(grpc.ServerInterceptor):
+    """Request bytes that do not parse are INVALID_ARGUMENT, not grpc's INTERNAL.
+
+    grpc answers a request its deserializer cannot parse (a string that is not UTF-8, a
+    truncated field) with INTERNAL, and logs a traceback each time: a client's bad bytes
+    would look like a dtsd bug, and anyone could fill the log. Behind this interceptor the
+    method gets the raw bytes and the parsing happens here, every method, every service.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+
+        def decode(data: bytes, context):
+            try:
+                return parse(data)
+            except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever garbage raises
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{method}: the request does not parse: {exc}")
+
+        codecs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
+        if handler.unary_unary or handler.unary_stream:
+            original = handler.unary_unary or handler.unary_stream
+            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                    else grpc.unary_stream_rpc_method_handler)
+            return make(lambda data, context: original(decode(data, context), context), **codecs)
+        original = handler.stream_unary or handler.stream_stream
+        make = (grpc.stream_unary_rpc_method_handler if handler.stream_unary
+                else grpc.stream_stream_rpc_method_handler)
+        return make(lambda requests, context: original(
+            (decode(data, context) for data in requests), context), **codecs)
+
+
 # --- the shared core ----------------------------------------------------------------------
 
 class Api:
@@ -200,8 +266,11 @@ class Api:
         self.store = store
         self.queue = queue
         self.stopping = stopping
+        self.ceiling = limit_ceiling(cfg)   # highest per-job limits ([worker] limits_max)
+        self.max_pending = cfg.get("server", "max_pending")
 
     def submit(self, jobs: list[NewJob]) -> list[bool]:
+        self.check_depth(jobs)
         created = self.store.insert_jobs(jobs)
         ready = [Ready(job.id, job.queue, job.priority, job.run_at)
                  for job, new in zip(jobs, created) if new]
@@ -211,6 +280,29 @@ class Api:
             # Committed is committed: the reconciler pushes these once Redis is back.
             log.warning("%d job(s) stored but not pushed to Redis yet: %s", len(ready), exc)
         return created
+
+    def check_depth(self, jobs: list[NewJob]) -> None:
+        """Refuse the whole batch if it would take a queue past [server] max_pending.
+
+        The depth is Redis's count (`Queue.depth`), read before the insert: submits in
+        flight at the same time may overshoot the limit by what they carry. With Redis
+        down the limit is not enforced; the submit is stored all the same, as ever.
+        """
+        if not self.max_pending:
+            return
+        for queue, adding in sorted(collections.Counter(job.queue for job in jobs).items()):
+            try:
+                depth = self.queue.depth(queue)
+            except redis.RedisError as exc:
+                log.warning("[server] max_pending not enforced: depth of queue %r unknown: %s",
+                            queue, exc)
+                return
+            if depth >= self.max_pending:
+                raise QueueFull(f"queue {queue!r} holds {depth} pending jobs "
+                                f"([server] max_pending = {self.max_pending})")
+            if depth + adding > self.max_pending:
+                raise QueueFull(f"queue {queue!r} holds {depth} pending jobs; {adding} more "
+                                f"would pass [server] max_pending = {self.max_pending}")
 
     def publish_state(self, job_id: str, status: JobStatus, attempt: int = 0) -> None:
         try:
@@ -241,7 +333,7 @@ class ScheduleService:
         if given.job.id or given.job.HasField("run_at") or given.job.idempotency_key:
             raise InvalidField("job", "a schedule's job takes no id, run_at or idempotency_key: "
                                       "each firing gets its own")
-        job = spec_to_job(given.job, _peer(context), prefix="job.")
+        job = spec_to_job(given.job, _peer(context), prefix="job.", ceiling=self.api.ceiling)
         window = given.catchup_window_seconds or DEFAULT_CATCHUP
         if not 0 < window <= MAX_CATCHUP:
             raise InvalidField("catchup_window_seconds", f"must be positive and at most "
@@ -252,7 +344,8 @@ class ScheduleService:
             raise InvalidField("misfire", f"unknown policy {given.misfire}")
         template = {"command": job.command, "name": job.name, "env": job.env, "cwd": job.cwd,
                     "queue": job.queue, "priority": job.priority,
-                    "max_retries": job.max_retries, "timeout": job.timeout}
+                    "max_retries": job.max_retries, "timeout": job.timeout,
+                    "limits": job.limits}
         row = self.api.store.create_schedule(
             name=name, expression=cron.expression, timezone=cron.timezone,
             overlap=OVERLAP[given.overlap].value, misfire=MISFIRE[given.misfire].value,
@@ -332,7 +425,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
 
     @rpc
     def SubmitJob(self, request, context):
-        job = spec_to_job(request.job, _peer(context))
+        job = spec_to_job(request.job, _peer(context), ceiling=self.api.ceiling)
         created = self.api.submit([job])[0]
         _audit(context, "submit", f"1 job: {job.id}{'' if created else ' (existed)'}")
         return pb.SubmitJobResponse(id=job.id, created=created)
@@ -345,7 +438,8 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             raise InvalidField("jobs", f"holds {len(request.jobs)} jobs; at most "
                                        f"{self.max_batch} per call ([server] max_batch)")
         peer = _peer(context)
-        jobs = [spec_to_job(spec, peer, prefix=f"jobs[{i}].") for i, spec in enumerate(request.jobs)]
+        jobs = [spec_to_job(spec, peer, prefix=f"jobs[{i}].", ceiling=self.api.ceiling)
+                for i, spec in enumerate(request.jobs)]
         created = self.api.submit(jobs)
         _audit(context, "submit", f"{len(jobs)} jobs ({sum(created)} new): {_ids(jobs)}")
         return pb.SubmitJobsResponse(jobs=[pb.SubmitJobResponse(id=job.id, created=new)
@@ -372,16 +466,20 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             raise InvalidField("page_size", f"must be 1 to {MAX_PAGE}, not {request.page_size}")
         if request.queue:
             check_queue(request.queue)
+        if name:
+            check_text("name", name, MAX_NAME)      # PostgreSQL text holds no NUL
         if request.page_token:
             try:
-                decode_page_token(request.page_token)
+                if "\0" in decode_page_token(request.page_token)[1]:
+                    raise ValueError("NUL in the job id")
             except ValueError:
                 raise InvalidField("page_token", "malformed; pass next_page_token back unchanged")
+        after = to_datetime(created_after, "created_after") if created_after else None
+        before = to_datetime(created_before, "created_before") if created_before else None
         rows, token = self.api.store.list_jobs(
-            statuses=statuses, queue=request.queue, name=name,
-            created_after=to_datetime(created_after) if created_after else None,
-            created_before=to_datetime(created_before) if created_before else None,
-            dead_lettered=dead_lettered, limit=size, page_token=request.page_token)
+            statuses=statuses, queue=request.queue, name=name, created_after=after,
+            created_before=before, dead_lettered=dead_lettered, limit=size,
+            page_token=request.page_token)
         return pb.ListJobsResponse(jobs=[job_message(row) for row in rows], next_page_token=token)
 
     @staticmethod
@@ -635,8 +733,9 @@ class SeedTaskScheduler(seed_pb_grpc.TaskSchedulerServicer):
 
     @rpc
     def SubmitTask(self, request, context):
-        if request.schedule_time < 0:
-            raise InvalidField("schedule_time", "must be unix seconds, not negative")
+        if not 0 <= request.schedule_time <= MAX_SECONDS:
+            raise InvalidField("schedule_time", f"must be unix seconds from 0 to {MAX_SECONDS} "
+                                                f"(9999-12-31), not {request.schedule_time}")
         run_at = (datetime.fromtimestamp(request.schedule_time, tz=timezone.utc)
                   if request.schedule_time else None)
         job = validate_spec(id=request.id, name=request.name, command=request.command,
@@ -671,6 +770,7 @@ class Server:
         max_message = cfg.get("server", "max_message_size")
         tokens_file = cfg.get("server", "tokens_file")
         interceptors = [auth.AuthInterceptor(auth.TokenFile(tokens_file))] if tokens_file else []
+        interceptors.append(DecodeRequests())   # innermost: auth refuses before any parsing
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
             interceptors=interceptors,

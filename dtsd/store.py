@@ -39,7 +39,7 @@ MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process
 _JOB_COLUMNS = """id, name, command, env, cwd, queue, priority, max_retries, timeout, run_at,
     idempotency_key, schedule_id, fire_time, submitted_by, status, attempts, failures, worker,
     exit_code, output_truncated, error, dead_lettered_at, created_at, updated_at, started_at,
-    finished_at"""
+    finished_at, limits"""
 
 _FINAL = tuple(s.value for s in FINAL_STATES)
 
@@ -110,6 +110,7 @@ class Claimed:
     max_retries: int
     queue: str
     priority: int
+    limits: dict[str, int]
 
 
 @dataclass
@@ -236,11 +237,11 @@ class Store:
         cur.execute(
             """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
                    timeout, run_at, idempotency_key, fingerprint, submitted_by, schedule_id,
-                   fire_time)
+                   fire_time, limits)
                SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[],
                    %s::text[], %s::text[], %s::smallint[], %s::int[], %s::float8[],
                    %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::bigint[],
-                   %s::timestamptz[])
+                   %s::timestamptz[], %s::jsonb[])
                ON CONFLICT DO NOTHING
                RETURNING id""",
             ([j.id for j in jobs], [j.name for j in jobs], [j.command for j in jobs],
@@ -249,7 +250,7 @@ class Store:
              [j.timeout for j in jobs], [j.run_at for j in jobs],
              [j.idempotency_key for j in jobs], [j.fingerprint() for j in jobs],
              [j.submitted_by for j in jobs], [j.schedule_id for j in jobs],
-             [j.fire_time for j in jobs]))
+             [j.fire_time for j in jobs], [Jsonb(j.limits) for j in jobs]))
         inserted = {row[0] for row in cur.fetchall()}
         created = []
         for index, job in enumerate(jobs):
@@ -296,7 +297,7 @@ class Store:
                        WHERE j.id = u.id AND j.status = 'PENDING'
                          AND (j.run_at IS NULL OR j.run_at <= now())
                        RETURNING j.id, j.command, j.env, j.cwd, j.timeout, j.attempts,
-                                 j.failures, j.max_retries, j.queue, j.priority),
+                                 j.failures, j.max_retries, j.queue, j.priority, j.limits),
                    opened AS (
                        INSERT INTO job_attempts (job_id, attempt, worker)
                        SELECT id, attempts, %(worker)s FROM claimed)

@@ -26,7 +26,9 @@ from datetime import datetime, timedelta, timezone
 
 from . import child
 from .config import Config
+from .config import ConfigError
 from .executor import Execution, Result, build_env
+from .jobbox import JobBox
 from .models import EndReason, JobStatus, retry_delay
 from .queue import Event, Queue, Ready, connect
 from .store import Claimed, Outcome, Store
@@ -38,8 +40,9 @@ CANCEL_MEMORY = 60.0   # seconds a cancel is remembered for an attempt still bei
 
 
 class Worker:
-    def __init__(self, cfg: Config, index: int, parent: child.Parent):
+    def __init__(self, cfg: Config, index: int, parent: child.Parent, box: JobBox):
         self.cfg = cfg
+        self.box = box
         self.settings = cfg.worker
         self.index = index
         self.parent = parent
@@ -172,12 +175,14 @@ class Worker:
                                                status=JobStatus.RUNNING))])
         except Exception as exc:  # watchers also poll PostgreSQL; the job runs regardless
             log.debug("RUNNING event of %s not published: %s", job.id, exc)
+        limits = self.box.limits_for(job.limits)
         execution = Execution(
             job.command,
-            env=build_env(job.env, path=settings.path, job_id=job.id, attempt=job.attempt),
+            env=build_env({**self.box.env(), **job.env}, path=settings.path, job_id=job.id,
+                          attempt=job.attempt),
             cwd=job.cwd or settings.cwd, shell=settings.shell,
             timeout=job.timeout or settings.default_timeout, kill_grace=settings.kill_grace,
-            max_output=settings.max_output_bytes,
+            max_output=settings.max_output_bytes, wrapper=self.box.wrapper(limits),
             on_output=lambda data, offset: self._publish_output(job, data, offset),
             on_spawn=self.groups.add, on_exit=self.groups.remove)
         with self.lock:
@@ -194,6 +199,10 @@ class Worker:
             result = Result(exit_code=None, signal=None, output=b"", truncated=False,
                             reason=EndReason.SPAWN_FAILED, error=f"executor error: {exc}",
                             duration=0.0)
+        if result.reason is None and result.exit_code != 0:
+            why = self.box.explain(limits, result.exit_code, result.signal, result.output)
+            if why:
+                result.error = f"{result.error or f'exit code {result.exit_code}'}: {why}"
         self.results.put(self._outcome(job, result))
         with self.lock:
             del self.running[job.id]
@@ -321,7 +330,12 @@ class Worker:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, index, parent = child.boot("worker", argv)
-    return Worker(cfg, index, parent).run()
+    try:
+        box = JobBox.from_config(cfg)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return child.EXIT_CONFIG
+    return Worker(cfg, index, parent, box).run()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,20 @@ def _failed(request: pytest.FixtureRequest) -> bool:
                for when in ("setup", "call"))
 
 
+@pytest.fixture(autouse=True)
+def _jobs_may_use_tmp_path(request: pytest.FixtureRequest) -> None:
+    """Jobs run as the unprivileged TEST_JOB_USER, and many tests hand them a `tmp_path`
+    to write marks into: open it (and the way to it) to them. pytest makes these 0700."""
+    if "tmp_path" not in request.fixturenames:
+        return
+    path: Path = request.getfixturevalue("tmp_path")
+    path.chmod(0o777)
+    for parent in path.parents:
+        if parent == Path(tempfile.gettempdir()):
+            break
+        parent.chmod(parent.stat().st_mode | 0o011)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer()

@@ -53,9 +53,9 @@ def _etcd_env() -> dict[str, str]:
     return {k: v for k, v in clean_env().items() if not k.startswith("ETCD")}
 
 
-def _http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+def _http_get(url: str, timeout: float = 1.0, context: Any = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
             return reply.status, reply.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -79,7 +79,8 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.cluster.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -108,20 +109,25 @@ class EtcdMember:
             "--heartbeat-interval", str(c.heartbeat_ms), "--election-timeout", str(c.election_ms),
             "--logger", "zap", "--log-outputs", "stderr", "--log-level", "info",
         ]
+        if c.tls:
+            args += ["--cert-file", c.tls["cert"], "--key-file", c.tls["key"],
+                     "--client-cert-auth", "--trusted-ca-file", c.tls["ca"]]
+        args += c.extra_args
         self._log = open(self.logfile, "ab")
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=c.dir, env=_etcd_env())
 
     def alive_http(self) -> bool:
         """The member answers on its client port (quorum or not)."""
-        status, _ = _http_get(f"{self.client_url}/version")
+        status, _ = _http_get(f"{self.client_url}/version", context=self.cluster.ssl_context())
         return status == 200
 
     def healthy(self) -> bool:
         """The member has a leader and serves linearizable reads."""
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"etcd {self.name} exited with {self.proc.returncode}")
-        status, body = _http_get(f"{self.client_url}/health")
+        status, body = _http_get(f"{self.client_url}/health",
+                                 context=self.cluster.ssl_context())
         return status == 200 and json.loads(body).get("health") == "true"
 
     def stop(self, timeout: float = 15) -> None:
@@ -156,15 +162,43 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """`n` etcd members on loopback; see the module docstring."""
+    """`n` etcd members on loopback; see the module docstring.
 
-    def __init__(self, n: int = 3, *, heartbeat_ms: int = 100, election_ms: int = 1000):
+    `tls` = {"ca", "cert", "key", "client_cert", "client_key"} (PEM paths; the server
+    certificate must name IP 127.0.0.1): clients connect over https with a certificate
+    signed by "ca" (--client-cert-auth); peers still talk plain http on loopback.
+    `extra_args` go to every member's command line (`--auth-token-ttl 2`, say).
+    """
+
+    def __init__(self, n: int = 3, *, heartbeat_ms: int = 100, election_ms: int = 1000,
+                 tls: dict[str, str] | None = None, extra_args: Iterable[str] = ()):
         self.n = n
+        self.tls = tls
+        self.extra_args = list(extra_args)
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
         self.dir = Path(tempfile.mkdtemp(prefix="dtsd-etcd-", dir=_temp_root()))
         self.token = f"dtsd-test-{os.getpid()}-{self.dir.name}"
         self.members = [EtcdMember(self, i) for i in range(n)]
+
+    def ssl_context(self):
+        """For HTTP requests to the client port (None without TLS)."""
+        if not self.tls:
+            return None
+        import ssl
+        context = ssl.create_default_context(cafile=self.tls["ca"])
+        context.load_cert_chain(self.tls["client_cert"], self.tls["client_key"])
+        return context
+
+    def api(self, path: str, body: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+        """POST to etcd's JSON gateway (`/v3/auth/user/add`, ...) on the first member: what
+        etcdctl would do, without needing it."""
+        request = urllib.request.Request(
+            f"{self.members[0].client_url}/v3/{path}", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json",
+                     **({"Authorization": token} if token else {})})
+        with urllib.request.urlopen(request, timeout=10, context=self.ssl_context()) as reply:
+            return json.loads(reply.read() or b"{}")
 
     @property
     def initial_cluster(self) -> str:
@@ -262,13 +296,17 @@ class Contender:
 
     def __init__(self, node_id: str, endpoints: str | list[str], *, cluster: str = "test",
                  ttl: float = 2, workdir: Path | None = None, info: dict | None = None,
-                 env: dict[str, str] | None = None, poll_interval: float | None = None):
+                 env: dict[str, str] | None = None, poll_interval: float | None = None,
+                 security: dict[str, str] | None = None):
+        """`security`: EtcdLeadership's user, password_file, tls_ca, tls_cert, tls_key."""
         self.node_id = node_id
         self.args = {"node_id": node_id, "cluster": cluster, "ttl": ttl, "info": info or {},
                      "endpoints": endpoints if isinstance(endpoints, str) else
                      ",".join(endpoints)}
         if poll_interval is not None:
             self.args["poll_interval"] = poll_interval
+        if security:
+            self.args["security"] = dict(security)
         self.ttl = ttl
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="dtsd-elect-"))
@@ -466,6 +504,7 @@ def _contender_main(args: dict[str, Any]) -> int:
     kwargs = {}
     if "poll_interval" in args:
         kwargs["poll_interval"] = float(args["poll_interval"])
+    kwargs.update(args.get("security") or {})
     leadership = EtcdLeadership(args["endpoints"], cluster=args["cluster"],
                                 node_id=args["node_id"], ttl=float(args["ttl"]),
                                 info=args.get("info") or {},

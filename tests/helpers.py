@@ -133,10 +133,18 @@ def pg_bindir() -> Path:
 
 
 class PostgresServer:
-    """A private PostgreSQL cluster: initdb in a temp dir, TCP on 127.0.0.1:<free port>."""
+    """A private PostgreSQL cluster: initdb in a temp dir, TCP on 127.0.0.1:<free port>.
 
-    def __init__(self, settings: Mapping[str, str] | None = None):
+    `settings` are postgresql.conf settings; `hba`, when given, replaces pg_hba.conf (keep a
+    `host all postgres 127.0.0.1/32 trust` line: the helpers connect as postgres, no
+    password). Files the server reads (certificates, say) belong in `.dir`, handed to the
+    cluster's owner with `own()`.
+    """
+
+    def __init__(self, settings: Mapping[str, str] | None = None,
+                 hba: Sequence[str] | None = None):
         self.bindir = pg_bindir()
+        self.hba = hba
         self.settings = {"fsync": "off", "synchronous_commit": "off",
                          "full_page_writes": "off", "max_connections": "300",
                          **(settings or {})}
@@ -167,6 +175,9 @@ class PostgresServer:
     def start(self) -> "PostgresServer":
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",
                   "-E", "UTF8", "--no-locale", "--no-sync")
+        if self.hba is not None:
+            (self.data / "pg_hba.conf").write_text("\n".join(self.hba) + "\n")
+            self.own(self.data / "pg_hba.conf")
         for attempt in range(5):
             self.port = free_port()
             options = ["-c listen_addresses=127.0.0.1", f"-p {self.port}",
@@ -181,6 +192,13 @@ class PostgresServer:
                                    f"{proc.stdout}{proc.stderr}\n{tail(self.logfile, 30)}")
         wait_for(self._accepts, timeout=30, message=f"PostgreSQL on port {self.port}")
         return self
+
+    def own(self, path: Path, mode: int = 0o600) -> None:
+        """Make `path` the cluster owner's, private (as a server key must be)."""
+        if self._as_pg:
+            pg_user = pwd.getpwnam("postgres")
+            os.chown(path, pg_user.pw_uid, pg_user.pw_gid)
+        os.chmod(path, mode)
 
     def _accepts(self) -> bool:
         import psycopg
@@ -232,10 +250,16 @@ class RedisServer:
     """A private redis-server on 127.0.0.1 without persistence.
 
     `stop()` kills it (as a crash would); `start()` brings it back on the same port, empty.
+    `tls` = {"cert", "key", "ca"} (PEM paths): TLS only, clients need a certificate signed
+    by "ca" too, also given as "client_cert"/"client_key" for the helper's own ping.
+    `auth` = (user, password): that ACL user may do anything, the default user nothing.
     """
 
-    def __init__(self, port: int | None = None, binary: str = "redis-server"):
+    def __init__(self, port: int | None = None, binary: str = "redis-server", *,
+                 tls: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None):
         self.binary = shutil.which(binary) or binary
+        self.tls = tls
+        self.auth = auth
         self.dir = Path(tempfile.mkdtemp(prefix="dtsd-redis-"))
         self.port = port or 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -273,16 +297,41 @@ class RedisServer:
     def _spawn(self) -> None:
         self._log = open(self.logfile, "ab")
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            [self.binary, *self._listen_args(), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir),
              "--daemonize", "no", "--unixsocket", "", "--loglevel", "notice"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             cwd=self.dir, env=clean_env())
 
+    def _listen_args(self) -> list[str]:
+        args = ["--port", str(self.port)]
+        if self.tls:
+            args = ["--port", "0", "--tls-port", str(self.port),
+                    "--tls-cert-file", self.tls["cert"], "--tls-key-file", self.tls["key"],
+                    "--tls-ca-cert-file", self.tls["ca"]]
+        if self.auth:
+            user, password = self.auth
+            args += ["--user", "default", "off", "--user", user, "on", f">{password}",
+                     "~*", "&*", "+@all"]
+        return args
+
     def ping(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+            sock = raw
+            if self.tls:
+                import ssl
+                context = ssl.create_default_context(cafile=self.tls["ca"])
+                context.load_cert_chain(self.tls["client_cert"], self.tls["client_key"])
+                sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            if self.auth:
+                user, password = self.auth
+                words = [b"AUTH", user.encode(), password.encode()]
+                sock.sendall(b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(w), w)
+                                                   for w in words))
+                if not sock.recv(64).startswith(b"+OK"):
+                    return False
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")
 
@@ -308,10 +357,19 @@ class RedisServer:
 
 # --- dtsd masters ---------------------------------------------------------------------------
 
+# The tests run as root, so their workers switch jobs to an unprivileged user, as a packaged
+# dtsd does with dtsd-job. nobody exists everywhere; a test may still set its own job_user.
+TEST_JOB_USER = "nobody"
+
+
 def write_ini(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
     parser = configparser.ConfigParser(interpolation=None)
     for section, values in sections.items():
         parser[section] = {key: str(value) for key, value in values.items()}
+    if os.getuid() == 0:
+        if not parser.has_section("worker"):
+            parser.add_section("worker")
+        parser["worker"].setdefault("job_user", TEST_JOB_USER)
     with open(path, "w", encoding="utf-8") as handle:
         parser.write(handle)
 

@@ -4,6 +4,7 @@ shipped etc/dtsd/dtsd.ini."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
@@ -214,3 +215,111 @@ def test_reference_ini_lists_every_option_and_parses_to_defaults():
     assert uncommented.count("\n;") < text.count("\n;")
     explicit = config.parse(uncommented, "ref.ini", env={})
     assert commented.values == explicit.values
+
+
+# --- backing-store security keys and secrets_exposure() -----------------------------------
+
+def test_etcd_security_keys_go_together():
+    for text, message in (
+            ("[etcd]\nuser = dtsd\n", "user and password_file go together"),
+            ("[etcd]\npassword_file = /p\n", "user and password_file go together"),
+            ("[etcd]\ntls_ca = /ca\ntls_cert = /c\n", "tls_cert and tls_key go together"),
+            ("[etcd]\ntls_cert = /c\ntls_key = /k\n", "tls_cert needs tls_ca"),
+            ("[etcd]\nendpoints = https://h:2379\n", "https:// but [etcd] tls_ca is not set"),
+            ("[etcd]\nendpoints = http://h:2379\ntls_ca = /ca\n", "http:// but [etcd] tls_ca")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config.parse(text, "d.ini", env={})
+    cfg = config.parse("[etcd]\nendpoints = https://h1:2379, h2:2379\ntls_ca = /ca\n"
+                       "user = dtsd\npassword_file = /p\n", "d.ini", env={})
+    assert cfg.etcd.user == "dtsd" and cfg.etcd.tls_ca == "/ca"
+
+
+class FakeStat:
+    """`stat` for secrets_exposure: path -> mode; a path not listed does not exist."""
+
+    def __init__(self, modes: dict[str, int]):
+        self.modes = modes
+
+    def __call__(self, path: str):
+        import os
+        import stat as stat_module
+        if path not in self.modes:
+            raise FileNotFoundError(path)
+        return os.stat_result((stat_module.S_IFREG | self.modes[path],) + (0,) * 9)
+
+
+def _exposure(text: str, modes: dict[str, int], env: dict[str, str] | None = None):
+    cfg = config.parse(text, "/etc/dtsd/dtsd.ini", env=env or {})
+    return config.secrets_exposure(cfg, stat=FakeStat(modes))
+
+
+@pytest.mark.parametrize("text", [
+    "[redis]\nurl = redis://dtsd:s3cret@r:6379/0\n",
+    "[postgres]\ndsn = postgresql://dtsd:s3cret@db/dtsd\n",
+    "[postgres]\ndsn = host=db user=dtsd password='s3 cret'\n",
+    "[postgres]\ndsn = postgresql://db/dtsd?password=s3cret\n",
+])
+def test_a_world_readable_ini_holding_a_password_is_refused(text):
+    error, warning = _exposure(text, {"/etc/dtsd/dtsd.ini": 0o644})
+    assert error and "/etc/dtsd/dtsd.ini holds a password" in error and "mode 0644" in error
+    assert "chmod 640" in error and "s3cret" not in error and "s3 cret" not in error
+    assert _exposure(text, {"/etc/dtsd/dtsd.ini": 0o640}) == (None, None)
+
+
+def test_a_world_readable_ini_without_secrets_is_fine_but_not_a_world_writable_one():
+    text = "[redis]\nurl = rediss://r:6380/0?ssl_ca_certs=/ca\n[postgres]\ndsn = " \
+           "host=db passfile=/etc/dtsd/pgpass sslmode=verify-full\n"
+    assert _exposure(text, {"/etc/dtsd/dtsd.ini": 0o644}) == (None, None)
+    error, _ = _exposure(text, {"/etc/dtsd/dtsd.ini": 0o666})
+    assert error and "writable by every user" in error
+
+
+def test_a_password_from_the_environment_is_not_the_files():
+    error, _ = _exposure("", {"/etc/dtsd/dtsd.ini": 0o644},
+                         env={"DATABASE_URL": "postgresql://u:p@db/dtsd"})
+    assert error is None
+
+
+@pytest.mark.parametrize("key_line, path, what", [
+    ("[etcd]\nuser = dtsd\npassword_file = /s/etcd", "/s/etcd", "[etcd] password_file"),
+    ("[etcd]\ntls_ca = /ca\ntls_cert = /c\ntls_key = /s/ek", "/s/ek", "[etcd] tls_key"),
+    ("[server]\ntls_cert = /c\ntls_key = /s/sk", "/s/sk", "[server] tls_key"),
+    ("[postgres]\ndsn = host=db passfile=/s/pgpass", "/s/pgpass", "passfile of [postgres] dsn"),
+    ("[postgres]\ndsn = postgresql://db/d?sslkey=/s/pk", "/s/pk", "sslkey of [postgres] dsn"),
+    ("[redis]\nurl = rediss://r/0?ssl_keyfile=/s/rk", "/s/rk", "ssl_keyfile of [redis] url"),
+])
+def test_readable_password_files_and_keys_are_refused(key_line, path, what):
+    text = key_line + "\n"
+    error, _ = _exposure(text, {path: 0o644})
+    assert error == (f"refusing to start: {what} {path} (mode 0644) is readable by every "
+                     f"user: chmod 600 {path} (or 640, group dtsd)")
+    assert _exposure(text, {path: 0o640}) == (None, None)
+    assert _exposure(text, {}) == (None, None)        # missing: whoever reads it says so
+
+
+def test_a_readable_tokens_file_is_a_warning_a_writable_one_an_error():
+    text = "[server]\ntokens_file = /etc/dtsd/tokens\n"
+    error, warning = _exposure(text, {"/etc/dtsd/tokens": 0o644})
+    assert error is None
+    assert warning and "[server] tokens_file /etc/dtsd/tokens (mode 0644)" in warning
+    error, _ = _exposure(text, {"/etc/dtsd/tokens": 0o662})
+    assert error and "writable by every user" in error
+
+
+def test_server_exposure_is_exposure_of_the_configured_listen():
+    cfg = config.parse("[server]\nlisten = 0.0.0.0:6000\n", env={})
+    assert config.server_exposure(cfg) == config.exposure(
+        "0.0.0.0", 6000, tokens_file="", tls_cert="", tls_key="", insecure=False)
+    assert config.server_exposure(cfg)[0]
+    no_servers = config.parse("[server]\nlisten = 0.0.0.0:6000\nprocesses = 0\n", env={})
+    assert config.server_exposure(no_servers) == (None, None)
+
+
+def test_the_readme_lists_every_option_as_the_code_does():
+    """README.md's option table is config.reference_table(), row for row."""
+    lines = (Path(__file__).resolve().parent.parent / "README.md").read_text().splitlines()
+    start = lines.index("| Section | Key | Default | Meaning |") + 2
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    assert lines[start:end] == config.reference_table()

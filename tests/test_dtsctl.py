@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.helpers import REPO_ROOT, clean_env, free_port, run_dtsctl, wait_for
+from tests.helpers import (REPO_ROOT, TEST_JOB_USER, clean_env, free_port, run_dtsctl,
+                           wait_for)
 
 FAST = {"worker": {"retry_backoff": "50ms", "retry_backoff_max": "200ms", "kill_grace": "1s"},
         "dtsd": {"housekeeping_interval": "200ms", "reconcile_interval": "1s"}}
@@ -44,7 +45,7 @@ def test_submit_wait_exits_with_the_job_s_exit_code(dtsd):
     assert result.returncode == 3, (result.stdout, result.stderr)
     result = dtsd.dtsctl("submit", "--wait", "--", "id", "-un")
     assert result.returncode == 0
-    assert result.stdout == subprocess.run(["id", "-un"], capture_output=True, text=True).stdout
+    assert result.stdout == f"{TEST_JOB_USER}\n"    # jobs run as [worker] job_user
 
 
 def test_submit_file_in_the_seed_format(dtsd, tmp_path):

@@ -196,7 +196,7 @@ class JobEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[JobEvent.Kind, str]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempt: _Optional[int] = ..., output: _Optional[bytes] = ..., offset: _Optional[int] = ..., exit_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ["command", "cwd", "env", "id", "idempotency_key", "max_retries", "name", "priority", "queue", "run_at", "timeout_seconds"]
+    __slots__ = ["command", "cwd", "env", "id", "idempotency_key", "limits", "max_retries", "name", "priority", "queue", "run_at", "timeout_seconds"]
     class EnvEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class JobSpec(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -220,13 +221,14 @@ class JobSpec(_message.Message):
     env: _containers.ScalarMap[str, str]
     id: str
     idempotency_key: str
+    limits: ResourceLimits
     max_retries: int
     name: str
     priority: int
     queue: str
     run_at: _timestamp_pb2.Timestamp
     timeout_seconds: float
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., command: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., max_retries: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., run_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., command: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., max_retries: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., run_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ...) -> None: ...
 
 class ListDeadLettersRequest(_message.Message):
     __slots__ = ["page_size", "page_token", "queue"]
@@ -353,6 +355,20 @@ class RequeueDeadLettersResponse(_message.Message):
     IDS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ResourceLimits(_message.Message):
+    __slots__ = ["cpu_seconds", "file_size_bytes", "memory_bytes", "open_files", "processes"]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FILES_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    cpu_seconds: int
+    file_size_bytes: int
+    memory_bytes: int
+    open_files: int
+    processes: int
+    def __init__(self, processes: _Optional[int] = ..., open_files: _Optional[int] = ..., file_size_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., cpu_seconds: _Optional[int] = ...) -> None: ...
 
 class RetryJobRequest(_message.Message):
     __slots__ = ["id"]

@@ -317,15 +317,34 @@ ct_sh "dtsctl status"
 note "dtsctl status: node $(q 'd["nodes"][0]["node_id"]' dtsctl -o json status) with 5 children RUNNING"
 user=$(ct dtsctl submit --follow -- id -un 2>/dev/null)
 note "dtsctl submit --follow -- id -un: $user"
-[ "$user" = dtsd ] || fail "the job ran as '$user', not dtsd"
+[ "$user" = dtsd-job ] || fail "the job ran as '$user', not dtsd-job"
 waited=$(q 'd["job"]["status"] + " " + d["job"]["output"].strip()' dtsctl -o json submit --wait -- id -un)
 note "dtsctl -o json submit --wait -- id -un: $waited"
-[ "$waited" = "SUCCEEDED dtsd" ] || fail "submit --wait: $waited"
-privs=$(ct dtsctl submit --follow -- 'grep -E "^(NoNewPrivs|CapEff|CapBnd|CapAmb)" /proc/self/status' 2>/dev/null |
+[ "$waited" = "SUCCEEDED dtsd-job" ] || fail "submit --wait: $waited"
+# The job's box under the packaged unit: no capability in any set, no_new_privs, and the
+# configuration (0640 root:dtsd) out of reach.
+privs=$(ct dtsctl submit --follow -- 'grep -E "^(NoNewPrivs|Cap[A-Za-z]+):" /proc/self/status' 2>/dev/null |
 	tr -s '\t' ' ' | sort | tr '\n' ' ')
 note "a job's /proc/self/status: $privs"
-[ "$privs" = "CapAmb: 0000000000000000 CapBnd: 0000000000000000 CapEff: 0000000000000000 NoNewPrivs: 1 " ] ||
+zero=0000000000000000
+[ "$privs" = "CapAmb: $zero CapBnd: $zero CapEff: $zero CapInh: $zero CapPrm: $zero NoNewPrivs: 1 " ] ||
 	fail "a job holds privileges: $privs"
+ini=$(ct dtsctl submit --follow -- 'cat /etc/dtsd/dtsd.ini >/dev/null 2>&1 && echo readable || echo denied' 2>/dev/null)
+note "a job reading /etc/dtsd/dtsd.ini: $ini"
+[ "$ini" = denied ] || fail "a job can read /etc/dtsd/dtsd.ini"
+# What the daemon's own processes hold: the master and workers four capabilities, servers
+# and the coordinator none.
+for role in master server coordinator worker; do
+	case $role in master) pid=$(ct systemctl show -p MainPID --value dtsd) ;;
+		*) pid=$(ct pgrep -f -o "dtsd\\.$role ") ;; esac
+	caps=$(ct sh -c "grep -E '^(CapEff|CapBnd):' /proc/$pid/status" | tr -s '\t' ' ' | tr '\n' ' ')
+	note "$role (pid $pid): $caps"
+	case $role in
+		master|worker) want="CapEff: 00000000000001e0 CapBnd: 00000000000001e0 " ;;
+		*) want="CapEff: $zero CapBnd: $zero " ;;
+	esac
+	[ "$caps" = "$want" ] || fail "$role holds $caps, expected $want"
+done
 ct_sh "dtsctl submit --file jobs.json --wait"
 ct_sh "dtsctl submit --follow -- 'touch /etc/dtsd/x 2>&1; touch /usr/x 2>&1; ls /home 2>&1; true'"
 # Installing the package again runs the maintainer scripts as an upgrade does: the user is
