@@ -443,6 +443,13 @@ def _methods() -> list[tuple[str, object, str]]:
 METHODS = _methods()
 
 
+def is_repeated(field) -> bool:
+    """protobuf 7 dropped FieldDescriptor.label for is_repeated; 3.21 (Debian 12) has only label."""
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
+
+
 def sample(cls, depth: int = 0):
     """A message of type `cls` with every field set (nested ones too), to mutate."""
     message = cls()
@@ -455,9 +462,9 @@ def sample(cls, depth: int = 0):
         elif field.message_type is not None:
             if depth < 3:
                 holder = getattr(message, field.name)
-                inner = holder.add() if field.label == field.LABEL_REPEATED else holder
+                inner = holder.add() if is_repeated(field) else holder
                 inner.CopyFrom(sample(type(inner), depth + 1))
-        elif field.label == field.LABEL_REPEATED:
+        elif is_repeated(field):
             getattr(message, field.name).append(value)
         elif field.containing_oneof is None or not message.WhichOneof(field.containing_oneof.name):
             setattr(message, field.name, value)
