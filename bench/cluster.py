@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,7 +131,9 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores")
     pg = PostgresServer(settings=DURABLE).start()
     redis = RedisServer().start()
-    base = Path(pg.dir) / "nodes"
+    # Not under pg.dir: that is the postgres user's, and dtsd's children hold no capability
+    # to read past its mode even when the master runs as root.
+    base = Path(tempfile.mkdtemp(prefix="dtsd-bench-"))
     try:
         delays = lateness(args, pg, redis, base)
         p50 = delays[len(delays) // 2]
@@ -143,6 +147,7 @@ def main() -> None:
     finally:
         redis.cleanup()
         pg.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

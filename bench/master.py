@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,7 +58,9 @@ def main() -> None:
     args = parser.parse_args()
     pg = PostgresServer().start()
     redis = RedisServer().start()
-    workdir = Path(pg.dir) / "dtsd"
+    # Not under pg.dir: that is the postgres user's, and dtsd's children hold no capability
+    # to read past its mode even when the master runs as root.
+    workdir = Path(tempfile.mkdtemp(prefix="dtsd-bench-"))
     (workdir / "run").mkdir(parents=True)
     master = DtsdMaster(workdir, "bench", {
         "dtsd": {"node_id": "bench", "runtime_dir": str(workdir / "run"), "log_level": "warning"},
@@ -87,6 +91,7 @@ def main() -> None:
         master.stop()
         redis.cleanup()
         pg.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -119,6 +121,9 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--limits", default=None, metavar="TEXT",
+                        help="[worker] limits for the run (\"\": none, so no prlimit per job); "
+                             "default: dtsd's default")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
@@ -126,12 +131,15 @@ def main() -> None:
           f"{args.concurrency}; PostgreSQL with fsync and synchronous_commit on")
     pg = PostgresServer(settings=DURABLE).start()
     redis = RedisServer().start()
-    workdir = Path(pg.dir) / "dtsd"
+    # Not under pg.dir: that is the postgres user's, and dtsd's children hold no capability
+    # to read past its mode even when the master runs as root.
+    workdir = Path(tempfile.mkdtemp(prefix="dtsd-bench-"))
     (workdir / "run").mkdir(parents=True)
     master = DtsdMaster(workdir, "bench", {
         "dtsd": {"node_id": "bench", "runtime_dir": str(workdir / "run"), "log_level": os.environ.get("BENCH_LOG", "warning")},
         "server": {"listen": f"127.0.0.1:{free_port()}", "processes": args.servers},
-        "worker": {"processes": args.workers, "concurrency": args.concurrency},
+        "worker": {"processes": args.workers, "concurrency": args.concurrency,
+                   **({"limits": args.limits} if args.limits is not None else {})},
         "postgres": {"dsn": pg.create_database("bench")},
         "redis": {"url": redis.url},
     })
@@ -164,6 +172,7 @@ def main() -> None:
         master.stop()
         redis.cleanup()
         pg.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

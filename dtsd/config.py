@@ -486,6 +486,11 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
         if explicit:
             raise ConfigError(f"{chosen}: no such file") from None
         text, found = "", False
+    except PermissionError as exc:
+        hint = (" (dtsd's children hold no capability, so even as root they read only what "
+                "the file's and its directories' modes allow uid 0 as owner, group or other)"
+                if os.getuid() == 0 else "")
+        raise ConfigError(f"{chosen}: cannot read: {exc}{hint}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{chosen}: cannot read: {exc}") from None
     config = parse(text, chosen, environ)

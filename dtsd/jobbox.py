@@ -4,7 +4,7 @@ A job is started through two util-linux programs that exec each other and then t
 so everything is in place before the command's first instruction, and nothing here runs
 between fork and exec in a threaded worker:
 
-    setpriv --reuid U --regid G --init-groups        the job user and its groups
+    setpriv --reuid U --regid G --groups G,...      the job user and its groups
             --inh-caps=-all --ambient-caps=-all      no capability, in any set
             --bounding-set=-all --no-new-privs       none to gain later, not even by setuid
     prlimit --nproc=N:N --fsize=B:B ...              soft = hard: the job cannot raise them
@@ -105,6 +105,7 @@ class JobBox:
     """How this worker boxes its jobs; built once at boot by `JobBox.from_config`."""
 
     user: pwd.struct_passwd | None   # None: the worker's own user
+    groups: tuple[int, ...]           # the job user's groups, resolved once at boot
     setpriv: str
     prlimit: str
     drop_bounding: bool
@@ -147,7 +148,10 @@ class JobBox:
         prlimit = shutil.which("prlimit", path="/usr/bin:/bin:/usr/sbin:/sbin")
         if not prlimit:
             raise ConfigError("prlimit is missing (it is in util-linux): jobs cannot be limited")
-        return cls(user=user, setpriv=_setpriv(), prlimit=prlimit,
+        # Resolved here rather than per job (setpriv --init-groups reads /etc/group at every
+        # start): a change of the job user's groups takes a restart of the workers.
+        groups = tuple(os.getgrouplist(user.pw_name, user.pw_gid)) if user else ()
+        return cls(user=user, groups=groups, setpriv=_setpriv(), prlimit=prlimit,
                    drop_bounding=holds(CAP_SETPCAP, caps),
                    defaults=dict(cfg.get("worker", "limits")), ceiling=limit_ceiling(cfg))
 
@@ -168,11 +172,14 @@ class JobBox:
         argv = [self.setpriv]
         if self.user is not None:
             argv += [f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}",
-                     "--init-groups"]
+                     f"--groups={','.join(map(str, self.groups or (self.user.pw_gid,)))}"]
         argv += ["--inh-caps=-all", "--ambient-caps=-all"]
         if self.drop_bounding:
             argv.append("--bounding-set=-all")
-        argv += ["--no-new-privs", "--", self.prlimit]
+        argv += ["--no-new-privs", "--"]
+        if not limits:     # one exec fewer (about 0.7 ms a job) when there is nothing to set
+            return argv
+        argv.append(self.prlimit)
         for name, value in limits.items():
             # CPU time: SIGXCPU at the limit (the job may report it), SIGKILL a second later.
             hard = value + 1 if name == "cpu_time" else value

@@ -265,17 +265,18 @@ def test_a_root_worker_refuses_to_run_jobs_as_root_or_nobody_known(dtsd_factory,
 # --- the pure parts -----------------------------------------------------------------------
 
 def test_the_wrapper_switches_user_drops_everything_and_sets_both_limits():
-    box = jobbox.JobBox(user=NOBODY, setpriv="/usr/bin/setpriv", prlimit="/usr/bin/prlimit",
-                        drop_bounding=True, defaults={"processes": 10},
-                        ceiling={"processes": 100})
+    box = jobbox.JobBox(user=NOBODY, groups=(NOBODY.pw_gid, 4242), setpriv="/usr/bin/setpriv",
+                        prlimit="/usr/bin/prlimit", drop_bounding=True,
+                        defaults={"processes": 10}, ceiling={"processes": 100})
     limits = box.limits_for({"processes": 500, "file_size": 1024})
     assert limits == {"processes": 100, "file_size": 1024}   # capped by this worker's ceiling
     assert box.wrapper(limits) == [
         "/usr/bin/setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}",
-        "--init-groups", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
+        f"--groups={NOBODY.pw_gid},4242", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
         "--no-new-privs", "--", "/usr/bin/prlimit", "--nproc=100:100", "--fsize=1024:1024",
         "--"]
     assert box.wrapper({"cpu_time": 5})[-2] == "--cpu=5:6"
+    assert "/usr/bin/prlimit" not in box.wrapper({})   # nothing to limit: no prlimit
 
 
 def test_limit_lists_in_the_ini_are_checked():
@@ -290,8 +291,8 @@ def test_limit_lists_in_the_ini_are_checked():
 
 
 def test_explain_names_the_limit_only_when_it_was_set():
-    box = jobbox.JobBox(user=None, setpriv="", prlimit="", drop_bounding=False, defaults={},
-                        ceiling={})
+    box = jobbox.JobBox(user=None, groups=(), setpriv="", prlimit="", drop_bounding=False,
+                        defaults={}, ceiling={})
     assert box.explain({"file_size": 1 << 20}, 153, None, b"") == \
         "file size limit exceeded (file_size=1MiB)"
     assert box.explain({}, 153, None, b"") == ""
