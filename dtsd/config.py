@@ -151,12 +151,41 @@ def stop_signal(text: str) -> signal.Signals:
     return signal.Signals[name]
 
 
+# Per-job resource limits: name -> (prlimit(1) option, unit). Each is set as both the soft
+# and the hard limit of the job's shell, so nothing the job starts can raise it again.
+# `processes` is RLIMIT_NPROC, which the kernel counts per user: it bounds all jobs running
+# as [worker] job_user on a host together, not one job.
+LIMITS: dict[str, tuple[str, str]] = {
+    "processes": ("--nproc", "count"),
+    "open_files": ("--nofile", "count"),
+    "file_size": ("--fsize", "bytes"),
+    "memory": ("--as", "bytes"),
+    "cpu_time": ("--cpu", "seconds"),
+}
+MAX_LIMIT = 1 << 62
+# The same limits as JobSpec.limits (dtsd.v1.ResourceLimits) names them.
+LIMIT_PROTO_FIELDS = {"processes": "processes", "open_files": "open_files",
+                      "file_size": "file_size_bytes", "memory": "memory_bytes",
+                      "cpu_time": "cpu_seconds"}
+
+
+def limits_text(limits: Mapping[str, int]) -> str:
+    """`{"processes": 64, "memory": 1 << 30}` -> `processes=64 memory=1GiB` (for people)."""
+    def show(name: str, value: int) -> str:
+        if LIMITS[name][1] == "bytes":
+            for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+                if value % size == 0:
+                    return f"{value // size}{unit}"
+            return str(value)
+        return f"{value}s" if LIMITS[name][1] == "seconds" else str(value)
+    return " ".join(f"{name}={show(name, value)}" for name, value in limits.items())
+
+
 def limit_list(text: str) -> dict[str, int]:
     """`processes=4096 open_files=1024 memory=2GB cpu_time=1h` -> {name: value}.
 
     Counts are whole numbers, sizes take 64KB/1MB/1GiB, times take durations (whole seconds).
     """
-    from .models import LIMITS, MAX_LIMIT
     limits: dict[str, int] = {}
     for item in name_list(text):
         name, sep, value = item.partition("=")

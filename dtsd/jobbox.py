@@ -28,8 +28,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Mapping
 
-from .config import Config, ConfigError
-from .models import LIMITS, limits_text
+from .config import LIMITS, Config, ConfigError, limits_text
 
 CAP_KILL, CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 5, 6, 7, 8
 SWITCH_CAPS = {CAP_SETUID: "CAP_SETUID", CAP_SETGID: "CAP_SETGID"}

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Mapping
 
+# Per-job resource limits are defined beside the configuration that sets their defaults
+# (config.py, which the master loads without this module's hashlib and uuid).
+from .config import LIMIT_PROTO_FIELDS, LIMITS, MAX_LIMIT, limits_text  # noqa: F401
+
 
 class JobStatus(str, enum.Enum):
     PENDING = "PENDING"
@@ -69,36 +73,6 @@ JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,%d}\Z" % (MAX_ID - 1))
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
 RESERVED_ENV = frozenset({"DTSD_JOB_ID", "DTSD_ATTEMPT"})
-
-
-# Per-job resource limits: name -> (prlimit(1) option, unit). Each is set as both the soft
-# and the hard limit of the job's shell, so nothing the job starts can raise it again.
-# `processes` is RLIMIT_NPROC, which the kernel counts per user: it bounds all jobs running
-# as [worker] job_user on a host together, not one job.
-LIMITS: dict[str, tuple[str, str]] = {
-    "processes": ("--nproc", "count"),
-    "open_files": ("--nofile", "count"),
-    "file_size": ("--fsize", "bytes"),
-    "memory": ("--as", "bytes"),
-    "cpu_time": ("--cpu", "seconds"),
-}
-MAX_LIMIT = 1 << 62
-# The same limits as JobSpec.limits (dtsd.v1.ResourceLimits) names them.
-LIMIT_PROTO_FIELDS = {"processes": "processes", "open_files": "open_files",
-                      "file_size": "file_size_bytes", "memory": "memory_bytes",
-                      "cpu_time": "cpu_seconds"}
-
-
-def limits_text(limits: Mapping[str, int]) -> str:
-    """`{"processes": 64, "memory": 1 << 30}` -> `processes=64 memory=1GiB` (for people)."""
-    def show(name: str, value: int) -> str:
-        if LIMITS[name][1] == "bytes":
-            for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-                if value % size == 0:
-                    return f"{value // size}{unit}"
-            return str(value)
-        return f"{value}s" if LIMITS[name][1] == "seconds" else str(value)
-    return " ".join(f"{name}={show(name, value)}" for name, value in limits.items())
 
 
 def check_limits(limits: Mapping[str, int], ceiling: Mapping[str, int] | None,
