@@ -22,13 +22,14 @@ Who holds what (see README, Security):
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
 from dataclasses import dataclass
 from typing import Mapping
 
-from .config import LIMITS, Config, ConfigError, limits_text
+from .config import LIMITS, Config, ConfigError, limit_ceiling, limits_text
 
 CAP_KILL, CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 5, 6, 7, 8
 SWITCH_CAPS = {CAP_SETUID: "CAP_SETUID", CAP_SETGID: "CAP_SETGID"}
@@ -116,7 +117,6 @@ class JobBox:
         """Resolve [worker] job_user and check this process may switch to it.
 
         Raises ConfigError (the worker exits 78) with what to do about it."""
-        from .config import limit_ceiling
         name = cfg.get("worker", "job_user")
         caps = capabilities()
         user = None
@@ -185,8 +185,10 @@ class JobBox:
             argv.append(f"{LIMITS[name][0]}={value}:{hard}")
         return [*argv, "--"]
 
+    @functools.cached_property
     def env(self) -> dict[str, str]:
-        """USER and LOGNAME of the job (HOME stays [worker]'s choice: job users have none)."""
+        """USER and LOGNAME of the job (HOME stays [worker]'s choice: job users have none).
+        Looked up once: the worker reads it for every job."""
         name = self.user.pw_name if self.user is not None else pwd.getpwuid(os.getuid()).pw_name
         return {"USER": name, "LOGNAME": name}
 

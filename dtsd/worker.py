@@ -178,7 +178,7 @@ class Worker:
         limits = self.box.limits_for(job.limits)
         execution = Execution(
             job.command,
-            env=build_env({**self.box.env(), **job.env}, path=settings.path, job_id=job.id,
+            env=build_env({**self.box.env, **job.env}, path=settings.path, job_id=job.id,
                           attempt=job.attempt),
             cwd=job.cwd or settings.cwd, shell=settings.shell,
             timeout=job.timeout or settings.default_timeout, kill_grace=settings.kill_grace,
