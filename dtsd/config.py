@@ -17,6 +17,7 @@ import ipaddress
 import math
 import os
 import re
+import resource
 import signal
 import socket
 import stat as stat_module
@@ -151,16 +152,16 @@ def stop_signal(text: str) -> signal.Signals:
     return signal.Signals[name]
 
 
-# Per-job resource limits: name -> (prlimit(1) option, unit). Each is set as both the soft
+# Per-job resource limits: name -> (setrlimit resource, unit). Each is set as both the soft
 # and the hard limit of the job's shell, so nothing the job starts can raise it again.
-# `processes` is RLIMIT_NPROC, which the kernel counts per user: it bounds all jobs running
-# as [worker] job_user on a host together, not one job.
-LIMITS: dict[str, tuple[str, str]] = {
-    "processes": ("--nproc", "count"),
-    "open_files": ("--nofile", "count"),
-    "file_size": ("--fsize", "bytes"),
-    "memory": ("--as", "bytes"),
-    "cpu_time": ("--cpu", "seconds"),
+# `processes` is RLIMIT_NPROC, which the kernel counts per user: every job slot is a user
+# of its own ([worker] job_uids), so it bounds the processes of one job.
+LIMITS: dict[str, tuple[int, str]] = {
+    "processes": (resource.RLIMIT_NPROC, "count"),
+    "open_files": (resource.RLIMIT_NOFILE, "count"),
+    "file_size": (resource.RLIMIT_FSIZE, "bytes"),
+    "memory": (resource.RLIMIT_AS, "bytes"),
+    "cpu_time": (resource.RLIMIT_CPU, "seconds"),
 }
 MAX_LIMIT = 1 << 62
 # The same limits as JobSpec.limits (dtsd.v1.ResourceLimits) names them.
@@ -200,6 +201,33 @@ def limit_list(text: str) -> dict[str, int]:
             raise ValueError(f"{name}: must be more than 0")
         limits[name] = number
     return limits
+
+
+MAX_ID_NUMBER = 2**31 - 2
+
+
+def id_range(text: str) -> tuple[int, int]:
+    """`70000-70999` -> (70000, 70999): uids (and gids of the same numbers) for job slots."""
+    first, sep, last = text.strip().partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        raise ValueError(f"not a range FIRST-LAST of ids: {text!r}") from None
+    if not sep or not 1000 <= low <= high <= MAX_ID_NUMBER:
+        raise ValueError(f"not a range FIRST-LAST with 1000 <= FIRST <= LAST <= {MAX_ID_NUMBER}: "
+                         f"{text!r}")
+    return low, high
+
+
+def umask(text: str) -> int:
+    """`0027` (octal) -> 0o027."""
+    try:
+        value = int(text.strip(), 8)
+    except ValueError:
+        raise ValueError(f"not an octal umask: {text!r} (e.g. 0027)") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"a umask is 0000 to 0777, not {text!r}")
+    return value
 
 
 def log_level(text: str) -> str:
@@ -299,19 +327,30 @@ def _options() -> list[Option]:
         o("worker", "default_timeout", "0", duration,
           "Timeout of jobs that set none; 0: no timeout."),
         o("worker", "kill_grace", "10s", duration,
-          "After TERM to a job's process group (timeout, cancel, stop), wait this long before KILL."),
+          "After TERM to a job's processes (timeout, cancel, stop), wait this long before KILL."),
         o("worker", "cwd", "/", nonempty, "Working directory of jobs that set none."),
         o("worker", "shell", "/bin/sh", nonempty, "Runs each command as `shell -c COMMAND`."),
         o("worker", "path", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
           nonempty, "PATH in the clean environment jobs start with."),
         o("worker", "job_user", "dtsd-job", string,
-          "User (and its groups) that jobs run as, with every capability dropped and "
-          "no_new_privs set. Empty: the workers' own user, refused when that is root. The "
-          "workers need CAP_SETUID, CAP_SETGID and CAP_SETPCAP to switch (the packaged unit "
-          "grants them to dtsd's own user; no other child keeps them)."),
+          "Jobs run with this user's groups (and its name as USER), each as a uid of its own "
+          "from job_uids, with every capability dropped and no_new_privs set. Empty: jobs "
+          "run unboxed as the workers' own user, refused when that is root. Boxing needs "
+          "CAP_SETUID, CAP_SETGID and CAP_SETPCAP (the packaged unit grants them to dtsd's "
+          "own user; only the workers' launchers keep two of them)."),
+        o("worker", "job_uids", "70000-70999", id_range,
+          "Uids (with gids of the same numbers) that job slots run as, one per job running "
+          "at once, with job_user's groups; the lowest free ones are taken first. No program "
+          "of the host may use them; the only users allowed in the range are the slot users "
+          "`<job_user>-N` (the package creates dtsd-job-0 to dtsd-job-31, uids 70000-70031, "
+          "so that ssh and whoami know them). Needs 2 x processes x concurrency ids (a reload "
+          "runs old and new workers side by side); give each dtsd instance a range of its own."),
+        o("worker", "job_umask", "0027", umask,
+          "The umask jobs start with (octal). Each slot has a group of its own, so group "
+          "bits share only with groups an administrator chose (setgid directories)."),
         o("worker", "limits", "processes=4096 open_files=1024", limit_list,
-          "Resource limits of each job, soft and hard: processes (per job_user, all jobs of "
-          "the host together), open_files, file_size, memory (address space), cpu_time. "
+          "Resource limits of each job, soft and hard: processes (of the job: each slot is a "
+          "user of its own), open_files, file_size, memory (address space), cpu_time. "
           "Unlisted: inherited from the worker."),
         o("worker", "limits_max", "processes=16384 open_files=65536", limit_list,
           "Highest limits a job may ask for (JobSpec.limits, dtsctl submit --limit); above "
@@ -321,7 +360,8 @@ def _options() -> list[Option]:
           "First retry waits about this long; each next one twice as long (with jitter)."),
         o("worker", "retry_backoff_max", "5m", duration, "Longest wait between retries."),
         o("worker", "heartbeat_ttl", "10s", positive_duration,
-          "A worker whose heartbeat is older than this is dead; its jobs are recovered."),
+          "A worker that has not renewed its lease in PostgreSQL for this long is dead and "
+          "the leader recovers its jobs; the worker itself stops them before that."),
         o("worker", "stopwaitsecs", "30s", duration,
           "On graceful stop, how long running jobs may go on before they are handed back."),
         *_process_options("worker"),
@@ -471,6 +511,11 @@ def parse(text: str, path: str = "<string>", env: Mapping[str, str] | None = Non
         raise ConfigError(f"{path}: [postgres] pool_min is larger than pool_max")
     _check_etcd(config.values["etcd"], path)
     worker = config.values["worker"]
+    first, last = worker["job_uids"]
+    needed = 2 * worker["processes"] * worker["concurrency"]
+    if last - first + 1 < needed:
+        raise ConfigError(f"{path}: [worker] job_uids {first}-{last} holds {last - first + 1} "
+                          f"ids; 2 x processes x concurrency = {needed} are needed")
     for name, value in worker["limits"].items():
         top = worker["limits_max"].get(name)
         if top is not None and value > top:

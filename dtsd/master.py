@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from . import __version__, child
 from . import config as configmod
 from .config import Config
-from .jobbox import privilege_argv
+from .jobbox import job_user_exposure, privilege_argv
 
 log = logging.getLogger("dtsd.master")
 
@@ -196,6 +196,9 @@ class Master:
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
         self.notifier.status("starting")
         if not self.exposure_allowed() or not self.address_is_free() or not self.migrate():
+            return 1
+        self.sweep_job_slots()       # what a master that died before us may have left
+        if not self.job_slots_usable():
             return 1
         while True:
             self.handle_signals()
@@ -474,11 +477,11 @@ class Master:
         self._close_pipe(item)
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         pid, item.proc = item.pid, None
-        if item.role == "worker":
-            orphans = child.kill_orphaned_jobs(self.cfg.get("dtsd", "runtime_dir"), pid)
-            if orphans:
-                log.warning("%s died (%s): killed the %d job(s) it left running; the leader "
-                            "recovers them", item.name, how, orphans)
+        if item.role == "worker" and code != 0:
+            swept = self.sweep_job_slots()
+            if swept:
+                log.warning("%s died (%s): swept %d job slot(s) it left; the leader recovers "
+                            "their jobs", item.name, how, swept)
         if item.retiring or self.stopping:
             item.transition(ChildState.STOPPED, how, pid)
             self.children.remove(item)
@@ -646,6 +649,15 @@ class Master:
             self.insecure = True
         return True
 
+    def job_slots_usable(self) -> bool:
+        """Refuse [worker] job_uids that the host uses: a user, a group or a running process
+        with one of those ids (another dtsd instance, say) would share a job's identity."""
+        error, warning = job_user_exposure(self.cfg)
+        if error:
+            log.error("%s", error)
+            return False
+        return True
+
     def address_is_free(self) -> bool:
         """Refuse to start when something already listens on our address.
 
@@ -665,6 +677,19 @@ class Master:
                           host, port, exc.strerror)
                 return False
         return True
+
+    def sweep_job_slots(self) -> int:
+        """Kill whatever runs in the job slots no live launcher holds (a worker and its
+        launcher died: their jobs are nobody's now), as each slot's uid (dtsd/launcher.py)."""
+        if not self.cfg.get("worker", "job_user"):
+            return 0
+        result = subprocess.run(
+            [sys.executable, "-m", "dtsd.launcher", "--sweep", self.cfg.get("dtsd", "runtime_dir")],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if result.returncode != 0:
+            log.error("sweeping the job slots failed: %s", result.stderr.strip()[-500:])
+            return 0
+        return len(result.stdout.split())
 
     def migrate(self) -> bool:
         """Bring the schema up to date in a child process (the master opens no connection)."""

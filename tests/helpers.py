@@ -370,8 +370,27 @@ def write_ini(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
         if not parser.has_section("worker"):
             parser.add_section("worker")
         parser["worker"].setdefault("job_user", TEST_JOB_USER)
+        parser["worker"].setdefault("job_uids", test_job_uids(sections))
     with open(path, "w", encoding="utf-8") as handle:
         parser.write(handle)
+
+
+def test_job_uids(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """A [worker] job_uids range of this master's own: the suite (and another suite run
+    beside it) starts many masters on one host, and two masters must never share a uid.
+    Derived from the listen port, which no other live master holds."""
+    listen = str(sections.get("server", {}).get("listen", "")) or f":{free_port()}"
+    port = int(listen.rpartition(":")[2]) or free_port()
+    worker = sections.get("worker", {})
+
+    def number(key: str, default: int) -> int:
+        try:
+            return int(worker.get(key, default))
+        except ValueError:      # a test writing a broken value on purpose
+            return default
+    needed = 2 * number("processes", 2) * number("concurrency", 4)
+    first = 10_000_000 + port * 1024
+    return f"{first}-{first + max(64, min(needed, 1024)) - 1}"
 
 
 def merge_sections(base: Mapping[str, Mapping[str, Any]],
