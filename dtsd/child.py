@@ -146,6 +146,17 @@ def setup_logging(cfg: configmod.Config | None, role: str) -> None:
             old.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # A crash's traceback is a log record too: escaped, and at its priority in the journal.
+    crashed = logging.getLogger(f"dtsd.{role.split('-')[0]}")
+    sys.excepthook = lambda kind, value, tb: crashed.critical(
+        "uncaught exception", exc_info=(kind, value, tb))
+
+    def thread_crashed(args) -> None:
+        if args.exc_type is not SystemExit:
+            crashed.critical("uncaught exception in thread %s",
+                             args.thread.name if args.thread else "?",
+                             exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    threading.excepthook = thread_crashed
 
 
 def reopen_logs() -> None:

@@ -105,7 +105,7 @@ def test_a_worker_name_read_from_redis_cannot_forge_a_log_line(dtsd_factory, red
     forged = "2026-01-01 00:00:00,000 INFO [server-0 1] dtsd.audit: cancel by admin: all"
     name = f"ghost\n{forged}\x1b[2J"
     redis.client().sadd("dtsd:default:workers", name)
-    wait_for(lambda: "worker ghost\\n" in master.log(), timeout=30,
+    wait_for(lambda: "worker ghost" in master.log(), timeout=30,
              message="the leader to log the ghost worker")
     log = master.log()
     assert not any(line.startswith(forged[:23]) for line in log.splitlines())
