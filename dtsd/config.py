@@ -314,6 +314,11 @@ def _options() -> list[Option]:
           "A submit to a queue already holding this many PENDING jobs (ready or delayed, "
           "counted in Redis) is answered RESOURCE_EXHAUSTED; a batch that would pass it is "
           "refused whole. Approximate: may overshoot by the submits in flight. 0: no limit."),
+        o("server", "max_pending_total", "1000000", integer(0, 1_000_000_000),
+          "A submit while Redis holds this many job ids in all queues together (ready, "
+          "delayed, or taken by a worker and not finished) is answered RESOURCE_EXHAUSTED, "
+          "whichever queue it names; a batch that would pass it is refused whole. "
+          "Approximate as max_pending. 0: no limit."),
         o("server", "stopwaitsecs", "10s", duration,
           "On stop, how long in-flight RPCs may take before they are cut."),
         *_process_options("server"),
@@ -376,10 +381,12 @@ def _options() -> list[Option]:
           "Most connections per server child, at most [server] threads (env PG_MAX_CONNS). "
           "Workers use up to 3, the coordinator 2."),
 
-        o("redis", "url", "redis://127.0.0.1:6379/0", nonempty,
-          "redis://, rediss:// (TLS) or unix:// URL (env REDIS_ADDR, as host:port). An ACL "
-          "user: redis://USER:PASSWORD@host:port/0 (percent-encoded; keep this file 0640). "
-          "TLS: rediss://host:port/0?ssl_ca_certs=FILE, a client certificate with "
+        o("redis", "url", "unix:///run/redis/redis-server.sock?db=0", nonempty,
+          "unix://PATH?db=N, redis:// or rediss:// (TLS) URL (env REDIS_ADDR, as host:port). "
+          "The default is Debian's redis-server on its unix socket, which only members of "
+          "the group redis may open (jobs cannot; README, Security). An ACL user: "
+          "redis://USER:PASSWORD@host:port/0 (percent-encoded; keep this file 0640). TLS: "
+          "rediss://host:port/0?ssl_ca_certs=FILE, a client certificate with "
           "&ssl_certfile=FILE&ssl_keyfile=FILE."),
 
         o("etcd", "endpoints", "", address_list,
@@ -572,6 +579,29 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     return config
 
 
+def peek(path: str | None, section: str, key: str) -> Any:
+    """One setting, even from a file that does not parse (`dtsd reload` must find the
+    master's runtime directory to report that the master refused such a file): the
+    checked value when the file is valid, else the line as written, else the default."""
+    try:
+        return load(path).get(section, key)
+    except ConfigError:
+        pass
+    parser = configparser.ConfigParser(interpolation=None, strict=False,
+                                       inline_comment_prefixes=(";", "#"))
+    try:
+        parser.read(os.path.abspath(path or os.environ.get("DTSD_CONFIG") or DEFAULT_PATH),
+                    encoding="utf-8")
+        written = parser.get(section, key, fallback=None)
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        written = None
+    option = _BY_KEY[(section, key)]
+    try:
+        return option.convert(written if written is not None else option.default)
+    except ValueError:
+        return option.convert(option.default)
+
+
 def reference_ini() -> str:
     """The shipped /etc/dtsd/dtsd.ini: every option, commented out, with its default and help."""
     lines = ["; /etc/dtsd/dtsd.ini: configuration of dtsd, the distributed task scheduler.",
@@ -616,7 +646,7 @@ def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: 
              insecure: bool) -> tuple[str | None, str | None]:
     """(error, warning) for serving on host:port with this security configuration.
 
-    An error means: do not start. A non-loopback listen address needs both a tokens file
+    An error means: do not start (or reload). A non-loopback listen address needs both a tokens file
     and a TLS certificate and key, unless `[server] insecure = true` says otherwise, in
     which case the warning is to be logged loudly.
     """
@@ -634,7 +664,7 @@ def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: 
         return None, (f"INSECURE: {where} is reachable from other hosts without "
                       f"{' and '.join(missing)}; anyone who can connect may run commands as "
                       "the workers' user ([server] insecure = true)")
-    return (f"refusing to start: {where} is not a loopback address, and "
+    return (f"{where} is not a loopback address, and "
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. "
             "Jobs are shell commands: configure tokens and TLS, listen on 127.0.0.1, or set "
             "[server] insecure = true to accept the risk", None)
@@ -656,7 +686,7 @@ def server_exposure(config: Config) -> tuple[str | None, str | None]:
 _CONNINFO_PAIR = re.compile(r"(\w+)\s*=\s*('(?:\\.|[^'\\])*'|\S+)")
 
 
-def _connection_fields(text: str) -> dict[str, str]:
+def connection_fields(text: str) -> dict[str, str]:
     """The settings of a libpq conninfo (`key=value ...` or URI) or a Redis URL that
     matter here: `password` and the files named in it (a light parse, no client library)."""
     text = text.strip()
@@ -681,7 +711,7 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
                      ) -> tuple[str | None, str | None]:
     """(error, warning) about who else on this host can read dtsd's secrets.
 
-    Errors (the master refuses to start, `--check-config` fails):
+    Errors (the master refuses to start or reload, `--check-config` fails):
     - the configuration file holds a password ([postgres] dsn, [redis] url) and every
       user may read it; group-readable is fine (the package installs it 0640 root:dtsd);
     - a password file or private key it names ([etcd] password_file, any tls_key, the
@@ -697,7 +727,7 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
     written = config.written
     in_file = []
     for section, key in (("postgres", "dsn"), ("redis", "url")):
-        if _connection_fields(written.get((section, key), "")).get("password"):
+        if connection_fields(written.get((section, key), "")).get("password"):
             in_file.append(f"[{section}] {key}")
     if config.from_file:
         mode = _mode(stat, config.path)
@@ -709,8 +739,8 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
                           f"readable by every user (mode {stat_module.S_IMODE(mode):04o}): "
                           f"{fix} {config.path}")
 
-    dsn = _connection_fields(config.get("postgres", "dsn"))
-    url = _connection_fields(config.get("redis", "url"))
+    dsn = connection_fields(config.get("postgres", "dsn"))
+    url = connection_fields(config.get("redis", "url"))
     secret_files = [
         ("[etcd] password_file", config.get("etcd", "password_file")),
         ("[etcd] tls_key", config.get("etcd", "tls_key")),
@@ -733,5 +763,5 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
             readable_is.append(f"{shown} is readable by every user: chmod 600 {path} (or "
                                "640, group dtsd)")
     if errors:
-        return "refusing to start: " + "; ".join(errors), None
+        return "; ".join(errors), None
     return None, ("; ".join(warnings) or None)

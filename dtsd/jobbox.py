@@ -100,14 +100,16 @@ def uids_in_use(first: int, last: int) -> list[tuple[int, int]]:
 
 
 def job_user_exposure(cfg: Config) -> tuple[str | None, str | None]:
-    """For `dtsd --check-config` and the master's start: (error, warning) about
-    [worker] job_user and job_uids on this host.
+    """For the start checks (dtsd/checks.py): (error, warning) about [worker] job_user and
+    job_uids on this host.
 
-    Only what holds whoever runs the check: the user exists and is not root, and no user,
-    group or running process of the host has an id in job_uids (a job slot would share its
-    identity: it could then signal or read that process or its files, and the end of a job
-    would kill it). Whether the workers may switch users depends on the capabilities they
-    start with, which the worker itself checks at boot."""
+    Only what holds whoever runs the check: the user exists and is not root, and no user or
+    group of the host but the slot users has an id in job_uids (a job slot would share its
+    identity: it could then signal or read that user's processes or files, and the end of
+    a job would kill them). Whether the workers may switch users depends on the
+    capabilities they start with, which the worker itself checks at boot; running
+    processes are checked by the master once it has swept its own slots
+    (`job_uids_in_use`)."""
     name = cfg.get("worker", "job_user")
     if not cfg.get("worker", "processes") or not name:
         return None, None
@@ -123,13 +125,21 @@ def job_user_exposure(cfg: Config) -> tuple[str | None, str | None]:
     if taken:
         return (f"[worker] job_uids {first}-{last} holds ids the host already uses: "
                 f"{', '.join(taken)[:300]}; choose a range no other user or group has", None)
-    busy = uids_in_use(first, last)
-    if busy:
-        pids = ", ".join(f"pid {pid} (uid {uid})" for pid, uid in busy[:5])
-        return (f"[worker] job_uids {first}-{last}: processes of this host run with uids of "
-                f"the range ({pids}): another dtsd instance? Give each instance a range of its "
-                "own", None)
     return None, None
+
+
+def job_uids_in_use(cfg: Config) -> str | None:
+    """For the master's start, once its own slots are swept: an error when processes of
+    this host run with uids of [worker] job_uids (another dtsd instance?)."""
+    if not cfg.get("worker", "processes") or not cfg.get("worker", "job_user"):
+        return None
+    first, last = cfg.get("worker", "job_uids")
+    busy = uids_in_use(first, last)
+    if not busy:
+        return None
+    pids = ", ".join(f"pid {pid} (uid {uid})" for pid, uid in busy[:5])
+    return (f"[worker] job_uids {first}-{last}: processes of this host run with uids of the "
+            f"range ({pids}): another dtsd instance? Give each instance a range of its own")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ Signal handlers only record the signal and wake the loop (a self-pipe through
 
     TERM, INT   graceful stop (a second one escalates to a fast stop)
     QUIT        fast stop: running jobs are handed back at once
-    HUP         reload: validate the file, scale, restart changed roles one at a time
+    HUP         reload: the start checks first (a refused file changes nothing), then scale and restart changed roles one at a time
     TTIN, TTOU  one worker child more, one less
     USR1        reopen log files (the master's and the children's)
 
@@ -33,6 +33,11 @@ systemd's notify protocol is spoken by the master alone (children never see
 NOTIFY_SOCKET): READY=1 once every child is RUNNING, a one-line STATUS=, RELOADING=1
 with MONOTONIC_USEC= then READY=1 around a reload, STOPPING=1, and WATCHDOG=1 from
 the loop while WATCHDOG_USEC is set.
+
+Each reload's verdict is written to `<runtime_dir>/reload.json` (a sequence number, the
+state RELOADING, DONE, REFUSED or FAILED, and why), where `dtsd reload` (the unit's
+ExecReload=) waits for it: systemd 252 has no Type=notify-reload, and a plain `kill -HUP`
+would report a refused reload as a success.
 """
 
 from __future__ import annotations
@@ -45,16 +50,15 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, child
+from . import __version__, checks, child
 from . import config as configmod
 from .config import Config
-from .jobbox import job_user_exposure, privilege_argv
+from .jobbox import job_uids_in_use, privilege_argv
 
 log = logging.getLogger("dtsd.master")
 
@@ -158,6 +162,28 @@ class Notifier:
             self.send("WATCHDOG=1")
 
 
+class ReloadState(str, enum.Enum):
+    RELOADING = "reloading"     # checks passed; children being scaled and replaced
+    DONE = "done"               # every child of the new configuration RUNNING
+    REFUSED = "refused"         # a check failed: the running configuration stays
+    FAILED = "failed"           # applied, but cannot complete (a child FATAL, a stop)
+
+
+VERDICT_FILE = "reload.json"
+FINAL_STATES = (ReloadState.DONE, ReloadState.REFUSED, ReloadState.FAILED)
+
+
+def read_verdict(runtime_dir: str) -> dict | None:
+    """The master's latest reload verdict: {"pid", "seq", "state", "message", "time"}."""
+    try:
+        with open(os.path.join(runtime_dir, VERDICT_FILE), encoding="utf-8") as handle:
+            verdict = json.load(handle)
+        verdict["state"] = ReloadState(verdict["state"])
+        return verdict
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _set_pdeathsig() -> None:
     """Runs in the child between fork and exec: die (gracefully) with the master."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -165,8 +191,9 @@ def _set_pdeathsig() -> None:
 
 
 class Master:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, preflight: checks.Report | None = None):
         self.cfg = cfg
+        self.preflight = preflight or checks.Report()
         self.counts = self.wanted(cfg)
         self.children: list[Child] = []
         self.signals: list[int] = []
@@ -178,9 +205,16 @@ class Master:
         self.started = time.time()
         self.leader: bool | None = None
         self.pending: int | None = None
-        self.insecure = False       # serving off-loopback without auth+TLS, by choice
+        # Serving off-loopback without auth and TLS, by choice ([server] insecure = true).
+        self.insecure = bool(configmod.server_exposure(cfg)[1])
         self.notifier = Notifier()
-        self.node_file = os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json")
+        # Fixed at start: a reload that changes [dtsd] runtime_dir is refused.
+        self.runtime_dir = cfg.get("dtsd", "runtime_dir")
+        self.node_file = os.path.join(self.runtime_dir, "node.json")
+        self.verdict_file = os.path.join(self.runtime_dir, VERDICT_FILE)
+        self.reload_seq = 0          # HUPs received
+        self.applied_seq = 0         # the HUP whose configuration is being applied
+        self.verdict = ReloadState.DONE
         self._wake_r, self._wake_w = os.pipe()
         self._last_record = 0.0
         # Servers and the coordinator give up every capability the master holds; workers
@@ -195,11 +229,14 @@ class Master:
         log.info("dtsd %s master starting (pid %d, node %s, config %s)",
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
         self.notifier.status("starting")
-        if not self.exposure_allowed() or not self.address_is_free() or not self.migrate():
+        for warning in self.preflight.warnings:
+            log.warning("%s", warning)
+        if not self.address_is_free() or not self.migrate():
             return 1
         self.sweep_job_slots()       # what a master that died before us may have left
         if not self.job_slots_usable():
             return 1
+        self.write_verdict(ReloadState.DONE, "started")
         while True:
             self.handle_signals()
             self.reap_children()
@@ -215,6 +252,7 @@ class Master:
             self.write_node_record()
             self.sleep(0.25 if self.stopping or self.reloading or not self.was_ready else 1.0)
         self.remove_node_record()
+        self.remove_verdict()
         log.info("master stopped")
         return self.exit_code
 
@@ -267,6 +305,7 @@ class Master:
         log.info("%s: graceful stop", signal.Signals(signum).name)
         self.stopping = True
         self.notifier.send("STOPPING=1")
+        self.abandon_reload()
 
     def handle_quit(self, signum: int = signal.SIGQUIT) -> None:
         log.info("stopping fast: running jobs are handed back now")
@@ -274,6 +313,7 @@ class Master:
             self.notifier.send("STOPPING=1")
         self.stopping = True
         self.fast_stop = True
+        self.abandon_reload()
         for item in self.children:
             if item.proc and item.state is ChildState.STOPPING:
                 self.kill_child(item, signal.SIGQUIT)
@@ -281,17 +321,31 @@ class Master:
                                          time.monotonic() + self._stop_wait(item, fast=True))
 
     def handle_hup(self, signum: int) -> None:
-        """Reload: a bad file changes nothing; a good one is applied without dropping work."""
+        """Reload: every check a start makes, then apply; a refused file changes nothing."""
+        self.reload_seq += 1
         if self.stopping:
+            self.refuse_reload("the master is stopping")
             return
+        self.write_verdict(ReloadState.RELOADING, "checking the configuration")
         try:
             new = configmod.load(self.cfg.path)
         except configmod.ConfigError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.refuse_reload(str(exc))
             return
+        report = checks.preflight(new, checks.Occasion.RELOAD, running=self.cfg)
+        if report.errors:
+            self.refuse_reload("; ".join(report.errors))
+            return
+        try:
+            child.setup_logging(new, "master")
+        except OSError as exc:
+            self.refuse_reload(f"[dtsd] log_file: {exc}")
+            return
+        for warning in report.warnings:
+            log.warning("%s", warning)
         self.notifier.reloading()
         old, self.cfg = self.cfg, new
-        child.setup_logging(new, "master")
+        self.insecure = bool(configmod.server_exposure(new)[1])
         self.counts = self.wanted(new)
         changed = [role for role, sections in ROLE_SECTIONS.items()
                    if any(_without_counts(old.values[s]) != _without_counts(new.values[s])
@@ -300,9 +354,20 @@ class Master:
             if item.role in changed and not item.retiring:
                 item.outdated = True
         self.reloading = True
+        self.applied_seq = self.reload_seq
+        self.write_verdict(ReloadState.RELOADING, "applying: " + (
+            f"restarting {', '.join(changed)}" if changed else "scaling only"))
         log.info("reloading %s: processes %s; restarting %s", new.path,
                  ", ".join(f"{r}={n}" for r, n in self.counts.items()),
                  ", ".join(changed) or "nothing")
+
+    def abandon_reload(self) -> None:
+        if self.reloading and self.verdict is ReloadState.RELOADING:
+            self.write_verdict(ReloadState.FAILED, "the master is stopping")
+
+    def refuse_reload(self, why: str) -> None:
+        log.error("reload refused, keeping the running configuration: %s", why)
+        self.write_verdict(ReloadState.REFUSED, why)
 
     def handle_ttin(self, signum: int) -> None:
         self.counts["worker"] += 1
@@ -378,6 +443,12 @@ class Master:
             log.info("reload complete")
             self.write_node_record(force=True)   # whoever acts on READY reads this
             self.notifier.send("READY=1")
+            self.write_verdict(ReloadState.DONE, "reload complete")
+            return
+        fatal = [c.name for c in self.children if c.state is ChildState.FATAL and not c.retiring]
+        if fatal and self.verdict is ReloadState.RELOADING:
+            self.write_verdict(ReloadState.FAILED, f"{', '.join(fatal)} FATAL: the reload "
+                                                   "cannot complete (see the log)")
 
     def _successor(self, old: Child) -> Child | None:
         return next((c for c in self.children if c.role == old.role and c.index == old.index
@@ -491,7 +562,8 @@ class Master:
             log.error("%s %s (%s): stopping the master", item.name, what, how)
             item.transition(ChildState.FATAL, how, pid)
             self.children.remove(item)
-            self.exit_code = 1
+            # 78 tells systemd not to restart (RestartPreventExitStatus=78): it would not help.
+            self.exit_code = child.EXIT_CONFIG if code == child.EXIT_CONFIG else 1
             self.stopping = True
             self.notifier.send("STOPPING=1")
             return
@@ -622,6 +694,29 @@ class Master:
         except OSError as exc:
             log.warning("cannot write %s: %s", self.node_file, exc)
 
+    def write_verdict(self, state: ReloadState, message: str) -> None:
+        """Record the newest reload's verdict for `dtsd reload`. The completion of an
+        earlier reload does not cover a later HUP's refusal."""
+        seq = self.reload_seq
+        if state in (ReloadState.DONE, ReloadState.FAILED) and seq and seq != self.applied_seq:
+            return
+        self.verdict = state
+        record = {"pid": os.getpid(), "seq": seq, "state": state.value, "message": message,
+                  "time": time.time()}
+        temporary = self.verdict_file + ".tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(record, handle)
+            os.replace(temporary, self.verdict_file)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.verdict_file, exc)
+
+    def remove_verdict(self) -> None:
+        try:
+            os.unlink(self.verdict_file)
+        except OSError:
+            pass
+
     def remove_node_record(self) -> None:
         try:
             os.unlink(self.node_file)
@@ -634,27 +729,13 @@ class Master:
         """How children find the file (none when the default file is absent: defaults)."""
         return ["-c", self.cfg.path] if self.cfg.from_file else []
 
-    def exposure_allowed(self) -> bool:
-        """Refuse a non-loopback `[server] listen` without tokens and TLS (see config.exposure).
-
-        With `[server] insecure = true` it starts, warns loudly, and says INSECURE in its
-        status. Checked from the configuration alone, before any child or connection.
-        """
-        error, warning = configmod.server_exposure(self.cfg)
-        if error:
-            log.error("%s", error)
-            return False
-        if warning:
-            log.warning("%s", warning)
-            self.insecure = True
-        return True
-
     def job_slots_usable(self) -> bool:
-        """Refuse [worker] job_uids that the host uses: a user, a group or a running process
-        with one of those ids (another dtsd instance, say) would share a job's identity."""
-        error, warning = job_user_exposure(self.cfg)
-        if error:
-            log.error("%s", error)
+        """Refuse [worker] job_uids that processes of this host already run as (another
+        dtsd instance, say): they would share a job's identity, and the end of a job would
+        kill them. Checked after this node's own slots were swept."""
+        problem = job_uids_in_use(self.cfg)
+        if problem:
+            log.error("%s", problem)
             return False
         return True
 
@@ -663,19 +744,14 @@ class Master:
 
         The servers bind with SO_REUSEPORT, so without this check a second dtsd (or a
         stale one) would silently share the port and split the clients between them.
+        Exit 1, not 78: the address may well be free on the next try.
         """
         if not self.cfg.get("server", "processes"):
             return True
-        host, port = self.cfg.get("server", "listen")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                log.error("cannot listen on %s:%d: %s (is another dtsd running?)",
-                          host, port, exc.strerror)
-                return False
+        problem = checks.address_in_use(*self.cfg.get("server", "listen"))
+        if problem:
+            log.error("%s (is another dtsd running?)", problem)
+            return False
         return True
 
     def sweep_job_slots(self) -> int:
