@@ -227,6 +227,7 @@ class Coordinator:
         for worker, beat in self.queue.workers().items():
             if beat is None and worker not in unknown:
                 self.queue.drop_worker(worker)
+                log.info("worker %s is gone from Redis (no heartbeat): forgotten there", worker)
 
     def reconcile(self) -> None:
         """Walk PENDING jobs in batches; push again those Redis holds nowhere."""
