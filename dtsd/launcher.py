@@ -368,6 +368,8 @@ class Slot:
         self.sweeper: int | None = None      # a child killing what the job left
         self.waiting: tuple[dict, int] | None = None   # a spawn waiting for the slot
         self.request_id: Any = None          # the spawn request of the current job
+        self.status_fd: int | None = None    # the child's report: EOF at exec, or an error
+        self.status = bytearray()
         self.area_mtimes: tuple[int, ...] | None = None  # TMP_AREAS' mtimes before the last job
 
     @property
@@ -397,6 +399,7 @@ class LauncherProcess:
         self.sweepers: dict[int, Slot] = {}             # pid -> slot being swept
         self.signallers: set[int] = set()               # pids of children sending a signal
         self.pidfds: dict[int, Slot] = {}               # unboxed: pidfd -> slot
+        self.status_fds: dict[int, Slot] = {}           # a spawning child's report -> slot
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.children_file = f"/proc/self/task/{os.getpid()}/children"
         self.wake_r = -1
@@ -457,6 +460,8 @@ class LauncherProcess:
                 elif fd == self.wake_r:
                     _drain(self.wake_r)
                     self.reap()
+                elif fd in self.status_fds:
+                    self.on_status(fd)
                 elif fd in self.pidfds:
                     self.on_pidfd(fd)
         self.shutdown()
@@ -544,22 +549,44 @@ class LauncherProcess:
                     os._exit(127)
         os.close(out_fd)
         os.close(status_w)
-        error = _read_all(status_r)
-        os.close(status_r)
         slot.pid, slot.running, slot.released = pid, True, False
         slot.request_id = request["id"]
+        # The child reports on its own time (it may have a previous job's files to remove):
+        # the loop goes on serving the other slots meanwhile.
+        slot.status_fd, slot.status = status_r, bytearray()
+        self.status_fds[status_r] = slot
+        self.poller.register(status_r, select.POLLIN)
         if self.boxed:
             self.shells[pid] = slot
         else:
             slot.pidfd = os.pidfd_open(pid)
             self.pidfds[slot.pidfd] = slot
             self.poller.register(slot.pidfd, select.POLLIN)
-        if error:
+
+    def on_status(self, fd: int) -> None:
+        slot = self.status_fds[fd]
+        data = os.read(fd, 4096)
+        if data:
+            slot.status += data
+        else:
+            self._spawned(slot)
+
+    def _spawned(self, slot: Slot) -> None:
+        """The child's report is complete: it exec'd the shell (nothing written), or failed."""
+        fd, slot.status_fd = slot.status_fd, None
+        if fd is None:
+            return
+        slot.status += _read_all(fd)     # the rest, if it exited before the loop read it
+        self.poller.unregister(fd)
+        del self.status_fds[fd]
+        os.close(fd)
+        if slot.status:
             slot.area_mtimes = None
             # The child exits 127 at once; the worker hears "failed" and releases the slot.
-            self.reply({"op": "failed", "id": request["id"], "error": error.decode()})
-            return
-        self.reply({"op": "started", "id": request["id"], "pid": pid})
+            self.reply({"op": "failed", "id": slot.request_id,
+                        "error": slot.status.decode("utf-8", "replace")})
+        else:
+            self.reply({"op": "started", "id": slot.request_id, "pid": slot.pid})
 
     def _exec(self, slot: Slot, argv: list[str], env: dict[str, str], cwd: str,
               limits: list[tuple[int, int, int]], out_fd: int, status_w: int,
@@ -656,6 +683,7 @@ class LauncherProcess:
                 return
             slot = self.shells.pop(pid, None)
             if slot is not None:
+                self._spawned(slot)
                 slot.running = False
                 slot.pid = None
                 self.reply({"op": "exited", "slot": slot.index, "id": slot.request_id,
@@ -673,6 +701,7 @@ class LauncherProcess:
         """Unboxed: the shell ended. Its status is read, but it stays unreaped till release."""
         slot = self.pidfds[pidfd]
         self.poller.unregister(pidfd)
+        self._spawned(slot)
         info = os.waitid(os.P_PID, slot.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         slot.running = False
         self.reply({"op": "exited", "slot": slot.index, "id": slot.request_id,

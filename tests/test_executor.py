@@ -449,3 +449,4 @@ def test_concurrent_runs_do_not_mix(tmp_path):
         thread.join(SOON)
     assert {i: (r.exit_code, r.output) for i, r in results.items()} == \
         {i: (i, f"job{i}\n".encode()) for i in range(8)}
+

@@ -7,12 +7,15 @@
 #    and the .deb, every dependency from the Debian archive. Nothing starts dtsd.
 # 2. Its first-start block, as written: `systemctl start dtsd` returns after READY, the
 #    unit is active, `systemctl status` shows the STATUS= line.
-# 3. `dtsctl status` shows the node and its children; a job runs as dtsd (never root,
-#    without privileges); the seed's jobs.json submits and completes.
+# 3. `dtsctl status` shows the node and its children; a job runs as a slot user dtsd-job-N
+#    (never root, without privileges), cannot see or signal another job, cannot reach Redis,
+#    and leaves nothing behind after setsid; the seed's jobs.json submits and completes.
 # 4. Another [worker] processes and the reload block: the count changes, the unit stays
-#    active, a running job survives. `systemctl stop` drains; the journal holds the log.
-# 5. `kill -9` of the master: systemd restarts it and the queued jobs complete. Then the
-#    documented drop-in that loosens the sandbox takes effect.
+#    active, a running job survives; a reload to an exposed address is refused and
+#    `systemctl reload` fails. `systemctl stop` drains; the journal holds the log.
+# 5. A broken file exits 78 and is not restarted. `kill -9` of the master: systemd
+#    restarts it and the queued jobs complete. Then the documented drop-in that loosens
+#    the sandbox takes effect.
 # 6. The purge block: no configuration, state, unit or process is left.
 #
 # The install section is the one headed "## Install on Debian 12" in README.md; its blocks are the ```sh fences that follow
@@ -353,7 +356,7 @@ done
 victim=$(ct dtsctl submit -- 'echo $$ > /tmp/victim.pid; chmod 644 /tmp/victim.pid; exec sleep 60')
 wait_for 30 "the victim job runs" q 'd["jobs"][0]["status"] == "RUNNING"' dtsctl -o json status "$victim"
 probe=$(ct dtsctl submit --follow -- 'pid=$(cat /tmp/victim.pid); [ -e /proc/$pid ] && echo seen || echo hidden
-	kill -STOP $pid 2>/dev/null && echo stopped || echo refused; ps -e -o comm= | grep -c "^sleep$"' 2>/dev/null | tr '\n' ' ')
+	kill -STOP $pid 2>/dev/null && echo stopped || echo refused; ps -e -o comm= | grep -c "^sleep$"; true' 2>/dev/null | tr '\n' ' ')
 note "another job probing the victim (pid file, kill -STOP, ps): $probe"
 [ "$probe" = "hidden refused 0 " ] || fail "a job reached another job's process: $probe"
 [ "$(q 'd["jobs"][0]["status"]' dtsctl -o json status "$victim")" = RUNNING ] || fail "the victim job stopped"
@@ -363,6 +366,13 @@ escaped=$(ct dtsctl submit --wait -- 'setsid sleep 300 </dev/null >/dev/null 2>&
 [ "$escaped" = started ] || fail "the escaping job: $escaped"
 wait_for 5 "what the escaping job left to be gone" bash -c "! nsenter -t $CT_PID -a pgrep -f 'sleep 30[01]'"
 note "a job's setsid and double-forked children are gone when it ends"
+# Redis is out of the jobs' reach: a unix socket only the group redis may open, no TCP.
+sock=$(ct stat -c '%a %U:%G' /run/redis/redis-server.sock)
+note "Redis socket: $sock; dtsd's groups: $(ct id -nG dtsd)"
+[ "$sock" = "770 redis:redis" ] || fail "the Redis socket is $sock, not 770 redis:redis"
+redis_probe=$(ct dtsctl submit --follow -- 'redis-cli -s /run/redis/redis-server.sock ping 2>&1; redis-cli -h 127.0.0.1 -p 6379 ping 2>&1; true' 2>/dev/null | tr '\n' ' ')
+note "a job pinging Redis (socket, then TCP): $redis_probe"
+case "$redis_probe" in *"Permission denied"*"Connection refused"*) ;; *) fail "a job reached Redis: $redis_probe" ;; esac
 ct_sh "dtsctl submit --file jobs.json --wait"
 ct_sh "dtsctl submit --follow -- 'touch /etc/dtsd/x 2>&1; touch /usr/x 2>&1; ls /home 2>&1; true'"
 # Installing the package again runs the maintainer scripts as an upgrade does: the user is
@@ -397,6 +407,21 @@ note "the job that ran across the reload: $result"
 [ "$result" = "SUCCEEDED attempts=1 output=survived" ] || fail "the running job did not survive the reload: $result"
 ct_sh "journalctl -u dtsd -o cat --no-pager | grep -E 'reload|HUP' | tail -n 5"
 
+# A reload runs every start check: an exposed listen address without tokens or TLS is
+# refused, the running configuration stays, and `systemctl reload` reports the failure.
+ct sed -i 's/^;listen = 127.0.0.1:50051$/listen = 0.0.0.0:50051/' /etc/dtsd/dtsd.ini
+if ct systemctl reload dtsd; then fail "a reload to 0.0.0.0 without tokens or TLS succeeded"; fi
+refused=$(ct journalctl -u dtsd -p err -o cat --no-pager | grep -c 'reload refused' || true)
+note "reload to 0.0.0.0:50051 refused: ReloadResult=$(ct systemctl show -p ReloadResult --value dtsd), $refused error line(s) in the journal, unit $(ct systemctl is-active dtsd)"
+[ "$refused" -ge 1 ] || fail "no 'reload refused' line at error priority in the journal"
+[ "$(ct systemctl is-active dtsd)" = active ] || fail "dtsd is not active after a refused reload"
+[ "$(ct dtsctl -o json status | ct python3 "$CT_DIR/jsonq.py" 'len(d["nodes"])')" = 1 ] ||
+	fail "dtsctl status does not answer on 127.0.0.1 after the refused reload"
+ct sed -i 's/^listen = 0.0.0.0:50051$/;listen = 127.0.0.1:50051/' /etc/dtsd/dtsd.ini
+ct systemctl reload dtsd || fail "the reload back to the shipped file failed"
+stamped=$(ct journalctl -u dtsd -o cat --no-pager | grep -cE '^20[0-9]{2}-[0-9]{2}-[0-9]{2} ' || true)
+[ "$stamped" = 0 ] || fail "$stamped journal line(s) of dtsd carry a timestamp of their own"
+
 drained=$(ct dtsctl submit -- 'sleep 6; echo drained')
 wait_for 30 "the job to drain runs" q 'd["jobs"][0]["status"] == "RUNNING"' dtsctl -o json status "$drained"
 stop_start=$SECONDS
@@ -415,7 +440,15 @@ ct pgrep -u dtsd >/dev/null && fail "processes of dtsd are left after stop: $(ct
 note "journalctl -u dtsd holds $(ct journalctl -u dtsd -o cat --no-pager | wc -l) lines"
 
 # --- 5 ------------------------------------------------------------------------------------
-say "5. kill -9 of the master with jobs queued"
+say "5. a broken file at start exits 78 and is not restarted; then kill -9 of the master"
+ct sed -i 's/^;processes = 2$/processes = many/' /etc/dtsd/dtsd.ini
+if ct systemctl start dtsd; then fail "dtsd started with [worker] processes = many"; fi
+sleep 7     # RestartSec=5s: a restart would have happened by now
+note "broken file: ExecMainStatus=$(ct systemctl show -p ExecMainStatus --value dtsd), NRestarts=$(ct systemctl show -p NRestarts --value dtsd), $(ct systemctl is-active dtsd || true)"
+[ "$(ct systemctl show -p ExecMainStatus --value dtsd)" = 78 ] || fail "a configuration error did not exit 78"
+[ "$(ct systemctl show -p NRestarts --value dtsd)" = 0 ] || fail "systemd restarted dtsd on a configuration error"
+ct sed -i 's/^processes = many$/;processes = 2/' /etc/dtsd/dtsd.ini
+ct systemctl reset-failed dtsd
 ct systemctl start dtsd
 ct python3 -c 'import json; print(json.dumps({"jobs": [{"name": f"q{i}", "command": f"sleep 2; echo {i}", "description": "queued"} for i in range(30)]}))' \
 	>"$WORK/root$CT_DIR/queued.json"
