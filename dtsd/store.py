@@ -360,6 +360,21 @@ class Store:
                     (job_id,)).fetchall()
             return row
 
+    def job_states(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Status, attempts, error and exit code of each of `ids` that exists, in one query.
+
+        The watch hub's recheck: every WatchJob stream of a server child is covered by one
+        statement every couple of seconds, not one per stream. No output is read.
+        """
+        if not ids:
+            return {}
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = cur.execute(
+                """SELECT id, status, attempts, error, exit_code FROM jobs
+                   WHERE id = ANY(%s)""", (list(ids),)).fetchall()
+        return {row["id"]: row for row in rows}
+
     def cancel(self, job_id: str) -> tuple[JobStatus, JobStatus, int]:
         """PENDING or RUNNING -> CANCELLED. Returns (previous, now, the attempt to kill).
 
