@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import select
 from dataclasses import dataclass
 from datetime import datetime
 from contextlib import contextmanager
@@ -32,6 +34,26 @@ from psycopg_pool import ConnectionPool
 from .models import FINAL_STATES, EndReason, JobStatus, NewJob
 
 log = logging.getLogger(__name__)
+
+
+def _wait_without_select() -> None:
+    """Make psycopg wait for its sockets with epoll, not select().
+
+    psycopg 3.1.8 and older (Debian 12 ships 3.1.7) wait with select() on Linux, which
+    raises "filedescriptor out of range in select()" for a descriptor past 1023. A server
+    child holding a thousand client connections gets such descriptors for the PostgreSQL
+    connections it opens next, and every query on them failed. psycopg 3.1.9 switched to
+    epoll (psycopg#532); this does the same on the older releases, and nothing on newer
+    ones or when PSYCOPG_WAIT_FUNC chooses.
+    """
+    from psycopg import waiting
+    if ("PSYCOPG_WAIT_FUNC" not in os.environ and hasattr(select, "epoll")
+            and getattr(waiting, "wait", None) is getattr(waiting, "wait_select", False)
+            and hasattr(waiting, "wait_epoll")):
+        waiting.wait = waiting.wait_epoll
+
+
+_wait_without_select()
 
 MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process takes
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import queue
+import resource
 import signal
 import socket
 import struct
 import time
+from concurrent import futures
 from datetime import datetime, timedelta, timezone
 
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from dtsd import streams
 from dtsd.dtsdpb import pb, pb_grpc
@@ -33,10 +36,15 @@ FAST = {"worker": {"kill_grace": "1s"}, "dtsd": {"housekeeping_interval": "200ms
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
+def later_job_time() -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime((datetime.now(timezone.utc) + timedelta(hours=1)).replace(tzinfo=None))
+    return stamp
+
+
 def later_job(api) -> str:
     """A job that stays PENDING for an hour: something to watch that never changes."""
-    spec = pb.JobSpec(command="true")
-    spec.run_at.FromDatetime((datetime.now(timezone.utc) + timedelta(hours=1)).replace(tzinfo=None))
+    spec = pb.JobSpec(command="true", run_at=later_job_time())
     return api.SubmitJob(pb.SubmitJobRequest(job=spec), timeout=10).id
 
 
@@ -422,6 +430,7 @@ def test_a_watcher_survives_a_redis_restart(dtsd_factory, redis, tmp_path):
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _SETTINGS = struct.pack(">I", 0)[1:] + bytes([0x4, 0x0]) + struct.pack(">I", 0)   # empty
 _GOAWAY = 0x7
+_SETTINGS_FRAME = 0x4
 
 
 def _frames(data: bytes):
@@ -471,3 +480,42 @@ def test_a_client_reconnects_after_the_idle_timeout_and_open_streams_stay(dtsd_f
         # The watch, on a connection with a call in flight, ran past the idle time.
         output = b"".join(e.output for e in stream if e.kind == pb.JobEvent.OUTPUT)
         assert output == b"early\nlate\n"
+
+
+def test_a_thousand_idle_connections_leave_unary_calls_working(dtsd_factory):
+    """systemd starts a service with a soft limit of 1,024 open files, and every client
+    connection is one: the server child raises its own limit, and its PostgreSQL
+    connections work with descriptors past 1023 (Debian's psycopg 3.1.7 waited on them
+    with select(), which cannot). The master starts here with that soft limit too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard >= 4096, "the test needs a hard limit of open files of 4096 or more"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        master = dtsd_factory(server=ONE_SERVER, worker=NO_WORKERS)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    idle = []
+    try:
+        for _ in range(1200):
+            sock = socket.create_connection(("127.0.0.1", master.port), timeout=20)
+            sock.sendall(_PREFACE + _SETTINGS)
+            idle.append(sock)
+        for sock in idle:       # each one accepted: the server's SETTINGS arrive
+            assert _SETTINGS_FRAME in _frames(sock.recv(65536))
+        with grpc.insecure_channel(master.address, OWN_CONNECTION) as channel:
+            api = pb_grpc.SchedulerStub(channel)
+            specs = [pb.JobSpec(command="true", run_at=later_job_time()) for _ in range(300)]
+            api.SubmitJobs(pb.SubmitJobsRequest(jobs=specs), timeout=30)
+
+            def page(_) -> str:   # long enough that 16 at once grow the PostgreSQL pool
+                try:
+                    return str(len(api.ListJobs(pb.ListJobsRequest(page_size=1000),
+                                                 timeout=30).jobs))
+                except grpc.RpcError as exc:
+                    return f"{exc.code()}: {exc.details()}"
+            with futures.ThreadPoolExecutor(16) as pool:
+                answers = collections.Counter(pool.map(page, range(64)))
+        assert answers == {"300": 64}, answers
+    finally:
+        for sock in idle:
+            sock.close()
