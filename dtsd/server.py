@@ -261,13 +261,11 @@ class DecodeRequests(grpc.ServerInterceptor):
 class Api:
     """What both API surfaces do, over one store and one queue."""
 
-    def __init__(self, cfg: Config, store: Store, queue: Queue, stopping: threading.Event,
-                 watches: WatchHub):
+    def __init__(self, cfg: Config, store: Store, queue: Queue, watches: WatchHub):
         self.cfg = cfg
         self.store = store
         self.queue = queue
-        self.stopping = stopping
-        self.watches = watches
+        self.watches = watches      # every WatchJob stream of this child (dtsd/watch.py)
         self.ceiling = limit_ceiling(cfg)   # highest per-job limits ([worker] limits_max)
         self.max_pending = cfg.get("server", "max_pending")
 
@@ -692,7 +690,7 @@ class Server:
         self.stopping = threading.Event()
         self.fast = False
         self.watches = WatchHub(self.store, self.queue)
-        self.api = Api(cfg, self.store, self.queue, self.stopping, self.watches)
+        self.api = Api(cfg, self.store, self.queue, self.watches)
         max_message = cfg.get("server", "max_message_size")
         tokens_file = cfg.get("server", "tokens_file")
         caps = streams.Caps(total=cfg.get("server", "max_streams"),

@@ -49,8 +49,8 @@ from .config import PUBLIC_STREAMS_PER_PEER
 
 log = logging.getLogger("dtsd.streams")
 
-#: A refusal is logged at most this often (seconds), with the count since the last line,
-#: so a client hammering the caps cannot fill the log.
+#: A refusal is logged at most this often (seconds), with the count so far, so a client
+#: hammering the caps cannot fill the log.
 REFUSAL_LOG_EVERY = 60.0
 
 #: Connection housekeeping (see `server_options`), in seconds.
@@ -246,13 +246,15 @@ def server_options(*, threads: int, caps: Caps, idle_timeout: float) -> list[tup
     * `grpc.server_handshake_timeout_ms`: a connection that has not finished its TLS and
       HTTP/2 handshake within `HANDSHAKE_TIMEOUT` (or the idle time, if shorter) is closed;
       otherwise a silent TCP connection would wait gRPC's default of two minutes.
-    * keepalive: the server pings a connection that has been quiet for
-      `KEEPALIVE_TIME` and closes it when no answer comes within `KEEPALIVE_TIMEOUT`,
+    * keepalive: the server pings a connection with calls in flight that has been quiet
+      for `KEEPALIVE_TIME` and closes it when no answer comes within `KEEPALIVE_TIMEOUT`,
       so the streams of a client that vanished (power cut, partition) give their slots
       back. Clients may not ping more often than every 5 minutes without calls in flight
-      (gRPC's default, written out); the second offence closes the connection.
+      (gRPC's default, written out): after two such pings the next one closes the
+      connection, so pings cannot keep an idle connection open either.
     * `grpc.max_concurrent_streams`: one connection may carry a peer's whole stream
-      allowance plus one unary call per thread; more are queued by the client.
+      allowance plus one unary call per thread. More wait in the client, or, sent
+      before the client learnt the limit, are refused by HTTP/2 (UNAVAILABLE).
     """
     idle_ms = max(1, int(idle_timeout * 1000))
     return [

@@ -168,7 +168,7 @@ class WatchHub:
                                      f"within {JOIN_TIMEOUT:.0f}s")
         if sub.error is not None:
             self.leave(sub)
-            raise sub.error
+            raise redis.ConnectionError(f"cannot subscribe to job {job_id}: {sub.error}")
         return sub
 
     def leave(self, sub: Subscription) -> None:

@@ -274,10 +274,14 @@ def test_streams_end_when_the_server_stops(dtsd_factory):
 
 async def _hold_streams(address: str, job_id: str, watches: int, public: int):
     """Open `watches` WatchJob streams on one aio channel, and `public` health Watch and
-    `public` reflection streams on another; returns (channels, kinds, outcome per call) once
-    each call answered or 15 s passed. Two connections: one connection carries at most
-    `max_streams_per_peer + threads` streams at once ([server] options), the rest are
-    refused by HTTP/2 itself."""
+    `public` reflection streams on another; returns (channels, kinds, outcome per call).
+
+    Two connections: one carries at most `max_streams_per_peer + threads` streams at once
+    ([server] options); HTTP/2 itself refuses more. The reflection streams stay idle (no
+    request), as in the finding: an accepted one says nothing, a refused one ends with
+    its status. So this returns once every WatchJob and health stream answered and as
+    many reflection streams ended as the per-peer allowance leaves no room for, or after
+    15 s; an unfinished reflection stream counts as open."""
     channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(2)]
     api = pb_grpc.SchedulerStub(channels[0])
     health = health_pb2_grpc.HealthStub(channels[1])
@@ -287,18 +291,30 @@ async def _hold_streams(address: str, job_id: str, watches: int, public: int):
         calls.append(("health", health.Watch(health_pb2.HealthCheckRequest(service=""))))
         calls.append(("reflection", reflection.ServerReflectionInfo()))
 
-    async def answer(kind, call):
+    async def first_message(call):
         try:
-            if kind == "reflection":
-                await call.write(reflection_pb2.ServerReflectionRequest(list_services="*"))
             await call.read()
             return "open"
         except grpc.aio.AioRpcError:
             return await call.code()
 
-    tasks = [asyncio.ensure_future(answer(kind, call)) for kind, call in calls]
-    await asyncio.wait(tasks, timeout=15)
-    outcomes = [task.result() if task.done() else "no answer" for task in tasks]
+    tasks = [asyncio.ensure_future(call.code() if kind == "reflection" else first_message(call))
+             for kind, call in calls]
+
+    def settled() -> bool:
+        answering = [task for (kind, _), task in zip(calls, tasks) if kind != "reflection"]
+        if not all(task.done() for task in answering):
+            return False
+        public_open = sum(task.result() == "open" for (kind, _), task in zip(calls, tasks)
+                          if kind == "health")
+        ended = sum(task.done() for (kind, _), task in zip(calls, tasks) if kind == "reflection")
+        return ended >= public - max(0, streams.PUBLIC_STREAMS_PER_PEER - public_open)
+
+    deadline = time.monotonic() + 15
+    while not settled() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    outcomes = [task.result() if task.done() else ("open" if kind == "reflection" else "no answer")
+                for (kind, _), task in zip(calls, tasks)]
     return channels, [kind for kind, _ in calls], outcomes
 
 
