@@ -23,7 +23,7 @@ import grpc.aio
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dtsd import streams
+from dtsd import auth, streams
 from dtsd.dtsdpb import pb, pb_grpc
 from dtsd.health import health_pb2, health_pb2_grpc
 from dtsd.reflection import reflection_pb2, reflection_pb2_grpc
@@ -42,10 +42,10 @@ def later_job_time() -> Timestamp:
     return stamp
 
 
-def later_job(api) -> str:
+def later_job(api, metadata=None) -> str:
     """A job that stays PENDING for an hour: something to watch that never changes."""
     spec = pb.JobSpec(command="true", run_at=later_job_time())
-    return api.SubmitJob(pb.SubmitJobRequest(job=spec), timeout=10).id
+    return api.SubmitJob(pb.SubmitJobRequest(job=spec), timeout=10, metadata=metadata).id
 
 
 def first(call):
@@ -209,6 +209,29 @@ def test_streams_without_credentials_are_capped_hard(dtsd_factory):
         finally:
             for stream in reflections:
                 stream.close()
+
+
+def test_a_call_refused_for_its_credentials_takes_no_slot(dtsd_factory, tmp_path):
+    """With tokens, a WatchJob without one is UNAUTHENTICATED before it is counted: a
+    stranger cannot use up the slots of the token holders. Streams that need no token
+    (health, reflection) count against the same cap."""
+    tokens = tmp_path / "tokens"
+    secret = auth.add_token(str(tokens), "watcher", "admin")
+    master = dtsd_factory(server={**ONE_SERVER, "tokens_file": str(tokens), "max_streams": 2},
+                          worker=NO_WORKERS)
+    token = (("authorization", f"Bearer {secret}"),)
+    with grpc.insecure_channel(master.address) as channel:
+        api = pb_grpc.SchedulerStub(channel)
+        job_id = later_job(api, token)
+        strangers = [first(watch(api, job_id, timeout=60)) for _ in range(10)]
+        assert all(isinstance(outcome, grpc.RpcError)
+                   and outcome.code() == grpc.StatusCode.UNAUTHENTICATED for outcome in strangers)
+        held = [watch(api, job_id, timeout=60, metadata=token) for _ in range(2)]
+        assert all(accepted(first(call)) for call in held)
+        assert refused(first(watch(api, job_id, timeout=60, metadata=token)), "max_streams = 2")
+        assert refused(first(health_watch(channel)), "max_streams = 2")
+        for call in held:
+            call.cancel()
 
 
 def test_a_slot_is_free_again_however_its_stream_ends(dtsd_factory):
