@@ -246,6 +246,11 @@ def autorestart(text: str) -> str:
 
 # --- the schema ---------------------------------------------------------------------------
 
+#: Streams that need no credentials one peer may hold per server child (dtsd/streams.py):
+#: fixed, since a health watcher or a grpcurl session needs one or two.
+PUBLIC_STREAMS_PER_PEER = 4
+
+
 @dataclass(frozen=True)
 class Option:
     section: str
@@ -305,7 +310,20 @@ def _options() -> list[Option]:
         o("server", "insecure", "false", boolean,
           "Allow a non-loopback listen address without tokens_file and TLS (logs a warning)."),
         o("server", "threads", "32", integer(2, 1024),
-          "RPCs served at once per server child (watch streams hold one each)."),
+          "Unary RPCs served at once per server child. Streams do not use these: each "
+          "child has max_streams more threads for them."),
+        o("server", "max_streams", "1000", integer(1, 20000),
+          "Streams (WatchJob, health Watch, reflection) open at once per server child; "
+          "each holds a thread. One more is refused with RESOURCE_EXHAUSTED."),
+        o("server", "max_streams_per_peer", "100", integer(1, 20000),
+          "Streams one peer (an IPv4 address, an IPv6 /64, or all of a unix socket's "
+          "callers) may hold open per server child."),
+        o("server", "max_public_streams", "16", integer(1, 1000),
+          "Streams that need no credentials (health Watch, reflection) open at once per "
+          f"server child; at most {PUBLIC_STREAMS_PER_PEER} of them per peer."),
+        o("server", "idle_timeout", "5m", positive_duration,
+          "A connection with no RPC in flight for this long is closed (clients reconnect "
+          "when they next call). Open streams keep theirs."),
         o("server", "max_message_size", "4MB", size,
           "Largest request accepted; a larger one is answered RESOURCE_EXHAUSTED."),
         o("server", "max_batch", "10000", integer(1, 100000),

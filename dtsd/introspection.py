@@ -15,8 +15,9 @@ Promises:
       transitive imports, each once, so a client that treats the first entry as "the
       answer" (older grpcurl) and one that builds a pool from the whole list both work.
 
-The sync `grpc.server` runs each `Watch` on a pool thread for as long as the client
-watches; size `max_workers` for the expected number of watchers.
+The sync `grpc.server` runs each `Watch` (and each reflection stream) on a pool thread
+for as long as the client keeps it open. dtsd's server counts both against its stream
+caps, tightest for these two since they need no credentials (dtsd/streams.py).
 """
 
 from __future__ import annotations

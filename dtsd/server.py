@@ -32,21 +32,21 @@ import psycopg
 import psycopg_pool
 import redis
 
-from . import __version__, auth, child, introspection
+from . import __version__, auth, child, introspection, streams
 from . import cron as cronmod
 from .config import Config, limit_ceiling
 from .dtsdpb import pb, pb_grpc, seed_pb, seed_pb_grpc
-from .models import (DEFAULT_QUEUE, FINAL_STATES, LIMIT_PROTO_FIELDS, MAX_NAME, QUEUE_NAME,
+from .models import (DEFAULT_QUEUE, LIMIT_PROTO_FIELDS, MAX_NAME, QUEUE_NAME,
                      InvalidField, JobStatus, NewJob, check_job_id, check_queue, check_text,
                      schedule_job, validate_spec)
 from .queue import Event, Queue, Ready, connect
 from .store import Conflict, NotFound, Precondition, Store, decode_page_token
+from .watch import Watch, WatchHub
 
 log = logging.getLogger("dtsd.server")
 
 SERVICES = ("dtsd.v1.Scheduler", "scheduler.JobService", "scheduler.TaskScheduler")
 MAX_PAGE = 1000
-WATCH_POLL = 2.0
 
 _UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout, redis.ConnectionError,
                 redis.TimeoutError)
@@ -261,11 +261,11 @@ class DecodeRequests(grpc.ServerInterceptor):
 class Api:
     """What both API surfaces do, over one store and one queue."""
 
-    def __init__(self, cfg: Config, store: Store, queue: Queue, stopping: threading.Event):
+    def __init__(self, cfg: Config, store: Store, queue: Queue, watches: WatchHub):
         self.cfg = cfg
         self.store = store
         self.queue = queue
-        self.stopping = stopping
+        self.watches = watches      # every WatchJob stream of this child (dtsd/watch.py)
         self.ceiling = limit_ceiling(cfg)   # highest per-job limits ([worker] limits_max)
         self.max_pending = cfg.get("server", "max_pending")
         self.max_pending_total = cfg.get("server", "max_pending_total")
@@ -512,7 +512,8 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
     def WatchJob(self, request, context) -> Iterator[pb.JobEvent]:
         try:
             check_job_id(request.id)
-            yield from Watch(self.api, request.id, context).events()
+            yield from Watch(self.api.watches, self.api.store, self.api.queue, request.id,
+                             context).events()
         except Exception as exc:
             mapped = _status_for(exc)
             if mapped is None:
@@ -637,92 +638,6 @@ def _from_epoch(value: float | None) -> datetime | None:
     return datetime.fromtimestamp(value, tz=timezone.utc) if value else None
 
 
-class Watch:
-    """One WatchJob stream: the current state, then output and state changes until final.
-
-    It subscribes before it reads, so nothing between the read and the first message is
-    missed; it also rereads PostgreSQL every few seconds, so a lost message (Redis
-    restart) delays a watcher but never strands it. Output is sent by (attempt, offset):
-    each byte once.
-    """
-
-    def __init__(self, api: Api, job_id: str, context):
-        self.api = api
-        self.job_id = job_id
-        self.context = context
-        self.attempt = 0
-        self.sent = 0           # bytes of the current attempt's output already sent
-
-    def events(self) -> Iterator[pb.JobEvent]:
-        pubsub = self.api.queue.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(self.api.queue.keys.job(self.job_id))
-            row = self.api.store.get_job(self.job_id)
-            status = JobStatus(row["status"])
-            if status in FINAL_STATES:
-                yield from self._finish(row)
-                return
-            yield self._state(row)
-            if status is JobStatus.RUNNING:
-                yield from self._output(row["attempts"], 0, self.api.queue.live_output(self.job_id))
-            last_check = time.monotonic()
-            while self.context.is_active() and not self.api.stopping.is_set():
-                message = pubsub.get_message(timeout=0.5)
-                if message is None:
-                    if time.monotonic() - last_check < WATCH_POLL:
-                        continue
-                    last_check = time.monotonic()
-                    row = self.api.store.get_job(self.job_id)
-                    if JobStatus(row["status"]) in FINAL_STATES:
-                        yield from self._finish(row)
-                        return
-                    if row["attempts"] != self.attempt or JobStatus(row["status"]) is not status:
-                        status = JobStatus(row["status"])
-                        yield self._state(row)
-                    continue
-                event = Event.decode(message["data"])
-                if event.kind == "output":
-                    yield from self._output(event.attempt, event.offset, event.data)
-                elif event.status in FINAL_STATES:
-                    yield from self._finish(self.api.store.get_job(self.job_id))
-                    return
-                else:
-                    status = event.status
-                    if event.attempt and event.attempt != self.attempt:
-                        self.attempt, self.sent = event.attempt, 0
-                    yield pb.JobEvent(kind=pb.JobEvent.STATE, status=pb.JobStatus.Value(status.value),
-                                      attempt=event.attempt or self.attempt, error=event.error)
-        finally:
-            pubsub.close()
-
-    def _state(self, row: dict[str, Any]) -> pb.JobEvent:
-        if row["attempts"] != self.attempt:
-            self.attempt, self.sent = row["attempts"], 0
-        event = pb.JobEvent(kind=pb.JobEvent.STATE, status=pb.JobStatus.Value(row["status"]),
-                            attempt=row["attempts"], error=row["error"])
-        if row["exit_code"] is not None and JobStatus(row["status"]) in FINAL_STATES:
-            event.exit_code = row["exit_code"]
-        return event
-
-    def _output(self, attempt: int, offset: int, data: bytes) -> Iterator[pb.JobEvent]:
-        if attempt != self.attempt:
-            if attempt < self.attempt:
-                return
-            self.attempt, self.sent = attempt, 0
-        end = offset + len(data)
-        if end <= self.sent or offset > self.sent:
-            return      # already sent, or a gap we will fill from the stored output
-        data = data[self.sent - offset:]
-        yield pb.JobEvent(kind=pb.JobEvent.OUTPUT, attempt=attempt, offset=self.sent, output=data)
-        self.sent = end
-
-    def _finish(self, row: dict[str, Any]) -> Iterator[pb.JobEvent]:
-        """The rest of the final attempt's output, then the final state."""
-        output = bytes(row.get("output") or b"")
-        yield from self._output(row["attempts"], 0, output)
-        yield self._state(row)
-
-
 # --- the seed's surface -------------------------------------------------------------------
 
 class SeedJobService(seed_pb_grpc.JobServiceServicer):
@@ -778,6 +693,14 @@ class SeedTaskScheduler(seed_pb_grpc.TaskSchedulerServicer):
 # --- the process --------------------------------------------------------------------------
 
 class Server:
+    """One API child: a sync gRPC server whose streams can never starve its unary calls.
+
+    The thread pool holds `[server] threads` for unary calls plus `[server] max_streams`
+    for streams, and `streams.StreamLimiter` refuses a stream beyond its caps before it
+    can take more (dtsd/streams.py). Every WatchJob stream shares one Redis subscription
+    and one PostgreSQL recheck (dtsd/watch.py), so an open stream costs a sleeping thread.
+    """
+
     def __init__(self, cfg: Config, index: int, parent: child.Parent):
         self.cfg = cfg
         self.index = index
@@ -789,17 +712,26 @@ class Server:
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.stopping = threading.Event()
         self.fast = False
-        self.api = Api(cfg, self.store, self.queue, self.stopping)
+        self.watches = WatchHub(self.store, self.queue)
+        self.api = Api(cfg, self.store, self.queue, self.watches)
         max_message = cfg.get("server", "max_message_size")
         tokens_file = cfg.get("server", "tokens_file")
+        caps = streams.Caps(total=cfg.get("server", "max_streams"),
+                            per_peer=cfg.get("server", "max_streams_per_peer"),
+                            public_total=cfg.get("server", "max_public_streams"))
+        self.stream_slots = streams.StreamSlots(caps)
         interceptors = [auth.AuthInterceptor(auth.TokenFile(tokens_file))] if tokens_file else []
-        interceptors.append(DecodeRequests())   # innermost: auth refuses before any parsing
+        # The caps after auth (a call it refuses takes no slot); DecodeRequests innermost,
+        # so that both refuse before any parsing.
+        interceptors += [streams.StreamLimiter(self.stream_slots), DecodeRequests()]
         self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(max_workers=threads + caps.total, thread_name_prefix="rpc"),
             interceptors=interceptors,
             options=[("grpc.so_reuseport", 1),
                      ("grpc.max_receive_message_length", max_message),
-                     ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+                     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                     *streams.server_options(threads=threads, caps=caps,
+                                             idle_timeout=cfg.get("server", "idle_timeout"))])
         pb_grpc.add_SchedulerServicer_to_server(SchedulerService(self.api), self.grpc)
         seed_pb_grpc.add_JobServiceServicer_to_server(SeedJobService(self.api), self.grpc)
         seed_pb_grpc.add_TaskSchedulerServicer_to_server(SeedTaskScheduler(self.api), self.grpc)
@@ -814,6 +746,8 @@ class Server:
         signal.signal(signal.SIGQUIT, self._on_signal)
         if not child.connect(self.store, self.queue, log, self.stopping):
             return child.EXIT_OK
+        streams.raise_open_files_limit()
+        self.watches.start()
         host, port = self.cfg.get("server", "listen")
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
@@ -840,6 +774,7 @@ class Server:
         grace = 0 if self.fast else self.cfg.get("server", "stopwaitsecs")
         log.info("stopping: in-flight RPCs have %.0fs", grace)
         self.health.enter_graceful_shutdown()
+        self.watches.stop()     # WatchJob streams end now; others get the grace
         self.grpc.stop(grace).wait()
         self.store.close()
         return child.EXIT_OK

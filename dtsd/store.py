@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import select
 from dataclasses import dataclass
 from datetime import datetime
 from contextlib import contextmanager
@@ -32,6 +34,26 @@ from psycopg_pool import ConnectionPool
 from .models import FINAL_STATES, EndReason, JobStatus, NewJob
 
 log = logging.getLogger(__name__)
+
+
+def _wait_without_select() -> None:
+    """Make psycopg wait for its sockets with epoll, not select().
+
+    psycopg 3.1.8 and older (Debian 12 ships 3.1.7) wait with select() on Linux, which
+    raises "filedescriptor out of range in select()" for a descriptor past 1023. A server
+    child holding a thousand client connections gets such descriptors for the PostgreSQL
+    connections it opens next, and every query on them failed. psycopg 3.1.9 switched to
+    epoll (psycopg#532); this does the same on the older releases, and nothing on newer
+    ones or when PSYCOPG_WAIT_FUNC chooses.
+    """
+    from psycopg import waiting
+    if ("PSYCOPG_WAIT_FUNC" not in os.environ and hasattr(select, "epoll")
+            and getattr(waiting, "wait", None) is getattr(waiting, "wait_select", False)
+            and hasattr(waiting, "wait_epoll")):
+        waiting.wait = waiting.wait_epoll
+
+
+_wait_without_select()
 
 MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process takes
 
@@ -362,6 +384,21 @@ class Store:
                        FROM job_attempts WHERE job_id = %s ORDER BY attempt""",
                     (job_id,)).fetchall()
             return row
+
+    def job_states(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Status, attempts, error and exit code of each of `ids` that exists, in one query.
+
+        The watch hub's recheck: every WatchJob stream of a server child is covered by one
+        statement every couple of seconds, not one per stream. No output is read.
+        """
+        if not ids:
+            return {}
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = cur.execute(
+                """SELECT id, status, attempts, error, exit_code FROM jobs
+                   WHERE id = ANY(%s)""", (list(ids),)).fetchall()
+        return {row["id"]: row for row in rows}
 
     def cancel(self, job_id: str) -> tuple[JobStatus, JobStatus, int]:
         """PENDING or RUNNING -> CANCELLED. Returns (previous, now, the attempt to kill).
