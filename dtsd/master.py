@@ -33,6 +33,12 @@ systemd's notify protocol is spoken by the master alone (children never see
 NOTIFY_SOCKET): READY=1 once every child is RUNNING, a one-line STATUS=, RELOADING=1
 with MONOTONIC_USEC= then READY=1 around a reload, STOPPING=1, and WATCHDOG=1 from
 the loop while WATCHDOG_USEC is set.
+
+The loop also answers local callers' "who am I?" on `<runtime_dir>/ident.sock`: the
+peer-credential broker of dtsd/identity.py, which reads the caller's uid from the kernel
+and hands back a short-lived signed local token (or a refusal). It runs here because the
+master is the one process that outlives every child and holds no client of anything; it
+never blocks the loop (non-blocking accept, a bounded number of answers per turn).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, child
+from . import __version__, child, identity
 from . import config as configmod
 from .config import Config
 from .jobbox import privilege_argv
@@ -180,7 +186,9 @@ class Master:
         self.pending: int | None = None
         self.insecure = False       # serving off-loopback without auth+TLS, by choice
         self.notifier = Notifier()
-        self.node_file = os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json")
+        self.runtime_dir = cfg.get("dtsd", "runtime_dir")
+        self.node_file = os.path.join(self.runtime_dir, "node.json")
+        self.broker = identity.Broker(self.runtime_dir, cfg.node_id)
         self._wake_r, self._wake_w = os.pipe()
         self._last_record = 0.0
         # Servers and the coordinator give up every capability the master holds; workers
@@ -195,7 +203,9 @@ class Master:
         log.info("dtsd %s master starting (pid %d, node %s, config %s)",
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
         self.notifier.status("starting")
-        if not self.exposure_allowed() or not self.address_is_free() or not self.migrate():
+        if not self.exposure_allowed() or not self.address_is_free() or not self.open_broker() \
+                or not self.migrate():
+            self.broker.close()
             return 1
         while True:
             self.handle_signals()
@@ -212,6 +222,7 @@ class Master:
             self.write_node_record()
             self.sleep(0.25 if self.stopping or self.reloading or not self.was_ready else 1.0)
         self.remove_node_record()
+        self.broker.close()
         log.info("master stopped")
         return self.exit_code
 
@@ -220,12 +231,16 @@ class Master:
         if self.notifier.watchdog_interval:    # wake in time for the next ping, not later
             timeout = max(0.0, min(timeout, self.notifier.next_watchdog() - time.monotonic()))
         fds = [self._wake_r] + [c.pipe for c in self.children if c.pipe is not None]
+        if self.broker.fileno() >= 0:
+            fds.append(self.broker.fileno())
         try:
             readable, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             return
         for fd in readable:
-            if fd == self._wake_r:
+            if fd == self.broker.fileno():
+                self.broker.serve(self.cfg.get("server", "local_roles"))
+            elif fd == self._wake_r:
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
@@ -285,6 +300,12 @@ class Master:
             new = configmod.load(self.cfg.path)
         except configmod.ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if new.get("dtsd", "runtime_dir") != self.runtime_dir:
+            # The broker's socket and key, the API sockets and the node record live there.
+            log.error("reload refused, keeping the running configuration: [dtsd] runtime_dir "
+                      "changed (%s -> %s); that takes a restart", self.runtime_dir,
+                      new.get("dtsd", "runtime_dir"))
             return
         self.notifier.reloading()
         old, self.cfg = self.cfg, new
@@ -474,6 +495,8 @@ class Master:
         self._close_pipe(item)
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         pid, item.proc = item.pid, None
+        if item.role == "server":
+            self.remove_file(identity.api_socket(self.runtime_dir, pid))
         if item.role == "worker":
             orphans = child.kill_orphaned_jobs(self.cfg.get("dtsd", "runtime_dir"), pid)
             if orphans:
@@ -665,6 +688,28 @@ class Master:
                           host, port, exc.strerror)
                 return False
         return True
+
+    def open_broker(self) -> bool:
+        """The local-identity broker and its signing key, before any child starts (servers
+        read the key at boot). Leftover API sockets of a previous master go first."""
+        for name in os.listdir(self.runtime_dir):
+            if name.startswith(identity.API_SOCKET_PREFIX) and name.endswith(".sock"):
+                self.remove_file(os.path.join(self.runtime_dir, name))
+        try:
+            self.broker.open()
+        except OSError as exc:
+            log.error("cannot serve local identities on %s: %s", self.broker.path, exc)
+            return False
+        return True
+
+    @staticmethod
+    def remove_file(path: str) -> None:
+        """E.g. a server child's local API socket once the child is gone (gRPC removes it
+        on a clean stop, not after a KILL): dtsctl must not knock on a dead one."""
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
     def migrate(self) -> bool:
         """Bring the schema up to date in a child process (the master opens no connection)."""
