@@ -312,11 +312,12 @@ class Settings:
                 raise CliError(f"cannot read a TLS file: {exc}", Exit.USAGE) from None
         return self._clients[servers]
 
-    def credential(self, targets: Targets) -> str | LocalToken | None:
+    def credential(self, targets: Targets,
+                   env: Mapping[str, str] | None = None) -> str | LocalToken | None:
         """The token to send, by the precedence of the module docstring (flags, then the
         environment, then the config file, then who the local user is); None: none."""
         if self._credential is None:
-            environ = os.environ
+            environ = os.environ if env is None else env
             if self.token:
                 self._credential = self.token
             elif self.token_file:

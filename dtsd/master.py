@@ -199,7 +199,11 @@ class Master:
 
     def run(self) -> int:
         self.init_signals()
-        os.makedirs(os.path.dirname(self.node_file), exist_ok=True)
+        if not os.path.isdir(self.runtime_dir):
+            # Made here (no systemd RuntimeDirectory=): traversable whatever the umask, so
+            # that local users reach the API sockets and the identity broker in it.
+            os.makedirs(self.runtime_dir, exist_ok=True)
+            os.chmod(self.runtime_dir, 0o755)
         log.info("dtsd %s master starting (pid %d, node %s, config %s)",
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
         self.notifier.status("starting")

@@ -489,3 +489,68 @@ def test_token_add_gives_a_new_tokens_file_the_config_file_s_group(accounts, tmp
 def _gid(group: str) -> int:
     import grp
     return grp.getgrnam(group).gr_gid
+
+
+# --- dtsctl: where and with what, without a server ----------------------------------------------
+
+def _socket_file(path: Path) -> None:
+    """A unix socket file nobody listens on (what a KILLed master leaves)."""
+    import socket
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+
+
+def test_dtsctl_prefers_named_servers_then_the_local_sockets_then_the_config(tmp_path):
+    from dtsd import cli
+    run = tmp_path / "run"
+    run.mkdir()
+    ini = tmp_path / "dtsd.ini"
+    ini.write_text(f"[dtsd]\nruntime_dir = {run}\n[client]\nservers = cfg:1\n"
+                   f"token_file = {tmp_path / 'token'}\n")
+    targets = cli.resolve_servers(config_path=str(ini), env={})
+    assert targets.write == ["cfg:1"] and not targets.local_dir      # no dtsd here
+
+    _socket_file(run / "ident.sock")
+    with pytest.raises(cli.CliError) as info:                      # dtsd, but no API yet
+        cli.resolve_servers(config_path=str(ini), env={})
+    assert info.value.exit_code == 3 and "serves no local API socket" in info.value.message
+
+    _socket_file(run / "api-20.sock")
+    _socket_file(run / "api-10.sock")
+    targets = cli.resolve_servers(config_path=str(ini), env={})
+    assert targets.write == targets.read == [f"unix:{run}/api-10.sock", f"unix:{run}/api-20.sock"]
+    assert targets.local_dir == str(run) and targets.token_file == str(tmp_path / "token")
+    for named in ({"DTSD_SERVERS": "env:1"}, {"SERVERS": "seed:1"}):
+        assert not cli.resolve_servers(config_path=str(ini), env=named).local_dir
+    assert cli.resolve_servers(["flag:1"], config_path=str(ini), env={}).write == ["flag:1"]
+
+    # The broker is gone (a KILLed master): exit 3, saying so; nothing else is tried.
+    ini.write_text(f"[dtsd]\nruntime_dir = {run}\n[client]\nservers = cfg:1\n")
+    result = run_dtsctl("-c", str(ini), "list")
+    assert result.returncode == 3, result.stderr
+    assert "cannot reach this host's dtsd" in result.stderr and "ident.sock" in result.stderr
+
+
+def test_dtsctl_takes_the_first_credential_flags_then_environment_then_config(tmp_path):
+    from dtsd import cli
+    files = {}
+    for name in ("flag", "env", "config"):
+        files[name] = tmp_path / name
+        files[name].write_text(f"\n  secret-{name}  \nsecond line\n")
+    targets = cli.Targets(write=["a:1"], read=["a:1"], write_source="", read_source="",
+                          token_file=str(files["config"]))
+
+    def chosen(environ: dict, **flags) -> str | None:
+        return cli.Settings(**flags).credential(targets, env=environ)
+
+    assert chosen({"DTSD_TOKEN": "e", "DTSD_TOKEN_FILE": str(files["env"])},
+                  token="t", token_file=str(files["flag"])) == "t"
+    assert chosen({"DTSD_TOKEN": "e"}, token_file=str(files["flag"])) == "secret-flag"
+    assert chosen({"DTSD_TOKEN": "e", "DTSD_TOKEN_FILE": str(files["env"])}) == "e"
+    assert chosen({"DTSD_TOKEN_FILE": str(files["env"])}) == "secret-env"
+    assert chosen({}) == "secret-config"
+    empty = tmp_path / "empty"
+    empty.write_text("\n\n")
+    with pytest.raises(cli.CliError, match="is empty") as info:
+        chosen({"DTSD_TOKEN_FILE": str(empty)})
+    assert info.value.exit_code == 2 and "$DTSD_TOKEN_FILE" in info.value.message
