@@ -994,8 +994,9 @@ def _version() -> str:
               help="Servers for reads: status, list, logs, dlq list, waiting "
                    "(env STATUS_SERVERS).")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Read [client] servers and timeout from FILE (env DTSD_CONFIG; "
-                   f"default {config.DEFAULT_PATH} if readable and no server is given).")
+              help="Read [client] (servers, timeout, token_file, TLS) and [dtsd] "
+                   "runtime_dir (this host's dtsd) from FILE (env DTSD_CONFIG; default "
+                   f"{config.DEFAULT_PATH} if readable and no server is given).")
 @click.option("--token", metavar="TOKEN",
               help="Sent as 'authorization: Bearer TOKEN' (env DTSD_TOKEN). Every user of "
                    "this host can read a command line: prefer --token-file.")

@@ -262,6 +262,7 @@ class Broker:
         self.key_path = os.path.join(runtime_dir, KEY_FILE)
         self.key = b""
         self.sock: socket.socket | None = None
+        self.paused_until = 0.0     # after a failed accept (EMFILE...): not selected a while
 
     def open(self) -> None:
         """Write a new key (0600) and listen on the socket (0666). OSError if either fails."""
@@ -293,7 +294,11 @@ class Broker:
         self.sock = sock
 
     def fileno(self) -> int:
-        return self.sock.fileno() if self.sock else -1
+        """The socket to select on; -1 when closed, or resting after a failed accept (a
+        listening socket stays readable, and the loop must not spin on it)."""
+        if self.sock is None or time.monotonic() < self.paused_until:
+            return -1
+        return self.sock.fileno()
 
     def serve(self, rules: Sequence[RoleRule]) -> None:
         """Answer the connections waiting now (at most ANSWERS_PER_TURN)."""
@@ -304,8 +309,9 @@ class Broker:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:          # EMFILE and the like: try again next turn
-                log.warning("identity broker: accept failed: %s", exc)
+            except OSError as exc:          # EMFILE and the like: rest, then try again
+                log.warning("identity broker: accept failed: %s; resting a second", exc)
+                self.paused_until = time.monotonic() + 1.0
                 return
             with conn:
                 try:

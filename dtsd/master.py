@@ -231,18 +231,19 @@ class Master:
         return self.exit_code
 
     def sleep(self, timeout: float) -> None:
-        """Wait for a signal, a child's report, or the timeout."""
+        """Wait for a signal, a child's report, a local caller at the broker, or the timeout."""
         if self.notifier.watchdog_interval:    # wake in time for the next ping, not later
             timeout = max(0.0, min(timeout, self.notifier.next_watchdog() - time.monotonic()))
         fds = [self._wake_r] + [c.pipe for c in self.children if c.pipe is not None]
-        if self.broker.fileno() >= 0:
-            fds.append(self.broker.fileno())
+        broker = self.broker.fileno()
+        if broker >= 0:
+            fds.append(broker)
         try:
             readable, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             return
         for fd in readable:
-            if fd == self.broker.fileno():
+            if fd == broker:
                 self.broker.serve(self.cfg.get("server", "local_roles"))
             elif fd == self._wake_r:
                 try:

@@ -213,6 +213,45 @@ def test_the_master_removes_a_killed_servers_socket_and_dtsctl_fails_over(dtsd_f
         ok(dtsctl_as(None, master, "list", "--limit", "1"))
 
 
+def test_a_flood_of_callers_at_the_broker_does_not_stall_the_master(host):
+    """Local callers hammering the broker, some never reading: the master answers each (a
+    bounded number per loop turn, never waiting on a caller) and goes on supervising and
+    serving everyone else."""
+    import socket
+    import threading
+    path = str(host.workdir / "run" / "ident.sock")
+    answers: list[bytes] = []
+    silent: list[socket.socket] = []
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(path)      # blocking: waits while the backlog (64) is full
+            if len(silent) < 200:
+                silent.append(sock)  # connects, never reads, never closes
+                continue
+            with sock:
+                sock.settimeout(30)
+                answers.append(sock.recv(4096))
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        wait_for(lambda: len(answers) >= 100, timeout=10)
+        started = time.monotonic()
+        ok(dtsctl_as(None, host, "status"))
+        assert time.monotonic() - started < 15
+        assert flooder.is_alive(), "the flood ended before dtsctl ran"
+    finally:
+        stop.set()
+        flooder.join(30)
+        for sock in silent:
+            sock.close()
+    assert all(answer.startswith(b"OK dtsdl_") for answer in answers), answers[:3]
+    assert host.running()
+
+
 def test_a_local_token_is_refused_over_tcp(host):
     from dtsd import identity
     token = identity.fetch_local_token(str(host.workdir / "run"))
