@@ -364,7 +364,8 @@ TEST_JOB_USER = "nobody"
 
 # The suite calls the API over TCP without tokens, as it did before calls needed them:
 # write_ini gives such calls this role unless a test sets [server] anonymous_role itself, or
-# a tokens file (then it tests authentication, and no token means no access, as packaged).
+# [server] tokens_file (then it tests authentication, and no token means no access, as
+# packaged; `tokens_file = ""` asks for exactly the packaged default).
 TEST_ANONYMOUS_ROLE = "admin"
 
 

@@ -152,6 +152,24 @@ def job_json(master, job_id: str, user: str | None = None) -> dict:
 
 # --- finding 6: local identity --------------------------------------------------------------
 
+def test_the_packaged_default_gives_tcp_callers_and_unlisted_users_nothing(dtsd_factory,
+                                                                           accounts):
+    """No tokens file, no anonymous role, default local_roles: as the package installs it."""
+    master = dtsd_factory(FAST, server={"processes": 1, "tokens_file": ""})
+    open_to_local_users(master)
+    stranger = accounts.user("eve")
+    over_tcp = subprocess.run(
+        ["runuser", "-u", stranger, "--", sys.executable, "-m", "dtsd.cli", "--servers",
+         master.address, "submit", "--", "true"], capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT, env=clean_env({"PYTHONPATH": str(REPO_ROOT)}), stdin=subprocess.DEVNULL)
+    refused(over_tcp, "UNAUTHENTICATED", "needs a token")
+    refused(run_dtsctl("--servers", master.address, "dlq", "purge", "--yes"), "UNAUTHENTICATED")
+    refused(dtsctl_as(stranger, master, "dlq", "purge", "--yes"), f"user {stranger}",
+            "has no role")
+    assert json.loads(ok(dtsctl_as(None, master, "-o", "json", "dlq", "purge", "--yes"))) \
+        == {"purged": 0}                                    # root: admin, by default
+
+
 def test_root_and_the_admin_group_are_admin_and_an_unlisted_user_gets_nothing(host, accounts):
     admin = accounts.user("ann", host.admins)
     stranger = accounts.user("bob")
