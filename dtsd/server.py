@@ -1,7 +1,11 @@
 """The gRPC API child: dtsd.v1, the seed's `scheduler` surface, health and reflection.
 
 Every server child binds the same `[server] listen` address (SO_REUSEPORT); the kernel
-spreads connections over them. A request is validated at the edge and answered with
+spreads connections over them. Each also serves its own unix socket
+`<runtime_dir>/api-<pid>.sock` for local callers, who identify with a local token from the
+master (dtsd/identity.py). Who may call what is dtsd/auth.py's interceptor; what a caller
+sees of other principals' jobs (env values) and may do to them (cancel, retry) is decided
+here, with `auth.caller()`. A request is validated at the edge and answered with
 the status code that says what went wrong (INVALID_ARGUMENT naming the field,
 NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, UNAVAILABLE when a backing store is
 down, so clients try another server). A submit is committed to PostgreSQL first and
