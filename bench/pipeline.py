@@ -49,6 +49,14 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}"
 
 
+def host_cpu() -> float:
+    """Seconds of CPU the whole host has spent busy (all cores: user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def count_done(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         return conn.execute("SELECT count(*) FROM jobs WHERE status IN "
@@ -63,10 +71,12 @@ def wait_done(dsn: str, total: int, timeout: float = 600) -> None:
         time.sleep(0.2)
 
 
-def throughput(api, dsn: str, jobs: int, batch: int, clients: int) -> float:
-    """Jobs/s from the first submit to the last finish (PostgreSQL's own timestamps)."""
+def throughput(api, dsn: str, jobs: int, batch: int, clients: int) -> tuple[float, float]:
+    """(jobs/s from the first submit to the last finish, by PostgreSQL's own timestamps;
+    host CPU per job in ms, every process of the machine included)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE jobs, job_attempts")
+    cpu = host_cpu()
     started = time.time()
     if batch > 1:
         for i in range(0, jobs, batch):
@@ -83,6 +93,7 @@ def throughput(api, dsn: str, jobs: int, batch: int, clients: int) -> float:
         for thread in threads:
             thread.join()
     wait_done(dsn, jobs)
+    cpu = host_cpu() - cpu
     with psycopg.connect(dsn) as conn:
         last, once = conn.execute(
             """SELECT extract(epoch FROM max(finished_at)),
@@ -90,7 +101,7 @@ def throughput(api, dsn: str, jobs: int, batch: int, clients: int) -> float:
         attempts = conn.execute("SELECT count(*) FROM job_attempts").fetchone()[0]
     if not once or attempts != jobs:
         raise SystemExit(f"not exactly once: {attempts} attempts for {jobs} jobs")
-    return jobs / (float(last) - started)
+    return jobs / (float(last) - started), cpu / jobs * 1000
 
 
 def latency(api, dsn: str, jobs: int, rate: float) -> tuple[float, float]:
@@ -149,14 +160,18 @@ def main() -> None:
         dsn = master.sections["postgres"]["dsn"]
         throughput(api, dsn, 500, 500, 1)  # warm up: connections, plans, page cache
         results: dict[str, list[float]] = {"batch": [], "single": []}
+        cpu: dict[str, list[float]] = {"batch": [], "single": []}
         for run in range(args.runs):
-            rate = throughput(api, dsn, args.jobs, 500, 1)
+            rate, ms = throughput(api, dsn, args.jobs, 500, 1)
             results["batch"].append(rate)
-            print(f"run {run + 1}: {args.jobs} jobs submitted in batches of 500: {rate:7.0f} jobs/s")
-            rate = throughput(api, dsn, args.jobs, 1, 4)
+            cpu["batch"].append(ms)
+            print(f"run {run + 1}: {args.jobs} jobs submitted in batches of 500: {rate:7.0f} jobs/s, "
+                  f"host CPU {ms:.2f} ms/job")
+            rate, ms = throughput(api, dsn, args.jobs, 1, 4)
             results["single"].append(rate)
+            cpu["single"].append(ms)
             print(f"run {run + 1}: {args.jobs} jobs, one SubmitJob each (4 clients): "
-                  f"{rate:7.0f} jobs/s")
+                  f"{rate:7.0f} jobs/s, host CPU {ms:.2f} ms/job")
         p50s, p99s = [], []
         for run in range(args.runs):
             p50, p99 = latency(api, dsn, args.latency_jobs, args.rate)
@@ -164,8 +179,10 @@ def main() -> None:
             p99s.append(p99)
             print(f"run {run + 1}: submit->start at {args.rate:.0f} jobs/s: "
                   f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-        print(f"median throughput, batch submit:  {statistics.median(results['batch']):.0f} jobs/s")
-        print(f"median throughput, single submit: {statistics.median(results['single']):.0f} jobs/s")
+        print(f"median throughput, batch submit:  {statistics.median(results['batch']):.0f} jobs/s, "
+              f"host CPU {statistics.median(cpu['batch']):.2f} ms/job")
+        print(f"median throughput, single submit: {statistics.median(results['single']):.0f} jobs/s, "
+              f"host CPU {statistics.median(cpu['single']):.2f} ms/job")
         print(f"median submit->start latency at {args.rate:.0f} jobs/s: "
               f"p50 {statistics.median(p50s):.1f} ms, p99 {statistics.median(p99s):.1f} ms")
     finally:

@@ -13,9 +13,11 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
+from logging.handlers import WatchedFileHandler
 from typing import Callable
 
 from . import config as configmod
@@ -28,20 +30,133 @@ EXIT_BOOT = 3         # could not start (e.g. cannot bind the port)
 # backs off and ends FATAL, while the rest of the node goes on serving.
 
 
+# --- logging ------------------------------------------------------------------------------
+
+# syslog priorities by logging level: the journal reads a `<N>` prefix on each line it gets.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+               (logging.INFO, 6))
+_DEBUG_PRIORITY = 7
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: none of
+# them may reach a log line raw, or a name read from Redis could start a line of its own.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+LOG_FILE_MODE = 0o640
+
+
+def _escaped(match: re.Match) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_control(text: str, keep_newlines: bool = False) -> str:
+    """`text` with every control character written as an escape (`\\n`, `\\x1b`, ...).
+
+    What the log gets from outside (worker names read from Redis, job and token names,
+    peers) is then one line that a reader's terminal shows as it is: no forged line, no
+    escape sequence. `keep_newlines` is for tracebacks, whose lines are Python's own."""
+    pattern = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
+    return pattern.sub(_escaped, text)
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level (journald's `<N>` prefix)."""
+    return next((prio for level, prio in _PRIORITIES if levelno >= level), _DEBUG_PRIORITY)
+
+
+def stderr_is_journal() -> bool:
+    """True when standard error is a stream to journald: systemd then sets JOURNAL_STREAM
+    to that stream's `device:inode` (a redirected stderr no longer matches it)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        stat = os.fstat(2)
+    except OSError:
+        return False
+    return expected == f"{stat.st_dev}:{stat.st_ino}"
+
+
+def journal_line(text: str, levelno: int = logging.ERROR) -> str:
+    """`text` as written to standard error: with the `<N>` prefix on every line under
+    journald, so `dtsd reload` and the refusals before logging is set up keep their
+    priority too."""
+    if not stderr_is_journal():
+        return text
+    prefix = f"<{priority(levelno)}>"
+    return "\n".join(prefix + line for line in text.split("\n"))
+
+
+class LogFormatter(logging.Formatter):
+    """Every log line of dtsd: control characters escaped in the message (and in a
+    traceback, but for its own newlines); under journald each line starts with its syslog
+    priority and carries no time stamp (the journal keeps its own)."""
+
+    def __init__(self, role: str, journal: bool):
+        stamp = "" if journal else "%(asctime)s "
+        super().__init__(f"{stamp}%(levelname)s [{role} %(process)d] %(name)s: %(message)s")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape_control(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for extra in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if extra:
+                text += "\n" + escape_control(extra, keep_newlines=True)
+        if self.journal:
+            prefix = f"<{priority(record.levelno)}>"
+            text = "\n".join(prefix + line for line in text.split("\n"))
+        return text
+
+
+class LogFile(WatchedFileHandler):
+    """`[dtsd] log_file`: created 0640 whatever the umask (the log names jobs, workers and
+    callers), and opened anew when logrotate moved it (USR1, or at the next line)."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_FILE_MODE)
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
+def open_log_file(path: str):
+    """A log stream opened for appending, created 0640 (the detached master's stderr)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_FILE_MODE)
+    return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+
+
 def setup_logging(cfg: configmod.Config | None, role: str) -> None:
+    """The process's one log handler: `[dtsd] log_file`, else standard error (the journal
+    under systemd, with priorities). Called again on reload."""
     level = cfg.get("dtsd", "log_level") if cfg else "INFO"
     log_file = cfg.get("dtsd", "log_file") if cfg else ""
     handler: logging.Handler
     if log_file:
-        from logging.handlers import WatchedFileHandler
-        handler = WatchedFileHandler(log_file)
+        handler = LogFile(log_file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s [{role} %(process)d] %(name)s: %(message)s"))
+    handler.setFormatter(LogFormatter(role, journal=not log_file and stderr_is_journal()))
     root = logging.getLogger()
+    for old in root.handlers:
+        if old is not handler and isinstance(old, logging.FileHandler):
+            old.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # A crash's traceback is a log record too: escaped, and at its priority in the journal.
+    crashed = logging.getLogger(f"dtsd.{role.split('-')[0]}")
+    sys.excepthook = lambda kind, value, tb: crashed.critical(
+        "uncaught exception", exc_info=(kind, value, tb))
+
+    def thread_crashed(args) -> None:
+        if args.exc_type is not SystemExit:
+            crashed.critical("uncaught exception in thread %s",
+                             args.thread.name if args.thread else "?",
+                             exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    threading.excepthook = thread_crashed
 
 
 def reopen_logs() -> None:
@@ -91,6 +206,12 @@ def boot(role: str, argv: list[str] | None = None) -> tuple[configmod.Config, in
     signal.signal(signal.SIGUSR1, lambda *_: reopen_logs())
     try:
         cfg = configmod.load(args.config)
+        # The checks the master ran in a subprocess (they load client libraries): the file
+        # may have changed since, as a child reads it again at every (re)start.
+        from .checks import Severity, isolated_problems
+        errors = [p.message for p in isolated_problems(cfg) if p.severity is Severity.ERROR]
+        if errors:
+            raise configmod.ConfigError(f"{cfg.path}: " + "; ".join(errors))
     except configmod.ConfigError as exc:
         setup_logging(None, role)
         logging.getLogger(role).error("%s", exc)
@@ -124,68 +245,3 @@ def retry_forever(what: str, attempt: Callable[[], object], log: logging.Logger,
             stop.wait(delay)
             delay = min(max_delay, delay * 2)
     return None
-
-
-
-
-def _groups_path(runtime_dir: str, worker_pid: int) -> str:
-    return os.path.join(runtime_dir, "jobs", str(worker_pid))
-
-
-class JobGroups:
-    """The process groups of a worker's running jobs, kept in `<runtime_dir>/jobs/<pid>`.
-
-    Jobs run in sessions of their own, so they outlive a worker that is killed outright
-    (KILL, OOM); the master reads this file when it reaps such a worker and kills the
-    groups, so that a recovered job never runs twice at once. Appending a line per start
-    and end is cheap; the file is emptied whenever no job runs.
-    """
-
-    def __init__(self, runtime_dir: str):
-        self.path = _groups_path(runtime_dir, os.getpid())
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        self.live: set[int] = set()
-        self.lock = threading.Lock()
-
-    def add(self, pgid: int) -> None:
-        with self.lock:
-            self.live.add(pgid)
-            os.write(self.fd, b"+%d\n" % pgid)
-
-    def remove(self, pgid: int) -> None:
-        with self.lock:
-            self.live.discard(pgid)
-            if self.live:
-                os.write(self.fd, b"-%d\n" % pgid)
-            else:
-                os.ftruncate(self.fd, 0)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
-
-def kill_orphaned_jobs(runtime_dir: str, worker_pid: int) -> int:
-    """Kill the job groups a dead worker left running; returns how many were alive."""
-    path = _groups_path(runtime_dir, worker_pid)
-    try:
-        with open(path, encoding="ascii") as handle:
-            lines = handle.read().split()
-        os.unlink(path)
-    except OSError:
-        return 0
-    live: set[int] = set()
-    for line in lines:
-        (live.add if line[0] == "+" else live.discard)(int(line[1:]))
-    killed = 0
-    for pgid in live:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-            killed += 1
-        except OSError:
-            pass
-    return killed

@@ -1,4 +1,4 @@
-"""dtsctl: the command-line client of dtsd.
+r"""dtsctl: the command-line client of dtsd.
 
     dtsctl [GLOBAL OPTIONS] VERB [OPTIONS] [ARGS]      (`dtsctl VERB --help` for each verb)
 
@@ -40,6 +40,30 @@ Exit codes:
 `submit --wait`, `submit --follow` and `logs -f` exit with the job's own result instead:
 0 when it SUCCEEDED, its exit code when it FAILED with one (-N for signal N becomes 128+N),
 else 1 (FAILED without exit code, CANCELLED).
+
+Control characters (job names, commands, errors and output are anyone's text, and a
+terminal obeys what it is sent: OSC 52 sets the clipboard, CSI 2J clears the screen,
+`ESC [8m` hides the lines that follow):
+  - What counts: every Unicode control character, general category Cc (C0 U+0000-U+001F,
+    DEL U+007F, C1 U+0080-U+009F; so ESC, BEL, CR and backspace), and the Bidi_Control
+    characters, which reorder what is read (U+061C, U+200E-U+200F, U+202A-U+202E,
+    U+2066-U+2069). In a job's output, bytes that are not UTF-8 count too.
+  - How they are shown: as Python spells them: \t \n \r, \xNN for the other C0 and DEL
+    (`\x1b`), \uNNNN for C1 and bidi (`\u009b`, `\u202e`), and \xNN for each byte that
+    is not UTF-8 (`\xff`; a raw 0x9B byte is `\x9b`). Backslashes stay as they are, so a
+    literal `\x1b` reads the same as an escaped ESC.
+  - Text dtsctl composes is always escaped, on a terminal or not (its exact values are
+    in `-o json`): the tables and fields of status, list, dlq list, cron, submit --file,
+    and every message on standard error. A one-line value (a table cell, a field such as
+    Name: or Error:) has newline and tab escaped too, so it keeps its line and column; a
+    multi-line body (the Output: of `status JOB_ID`) keeps its newlines and tabs.
+  - A job's output from `logs`, `logs -f`, `submit --wait` and `submit --follow` is
+    written as its exact bytes when standard output is not a terminal (a pipe, a file),
+    and escaped, newlines and tabs kept, when it is one; `--raw` writes the exact bytes
+    to a terminal too.
+  - `-o json` is escaped by JSON itself: C0 as \u00NN by the encoder, and DEL, C1 and the
+    bidi controls as \uNNNN as well, so the document holds no raw control character and
+    decodes to the exact values.
 
 JSON output (`-o json`, before or after the verb): one document on standard output, keys in
 snake_case named as in `proto/dtsd/v1/dtsd.proto`, times as ISO 8601 UTC strings with
@@ -90,6 +114,7 @@ Per verb:
 from __future__ import annotations
 
 import base64
+import codecs
 import enum
 import json
 import os
@@ -138,6 +163,10 @@ class CliError(click.ClickException):
         super().__init__(message)
         self.exit_code = int(code)
         self.grpc_code = grpc_code
+
+    def format_message(self) -> str:
+        """What standard error shows: the message with what it quotes escaped."""
+        return escape(self.message, layout=True)
 
 
 def rpc_failure(error: grpc.RpcError, client: Client) -> CliError:
@@ -463,6 +492,100 @@ LIMIT_HELP = ("A resource limit for the job (repeatable): processes=N, open_file
 SERVERS = _param_type("servers", parse_servers)
 
 
+# --- terminal safety ----------------------------------------------------------------------
+
+# What dtsctl never writes as it is (the module docstring says when a job's output bytes
+# go out exact): every Unicode control character, general category Cc (C0 U+0000-U+001F,
+# DEL U+007F, C1 U+0080-U+009F), and the Bidi_Control characters, which reorder what a
+# person reads ("Trojan Source"): U+061C, U+200E-U+200F, U+202A-U+202E, U+2066-U+2069.
+_CONTROL_CODES = (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0))
+_BIDI_CONTROL_CODES = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_SHORT_ESCAPES = {0x09: r"\t", 0x0A: r"\n", 0x0D: r"\r"}
+
+
+def _shown_as(code: int) -> str:
+    r"""Python's spelling: `\t` `\n` `\r`, `\xNN` below U+0080, `\u009b` or `\u202e` above.
+
+    `\xNN` also stands for a byte that is not UTF-8 (`output_text`), so a C1 character,
+    which is valid UTF-8, reads differently (`\u009b`) from a stray 0x9B byte (`\x9b`).
+    """
+    if code in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[code]
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+
+_ESCAPES = {code: _shown_as(code) for code in (*_CONTROL_CODES, *_BIDI_CONTROL_CODES)}
+_LAYOUT_ESCAPES = {code: text for code, text in _ESCAPES.items() if code not in (0x09, 0x0A)}
+# json.dumps escapes C0 itself; these are the rest, in JSON's own \uNNNN (the same value).
+_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in _ESCAPES if code >= 0x7F}
+
+
+def escape(text: str, *, layout: bool = False) -> str:
+    r"""`text` with every control and bidi control character spelled out (`\x1b`, `\u202e`).
+
+    With `layout`, newline and tab stay as they are: they are the layout of a multi-line
+    body (a job's output, a message). Without it (a table cell, a field) they are escaped
+    too, so a value can leave neither its line nor its column. Backslashes are left alone,
+    as journalctl and less leave them, so escaping twice changes nothing; a literal `\x1b`
+    in a value therefore reads like an escaped ESC (`-o json`, `logs --raw` or `logs` to a
+    pipe give the exact value).
+    """
+    return text.translate(_LAYOUT_ESCAPES if layout else _ESCAPES)
+
+
+def output_text(data: bytes) -> str:
+    r"""A job's output bytes as safe text: each byte that is not UTF-8 as `\xNN`, control
+    characters escaped, newlines and tabs kept."""
+    return escape(data.decode("utf-8", errors="backslashreplace"), layout=True)
+
+
+def cell(value: Any) -> str:
+    """One value of a table or a field: on one line, every control character escaped."""
+    return escape(str(value))
+
+
+def is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):   # no isatty, or a closed stream
+        return False
+
+
+def exact_output(raw: bool) -> bool:
+    """The rule for a job's output: its exact bytes with --raw or when standard output is
+    not a terminal (a pipe, a file); escaped on a terminal."""
+    return raw or not is_terminal(sys.stdout)
+
+
+def warn(text: str) -> None:
+    """A message for standard error; whatever it quotes is escaped (its own lines kept)."""
+    click.echo(escape(text, layout=True), err=True)
+
+
+class OutputWriter:
+    """A job's output on its way to a binary stream: the exact bytes, or escaped text.
+
+    Escaping decodes incrementally, so a UTF-8 character split between two chunks of a
+    live stream is still shown as that character, not as two stray bytes.
+    """
+
+    def __init__(self, out: BinaryIO, *, exact: bool):
+        self.out = out
+        self.exact = exact
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+
+    def write(self, data: bytes, *, final: bool = False) -> None:
+        if not self.exact:
+            data = escape(self._decoder.decode(data, final), layout=True).encode("utf-8")
+        if data:
+            self.out.write(data)
+            self.out.flush()
+
+    def end(self) -> None:
+        """The output ends here: show the bytes of a character it left unfinished."""
+        self.write(b"", final=True)
+
+
 # --- rendering ----------------------------------------------------------------------------
 
 def iso_utc(moment: datetime | None) -> str | None:
@@ -612,7 +735,7 @@ def cluster_dict(status: Any) -> dict[str, Any]:
 
 def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "") -> str:
     cells = [[str(column) for column in columns]]
-    cells += [["-" if value is None or value == "" else str(value) for value in row]
+    cells += [["-" if value is None or value == "" else cell(value) for value in row]
               for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join(indent + "  ".join(value.ljust(width) for value, width in zip(row, widths))
@@ -622,7 +745,7 @@ def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], indent: 
 def format_fields(pairs: Iterable[tuple[str, Any]]) -> str:
     pairs = [(label, value) for label, value in pairs if value not in (None, "", [], {})]
     width = max((len(label) for label, _ in pairs), default=0) + 2
-    return "\n".join(f"{label + ':':<{width}}{value}" for label, value in pairs)
+    return "\n".join(f"{label + ':':<{width}}{cell(value)}" for label, value in pairs)
 
 
 def seconds_text(seconds: float) -> str:
@@ -684,7 +807,7 @@ def job_table(job: dict[str, Any]) -> str:
             indent="  "))
     lines.append("Output:" + ("" if job["output"] else " (none)"))
     if job["output"]:
-        lines.append(job["output"].rstrip("\n"))
+        lines.append(output_text(base64.b64decode(job["output_base64"])).rstrip("\n"))
     if job["output_truncated"]:
         lines.append("(output truncated)")
     return "\n".join(lines)
@@ -723,19 +846,25 @@ def cluster_table(data: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def render(output: str, data: Any, table: Callable[[Any], str | bytes | None]) -> None:
+def render(output: str, data: Any, table: Callable[[Any], str | bytes | None], *,
+           raw: bool = False) -> None:
     """The one renderer: `data` as JSON with `-o json`, else whatever `table(data)` makes
-    of it (text, or bytes written unchanged, e.g. a job's output)."""
+    of it: text, or a job's output as bytes.
+
+    What reaches the terminal is decided here (the module docstring has the rule): JSON
+    spells out the control characters it would otherwise leave raw (DEL, C1, bidi); text
+    is escaped, line breaks kept (tables escape each cell on its own, so `cell` keeps a
+    value on its line); bytes go out exact when `exact_output(raw)`, else escaped.
+    """
     if output == "json":
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False).translate(_JSON_ESCAPES))
         return
     text = table(data)
     if isinstance(text, bytes):
-        stream = binary_stdout()
-        stream.write(text)
-        stream.flush()
+        writer = OutputWriter(binary_stdout(), exact=exact_output(raw))
+        writer.write(text, final=True)
     elif text:
-        click.echo(text)
+        click.echo(escape(text, layout=True))
 
 
 def binary_stdout() -> BinaryIO:
@@ -761,7 +890,7 @@ def _final_line(job: dict[str, Any]) -> str:
     if job["exit_code"] is not None:
         text += f", exit code {job['exit_code']}"
     if job["error"]:
-        text += f" ({job['error']})"
+        text += f" ({cell(job['error'])})"
     return text
 
 
@@ -770,7 +899,7 @@ def _final_line(job: dict[str, Any]) -> str:
 class OutputFollower:
     """Writes streamed output exactly once: per attempt, only bytes beyond those written."""
 
-    def __init__(self, out: BinaryIO):
+    def __init__(self, out: OutputWriter):
         self.out = out
         self.written: dict[int, int] = {}
         self.attempt = 0
@@ -778,20 +907,21 @@ class OutputFollower:
     def chunk(self, attempt: int, offset: int, data: bytes) -> None:
         if attempt != self.attempt:
             if self.written.get(self.attempt) and attempt > self.attempt:
-                click.echo(f"--- attempt {attempt} ---", err=True)
+                self.out.end()
+                warn(f"--- attempt {attempt} ---")
             self.attempt = max(self.attempt, attempt)
         have = self.written.get(attempt, 0)
         end = offset + len(data)
         if end <= have:
             return
         self.out.write(data[max(0, have - offset):])
-        self.out.flush()
         self.written[attempt] = end
 
     def finish(self, job: Any) -> None:
         """Write what the stored output of the last attempt has that the stream missed."""
         if job.attempts:
             self.chunk(job.attempts, 0, job.output)
+        self.out.end()
 
 
 _FATAL_WATCH = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
@@ -799,15 +929,15 @@ _FATAL_WATCH = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def wait_for_job(settings: Settings, job_id: str, *, follow: bool = False) -> Any:
+def wait_for_job(settings: Settings, job_id: str, *, follow: OutputWriter | None = None) -> Any:
     """Block until the job is final and return it (a `dtsd.v1.Job`, with attempts).
 
     Watches the job (WatchJob); if the stream breaks, polls GetJob every 0.5 s. With
-    `follow`, output chunks go to standard output as they come, each byte once; the watch
-    is re-opened after a break so the output stays live.
+    `follow`, output chunks go to that writer as they come, each byte once; the watch is
+    re-opened after a break so the output stays live.
     """
     client = settings.client(Role.READ)
-    follower = OutputFollower(binary_stdout()) if follow else None
+    follower = OutputFollower(follow) if follow is not None else None
     watch = True
     last_contact = time.monotonic()
     while True:
@@ -816,7 +946,7 @@ def wait_for_job(settings: Settings, job_id: str, *, follow: bool = False) -> An
             events = client.stream("WatchJob", dtsd_pb2.WatchJobRequest(id=job_id))
             try:
                 for event in events:
-                    watch = follow
+                    watch = follower is not None
                     if event.kind == dtsd_pb2.JobEvent.OUTPUT and follower:
                         follower.chunk(event.attempt, event.offset, event.output)
                     elif event.kind == dtsd_pb2.JobEvent.STATE and is_final(status_name(event.status)):
@@ -962,6 +1092,11 @@ option_output = click.option(
     callback=_remember_output,
     help="table (default) for people, json for programs (fields: `python3 -m pydoc dtsd.cli`).")
 
+RAW_HELP = ("the job's output as its exact bytes on a terminal too (without it, control "
+            "characters are escaped there: \\x1b, \\u202e). A pipe or a file always gets "
+            "the exact bytes.")
+option_raw = click.option("--raw", is_flag=True, help="Write " + RAW_HELP)
+
 _EPILOG = """\b
 Exit codes: 0 success; 1 the job or operation failed; 2 usage error;
 3 cannot reach any server; 4 not authorised. `submit --wait/--follow` and
@@ -1076,6 +1211,7 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
 @click.option("--concurrent", is_flag=True,
               help="With --file --wait: print each job's block as soon as it ends, "
                    "instead of in file order.")
+@click.option("--raw", is_flag=True, help="With --wait or --follow: write " + RAW_HELP)
 @option_output
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] CMD...")
 @pass_settings
@@ -1083,7 +1219,7 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
            cwd: str, queue: str, priority: int, max_retries: int | None,
            job_timeout: float | None, run_at: datetime | None, job_id: str,
            limits: tuple[dict[str, int], ...], idempotency_key: str, wait: bool, follow: bool,
-           jobs_file: str | None, concurrent: bool) -> None:
+           jobs_file: str | None, concurrent: bool, raw: bool) -> None:
     """Submit a job: dtsctl submit [OPTIONS] -- CMD...
 
     CMD runs under /bin/sh -c. Several words are quoted and joined (shlex.join); one
@@ -1093,6 +1229,8 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     Prints the job id (JSON: {id, created}). With --wait or --follow the id goes to
     standard error, the job's output to standard output (at the end, or live), and a
     final status line to standard error (JSON: {id, created, job: <job object>}).
+    The output is written as its exact bytes to a pipe or a file, and with control
+    characters escaped to a terminal unless --raw is given.
     With --file: one line `<id>  <name>` per job (JSON: {jobs: [{id, created, name}]});
     with --wait a block per job and exit 1 if any job did not succeed.
     """
@@ -1100,7 +1238,8 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
         if command:
             raise click.UsageError("give either --file or a command, not both")
         for given, option in ((name, "--name"), (job_id, "--id"),
-                              (idempotency_key, "--idempotency-key"), (follow, "--follow")):
+                              (idempotency_key, "--idempotency-key"), (follow, "--follow"),
+                              (raw, "--raw")):
             if given:
                 raise click.UsageError(f"{option} cannot be used with --file")
         defaults = dict(env=dict(env), cwd=cwd, queue=queue, priority=priority,
@@ -1113,7 +1252,9 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     if not command:
         raise click.UsageError("no command: dtsctl submit [OPTIONS] -- CMD...")
     if follow and settings.json:
-        raise click.UsageError("--follow writes the raw output; use --wait with -o json")
+        raise click.UsageError("--follow writes the live output; use --wait with -o json")
+    if raw and (settings.json or not (wait or follow)):
+        raise click.UsageError("--raw goes with --wait or --follow, without -o json")
     text = command[0] if len(command) == 1 else shlex.join(command)
     spec = job_spec(command=text, name=name, env=dict(env), cwd=cwd, queue=queue,
                     priority=priority, max_retries=max_retries, timeout=job_timeout,
@@ -1122,22 +1263,21 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     reply = settings.call(Role.WRITE, "SubmitJob", dtsd_pb2.SubmitJobRequest(job=spec))
     result: dict[str, Any] = {"id": reply.id, "created": reply.created}
     if not reply.created and not settings.json:
-        click.echo(f"{reply.id}: already submitted with this idempotency key", err=True)
+        warn(f"{reply.id}: already submitted with this idempotency key")
     if not (wait or follow):
         render(settings.output, result, lambda data: data["id"])
         return
     if not settings.json:
-        click.echo(f"job {reply.id}", err=True)
-    finished = wait_for_job(settings, reply.id, follow=follow)
+        warn(f"job {reply.id}")
+    live = OutputWriter(binary_stdout(), exact=exact_output(raw)) if follow else None
+    finished = wait_for_job(settings, reply.id, follow=live)
     job = job_dict(finished)
     if settings.json:
         render(settings.output, {**result, "job": job}, lambda data: None)
     else:
-        if not follow:       # --wait: the output once the job is done, byte-exact
-            out = binary_stdout()
-            out.write(bytes(finished.output))
-            out.flush()
-        click.echo(_final_line(job), err=True)
+        if not follow:       # --wait: the output once the job is done
+            render(settings.output, None, lambda _: bytes(finished.output), raw=raw)
+        warn(_final_line(job))
     click.get_current_context().exit(job_exit_code(job["status"], job["exit_code"]))
 
 
@@ -1158,12 +1298,13 @@ def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wai
     reply = settings.call(Role.WRITE, "SubmitJobs", dtsd_pb2.SubmitJobsRequest(jobs=specs))
     results = [{"id": answer.id, "created": answer.created, "name": entry.get("name", "")}
                for answer, entry in zip(reply.jobs, entries)]
-    table = lambda data: "\n".join(f"{r['id']}  {r['name']}".rstrip() for r in data["jobs"])  # noqa: E731
+    table = lambda data: "\n".join(f"{r['id']}  {cell(r['name'])}".rstrip()  # noqa: E731
+                                   for r in data["jobs"])
     if not wait:
         render(settings.output, {"jobs": results}, table)
         return
     if not settings.json:
-        click.echo(table({"jobs": results}))
+        render(settings.output, {"jobs": results}, table)
     lock = threading.Lock()
     settings.client(Role.READ)   # made before the threads start, so they share it
 
@@ -1172,7 +1313,7 @@ def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wai
         results[index]["job"] = job
         if not settings.json:
             with lock:
-                click.echo(_job_block(entries[index], job))
+                render(settings.output, job, lambda data: _job_block(entries[index], data))
         return job
 
     if concurrent:
@@ -1189,18 +1330,18 @@ def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wai
 
 def _job_block(entry: Mapping[str, Any], job: dict[str, Any]) -> str:
     rule = "=" * 60
-    lines = [rule, f"Job: {entry.get('name', '')}"]
+    lines = [rule, f"Job: {cell(entry.get('name', ''))}"]
     if entry.get("description"):
-        lines.append(f"Description: {entry['description']}")
-    lines += [f"Command: {job['spec']['command']}", f"Job ID: {job['id']}",
+        lines.append(f"Description: {cell(entry['description'])}")
+    lines += [f"Command: {cell(job['spec']['command'])}", f"Job ID: {job['id']}",
               f"Status: {job['status']}"]
     if job["exit_code"] is not None:
         lines.append(f"Exit Code: {job['exit_code']}")
     if job["error"]:
-        lines.append(f"Error: {job['error']}")
+        lines.append(f"Error: {cell(job['error'])}")
     lines.append("Output:")
     if job["output"]:
-        lines.append(job["output"].rstrip("\n"))
+        lines.append(output_text(base64.b64decode(job["output_base64"])).rstrip("\n"))
     lines.append(rule)
     return "\n".join(lines)
 
@@ -1217,7 +1358,7 @@ def _each(ids: Sequence[str], action: Callable[[str], Any]) -> tuple[list[Any], 
                 raise
             code = exc.grpc_code.name if exc.grpc_code else "FAILED"
             errors.append({"id": job_id, "code": code, "message": exc.message})
-            click.echo(f"{job_id}: {exc.message}", err=True)
+            warn(f"{job_id}: {exc.message}")
     return done, errors
 
 
@@ -1262,7 +1403,7 @@ def _pages(settings: Settings, method: str, request: Any, all_pages: bool) -> di
     if all_pages:
         token = ""
     if token:
-        click.echo(f"more: --page-token {token}", err=True)
+        warn(f"more: --page-token {cell(token)}")
     return {"jobs": jobs, "next_page_token": token}
 
 
@@ -1311,21 +1452,29 @@ def list_jobs(settings: Settings, statuses: tuple[str, ...], queue: str, name: s
               help="Stream the output while the job runs; exit with the job's result.")
 @click.option("--attempt", type=click.IntRange(1), default=None,
               help="The output of attempt N instead of the last finished one.")
+@option_raw
 @option_output
 @click.argument("job_id")
 @pass_settings
-def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None) -> None:
-    """A job's output (stdout and stderr together), as raw bytes.
+def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw: bool) -> None:
+    """A job's output (stdout and stderr together).
+
+    To a pipe or a file: the exact bytes. To a terminal: control characters escaped
+    (\\x1b, \\u202e, bytes that are not UTF-8 as \\xNN), newlines and tabs kept;
+    --raw writes the exact bytes there too.
 
     Without -f: the stored output of the last finished attempt.
     JSON: {id, attempt, output, output_base64, output_truncated}.
     With -f: output as it is written, each byte once (a retry starts its own output,
     marked on stderr), until the job is final; exits with the job's result.
     """
+    if raw and settings.json:
+        raise click.UsageError("--raw writes the output bytes: not with -o json")
     if follow:
         if settings.json or attempt:
-            raise click.UsageError("-f writes the live raw output: no -o json or --attempt")
-        job = job_dict(wait_for_job(settings, job_id, follow=True))
+            raise click.UsageError("-f writes the live output: no -o json or --attempt")
+        live = OutputWriter(binary_stdout(), exact=exact_output(raw))
+        job = job_dict(wait_for_job(settings, job_id, follow=live))
         click.get_current_context().exit(int(job_exit_code(job["status"], job["exit_code"])))
     job = settings.call(Role.READ, "GetJob",
                         dtsd_pb2.GetJobRequest(id=job_id, include_attempts=bool(attempt)))
@@ -1337,10 +1486,10 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None) -> 
         number, data, truncated = attempt, found[0].output, found[0].output_truncated
     status_text = status_name(job.status)
     if not attempt and not is_final(status_text) and not settings.json:
-        click.echo(f"{job_id} is {status_text}: its output is stored when the attempt ends "
-                   "(use logs -f)", err=True)
+        warn(f"{job_id} is {status_text}: its output is stored when the attempt ends "
+             "(use logs -f)")
     render(settings.output, {"id": job.id, "attempt": number, **output_fields(data),
-                             "output_truncated": truncated}, lambda _: data)
+                             "output_truncated": truncated}, lambda _: data, raw=raw)
 
 
 @cli.command()
@@ -1425,7 +1574,7 @@ def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, qu
     render(settings.output, {"ids": ids}, lambda data: "\n".join(data["ids"]))
     missing = [job_id for job_id in job_ids if job_id not in set(ids)]
     for job_id in missing:
-        click.echo(f"{job_id}: not requeued (not in the dead-letter queue?)", err=True)
+        warn(f"{job_id}: not requeued (not in the dead-letter queue?)")
     if missing:
         click.get_current_context().exit(Exit.FAILED)
 

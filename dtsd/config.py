@@ -17,6 +17,7 @@ import ipaddress
 import math
 import os
 import re
+import resource
 import signal
 import socket
 import stat as stat_module
@@ -153,16 +154,16 @@ def stop_signal(text: str) -> signal.Signals:
     return signal.Signals[name]
 
 
-# Per-job resource limits: name -> (prlimit(1) option, unit). Each is set as both the soft
+# Per-job resource limits: name -> (setrlimit resource, unit). Each is set as both the soft
 # and the hard limit of the job's shell, so nothing the job starts can raise it again.
-# `processes` is RLIMIT_NPROC, which the kernel counts per user: it bounds all jobs running
-# as [worker] job_user on a host together, not one job.
-LIMITS: dict[str, tuple[str, str]] = {
-    "processes": ("--nproc", "count"),
-    "open_files": ("--nofile", "count"),
-    "file_size": ("--fsize", "bytes"),
-    "memory": ("--as", "bytes"),
-    "cpu_time": ("--cpu", "seconds"),
+# `processes` is RLIMIT_NPROC, which the kernel counts per user: every job slot is a user
+# of its own ([worker] job_uids), so it bounds the processes of one job.
+LIMITS: dict[str, tuple[int, str]] = {
+    "processes": (resource.RLIMIT_NPROC, "count"),
+    "open_files": (resource.RLIMIT_NOFILE, "count"),
+    "file_size": (resource.RLIMIT_FSIZE, "bytes"),
+    "memory": (resource.RLIMIT_AS, "bytes"),
+    "cpu_time": (resource.RLIMIT_CPU, "seconds"),
 }
 MAX_LIMIT = 1 << 62
 # The same limits as JobSpec.limits (dtsd.v1.ResourceLimits) names them.
@@ -202,6 +203,33 @@ def limit_list(text: str) -> dict[str, int]:
             raise ValueError(f"{name}: must be more than 0")
         limits[name] = number
     return limits
+
+
+MAX_ID_NUMBER = 2**31 - 2
+
+
+def id_range(text: str) -> tuple[int, int]:
+    """`70000-70999` -> (70000, 70999): uids (and gids of the same numbers) for job slots."""
+    first, sep, last = text.strip().partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        raise ValueError(f"not a range FIRST-LAST of ids: {text!r}") from None
+    if not sep or not 1000 <= low <= high <= MAX_ID_NUMBER:
+        raise ValueError(f"not a range FIRST-LAST with 1000 <= FIRST <= LAST <= {MAX_ID_NUMBER}: "
+                         f"{text!r}")
+    return low, high
+
+
+def umask(text: str) -> int:
+    """`0027` (octal) -> 0o027."""
+    try:
+        value = int(text.strip(), 8)
+    except ValueError:
+        raise ValueError(f"not an octal umask: {text!r} (e.g. 0027)") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"a umask is 0000 to 0777, not {text!r}")
+    return value
 
 
 def log_level(text: str) -> str:
@@ -307,6 +335,11 @@ def _options() -> list[Option]:
           "A submit to a queue already holding this many PENDING jobs (ready or delayed, "
           "counted in Redis) is answered RESOURCE_EXHAUSTED; a batch that would pass it is "
           "refused whole. Approximate: may overshoot by the submits in flight. 0: no limit."),
+        o("server", "max_pending_total", "1000000", integer(0, 1_000_000_000),
+          "A submit while Redis holds this many job ids in all queues together (ready, "
+          "delayed, or taken by a worker and not finished) is answered RESOURCE_EXHAUSTED, "
+          "whichever queue it names; a batch that would pass it is refused whole. "
+          "Approximate as max_pending. 0: no limit."),
         o("server", "stopwaitsecs", "10s", duration,
           "On stop, how long in-flight RPCs may take before they are cut."),
         *_process_options("server"),
@@ -320,19 +353,30 @@ def _options() -> list[Option]:
         o("worker", "default_timeout", "0", duration,
           "Timeout of jobs that set none; 0: no timeout."),
         o("worker", "kill_grace", "10s", duration,
-          "After TERM to a job's process group (timeout, cancel, stop), wait this long before KILL."),
+          "After TERM to a job's processes (timeout, cancel, stop), wait this long before KILL."),
         o("worker", "cwd", "/", nonempty, "Working directory of jobs that set none."),
         o("worker", "shell", "/bin/sh", nonempty, "Runs each command as `shell -c COMMAND`."),
         o("worker", "path", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
           nonempty, "PATH in the clean environment jobs start with."),
         o("worker", "job_user", "dtsd-job", string,
-          "User (and its groups) that jobs run as, with every capability dropped and "
-          "no_new_privs set. Empty: the workers' own user, refused when that is root. The "
-          "workers need CAP_SETUID, CAP_SETGID and CAP_SETPCAP to switch (the packaged unit "
-          "grants them to dtsd's own user; no other child keeps them)."),
+          "Jobs run with this user's groups (and its name as USER), each as a uid of its own "
+          "from job_uids, with every capability dropped and no_new_privs set. Empty: jobs "
+          "run unboxed as the workers' own user, refused when that is root. Boxing needs "
+          "CAP_SETUID, CAP_SETGID and CAP_SETPCAP (the packaged unit grants them to dtsd's "
+          "own user; only the workers' launchers keep two of them)."),
+        o("worker", "job_uids", "70000-70999", id_range,
+          "Uids (with gids of the same numbers) that job slots run as, one per job running "
+          "at once, with job_user's groups; the lowest free ones are taken first. No program "
+          "of the host may use them; the only users allowed in the range are the slot users "
+          "`<job_user>-N` (the package creates dtsd-job-0 to dtsd-job-31, uids 70000-70031, "
+          "so that ssh and whoami know them). Needs 2 x processes x concurrency ids (a reload "
+          "runs old and new workers side by side); give each dtsd instance a range of its own."),
+        o("worker", "job_umask", "0027", umask,
+          "The umask jobs start with (octal). Each slot has a group of its own, so group "
+          "bits share only with groups an administrator chose (setgid directories)."),
         o("worker", "limits", "processes=4096 open_files=1024", limit_list,
-          "Resource limits of each job, soft and hard: processes (per job_user, all jobs of "
-          "the host together), open_files, file_size, memory (address space), cpu_time. "
+          "Resource limits of each job, soft and hard: processes (of the job: each slot is a "
+          "user of its own), open_files, file_size, memory (address space), cpu_time. "
           "Unlisted: inherited from the worker."),
         o("worker", "limits_max", "processes=16384 open_files=65536", limit_list,
           "Highest limits a job may ask for (JobSpec.limits, dtsctl submit --limit); above "
@@ -342,7 +386,8 @@ def _options() -> list[Option]:
           "First retry waits about this long; each next one twice as long (with jitter)."),
         o("worker", "retry_backoff_max", "5m", duration, "Longest wait between retries."),
         o("worker", "heartbeat_ttl", "10s", positive_duration,
-          "A worker whose heartbeat is older than this is dead; its jobs are recovered."),
+          "A worker that has not renewed its lease in PostgreSQL for this long is dead and "
+          "the leader recovers its jobs; the worker itself stops them before that."),
         o("worker", "stopwaitsecs", "30s", duration,
           "On graceful stop, how long running jobs may go on before they are handed back."),
         *_process_options("worker"),
@@ -357,10 +402,12 @@ def _options() -> list[Option]:
           "Most connections per server child, at most [server] threads (env PG_MAX_CONNS). "
           "Workers use up to 3, the coordinator 2."),
 
-        o("redis", "url", "redis://127.0.0.1:6379/0", nonempty,
-          "redis://, rediss:// (TLS) or unix:// URL (env REDIS_ADDR, as host:port). An ACL "
-          "user: redis://USER:PASSWORD@host:port/0 (percent-encoded; keep this file 0640). "
-          "TLS: rediss://host:port/0?ssl_ca_certs=FILE, a client certificate with "
+        o("redis", "url", "unix:///run/redis/redis-server.sock?db=0", nonempty,
+          "unix://PATH?db=N, redis:// or rediss:// (TLS) URL (env REDIS_ADDR, as host:port). "
+          "The default is Debian's redis-server on its unix socket, which only members of "
+          "the group redis may open (jobs cannot; README, Security). An ACL user: "
+          "redis://USER:PASSWORD@host:port/0 (percent-encoded; keep this file 0640). TLS: "
+          "rediss://host:port/0?ssl_ca_certs=FILE, a client certificate with "
           "&ssl_certfile=FILE&ssl_keyfile=FILE."),
 
         o("etcd", "endpoints", "", address_list,
@@ -502,6 +549,11 @@ def parse(text: str, path: str = "<string>", env: Mapping[str, str] | None = Non
         raise ConfigError(f"{path}: [postgres] pool_min is larger than pool_max")
     _check_etcd(config.values["etcd"], path)
     worker = config.values["worker"]
+    first, last = worker["job_uids"]
+    needed = 2 * worker["processes"] * worker["concurrency"]
+    if last - first + 1 < needed:
+        raise ConfigError(f"{path}: [worker] job_uids {first}-{last} holds {last - first + 1} "
+                          f"ids; 2 x processes x concurrency = {needed} are needed")
     for name, value in worker["limits"].items():
         top = worker["limits_max"].get(name)
         if top is not None and value > top:
@@ -558,6 +610,29 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     return config
 
 
+def peek(path: str | None, section: str, key: str) -> Any:
+    """One setting, even from a file that does not parse (`dtsd reload` must find the
+    master's runtime directory to report that the master refused such a file): the
+    checked value when the file is valid, else the line as written, else the default."""
+    try:
+        return load(path).get(section, key)
+    except ConfigError:
+        pass
+    parser = configparser.ConfigParser(interpolation=None, strict=False,
+                                       inline_comment_prefixes=(";", "#"))
+    try:
+        parser.read(os.path.abspath(path or os.environ.get("DTSD_CONFIG") or DEFAULT_PATH),
+                    encoding="utf-8")
+        written = parser.get(section, key, fallback=None)
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        written = None
+    option = _BY_KEY[(section, key)]
+    try:
+        return option.convert(written if written is not None else option.default)
+    except ValueError:
+        return option.convert(option.default)
+
+
 def reference_ini() -> str:
     """The shipped /etc/dtsd/dtsd.ini: every option, commented out, with its default and help."""
     lines = ["; /etc/dtsd/dtsd.ini: configuration of dtsd, the distributed task scheduler.",
@@ -602,9 +677,9 @@ def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: 
              insecure: bool, anonymous_role: str = "") -> tuple[str | None, str | None]:
     """(error, warning) for serving on host:port with this security configuration.
 
-    An error means: do not start. A non-loopback listen address needs both a tokens file
-    and a TLS certificate and key, and no `[server] anonymous_role` (anyone who connects would
-    get that role: as good as no tokens), unless `[server] insecure = true`
+    An error means: do not start (or reload). A non-loopback listen address needs both a
+    tokens file and a TLS certificate and key, and no `[server] anonymous_role` (anyone who
+    connects would get that role: as good as no tokens), unless `[server] insecure = true`
     says otherwise, in which case the warning is to be logged loudly.
     """
     if bool(tls_cert) != bool(tls_key):
@@ -633,7 +708,7 @@ def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: 
     else:
         problem = (f"{anonymous}. Jobs are shell commands: empty [server] anonymous_role, "
                    "listen on 127.0.0.1, or set [server] insecure = true to accept the risk")
-    return f"refusing to start: {where} is not a loopback address, and {problem}", None
+    return f"{where} is not a loopback address, and {problem}", None
 
 
 def server_exposure(config: Config) -> tuple[str | None, str | None]:
@@ -653,7 +728,7 @@ def server_exposure(config: Config) -> tuple[str | None, str | None]:
 _CONNINFO_PAIR = re.compile(r"(\w+)\s*=\s*('(?:\\.|[^'\\])*'|\S+)")
 
 
-def _connection_fields(text: str) -> dict[str, str]:
+def connection_fields(text: str) -> dict[str, str]:
     """The settings of a libpq conninfo (`key=value ...` or URI) or a Redis URL that
     matter here: `password` and the files named in it (a light parse, no client library)."""
     text = text.strip()
@@ -678,7 +753,7 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
                      ) -> tuple[str | None, str | None]:
     """(error, warning) about who else on this host can read dtsd's secrets.
 
-    Errors (the master refuses to start, `--check-config` fails):
+    Errors (the master refuses to start or reload, `--check-config` fails):
     - the configuration file holds a password ([postgres] dsn, [redis] url) and every
       user may read it; group-readable is fine (the package installs it 0640 root:dtsd);
     - a password file or private key it names ([etcd] password_file, any tls_key, the
@@ -694,7 +769,7 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
     written = config.written
     in_file = []
     for section, key in (("postgres", "dsn"), ("redis", "url")):
-        if _connection_fields(written.get((section, key), "")).get("password"):
+        if connection_fields(written.get((section, key), "")).get("password"):
             in_file.append(f"[{section}] {key}")
     if config.from_file:
         mode = _mode(stat, config.path)
@@ -706,8 +781,8 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
                           f"readable by every user (mode {stat_module.S_IMODE(mode):04o}): "
                           f"{fix} {config.path}")
 
-    dsn = _connection_fields(config.get("postgres", "dsn"))
-    url = _connection_fields(config.get("redis", "url"))
+    dsn = connection_fields(config.get("postgres", "dsn"))
+    url = connection_fields(config.get("redis", "url"))
     secret_files = [
         ("[etcd] password_file", config.get("etcd", "password_file")),
         ("[etcd] tls_key", config.get("etcd", "tls_key")),
@@ -730,5 +805,5 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
             readable_is.append(f"{shown} is readable by every user: chmod 600 {path} (or "
                                "640, group dtsd)")
     if errors:
-        return "refusing to start: " + "; ".join(errors), None
+        return "; ".join(errors), None
     return None, ("; ".join(warnings) or None)

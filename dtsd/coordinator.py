@@ -10,7 +10,7 @@ and pushing an id Redis already holds costs only a claim that fails.
 Loops (leader only):
   fire       due cron schedules, with their misfire and overlap policies
   promote    delayed and back-off jobs whose time has come go onto their lists
-  recover    jobs of dead workers (heartbeat gone): the attempt is closed as lost, retried
+  recover    jobs of dead workers (lease run out): the attempt is closed as lost, retried
   reconcile  PENDING jobs that Redis holds nowhere are pushed again (a crash between the
              PostgreSQL commit and the Redis push, a Redis restart or flush)
   prune      finished jobs older than [dtsd] retention
@@ -191,23 +191,27 @@ class Coordinator:
             pass
 
     def recover(self, fence: Fence) -> None:
-        """Requeue the work of workers whose heartbeat is gone."""
+        """Requeue the work of workers whose lease in PostgreSQL has run out.
+
+        The lease is the evidence (Redis, which a job might reach, is not): a worker whose
+        renewals stopped hands back or kills its own jobs before its lease runs out. A
+        RUNNING job naming a worker that holds no lease row at all comes from a worker of
+        an older dtsd (before leases) or one long gone: its Redis heartbeat decides, after
+        a whole TTL of absence, as before.
+        """
         now = time.monotonic()
         ttl = self.cfg.get("worker", "heartbeat_ttl")
-        registered = self.queue.workers()
-        in_database = self.store.running_workers()
-        candidates = set(registered) | set(in_database)
-        alive = self.queue.alive(sorted(candidates))
-        for worker in sorted(candidates):
-            if alive.get(worker):
+        expired, unknown = self.store.expired_workers()
+        dead = list(expired)
+        beats = self.queue.alive(unknown)
+        for worker in unknown:
+            if beats.get(worker):
                 self.missing_since.pop(worker, None)
                 continue
-            if worker not in registered:
-                # Known only to PostgreSQL (Redis may have restarted): give the worker a
-                # whole TTL to beat again before calling it dead.
-                first = self.missing_since.setdefault(worker, now)
-                if now - first < ttl:
-                    continue
+            first = self.missing_since.setdefault(worker, now)
+            if now - first >= ttl:
+                dead.append(worker)
+        for worker in dead:
             requeued = self.store.recover_lost(
                 fence, worker, backoff=self.cfg.get("worker", "retry_backoff"),
                 backoff_max=self.cfg.get("worker", "retry_backoff_max"))
@@ -215,9 +219,15 @@ class Coordinator:
             self.queue.push([Ready(r.id, r.queue, r.priority, r.run_at) for r in requeued])
             self.missing_since.pop(worker, None)
             if requeued:
-                log.warning("worker %s is dead: %d job(s) requeued", worker, len(requeued))
+                log.warning("worker %s is dead (lease run out): %d job(s) requeued", worker,
+                            len(requeued))
             else:
                 log.info("worker %s is gone; it held no running job", worker)
+        # Redis's list of workers is for `dtsctl status`: forget those without a heartbeat.
+        for worker, beat in self.queue.workers().items():
+            if beat is None and worker not in unknown:
+                self.queue.drop_worker(worker)
+                log.info("worker %s is gone from Redis (no heartbeat): forgotten there", worker)
 
     def reconcile(self) -> None:
         """Walk PENDING jobs in batches; push again those Redis holds nowhere."""

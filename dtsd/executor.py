@@ -1,12 +1,10 @@
-"""Run one job's shell command: spawn, pump its output, enforce its deadline, reap it.
+"""Run one job's shell command: spawn, pump its output, enforce its deadline, end it.
 
 The worker runs several of these at once, one thread each, so nothing here uses signal
-handlers, `preexec_fn` or module state. Every job gets its own session and process group:
-a timeout or a cancel must reach everything the command started, and nothing it started may
-outlive it -- when `run()` returns, the group has been sent SIGKILL and the shell is reaped.
-
-The shell is never reaped before the end of `run()`. While it is an unreaped zombie its pid
-cannot be reused, so every `killpg` aimed at it reaches this job's group and no other.
+handlers or module state. The job is started by the worker's launcher (dtsd/launcher.py),
+in a slot of its own: a timeout or a cancel reaches every process of the slot, and nothing
+the command started outlives the attempt -- when `run()` returns, the slot has been
+released, and the launcher kills whatever is left of it before the slot's next job starts.
 """
 
 from __future__ import annotations
@@ -16,13 +14,15 @@ import math
 import os
 import select
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from dtsd.models import EndReason
+
+if TYPE_CHECKING:
+    from dtsd.jobbox import Launcher
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ READ_SIZE = 64 * 1024       # a full default pipe buffer per read
 FLUSH_INTERVAL = 0.05       # at most this often to on_output...
 FLUSH_BYTES = 64 * 1024     # ...unless this much kept output is waiting
 LINGER = 0.05               # after the shell exits, how long leftovers may hold the pipe
-EXIT_TICK = 0.01            # how often to look for the shell's exit when pidfds are missing
 MAX_POLL_MS = 2**31 - 1      # poll()'s largest timeout
+REPORT_WAIT = 60.0          # after the release, how long the launcher may take to report the end
 DRAIN_READS = 16            # bounded final read of what leftovers already wrote
 
 
@@ -77,43 +77,42 @@ def describe_signal(signum: int) -> str:
 
 
 class Execution:
-    """One attempt of one command, from spawn to reaped exit.
+    """One attempt of one command, from spawn to the end of everything it started.
 
     Single use: `run()` once, in the thread that owns it. `stop()` may come from any
     thread at any time; it only records the reason and wakes `run()`, which does all the
-    signalling and reaping itself, so no signal can race the reaping of the shell.
+    signalling itself. The launcher reports the shell's exit from its reader thread, which
+    also only records it and wakes `run()`.
     """
 
-    def __init__(self, command: str, *, env: dict[str, str], cwd: str, shell: str = "/bin/sh",
-                 timeout: float = 0.0, kill_grace: float = 10.0, max_output: int = 1 << 20,
-                 on_output: OutputCallback | None = None, wrapper: Sequence[str] = (),
-                 on_spawn: Callable[[int], None] | None = None,
-                 on_exit: Callable[[int], None] | None = None):
-        """`wrapper` is an argv prefix that execs the shell (prlimit, setpriv ...), so limits
-        and credentials are in place before the command's first instruction.
-
-        `on_spawn(pgid)` is called once the job's process group exists and `on_exit(pgid)`
-        once it is dead (and before its id can be reused): the worker keeps a registry of
-        live groups so that the master can kill them if the worker itself is killed."""
-        self.argv = [*wrapper, shell, "-c", command]
+    def __init__(self, command: str, *, env: dict[str, str], cwd: str, launcher: "Launcher",
+                 slot: int, shell: str = "/bin/sh", timeout: float = 0.0,
+                 kill_grace: float = 10.0, max_output: int = 1 << 20,
+                 on_output: OutputCallback | None = None,
+                 limits: Sequence[tuple[int, int, int]] = ()):
+        """`launcher` and `slot`: where the job runs (the caller runs one Execution per slot
+        at a time). `limits`: (RLIMIT_*, soft, hard) for the job's shell."""
+        self.argv = [shell, "-c", command]
         self.env = env
         self.cwd = cwd
+        self.launcher = launcher
+        self.slot = slot
+        self.limits = list(limits)
         self.timeout = timeout
         self.kill_grace = kill_grace
         self.max_output = max_output
         self.on_output = on_output
-        self.on_spawn = on_spawn
-        self.on_exit = on_exit
 
-        self._lock = threading.Lock()     # guards _started, _requested, _wake_fd
+        self._lock = threading.Lock()     # guards _started, _requested, _wake_fd, _code
         self._started = False
         self._requested: EndReason | None = None
+        self._kill_by: float | None = None
         self._wake_fd: int | None = None
+        self._code: int | None = None     # the shell's exit, as the launcher reported it
+        self._reported = threading.Event()
 
-        self._proc: subprocess.Popen | None = None
         self._pid: int | None = None
         self._out_fd: int | None = None
-        self._pidfd: int | None = None
         self._poller = select.poll()
         self._kept = bytearray()
         self._truncated = False
@@ -126,20 +125,23 @@ class Execution:
 
     @property
     def pid(self) -> int | None:
-        """The shell's pid while it is ours: None before the spawn and once it is reaped."""
-        return self._pid
+        """The shell's pid while it runs: None before the spawn and once it has ended."""
+        return self._pid if self._exited_at is None else None
 
-    def stop(self, reason: EndReason) -> None:
-        """Ask `run()` to end the job: TERM to the group now, KILL after `kill_grace`.
+    def stop(self, reason: EndReason, kill_by: float | None = None) -> None:
+        """Ask `run()` to end the job: TERM to its processes now, KILL after `kill_grace`
+        (or at the monotonic time `kill_by`, if that is sooner).
 
-        The first reason wins. Before `run()`, the job will not start at all. If the shell
-        has already exited by the time `run()` sees the request, the job finished on its
-        own and its own result stands. Takes a lock, so not for signal handlers: let the
-        handler wake a loop that calls this.
+        The first reason wins (a later, sooner `kill_by` still counts). Before `run()`, the
+        job will not start at all. If the shell has already exited by the time `run()` sees
+        the request, the job finished on its own and its own result stands. Takes a lock,
+        so not for signal handlers: let the handler wake a loop that calls this.
         """
         with self._lock:
             if self._requested is None:
                 self._requested = reason
+            if kill_by is not None:
+                self._kill_by = kill_by if self._kill_by is None else min(self._kill_by, kill_by)
             if self._wake_fd is not None:
                 os.eventfd_write(self._wake_fd, 1)
 
@@ -156,31 +158,42 @@ class Execution:
         try:
             try:
                 self._spawn()
-            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            except Exception as exc:  # SpawnFailed, LauncherError, OSError
+                self.launcher.release(self.slot)
                 return self._never_started(EndReason.SPAWN_FAILED, f"cannot start: {exc}",
                                            time.monotonic() - started)
             try:
                 self._watch(started)
                 self._pump()
             finally:
-                self._reap()
+                self._end()
             self._flush()
             return self._result(time.monotonic() - started)
         finally:
             self._close_fds()
 
-    # --- spawning and reaping -------------------------------------------------------------
+    # --- spawning and ending --------------------------------------------------------------
 
     def _spawn(self) -> None:
-        self._proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-            env=self.env, cwd=self.cwd)
-        self._pid = self._proc.pid
-        if self.on_spawn:
-            self.on_spawn(self._pid)
-        self._out_fd = self._proc.stdout.fileno()
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._pid = self.launcher.spawn(self.slot, self.argv, self.env, self.cwd,
+                                            self.limits, write_end, self._on_exit)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self._out_fd = read_end
         os.set_blocking(self._out_fd, False)
+
+    def _on_exit(self, code: int) -> None:
+        """From the launcher's reader thread: the shell ended with `code` (-N: signal N)."""
+        with self._lock:
+            self._code = code
+            if self._wake_fd is not None:
+                os.eventfd_write(self._wake_fd, 1)
+        self._reported.set()
 
     def _watch(self, started: float) -> None:
         """Register what can wake the loop and arm the deadline."""
@@ -189,34 +202,25 @@ class Execution:
             self._deadline = started + self.timeout
         self._poller.register(self._out_fd, select.POLLIN)
         self._poller.register(self._wake_fd, select.POLLIN)
-        try:
-            self._pidfd = os.pidfd_open(self._pid)
-        except OSError:      # old kernel or seccomp: fall back to looking every EXIT_TICK
-            self._pidfd = None
-        else:
-            self._poller.register(self._pidfd, select.POLLIN)
 
-    def _reap(self) -> None:
-        """KILL whatever is left of the group, then reap the shell (only now may its pid go)."""
-        self._signal_group(signal.SIGKILL)
-        if self.on_exit:
-            self.on_exit(self._proc.pid)   # the group is dead; its id is not free until reaped
-        self._proc.wait()
-        self._pid = None
+    def _end(self) -> None:
+        """Release the slot (the launcher kills what is left of it), and learn how the shell
+        ended if it had not said yet."""
+        self.launcher.release(self.slot)
+        if not self._reported.wait(REPORT_WAIT):
+            log.error("the launcher did not report the end of pid %s in %.0fs", self._pid,
+                      REPORT_WAIT)
+            self._code = -signal.SIGKILL
+        if self._exited_at is None:
+            self._exited_at = time.monotonic()
 
     def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self._proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        self.launcher.signal(self.slot, sig)
 
     def _close_fds(self) -> None:
-        if self._proc is not None and self._proc.stdout is not None:
-            self._proc.stdout.close()
-        self._out_fd = None
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        if self._out_fd is not None:
+            os.close(self._out_fd)
+            self._out_fd = None
         with self._lock:
             if self._wake_fd is not None:
                 os.close(self._wake_fd)
@@ -230,32 +234,26 @@ class Execution:
             for fd, _ in self._poller.poll(self._poll_timeout_ms()):
                 self._dispatch(fd)
             now = time.monotonic()
-            if self._pidfd is None and self._exited_at is None:
-                self._check_exit(now)
+            if self._exited_at is None and self._code is not None:
+                self._exited_at = now
             self._act_on_request(now)
             self._act_on_time(now)
 
     def _dispatch(self, fd: int) -> None:
         if fd == self._out_fd:
             self._read_once()
-        elif fd == self._pidfd:
-            self._poller.unregister(fd)
-            self._exited_at = time.monotonic()
         elif fd == self._wake_fd:
             try:
                 os.eventfd_read(fd)
             except BlockingIOError:
                 pass
 
-    def _check_exit(self, now: float) -> None:
-        """Without a pidfd: has the shell exited? Asked without reaping it (WNOWAIT)."""
-        if os.waitid(os.P_PID, self._pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            self._exited_at = now
-
     def _act_on_request(self, now: float) -> None:
         reason = self._requested
         if reason is not None and self._ended_by is None and self._exited_at is None:
             self._terminate(reason, now)
+        if self._kill_by is not None and self._kill_at is not None and self._kill_by < self._kill_at:
+            self._kill_at = self._kill_by
 
     def _act_on_time(self, now: float) -> None:
         if (self._deadline is not None and now >= self._deadline
@@ -263,7 +261,8 @@ class Execution:
             self._terminate(EndReason.TIMEOUT, now)
         if self._kill_at is not None and now >= self._kill_at:
             self._kill_at = None
-            self._signal_group(signal.SIGKILL)
+            if self._exited_at is None:
+                self._signal_group(signal.SIGKILL)
         if self._exited_at is not None and self._out_fd is not None \
                 and now >= self._exited_at + LINGER:
             self._abandon_output()
@@ -275,6 +274,8 @@ class Execution:
         self._ended_by = reason
         self._signal_group(signal.SIGTERM)
         self._kill_at = now + self.kill_grace
+        if self._kill_by is not None:
+            self._kill_at = min(self._kill_at, self._kill_by)
 
     def _poll_timeout_ms(self) -> int:
         """Sleep until the next thing due, or until an fd wakes us; -1 when only fds can."""
@@ -287,8 +288,6 @@ class Execution:
             due.append(self._exited_at + LINGER)
         if self._unflushed():
             due.append(self._last_flush + FLUSH_INTERVAL)
-        if self._pidfd is None and self._exited_at is None:
-            due.append(time.monotonic() + EXIT_TICK)
         if not due:
             return -1
         # poll() takes at most 2**31-1 ms (24.8 days); a farther deadline is looked at again.
@@ -327,6 +326,7 @@ class Execution:
     def _close_output(self) -> None:
         if self._out_fd is not None:
             self._poller.unregister(self._out_fd)
+            os.close(self._out_fd)
             self._out_fd = None
 
     def _unflushed(self) -> int:
@@ -352,7 +352,7 @@ class Execution:
     # --- results ----------------------------------------------------------------------------
 
     def _result(self, duration: float) -> Result:
-        code = self._proc.returncode
+        code = self._code if self._code is not None else -signal.SIGKILL
         exit_code, signum = (code, None) if code >= 0 else (None, -code)
         return Result(exit_code=exit_code, signal=signum, output=bytes(self._kept),
                       truncated=self._truncated, reason=self._ended_by,

@@ -25,7 +25,7 @@ Signal handlers only record the signal and wake the loop (a self-pipe through
 
     TERM, INT   graceful stop (a second one escalates to a fast stop)
     QUIT        fast stop: running jobs are handed back at once
-    HUP         reload: validate the file, scale, restart changed roles one at a time
+    HUP         reload: the start checks first (a refused file changes nothing), then scale and restart changed roles one at a time
     TTIN, TTOU  one worker child more, one less
     USR1        reopen log files (the master's and the children's)
 
@@ -39,6 +39,11 @@ peer-credential broker of dtsd/identity.py, which reads the caller's uid from th
 and hands back a short-lived signed local token (or a refusal). It runs here because the
 master is the one process that outlives every child and holds no client of anything; it
 never blocks the loop (non-blocking accept, a bounded number of answers per turn).
+
+Each reload's verdict is written to `<runtime_dir>/reload.json` (a sequence number, the
+state RELOADING, DONE, REFUSED or FAILED, and why), where `dtsd reload` (the unit's
+ExecReload=) waits for it: systemd 252 has no Type=notify-reload, and a plain `kill -HUP`
+would report a refused reload as a success.
 """
 
 from __future__ import annotations
@@ -51,16 +56,15 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, child, identity
+from . import __version__, checks, child, identity
 from . import config as configmod
 from .config import Config
-from .jobbox import privilege_argv
+from .jobbox import job_uids_in_use, privilege_argv
 
 log = logging.getLogger("dtsd.master")
 
@@ -164,6 +168,28 @@ class Notifier:
             self.send("WATCHDOG=1")
 
 
+class ReloadState(str, enum.Enum):
+    RELOADING = "reloading"     # checks passed; children being scaled and replaced
+    DONE = "done"               # every child of the new configuration RUNNING
+    REFUSED = "refused"         # a check failed: the running configuration stays
+    FAILED = "failed"           # applied, but cannot complete (a child FATAL, a stop)
+
+
+VERDICT_FILE = "reload.json"
+FINAL_STATES = (ReloadState.DONE, ReloadState.REFUSED, ReloadState.FAILED)
+
+
+def read_verdict(runtime_dir: str) -> dict | None:
+    """The master's latest reload verdict: {"pid", "seq", "state", "message", "time"}."""
+    try:
+        with open(os.path.join(runtime_dir, VERDICT_FILE), encoding="utf-8") as handle:
+            verdict = json.load(handle)
+        verdict["state"] = ReloadState(verdict["state"])
+        return verdict
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _set_pdeathsig() -> None:
     """Runs in the child between fork and exec: die (gracefully) with the master."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -171,8 +197,9 @@ def _set_pdeathsig() -> None:
 
 
 class Master:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, preflight: checks.Report | None = None):
         self.cfg = cfg
+        self.preflight = preflight or checks.Report()
         self.counts = self.wanted(cfg)
         self.children: list[Child] = []
         self.signals: list[int] = []
@@ -184,11 +211,17 @@ class Master:
         self.started = time.time()
         self.leader: bool | None = None
         self.pending: int | None = None
-        self.insecure = False       # serving off-loopback without auth+TLS, by choice
+        # Serving off-loopback without auth and TLS, by choice ([server] insecure = true).
+        self.insecure = bool(configmod.server_exposure(cfg)[1])
         self.notifier = Notifier()
+        # Fixed at start: a reload that changes [dtsd] runtime_dir is refused.
         self.runtime_dir = cfg.get("dtsd", "runtime_dir")
         self.node_file = os.path.join(self.runtime_dir, "node.json")
+        self.verdict_file = os.path.join(self.runtime_dir, VERDICT_FILE)
         self.broker = identity.Broker(self.runtime_dir, cfg.node_id)
+        self.reload_seq = 0          # HUPs received
+        self.applied_seq = 0         # the HUP whose configuration is being applied
+        self.verdict = ReloadState.DONE
         self._wake_r, self._wake_w = os.pipe()
         self._last_record = 0.0
         # Servers and the coordinator give up every capability the master holds; workers
@@ -207,10 +240,16 @@ class Master:
         log.info("dtsd %s master starting (pid %d, node %s, config %s)",
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
         self.notifier.status("starting")
-        if not self.exposure_allowed() or not self.address_is_free() or not self.open_broker() \
-                or not self.migrate():
+        for warning in self.preflight.warnings:
+            log.warning("%s", warning)
+        if not self.address_is_free() or not self.open_broker() or not self.migrate():
             self.broker.close()
             return 1
+        self.sweep_job_slots()       # what a master that died before us may have left
+        if not self.job_slots_usable():
+            self.broker.close()
+            return 1
+        self.write_verdict(ReloadState.DONE, "started")
         while True:
             self.handle_signals()
             self.reap_children()
@@ -226,6 +265,7 @@ class Master:
             self.write_node_record()
             self.sleep(0.25 if self.stopping or self.reloading or not self.was_ready else 1.0)
         self.remove_node_record()
+        self.remove_verdict()
         self.broker.close()
         log.info("master stopped")
         return self.exit_code
@@ -284,6 +324,7 @@ class Master:
         log.info("%s: graceful stop", signal.Signals(signum).name)
         self.stopping = True
         self.notifier.send("STOPPING=1")
+        self.abandon_reload()
 
     def handle_quit(self, signum: int = signal.SIGQUIT) -> None:
         log.info("stopping fast: running jobs are handed back now")
@@ -291,6 +332,7 @@ class Master:
             self.notifier.send("STOPPING=1")
         self.stopping = True
         self.fast_stop = True
+        self.abandon_reload()
         for item in self.children:
             if item.proc and item.state is ChildState.STOPPING:
                 self.kill_child(item, signal.SIGQUIT)
@@ -298,23 +340,31 @@ class Master:
                                          time.monotonic() + self._stop_wait(item, fast=True))
 
     def handle_hup(self, signum: int) -> None:
-        """Reload: a bad file changes nothing; a good one is applied without dropping work."""
+        """Reload: every check a start makes, then apply; a refused file changes nothing."""
+        self.reload_seq += 1
         if self.stopping:
+            self.refuse_reload("the master is stopping")
             return
+        self.write_verdict(ReloadState.RELOADING, "checking the configuration")
         try:
             new = configmod.load(self.cfg.path)
         except configmod.ConfigError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.refuse_reload(str(exc))
             return
-        if new.get("dtsd", "runtime_dir") != self.runtime_dir:
-            # The broker's socket and key, the API sockets and the node record live there.
-            log.error("reload refused, keeping the running configuration: [dtsd] runtime_dir "
-                      "changed (%s -> %s); that takes a restart", self.runtime_dir,
-                      new.get("dtsd", "runtime_dir"))
+        report = checks.preflight(new, checks.Occasion.RELOAD, running=self.cfg)
+        if report.errors:
+            self.refuse_reload("; ".join(report.errors))
             return
+        try:
+            child.setup_logging(new, "master")
+        except OSError as exc:
+            self.refuse_reload(f"[dtsd] log_file: {exc}")
+            return
+        for warning in report.warnings:
+            log.warning("%s", warning)
         self.notifier.reloading()
         old, self.cfg = self.cfg, new
-        child.setup_logging(new, "master")
+        self.insecure = bool(configmod.server_exposure(new)[1])
         self.counts = self.wanted(new)
         changed = [role for role, sections in ROLE_SECTIONS.items()
                    if any(_without_counts(old.values[s]) != _without_counts(new.values[s])
@@ -323,9 +373,20 @@ class Master:
             if item.role in changed and not item.retiring:
                 item.outdated = True
         self.reloading = True
+        self.applied_seq = self.reload_seq
+        self.write_verdict(ReloadState.RELOADING, "applying: " + (
+            f"restarting {', '.join(changed)}" if changed else "scaling only"))
         log.info("reloading %s: processes %s; restarting %s", new.path,
                  ", ".join(f"{r}={n}" for r, n in self.counts.items()),
                  ", ".join(changed) or "nothing")
+
+    def abandon_reload(self) -> None:
+        if self.reloading and self.verdict is ReloadState.RELOADING:
+            self.write_verdict(ReloadState.FAILED, "the master is stopping")
+
+    def refuse_reload(self, why: str) -> None:
+        log.error("reload refused, keeping the running configuration: %s", why)
+        self.write_verdict(ReloadState.REFUSED, why)
 
     def handle_ttin(self, signum: int) -> None:
         self.counts["worker"] += 1
@@ -401,6 +462,12 @@ class Master:
             log.info("reload complete")
             self.write_node_record(force=True)   # whoever acts on READY reads this
             self.notifier.send("READY=1")
+            self.write_verdict(ReloadState.DONE, "reload complete")
+            return
+        fatal = [c.name for c in self.children if c.state is ChildState.FATAL and not c.retiring]
+        if fatal and self.verdict is ReloadState.RELOADING:
+            self.write_verdict(ReloadState.FAILED, f"{', '.join(fatal)} FATAL: the reload "
+                                                   "cannot complete (see the log)")
 
     def _successor(self, old: Child) -> Child | None:
         return next((c for c in self.children if c.role == old.role and c.index == old.index
@@ -502,11 +569,11 @@ class Master:
         pid, item.proc = item.pid, None
         if item.role == "server":
             self.remove_file(identity.api_socket(self.runtime_dir, pid))
-        if item.role == "worker":
-            orphans = child.kill_orphaned_jobs(self.cfg.get("dtsd", "runtime_dir"), pid)
-            if orphans:
-                log.warning("%s died (%s): killed the %d job(s) it left running; the leader "
-                            "recovers them", item.name, how, orphans)
+        if item.role == "worker" and code != 0:
+            swept = self.sweep_job_slots()
+            if swept:
+                log.warning("%s died (%s): swept %d job slot(s) it left; the leader recovers "
+                            "their jobs", item.name, how, swept)
         if item.retiring or self.stopping:
             item.transition(ChildState.STOPPED, how, pid)
             self.children.remove(item)
@@ -516,7 +583,8 @@ class Master:
             log.error("%s %s (%s): stopping the master", item.name, what, how)
             item.transition(ChildState.FATAL, how, pid)
             self.children.remove(item)
-            self.exit_code = 1
+            # 78 tells systemd not to restart (RestartPreventExitStatus=78): it would not help.
+            self.exit_code = child.EXIT_CONFIG if code == child.EXIT_CONFIG else 1
             self.stopping = True
             self.notifier.send("STOPPING=1")
             return
@@ -647,6 +715,29 @@ class Master:
         except OSError as exc:
             log.warning("cannot write %s: %s", self.node_file, exc)
 
+    def write_verdict(self, state: ReloadState, message: str) -> None:
+        """Record the newest reload's verdict for `dtsd reload`. The completion of an
+        earlier reload does not cover a later HUP's refusal."""
+        seq = self.reload_seq
+        if state in (ReloadState.DONE, ReloadState.FAILED) and seq and seq != self.applied_seq:
+            return
+        self.verdict = state
+        record = {"pid": os.getpid(), "seq": seq, "state": state.value, "message": message,
+                  "time": time.time()}
+        temporary = self.verdict_file + ".tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(record, handle)
+            os.replace(temporary, self.verdict_file)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.verdict_file, exc)
+
+    def remove_verdict(self) -> None:
+        try:
+            os.unlink(self.verdict_file)
+        except OSError:
+            pass
+
     def remove_node_record(self) -> None:
         try:
             os.unlink(self.node_file)
@@ -659,19 +750,14 @@ class Master:
         """How children find the file (none when the default file is absent: defaults)."""
         return ["-c", self.cfg.path] if self.cfg.from_file else []
 
-    def exposure_allowed(self) -> bool:
-        """Refuse a non-loopback `[server] listen` without tokens and TLS (see config.exposure).
-
-        With `[server] insecure = true` it starts, warns loudly, and says INSECURE in its
-        status. Checked from the configuration alone, before any child or connection.
-        """
-        error, warning = configmod.server_exposure(self.cfg)
-        if error:
-            log.error("%s", error)
+    def job_slots_usable(self) -> bool:
+        """Refuse [worker] job_uids that processes of this host already run as (another
+        dtsd instance, say): they would share a job's identity, and the end of a job would
+        kill them. Checked after this node's own slots were swept."""
+        problem = job_uids_in_use(self.cfg)
+        if problem:
+            log.error("%s", problem)
             return False
-        if warning:
-            log.warning("%s", warning)
-            self.insecure = True
         return True
 
     def address_is_free(self) -> bool:
@@ -679,19 +765,14 @@ class Master:
 
         The servers bind with SO_REUSEPORT, so without this check a second dtsd (or a
         stale one) would silently share the port and split the clients between them.
+        Exit 1, not 78: the address may well be free on the next try.
         """
         if not self.cfg.get("server", "processes"):
             return True
-        host, port = self.cfg.get("server", "listen")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                log.error("cannot listen on %s:%d: %s (is another dtsd running?)",
-                          host, port, exc.strerror)
-                return False
+        problem = checks.address_in_use(*self.cfg.get("server", "listen"))
+        if problem:
+            log.error("%s (is another dtsd running?)", problem)
+            return False
         return True
 
     def open_broker(self) -> bool:
@@ -715,6 +796,19 @@ class Master:
             os.unlink(path)
         except OSError:
             pass
+
+    def sweep_job_slots(self) -> int:
+        """Kill whatever runs in the job slots no live launcher holds (a worker and its
+        launcher died: their jobs are nobody's now), as each slot's uid (dtsd/launcher.py)."""
+        if not self.cfg.get("worker", "job_user"):
+            return 0
+        result = subprocess.run(
+            [sys.executable, "-m", "dtsd.launcher", "--sweep", self.cfg.get("dtsd", "runtime_dir")],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if result.returncode != 0:
+            log.error("sweeping the job slots failed: %s", result.stderr.strip()[-500:])
+            return 0
+        return len(result.stdout.split())
 
     def migrate(self) -> bool:
         """Bring the schema up to date in a child process (the master opens no connection)."""

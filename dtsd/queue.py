@@ -27,8 +27,10 @@ worker blocks on the wake lists of its queues rather than polling.
 
 from __future__ import annotations
 
+import inspect
 import json
 import struct
+import urllib.parse
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -161,12 +163,61 @@ class Ready:
     run_at: datetime | None = None
 
 
+# Every call gives up well within a child's heartbeat to the master ([dtsd] child_timeout):
+# a Redis behind a partition must not make a child look hung. The longest blocking call
+# (a worker's wait for work) lasts 1 s.
+_CLIENT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 3, "health_check_interval": 15}
+
+
+def _accepts(cls: type, name: str) -> bool:
+    parameters = inspect.signature(cls.__init__).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _pool(url: str) -> redis.ConnectionPool:
+    """The connection pool for `url`, with the options its connection class takes.
+
+    redis-py 4.3 (Debian 12) has no `socket_connect_timeout` for unix sockets (there
+    `socket_timeout` covers the connect); newer releases take it for both kinds."""
+    pool = redis.ConnectionPool.from_url(url, **_CLIENT_OPTIONS)
+    for name in list(pool.connection_kwargs):
+        if name in _CLIENT_OPTIONS and not _accepts(pool.connection_class, name):
+            del pool.connection_kwargs[name]
+    return pool
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError, saying what is wrong, if redis-py cannot use `url`.
+
+    Builds the connection object, as the first call would, without connecting: a scheme
+    it does not know, a bad value or a setting the connection kind does not take (an
+    ssl_* option on a unix:// URL, a misspelt one) shows here rather than as a retry loop."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("a unix:// URL needs the socket's path: "
+                         "unix:///run/redis/redis-server.sock?db=0")
+    database = parts.path.strip("/") if parts.scheme in ("redis", "rediss") else ""
+    if database and not database.isdigit():
+        raise ValueError(f"the database {database!r} is not a number (redis://host:port/0)")
+    try:
+        pool = _pool(url)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        text = str(exc)
+        if "unexpected keyword argument" in text:
+            setting = text.rpartition("argument ")[2].strip("'")
+            raise ValueError(f"redis-py {redis.__version__} takes no setting {setting!r} for "
+                             f"a {urllib.parse.urlsplit(url).scheme}:// URL") from None
+        raise ValueError(text) from None
+    except (ValueError, KeyError) as exc:
+        raise ValueError(str(exc).strip("'\"") or type(exc).__name__) from None
+
+
 def connect(url: str) -> redis.Redis:
-    """A client whose calls give up well within a child's heartbeat to the master
-    ([dtsd] child_timeout): a Redis behind a partition must not make a child look hung.
-    The longest blocking call (a worker's wait for work) lasts 1 s."""
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
-                                health_check_interval=15)
+    """A client for `url` (redis://, rediss:// or unix://); ValueError if it is unusable.
+    Nothing connects until the first call."""
+    check_url(url)
+    return redis.Redis(connection_pool=_pool(url))
 
 
 class Queue:
@@ -210,13 +261,28 @@ class Queue:
     def depth(self, queue: str) -> int:
         """How many ids wait in `queue`, ready or delayed, in one round trip.
 
-        Approximate by design: ids of jobs cancelled while waiting stay until a worker
-        drops them, a flushed Redis holds none until the reconciler pushes them again, and
-        with more than DEPTH_SCAN_MAX delayed ids in the cluster all of them count.
+        Approximate by design: a flushed Redis holds none until the reconciler pushes them
+        again, and with more than DEPTH_SCAN_MAX delayed ids in the cluster all of them
+        count. A cancelled job's id is taken out at once (`forget`).
         """
         keys = [self.keys.delayed, *(self.keys.queue(queue, p) for p in PRIORITIES)]
         ready, delayed = self._depth(keys=keys, args=[f"{queue}|", DEPTH_SCAN_MAX])
         return int(ready) + int(delayed)
+
+    def total(self) -> int:
+        """Every id Redis holds, in all queues: ready, delayed, or taken by a worker and not
+        acknowledged yet (the `queued` index, one SCARD)."""
+        return int(self.redis.scard(self.keys.queued))
+
+    def forget(self, job_id: str, queue: str, priority: int) -> None:
+        """Take a job that will not run (cancelled while PENDING) out of Redis: its list,
+        the delayed set and the index, in one transaction, so the depths stay true. A worker
+        that took it already drops it when its claim fails."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrem(self.keys.queue(queue, priority), 0, job_id)
+        pipe.zrem(self.keys.delayed, f"{queue}|{priority}|{job_id}")
+        pipe.srem(self.keys.queued, job_id)
+        pipe.execute()
 
     def promote_due(self, now: float | None = None, limit: int = 1000) -> int:
         """Move delayed ids whose time has come onto their lists; returns how many."""

@@ -283,6 +283,7 @@ class Api:
         self.stopping = stopping
         self.ceiling = limit_ceiling(cfg)   # highest per-job limits ([worker] limits_max)
         self.max_pending = cfg.get("server", "max_pending")
+        self.max_pending_total = cfg.get("server", "max_pending_total")
 
     def submit(self, jobs: list[NewJob]) -> list[bool]:
         self.check_depth(jobs)
@@ -297,27 +298,47 @@ class Api:
         return created
 
     def check_depth(self, jobs: list[NewJob]) -> None:
-        """Refuse the whole batch if it would take a queue past [server] max_pending.
+        """Refuse the whole batch if it would take a queue past [server] max_pending, or
+        all queues together past [server] max_pending_total.
 
-        The depth is Redis's count (`Queue.depth`), read before the insert: submits in
-        flight at the same time may overshoot the limit by what they carry. With Redis
-        down the limit is not enforced; the submit is stored all the same, as ever.
+        The depths are Redis's counts (`Queue.depth`, `Queue.total`), read before the
+        insert: submits in flight at the same time may overshoot the limits by what they
+        carry. With Redis down the limits are not enforced; the submit is stored all the
+        same, as ever.
         """
-        if not self.max_pending:
-            return
-        for queue, adding in sorted(collections.Counter(job.queue for job in jobs).items()):
-            try:
-                depth = self.queue.depth(queue)
-            except redis.RedisError as exc:
-                log.warning("[server] max_pending not enforced: depth of queue %r unknown: %s",
-                            queue, exc)
+        try:
+            if self.max_pending_total:
+                total = self.queue.total()
+                if total >= self.max_pending_total:
+                    raise QueueFull(f"the queues hold {total} pending jobs together "
+                                    f"([server] max_pending_total = {self.max_pending_total})")
+                if total + len(jobs) > self.max_pending_total:
+                    raise QueueFull(f"the queues hold {total} pending jobs together; "
+                                    f"{len(jobs)} more would pass [server] max_pending_total "
+                                    f"= {self.max_pending_total}")
+            if not self.max_pending:
                 return
-            if depth >= self.max_pending:
-                raise QueueFull(f"queue {queue!r} holds {depth} pending jobs "
-                                f"([server] max_pending = {self.max_pending})")
-            if depth + adding > self.max_pending:
-                raise QueueFull(f"queue {queue!r} holds {depth} pending jobs; {adding} more "
-                                f"would pass [server] max_pending = {self.max_pending}")
+            for queue, adding in sorted(collections.Counter(job.queue for job in jobs).items()):
+                depth = self.queue.depth(queue)
+                if depth >= self.max_pending:
+                    raise QueueFull(f"queue {queue!r} holds {depth} pending jobs "
+                                    f"([server] max_pending = {self.max_pending})")
+                if depth + adding > self.max_pending:
+                    raise QueueFull(f"queue {queue!r} holds {depth} pending jobs; {adding} "
+                                    f"more would pass [server] max_pending = {self.max_pending}")
+        except redis.RedisError as exc:
+            log.warning("[server] max_pending and max_pending_total not enforced: depths "
+                        "unknown: %s", exc)
+
+    def forget_pending(self, job_id: str) -> None:
+        """A PENDING job was cancelled: take its id out of Redis, so that it no longer
+        counts toward max_pending. Committed is committed: with Redis down the worker that
+        takes the id drops it (its claim fails)."""
+        try:
+            job = self.store.get_job(job_id, with_output=False)
+            self.queue.forget(job_id, job["queue"], job["priority"])
+        except redis.RedisError as exc:
+            log.debug("cancelled job %s left in Redis: %s", job_id, exc)
 
     def publish_state(self, job_id: str, status: JobStatus, attempt: int = 0) -> None:
         try:
@@ -522,6 +543,8 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         previous, status, attempt = self.api.store.cancel(request.id, owner=_owner_filter())
         if previous is JobStatus.RUNNING:
             self.api.queue.request_cancel(request.id, attempt)
+        elif previous is JobStatus.PENDING:
+            self.api.forget_pending(request.id)
         if previous is not status:
             self.api.publish_state(request.id, status)
         auth.audit("cancel", f"{request.id} ({previous.value} -> {status.value})")

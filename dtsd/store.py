@@ -296,7 +296,8 @@ class Store:
         """Compare-and-set PENDING -> RUNNING for every due id, opening an attempt for each.
 
         Ids that are not PENDING (done, cancelled, running elsewhere) or not yet due are
-        left alone and simply absent from the result.
+        left alone and simply absent from the result, and so is everything while the
+        worker's lease has run out (the leader may be recovering its work).
         """
         if not ids:
             return []
@@ -309,6 +310,8 @@ class Store:
                        FROM unnest(%(ids)s::text[]) AS u(id)
                        WHERE j.id = u.id AND j.status = 'PENDING'
                          AND (j.run_at IS NULL OR j.run_at <= now())
+                         AND EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker)s
+                                     AND w.lease_until > now())
                        RETURNING j.id, j.command, j.env, j.cwd, j.timeout, j.attempts,
                                  j.failures, j.max_retries, j.queue, j.priority, j.limits),
                    opened AS (
@@ -515,10 +518,48 @@ class Store:
         with self.pool.connection() as conn:
             return conn.execute("SELECT count(*) FROM jobs WHERE status = 'PENDING'").fetchone()[0]
 
-    def running_workers(self) -> list[str]:
+    # --- worker leases ---------------------------------------------------------------------
+
+    def register_worker(self, worker: str, node: str, ttl: float) -> None:
+        """Open (or renew) `worker`'s lease for `ttl` seconds from now, by the server's clock."""
         with self.pool.connection() as conn:
-            return [row[0] for row in conn.execute(
-                "SELECT DISTINCT worker FROM jobs WHERE status = 'RUNNING' AND worker IS NOT NULL")]
+            conn.execute(
+                """INSERT INTO workers (id, node, lease_until)
+                   VALUES (%s, %s, now() + make_interval(secs => %s))
+                   ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until""",
+                (worker, node, ttl))
+
+    def renew_lease(self, worker: str, ttl: float) -> bool:
+        """Extend the lease; False when the row is gone (the leader declared the worker dead)."""
+        with self.pool.connection() as conn:
+            return conn.execute(
+                """UPDATE workers SET lease_until = now() + make_interval(secs => %s)
+                   WHERE id = %s""", (ttl, worker)).rowcount == 1
+
+    def retire_worker(self, worker: str) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("DELETE FROM workers WHERE id = %s", (worker,))
+
+    def expired_workers(self) -> tuple[list[str], list[str]]:
+        """(workers whose lease has run out, workers that RUNNING jobs name but that hold no
+        lease row at all: a worker of a version before leases, or one long gone)."""
+        with self.pool.connection() as conn:
+            expired = [row[0] for row in conn.execute(
+                "SELECT id FROM workers WHERE lease_until < now() ORDER BY id")]
+            unknown = [row[0] for row in conn.execute(
+                """SELECT DISTINCT j.worker FROM jobs j
+                   WHERE j.status = 'RUNNING' AND j.worker IS NOT NULL
+                     AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = j.worker)""")]
+        return expired, unknown
+
+    def cancelled(self, job_id: str, attempt: int) -> bool:
+        """Whether `attempt` of the job was cancelled (what a worker checks before it acts on
+        a cancel message: anyone who reaches Redis could publish one)."""
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT status, attempts FROM jobs WHERE id = %s",
+                               (job_id,)).fetchone()
+        return (row is not None and row[0] == JobStatus.CANCELLED.value
+                and (attempt == 0 or row[1] == attempt))
 
     def recover_lost(self, fence: Fence, worker: str, *, backoff: float,
                      backoff_max: float) -> list[Requeued]:
@@ -526,13 +567,17 @@ class Store:
 
         A lost attempt counts as a failure (the command may have done harm before dying);
         jobs out of retries end FAILED and dead-lettered. Returns the jobs now PENDING.
-        Leader-only: fenced.
+        Leader-only: fenced. The worker's lease row goes in the same transaction, if it has
+        run out; a worker that renewed its lease meanwhile keeps its jobs.
         """
         with self.fenced(fence) as conn:
+            conn.execute("DELETE FROM workers WHERE id = %s AND lease_until < now()", (worker,))
             rows = conn.execute(
                 """WITH lost AS (
                        SELECT id, attempts, failures, max_retries FROM jobs
-                       WHERE status = 'RUNNING' AND worker = %(worker)s FOR UPDATE),
+                       WHERE status = 'RUNNING' AND worker = %(worker)s
+                         AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker)s)
+                       FOR UPDATE),
                    closed AS (
                        UPDATE job_attempts a SET finished_at = now(), error = %(error)s
                        FROM lost WHERE a.job_id = lost.id AND a.attempt = lost.attempts

@@ -8,6 +8,17 @@ path, so the next fetch follows at once. Finished attempts go to a writer thread
 (one transaction) and acknowledges them in Redis (one pipeline), so under load the
 database sees a few statements per batch rather than several per job.
 
+Jobs are started by the worker's launcher (dtsd/launcher.py), a single-threaded child
+that the worker starts before anything else and that alone keeps the privilege to switch
+users; the worker then drops every capability it had. Job thread N runs its jobs in the
+launcher's slot N, a uid of its own.
+
+The worker holds a lease in PostgreSQL (table `workers`), renewed every second or so; the
+leader declares a worker dead only once its lease has run out. A worker that cannot renew
+its lease for half of `[worker] heartbeat_ttl` hands its running jobs back, and kills them
+before the lease can run out by its own clock: so an attempt never runs twice at once, and
+nothing a job can reach (Redis, on a host where it is left open) can forge a worker's death.
+
 Signals: TERM drains (no new jobs; running ones may finish within `stopwaitsecs`,
 then they are handed back: PENDING again, no retry spent). QUIT hands back at once.
 """
@@ -25,10 +36,11 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from . import child
+from . import launcher as launchermod
 from .config import Config
 from .config import ConfigError
 from .executor import Execution, Result, build_env
-from .jobbox import JobBox
+from .jobbox import JobBox, Launcher, LauncherError
 from .models import EndReason, JobStatus, retry_delay
 from .queue import Event, Queue, Ready, connect
 from .store import Claimed, Outcome, Store
@@ -37,12 +49,15 @@ log = logging.getLogger("dtsd.worker")
 
 WRITE_BATCH = 500
 CANCEL_MEMORY = 60.0   # seconds a cancel is remembered for an attempt still being started
+EXIT_LAUNCHER_DIED = 1
 
 
 class Worker:
-    def __init__(self, cfg: Config, index: int, parent: child.Parent, box: JobBox):
+    def __init__(self, cfg: Config, index: int, parent: child.Parent, box: JobBox,
+                 launcher: Launcher):
         self.cfg = cfg
         self.box = box
+        self.launcher = launcher
         self.settings = cfg.worker
         self.index = index
         self.parent = parent
@@ -58,7 +73,10 @@ class Worker:
         self.running: dict[str, tuple[Execution, int]] = {}  # job id -> (execution, attempt)
         self.starting = 0                         # claimed, thread not yet registered
         self.recent_cancels: dict[tuple[str, int], float] = {}   # (job, attempt) -> when
-        self.groups = child.JobGroups(cfg.get("dtsd", "runtime_dir"))
+        self.ttl = self.settings.heartbeat_ttl
+        self.lease_ok_at = time.monotonic()       # when the last renewal that worked was sent
+        self.lease_lapsed = False                 # running jobs were stopped for it
+        self.exit_code = child.EXIT_OK
         self.results: queuemod.SimpleQueue[Outcome | None] = queuemod.SimpleQueue()
         self.stopping = threading.Event()         # take no new jobs
         self.hand_back_now = threading.Event()    # QUIT, or the drain time is over
@@ -70,11 +88,15 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGQUIT, lambda *_: (self.stopping.set(), self.hand_back_now.set()))
-        if not child.connect(self.store, self.queue, log, self.stopping, self._beat):
+        if not child.connect(self.store, self.queue, log, self.stopping, self._register,
+                             self._beat):
+            self.launcher.close()
             return child.EXIT_OK
         threads = [threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True),
+                   threading.Thread(target=self._guard_lease, name="lease", daemon=True),
                    threading.Thread(target=self._listen_for_cancels, name="cancels", daemon=True)]
-        threads += [threading.Thread(target=self._job_thread, name=f"job-{n}", daemon=True)
+        threads += [threading.Thread(target=self._job_thread, args=(n,), name=f"job-{n}",
+                                     daemon=True)
                     for n in range(self.concurrency)]
         writer = threading.Thread(target=self._write_results, name="writer")
         for thread in (*threads, writer):
@@ -89,14 +111,18 @@ class Worker:
         self.results.put(None)
         writer.join()
         self.done.set()
+        self.launcher.close()
         try:
             self.queue.retire(self.id)
         except Exception as exc:
             log.warning("could not retire from Redis: %s", exc)
+        try:
+            self.store.retire_worker(self.id)
+        except Exception as exc:
+            log.warning("could not end the lease in PostgreSQL (it runs out by itself): %s", exc)
         self.store.close()
-        self.groups.close()
         log.info("worker %s stopped", self.id)
-        return child.EXIT_OK
+        return self.exit_code
 
     def _drain(self) -> None:
         """Let running jobs finish within stopwaitsecs; then hand the rest back."""
@@ -125,6 +151,11 @@ class Worker:
     def _fetch_loop(self) -> None:
         backoff = 0.2
         while not self.stopping.is_set():
+            if self.launcher.dead.is_set():
+                self._launcher_died()
+            if self.lease_lapsed:        # take nothing while the lease is in doubt
+                self.stopping.wait(0.2)
+                continue
             with self.lock:
                 while self._free_slots() <= 0 and not self.stopping.is_set():
                     self.lock.wait(0.5)
@@ -159,16 +190,26 @@ class Worker:
         for job in claimed:
             self.todo.put(job)
 
-    def _job_thread(self) -> None:
+    def _job_thread(self, slot: int) -> None:
         while True:
             job = self.todo.get()
             if job is None:
                 return
-            self._run_job(job)
+            self._run_job(job, slot)
+
+    def _launcher_died(self) -> None:
+        """Without its launcher the worker cannot start, end or even be sure of its jobs
+        (whatever ran is now nobody's child). Record nothing: the master sweeps the slots as
+        soon as this process is gone, and the leader recovers the attempts as lost once the
+        lease runs out."""
+        log.error("the job launcher (pid %s) died: exiting; the master kills what it left",
+                  self.launcher.pid)
+        logging.shutdown()
+        os._exit(EXIT_LAUNCHER_DIED)
 
     # --- running one job ------------------------------------------------------------------
 
-    def _run_job(self, job: Claimed) -> None:
+    def _run_job(self, job: Claimed, slot: int) -> None:
         settings = self.settings
         try:
             self.queue.publish([(job.id, Event("state", attempt=job.attempt,
@@ -178,20 +219,21 @@ class Worker:
         limits = self.box.limits_for(job.limits)
         execution = Execution(
             job.command,
-            env=build_env({**self.box.env, **job.env}, path=settings.path, job_id=job.id,
+            env=build_env({**self.box.env_for(self.launcher.uids[slot]), **job.env},
+                          path=settings.path, job_id=job.id,
                           attempt=job.attempt),
-            cwd=job.cwd or settings.cwd, shell=settings.shell,
+            cwd=job.cwd or settings.cwd, launcher=self.launcher, slot=slot,
+            shell=settings.shell, limits=self.box.rlimits(limits),
             timeout=job.timeout or settings.default_timeout, kill_grace=settings.kill_grace,
-            max_output=settings.max_output_bytes, wrapper=self.box.wrapper(limits),
-            on_output=lambda data, offset: self._publish_output(job, data, offset),
-            on_spawn=self.groups.add, on_exit=self.groups.remove)
+            max_output=settings.max_output_bytes,
+            on_output=lambda data, offset: self._publish_output(job, data, offset))
         with self.lock:
             self.starting -= 1
             self.running[job.id] = (execution, job.attempt)
             if (job.id, job.attempt) in self.recent_cancels:
                 execution.stop(EndReason.CANCELLED)
-            elif self.hand_back_now.is_set():
-                execution.stop(EndReason.HANDED_BACK)
+            elif self.hand_back_now.is_set() or self.lease_lapsed:
+                execution.stop(EndReason.HANDED_BACK, kill_by=self._lease_kill_by())
         try:
             result = execution.run()
         except Exception as exc:  # never lose an attempt to a bug: record it as failed
@@ -199,6 +241,8 @@ class Worker:
             result = Result(exit_code=None, signal=None, output=b"", truncated=False,
                             reason=EndReason.SPAWN_FAILED, error=f"executor error: {exc}",
                             duration=0.0)
+        if self.launcher.dead.is_set():
+            self._launcher_died()
         if result.reason is None and result.exit_code != 0:
             why = self.box.explain(limits, result.exit_code, result.signal, result.output)
             if why:
@@ -285,6 +329,62 @@ class Worker:
 
     # --- heartbeats and cancels -----------------------------------------------------------
 
+    def _register(self) -> None:
+        sent = time.monotonic()
+        self.store.register_worker(self.id, self.cfg.node_id, self.ttl)
+        self.lease_ok_at = sent
+
+    def _renew(self) -> None:
+        sent = time.monotonic()
+        try:
+            held = self.store.renew_lease(self.id, self.ttl)
+        except Exception as exc:
+            log.warning("lease renewal failed: %s", exc)
+            return
+        if not held:
+            self._lease_gone()
+            return
+        self.lease_ok_at = sent
+        if self.lease_lapsed:
+            log.warning("lease renewed again; taking jobs again")
+            self.lease_lapsed = False
+
+    def _lease_kill_by(self) -> float | None:
+        """While the lease is in doubt: by when (monotonic) the jobs must be dead, ahead of
+        the moment the lease may run out (measured from when the last renewal was sent)."""
+        if not self.lease_lapsed:
+            return None
+        return self.lease_ok_at + self.ttl - max(1.0, self.ttl / 5)
+
+    def _guard_lease(self) -> None:
+        """Hand running jobs back, by this worker's own clock, before its lease can run out."""
+        while not self.done.wait(min(0.2, self.ttl / 10)):
+            if self.lease_lapsed or time.monotonic() < self.lease_ok_at + self.ttl / 2:
+                continue
+            self.lease_lapsed = True
+            kill_by = self._lease_kill_by()
+            with self.lock:
+                executions = [execution for execution, _ in self.running.values()]
+            log.error("no lease renewal for %.1fs (heartbeat_ttl %.0fs): handing back %d "
+                      "running job(s), killed within %.1fs", time.monotonic() - self.lease_ok_at,
+                      self.ttl, len(executions), max(0.0, kill_by - time.monotonic()))
+            for execution in executions:
+                execution.stop(EndReason.HANDED_BACK, kill_by=kill_by)
+
+    def _lease_gone(self) -> None:
+        """The leader deleted this worker's lease: it declared the worker dead and recovered
+        its jobs, which may run elsewhere already. Kill them now and stop."""
+        log.error("this worker's lease is gone (the leader declared it dead): killing its "
+                  "running jobs and stopping")
+        self.exit_code = 1
+        self.lease_lapsed = True
+        self.stopping.set()
+        self.hand_back_now.set()
+        with self.lock:
+            executions = [execution for execution, _ in self.running.values()]
+        for execution in executions:
+            execution.stop(EndReason.HANDED_BACK, kill_by=time.monotonic())
+
     def _beat(self) -> None:
         info = {"node": self.cfg.node_id, "pid": os.getpid(), "index": self.index,
                 "queues": self.queues, "concurrency": self.concurrency,
@@ -292,13 +392,14 @@ class Worker:
         self.queue.heartbeat(self.id, info, self.settings.heartbeat_ttl)
 
     def _heartbeats(self) -> None:
-        interval = min(1.0, self.settings.heartbeat_ttl / 3)
+        interval = min(1.0, self.ttl / 3)
         while not self.done.wait(interval):
+            self._renew()
             try:
-                self._beat()
-                self.parent.alive()
+                self._beat()    # for `dtsctl status`; the lease in PostgreSQL is what counts
             except Exception as exc:
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("heartbeat to Redis failed: %s", exc)
+            self.parent.alive()
 
     def _listen_for_cancels(self) -> None:
         while not self.done.is_set():
@@ -308,11 +409,35 @@ class Worker:
                 while not self.done.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and message["type"] == "message":
-                        job_id, _, attempt = message["data"].decode().partition(" ")
-                        self._cancel(job_id, int(attempt or 0))
+                        self._on_cancel_message(message["data"])
             except Exception as exc:
                 log.warning("cancel channel lost: %s", exc)
                 self.done.wait(1.0)
+
+    def _on_cancel_message(self, data: bytes) -> None:
+        """A cancel message names a job and attempt; PostgreSQL says whether it holds.
+        Whoever can publish on Redis could send one: only a job the API cancelled is killed."""
+        try:
+            job_id, _, attempt_text = data.decode().partition(" ")
+            attempt = int(attempt_text or 0)
+        except (UnicodeDecodeError, ValueError):
+            log.warning("ignored a malformed cancel message: %r", data[:100])
+            return
+        with self.lock:
+            here = job_id in self.running or self.starting > 0
+        if not here:
+            return
+        try:
+            cancelled = self.store.cancelled(job_id, attempt)
+        except Exception as exc:
+            log.warning("cancel of %r not checked (PostgreSQL: %s); the next look at the job "
+                        "ends it if it was cancelled", job_id, exc)
+            return
+        if not cancelled:
+            log.warning("ignored a cancel message for job %r attempt %d: it was not cancelled",
+                        job_id, attempt)
+            return
+        self._cancel(job_id, attempt)
 
     def _cancel(self, job_id: str, attempt: int) -> None:
         """Kill the attempt if it runs here; remember it briefly in case it is starting."""
@@ -332,10 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg, index, parent = child.boot("worker", argv)
     try:
         box = JobBox.from_config(cfg)
-    except ConfigError as exc:
+        launcher = box.start_launcher(cfg.get("dtsd", "runtime_dir"), cfg.worker.concurrency)
+    except (ConfigError, LauncherError) as exc:
         log.error("%s", exc)
         return child.EXIT_CONFIG
-    return Worker(cfg, index, parent, box).run()
+    # From here on the worker holds nothing: its launcher keeps what switching users takes.
+    launchermod.keep_only(())
+    return Worker(cfg, index, parent, box, launcher).run()
 
 
 if __name__ == "__main__":

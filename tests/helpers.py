@@ -253,14 +253,18 @@ class RedisServer:
     `tls` = {"cert", "key", "ca"} (PEM paths): TLS only, clients need a certificate signed
     by "ca" too, also given as "client_cert"/"client_key" for the helper's own ping.
     `auth` = (user, password): that ACL user may do anything, the default user nothing.
+    `unix_socket`: no TCP; the socket `.socket` (mode 0700) in the server's private
+    directory (0700), as the packaged default keeps it from jobs.
     """
 
     def __init__(self, port: int | None = None, binary: str = "redis-server", *,
-                 tls: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None):
+                 tls: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None,
+                 unix_socket: bool = False):
         self.binary = shutil.which(binary) or binary
         self.tls = tls
         self.auth = auth
         self.dir = Path(tempfile.mkdtemp(prefix="dtsd-redis-"))
+        self.socket = self.dir / "redis.sock" if unix_socket else None
         self.port = port or 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = None
@@ -268,6 +272,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        if self.socket:
+            return f"unix://{self.socket}?db=0"
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -279,12 +285,12 @@ class RedisServer:
             return self
         fixed_port = bool(self.port)
         for attempt in range(5):
-            if not fixed_port:
+            if not fixed_port and not self.socket:
                 self.port = free_port()
             self._spawn()
             try:
                 wait_for(self.ping, timeout=timeout,
-                         message=lambda: f"redis-server on port {self.port}:\n"
+                         message=lambda: f"redis-server on {self.socket or self.port}:\n"
                                          f"{tail(self.logfile, 20)}")
                 return self
             except AssertionError:
@@ -299,11 +305,18 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, *self._listen_args(), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir),
-             "--daemonize", "no", "--unixsocket", "", "--loglevel", "notice"],
+             "--daemonize", "no", *self._socket_args(), "--loglevel", "notice"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             cwd=self.dir, env=clean_env())
 
+    def _socket_args(self) -> list[str]:
+        if self.socket:
+            return ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+        return ["--unixsocket", ""]
+
     def _listen_args(self) -> list[str]:
+        if self.socket:
+            return ["--port", "0"]
         args = ["--port", str(self.port)]
         if self.tls:
             args = ["--port", "0", "--tls-port", str(self.port),
@@ -318,6 +331,12 @@ class RedisServer:
     def ping(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+        if self.socket:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+                raw.settimeout(1)
+                raw.connect(str(self.socket))
+                raw.sendall(b"PING\r\n")
+                return raw.recv(64).startswith(b"+PONG")
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
             sock = raw
             if self.tls:
@@ -381,8 +400,27 @@ def write_ini(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
         if not parser.has_section("worker"):
             parser.add_section("worker")
         parser["worker"].setdefault("job_user", TEST_JOB_USER)
+        parser["worker"].setdefault("job_uids", test_job_uids(sections))
     with open(path, "w", encoding="utf-8") as handle:
         parser.write(handle)
+
+
+def test_job_uids(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """A [worker] job_uids range of this master's own: the suite (and another suite run
+    beside it) starts many masters on one host, and two masters must never share a uid.
+    Derived from the listen port, which no other live master holds."""
+    listen = str(sections.get("server", {}).get("listen", "")) or f":{free_port()}"
+    port = int(listen.rpartition(":")[2]) or free_port()
+    worker = sections.get("worker", {})
+
+    def number(key: str, default: int) -> int:
+        try:
+            return int(worker.get(key, default))
+        except ValueError:      # a test writing a broken value on purpose
+            return default
+    needed = 2 * number("processes", 2) * number("concurrency", 4)
+    first = 10_000_000 + port * 1024
+    return f"{first}-{first + max(64, min(needed, 1024)) - 1}"
 
 
 def merge_sections(base: Mapping[str, Mapping[str, Any]],

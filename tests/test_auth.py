@@ -202,7 +202,7 @@ def test_refuses_to_listen_on_all_addresses_without_auth_and_tls(dtsd_factory):
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
                             env=clean_env({"PYTHONPATH": str(REPO_ROOT)}),
                             stdin=subprocess.DEVNULL)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 78, result.stderr
     assert "[server] listen = 0.0.0.0:" in result.stderr and "refusing to start" in result.stderr
 
 

@@ -324,7 +324,7 @@ def test_check_config_refuses_a_world_readable_ini_holding_a_password(tmp_path):
     assert "hunter2" not in result.stderr
     # The master refuses the same way, before it starts anything.
     started = run_dtsd("-c", str(ini))
-    assert started.returncode == 1 and "holds a password" in started.stderr, started
+    assert started.returncode == 78 and "holds a password" in started.stderr, started
 
     ini.chmod(0o640)
     fine = run_dtsd("--check-config", "-c", str(ini))

@@ -77,7 +77,7 @@ def test_defaults_from_empty_file():
     assert cfg.worker.concurrency == 4
     assert cfg.worker.queues == ("default",)
     assert cfg.postgres.dsn == "postgresql:///dtsd"
-    assert cfg.redis.url == "redis://127.0.0.1:6379/0"
+    assert cfg.redis.url == "unix:///run/redis/redis-server.sock?db=0"
     assert cfg.etcd.endpoints == ()
     assert cfg.etcd.lease_ttl == 10.0
     assert cfg.client.servers == ("127.0.0.1:50051",)
@@ -291,7 +291,7 @@ def test_a_password_from_the_environment_is_not_the_files():
 def test_readable_password_files_and_keys_are_refused(key_line, path, what):
     text = key_line + "\n"
     error, _ = _exposure(text, {path: 0o644})
-    assert error == (f"refusing to start: {what} {path} (mode 0644) is readable by every "
+    assert error == (f"{what} {path} (mode 0644) is readable by every "
                      f"user: chmod 600 {path} (or 640, group dtsd)")
     assert _exposure(text, {path: 0o640}) == (None, None)
     assert _exposure(text, {}) == (None, None)        # missing: whoever reads it says so

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import pwd
 import subprocess
 import sys
 import time
 
 import pytest
 
+from dtsd import config as configmod
 from tests.helpers import (REPO_ROOT, TEST_JOB_USER, clean_env, free_port, run_dtsctl,
                            wait_for)
 
@@ -43,9 +45,14 @@ def test_submit_prints_an_id_and_status_shows_the_result(dtsd):
 def test_submit_wait_exits_with_the_job_s_exit_code(dtsd):
     result = dtsd.dtsctl("submit", "--wait", "--max-retries", "0", "--", "sh", "-c", "exit 3")
     assert result.returncode == 3, (result.stdout, result.stderr)
-    result = dtsd.dtsctl("submit", "--wait", "--", "id", "-un")
+    result = dtsd.dtsctl("submit", "--wait", "--", 'echo "$USER $(id -u) $(id -G)"')
     assert result.returncode == 0
-    assert result.stdout == f"{TEST_JOB_USER}\n"    # jobs run as [worker] job_user
+    user, uid, *groups = result.stdout.split()
+    # Jobs run as a slot uid of their own (the suite's have no name: USER is job_user's),
+    # with job_user's groups.
+    first, last = configmod.load(str(dtsd.ini_path)).get("worker", "job_uids")
+    assert user == TEST_JOB_USER and first <= int(uid) <= last
+    assert groups == [uid, str(pwd.getpwnam(TEST_JOB_USER).pw_gid)]
 
 
 def test_submit_file_in_the_seed_format(dtsd, tmp_path):

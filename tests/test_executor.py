@@ -1,7 +1,9 @@
 """The executor against real shells: exit codes, output, deadlines, cancels and leftovers.
 
-Every test runs real processes. Waiting is done by polling a condition with a deadline; the
-only sleeps are inside the jobs themselves.
+Every test runs real processes, through a real launcher (dtsd/launcher.py), once boxed (a
+uid per slot: the suite runs as root) and once unboxed (the launcher's own user, as a
+checkout run by a normal user would). Waiting is done by polling a condition with a
+deadline; the only sleeps are inside the jobs themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 import pytest
 
 from dtsd.executor import Execution, Result, build_env
+from dtsd.jobbox import Launcher
 from dtsd.models import EndReason
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,12 +23,34 @@ pytestmark = pytest.mark.timeout(60)
 PATH = "/usr/local/bin:/usr/bin:/bin"
 ENV = {"PATH": PATH, "LANG": "C.UTF-8"}
 SOON = 5.0          # an honest upper bound for "promptly" on a loaded 2-core VM
+SLOTS = 8
+# Slot uids of this test process only: another suite may run beside it.
+UIDS = (3_000_000 + os.getpid() % 50_000 * 20, 3_000_000 + os.getpid() % 50_000 * 20 + 19)
+
+_launcher: Launcher | None = None
+
+
+@pytest.fixture(scope="module", params=["boxed", "unboxed"], autouse=True)
+def launcher(request, tmp_path_factory):
+    global _launcher
+    boxed = request.param == "boxed"
+    if boxed and os.geteuid() != 0:
+        pytest.skip("boxed jobs need root (or CAP_SETUID and CAP_SETGID)")
+    _launcher = Launcher(runtime_dir=str(tmp_path_factory.mktemp("launcher")), concurrency=SLOTS,
+                         uids=UIDS if boxed else None, groups=[65534])
+    yield _launcher
+    _launcher.close()
+    _launcher = None
+
+
+def execution(command: str, slot: int = 0, **kwargs) -> Execution:
+    kwargs.setdefault("env", ENV)
+    kwargs.setdefault("cwd", "/")
+    return Execution(command, launcher=_launcher, slot=slot, **kwargs)
 
 
 def run(command: str, **kwargs) -> Result:
-    kwargs.setdefault("env", ENV)
-    kwargs.setdefault("cwd", "/")
-    return Execution(command, **kwargs).run()
+    return execution(command, **kwargs).run()
 
 
 def wait_for(condition, timeout: float = SOON, what: str = "condition"):
@@ -189,27 +214,27 @@ def test_a_job_ignoring_term_is_killed_after_the_grace(tmp_path):
 
 def test_stop_from_another_thread_is_prompt(tmp_path):
     marker = tmp_path / "started"
-    execution = Execution(f"touch {marker}; sleep 100", env=ENV, cwd="/", kill_grace=5)
-    job = Background(execution)
+    job_run = execution(f"touch {marker}; sleep 100", kill_grace=5)
+    job = Background(job_run)
     wait_for(marker.exists, what="the job to start")
-    assert execution.pid is not None
+    assert job_run.pid is not None
     asked = time.monotonic()
-    execution.stop(EndReason.CANCELLED)
+    job_run.stop(EndReason.CANCELLED)
     result = job.join()
     assert time.monotonic() - asked < 1.0
     assert result.reason is EndReason.CANCELLED
     assert result.error == "cancelled"
     assert result.signal == 15
-    assert execution.pid is None
+    assert job_run.pid is None
 
 
 def test_first_stop_reason_wins(tmp_path):
     marker = tmp_path / "started"
-    execution = Execution(f"touch {marker}; sleep 100", env=ENV, cwd="/")
-    job = Background(execution)
+    job_run = execution(f"touch {marker}; sleep 100")
+    job = Background(job_run)
     wait_for(marker.exists, what="the job to start")
-    execution.stop(EndReason.HANDED_BACK)
-    execution.stop(EndReason.CANCELLED)
+    job_run.stop(EndReason.HANDED_BACK)
+    job_run.stop(EndReason.CANCELLED)
     result = job.join()
     assert result.reason is EndReason.HANDED_BACK
     assert result.error == "handed back"
@@ -217,27 +242,37 @@ def test_first_stop_reason_wins(tmp_path):
 
 def test_stop_before_run_never_starts_the_job(tmp_path):
     marker = tmp_path / "ran"
-    execution = Execution(f"touch {marker}", env=ENV, cwd="/")
-    execution.stop(EndReason.CANCELLED)
-    result = execution.run()
+    job_run = execution(f"touch {marker}")
+    job_run.stop(EndReason.CANCELLED)
+    result = job_run.run()
     assert result.reason is EndReason.CANCELLED
     assert result.exit_code is None and result.output == b""
     assert not marker.exists()
-    assert execution.pid is None
+    assert job_run.pid is None
 
 
 def test_stop_after_run_changes_nothing():
-    execution = Execution("echo hi", env=ENV, cwd="/")
-    result = execution.run()
-    execution.stop(EndReason.CANCELLED)
+    job_run = execution("echo hi")
+    result = job_run.run()
+    job_run.stop(EndReason.CANCELLED)
     assert (result.exit_code, result.reason, result.output) == (0, None, b"hi\n")
 
 
 def test_run_twice_is_refused():
-    execution = Execution("true", env=ENV, cwd="/")
-    execution.run()
+    job_run = execution("true")
+    job_run.run()
     with pytest.raises(RuntimeError):
-        execution.run()
+        job_run.run()
+
+
+def test_kill_by_shortens_the_grace(tmp_path):
+    marker = tmp_path / "started"
+    job_run = execution(f"trap '' TERM; touch {marker}; sleep 100", kill_grace=30)
+    job = Background(job_run)
+    wait_for(marker.exists, what="the job to start")
+    job_run.stop(EndReason.HANDED_BACK, kill_by=time.monotonic() + 0.3)
+    result = job.join()
+    assert result.signal == 9 and result.reason is EndReason.HANDED_BACK
 
 
 def test_timeout_is_honoured_after_the_job_closes_its_output():
@@ -298,9 +333,22 @@ def test_stdin_is_dev_null():
     assert (result.reason, result.exit_code, result.output) == (None, 0, b"eof\n")
 
 
-def test_wrapper_execs_the_shell():
-    result = run("echo $0", wrapper=["/usr/bin/env", "-i"])
-    assert (result.exit_code, result.output) == (0, b"/bin/sh\n")
+def test_the_job_s_environment_reaches_its_own_exec_only():
+    """The job's LD_PRELOAD is read by the job's own shell and nothing before it (issue 10,
+    finding 1: setpriv and prlimit used to run with it, holding the worker's privileges)."""
+    result = run("exit 0", env={**ENV, "LD_PRELOAD": "/nonexistent-dtsd.so"})
+    assert result.exit_code == 0
+    assert result.output.count(b"/nonexistent-dtsd.so") == 1, result.output
+
+
+def test_a_limit_the_job_may_not_have_is_a_spawn_failure():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or os.geteuid() == 0 and _launcher.boxed is False:
+        pytest.skip("needs a finite hard limit the job cannot raise")
+    result = run("true", limits=[(resource.RLIMIT_NOFILE, hard + 1, hard + 1)])
+    assert result.reason is EndReason.SPAWN_FAILED
+    assert "open_files" in result.error
 
 
 # --- process group hygiene ----------------------------------------------------------------
@@ -320,11 +368,79 @@ def test_a_detached_leftover_is_killed_too(tmp_path):
     assert_gone(read_pid(pidfile))
 
 
+def boxed_only():
+    if not _launcher.boxed:
+        pytest.skip("a process that leaves its session is out of reach unboxed (documented)")
+
+
+ESCAPES = {
+    "setsid": "setsid sleep 300 >/dev/null 2>&1 < /dev/null & echo $! > {pidfile}",
+    "double fork": "( ( setsid sleep 300 >/dev/null 2>&1 </dev/null & echo $! > {pidfile} ) & )",
+}
+
+
+@pytest.mark.parametrize("how", sorted(ESCAPES))
+def test_what_left_the_session_is_gone_when_the_job_exits(tmp_path, how):
+    """Issue 10, finding 5: processes that left the job's session outlived it."""
+    boxed_only()
+    pidfile = tmp_path / "escaped.pid"
+    result = run(ESCAPES[how].format(pidfile=pidfile) + "; sleep 0.2; exit 0")
+    assert (result.exit_code, result.reason) == (0, None)
+    assert_gone(read_pid(pidfile))
+
+
+@pytest.mark.parametrize("reason", ["timeout", "cancel"])
+def test_what_left_the_session_is_gone_after_a_timeout_or_a_cancel(tmp_path, reason):
+    boxed_only()
+    pidfile = tmp_path / "escaped.pid"
+    command = ESCAPES["setsid"].format(pidfile=pidfile) + "; sleep 100"
+    job_run = execution(command, timeout=1.0 if reason == "timeout" else 0, kill_grace=1)
+    job = Background(job_run)
+    pid = read_pid(pidfile)
+    if reason == "cancel":
+        job_run.stop(EndReason.CANCELLED)
+    result = job.join(SOON + 2)
+    assert result.reason is (EndReason.TIMEOUT if reason == "timeout" else EndReason.CANCELLED)
+    assert_gone(pid)
+
+
+def test_a_slot_s_private_tmpdir_is_fresh_for_each_job_and_others_cannot_enter_it(tmp_path):
+    boxed_only()
+    first = run('echo "$TMPDIR"; echo secret > "$TMPDIR/mine"; echo left > /tmp/dtsd-left-$$;'
+                ' ls -ld "$TMPDIR" | cut -c1-10', slot=1)
+    tmpdir, mode = first.output.decode().split()
+    assert mode == "drwx------"
+    assert os.stat(tmpdir).st_uid == _launcher.uids[1]
+    other = run(f'cat "{tmpdir}/mine" 2>&1; ls "{tmpdir}" 2>&1', slot=2)
+    assert b"secret" not in other.output and b"Permission denied" in other.output
+    second = run('echo "$TMPDIR"; ls -A "$TMPDIR"; ls /tmp | grep -c dtsd-left-', slot=1)
+    lines = second.output.decode().split()
+    assert lines == [tmpdir, "0"], "the slot's next job sees nothing its previous job left"
+
+
+def test_jobs_of_two_slots_cannot_signal_or_read_each_other(tmp_path):
+    boxed_only()
+    pidfile = tmp_path / "victim.pid"
+    victim = Background(execution(f"echo $$ > {pidfile}; SECRET=hunter2 sleep 30", slot=3,
+                                  env={**ENV, "OTHER_TOKEN": "s3cret"}))
+    pid = read_pid(pidfile)
+    attack = run(f"kill -STOP {pid}; echo kill=$?; cat /proc/{pid}/environ; echo env=$?; "
+                 f"head -c1 /proc/{pid}/mem; echo mem=$?", slot=4)
+    text = attack.output.decode(errors="replace")
+    assert "kill=1" in text and "env=1" in text and "mem=1" in text, text
+    assert "s3cret" not in text
+    assert alive(pid)
+    with open(f"/proc/{pid}/stat") as stat:
+        assert stat.read().rsplit(")", 1)[1].split()[0] != "T", "the victim was stopped"
+    victim.execution.stop(EndReason.CANCELLED)
+    victim.join()
+
+
 def test_concurrent_runs_do_not_mix(tmp_path):
     results = {}
 
     def one(i):
-        results[i] = run(f"echo job{i}; exit {i}")
+        results[i] = run(f"echo job{i}; exit {i}", slot=i)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
     for thread in threads:

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import stat as stat_module
 import subprocess
 import sys
 import tempfile
@@ -482,6 +483,8 @@ def test_daemon_detaches_writes_pidfile_logs_and_drains_on_term(node_factory):
                                                "[coordinator-0 ")) and "master starting" in text
         wait_for(logged, timeout=10, message=lambda: f"master and child lines in {log_path}:\n"
                                                      f"{tail(log_path, 40)}")
+        # The log names jobs, workers and callers: not for every user (the umask is 022).
+        assert stat_module.S_IMODE(log_path.stat().st_mode) == 0o640, oct(log_path.stat().st_mode)
 
         job_id = submit_sleep_and_wait_running(node)
         t_term = time.monotonic()

@@ -1,8 +1,8 @@
 """The job's box: user, capabilities, no_new_privs and resource limits, on a real dtsd.
 
 The suite runs as root, so the master holds every capability: these tests show what its
-children and their jobs are left with. The same checks run under the packaged systemd
-unit (a dtsd user with four ambient capabilities) in `make test-deb`.
+children, their launchers and their jobs are left with. The same checks run under the
+packaged systemd unit (a dtsd user with three ambient capabilities) in `make test-deb`.
 """
 
 from __future__ import annotations
@@ -86,15 +86,23 @@ def open_the_way(path: Path) -> None:
 
 # --- the box, as a job sees it ------------------------------------------------------------
 
-def test_a_job_runs_as_the_job_user_with_no_capability_and_no_new_privs(api, master):
+def slot_uids(master) -> range:
+    first, last = configmod.load(str(master.ini_path)).get("worker", "job_uids")
+    return range(first, last + 1)
+
+
+def test_a_job_runs_as_a_slot_user_with_no_capability_and_no_new_privs(api, master):
     job = run(api, "cat /proc/self/status")
     assert job.status == pb.SUCCEEDED, job.error
     fields = status_fields(job.output.decode())
     for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[name], 16) == 0, (name, fields[name])
     assert fields["NoNewPrivs"] == "1"
-    assert fields["Uid"].split() == [str(NOBODY.pw_uid)] * 4
-    assert fields["Gid"].split() == [str(NOBODY.pw_gid)] * 4
+    uid = int(fields["Uid"].split()[0])
+    assert uid in slot_uids(master), uid
+    assert fields["Uid"].split() == [str(uid)] * 4
+    assert fields["Gid"].split() == [str(uid)] * 4          # a group of its own, same number
+    assert fields["Groups"].split() == [str(NOBODY.pw_gid)]  # and job_user's groups
     assert "0" not in fields["Groups"].split(), "the job kept root's group"
 
 
@@ -138,20 +146,34 @@ def _try_submit(api, metadata, command):
         raise
 
 
-def test_servers_and_the_coordinator_keep_no_capability_workers_only_four(master):
+def test_only_the_launchers_keep_a_privilege_and_only_two(master):
+    """Servers, the coordinator and the workers hold nothing (the workers gave up theirs
+    once their launcher ran); each worker's launcher holds CAP_SETUID and CAP_SETGID, in no
+    set but the effective and permitted ones, with an empty bounding set."""
     roles = wait_for(lambda: (c := children_of(master.pid)) and len(c) == 3 and c,
                      timeout=10, message="the master's three roles")
-    for role in ("server", "coordinator"):
+    # A worker drops its capabilities once its launcher is up; a job proves it got there.
+    run(pb_grpc.SchedulerStub(grpc.insecure_channel(master.address)), "true")
+    for role in ("server", "coordinator", "worker"):
         for pid in roles[role]:
             caps = jobbox.capabilities(pid)
             assert all(value == 0 for value in caps.values()), (role, caps)
             with open(f"/proc/{pid}/status") as handle:
                 assert status_fields(handle.read())["NoNewPrivs"] == "1"
-    wanted = sum(1 << cap for cap in (jobbox.CAP_KILL, jobbox.CAP_SETGID, jobbox.CAP_SETUID,
-                                      jobbox.CAP_SETPCAP))
-    for pid in roles["worker"]:
+    wanted = (1 << jobbox.CAP_SETGID) | (1 << jobbox.CAP_SETUID)
+    launchers = [pid for worker in roles["worker"] for pid in children_pids(worker)]
+    assert len(launchers) == len(roles["worker"])
+    for pid in launchers:
         caps = jobbox.capabilities(pid)
-        assert caps["CapBnd"] == wanted and caps["CapEff"] == wanted, caps
+        assert caps == {"CapInh": 0, "CapPrm": wanted, "CapEff": wanted, "CapBnd": 0,
+                        "CapAmb": 0}, caps
+        with open(f"/proc/{pid}/status") as handle:
+            assert status_fields(handle.read())["NoNewPrivs"] == "1"
+
+
+def children_pids(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(p) for p in handle.read().split()]
 
 
 # --- resource limits ----------------------------------------------------------------------
@@ -163,8 +185,8 @@ def test_a_bounded_fork_bomb_ends_failed_naming_the_limit_and_the_worker_survive
     assert job.status == pb.FAILED
     assert "process limit reached (processes=40)" in job.error, job.error
     # Nothing it started is left, and the same worker goes on running jobs.
-    wait_for(lambda: not _processes_of(NOBODY.pw_uid, b"sleep"), timeout=10,
-             message="the fork bomb's processes to be gone")
+    wait_for(lambda: not [p for uid in slot_uids(master) for p in _processes_of(uid, b"sleep")],
+             timeout=10, message="the fork bomb's processes to be gone")
     assert run(api, "echo still here").output == b"still here\n"
     assert children_of(master.pid)["worker"] == workers
 
@@ -264,19 +286,16 @@ def test_a_root_worker_refuses_to_run_jobs_as_root_or_nobody_known(dtsd_factory,
 
 # --- the pure parts -----------------------------------------------------------------------
 
-def test_the_wrapper_switches_user_drops_everything_and_sets_both_limits():
-    box = jobbox.JobBox(user=NOBODY, groups=(NOBODY.pw_gid, 4242), setpriv="/usr/bin/setpriv",
-                        prlimit="/usr/bin/prlimit", drop_bounding=True,
-                        defaults={"processes": 10}, ceiling={"processes": 100})
+def test_limits_are_capped_at_the_ceiling_and_set_soft_equals_hard():
+    import resource
+    box = jobbox.JobBox(user=NOBODY, groups=(NOBODY.pw_gid, 4242), uids=(70000, 70999),
+                        umask=0o027, defaults={"processes": 10}, ceiling={"processes": 100})
     limits = box.limits_for({"processes": 500, "file_size": 1024})
     assert limits == {"processes": 100, "file_size": 1024}   # capped by this worker's ceiling
-    assert box.wrapper(limits) == [
-        "/usr/bin/setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}",
-        f"--groups={NOBODY.pw_gid},4242", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
-        "--no-new-privs", "--", "/usr/bin/prlimit", "--nproc=100:100", "--fsize=1024:1024",
-        "--"]
-    assert box.wrapper({"cpu_time": 5})[-2] == "--cpu=5:6"
-    assert "/usr/bin/prlimit" not in box.wrapper({})   # nothing to limit: no prlimit
+    assert box.rlimits(limits) == [(resource.RLIMIT_NPROC, 100, 100),
+                                   (resource.RLIMIT_FSIZE, 1024, 1024)]
+    assert box.rlimits({"cpu_time": 5}) == [(resource.RLIMIT_CPU, 5, 6)]   # SIGXCPU, then KILL
+    assert box.rlimits({}) == []
 
 
 def test_limit_lists_in_the_ini_are_checked():
@@ -291,8 +310,7 @@ def test_limit_lists_in_the_ini_are_checked():
 
 
 def test_explain_names_the_limit_only_when_it_was_set():
-    box = jobbox.JobBox(user=None, groups=(), setpriv="", prlimit="", drop_bounding=False,
-                        defaults={}, ceiling={})
+    box = jobbox.JobBox(user=None, groups=(), uids=None, umask=0o027, defaults={}, ceiling={})
     assert box.explain({"file_size": 1 << 20}, 153, None, b"") == \
         "file size limit exceeded (file_size=1MiB)"
     assert box.explain({}, 153, None, b"") == ""

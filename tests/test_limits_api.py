@@ -104,3 +104,54 @@ def test_a_request_larger_than_max_message_size_is_refused(dtsd_factory):
         api.GetJob(pb.GetJobRequest(id=api.SubmitJob(
             pb.SubmitJobRequest(job=pb.JobSpec(command="true")), timeout=10).id), timeout=10)
     assert stored(master) == 2
+
+
+def test_max_pending_total_bounds_all_queues_together(dtsd_factory):
+    """Finding: every new queue name got a fresh max_pending, and queues no worker serves
+    were accepted, so what Redis held had no bound (one server grew from 84 to 194 MB)."""
+    master = dtsd_factory(FAST, server={"max_pending": 100, "max_pending_total": 5,
+                                        "processes": 1}, worker={"processes": 0})
+    with grpc.insecure_channel(master.address) as channel:
+        api = pb_grpc.SchedulerStub(channel)
+        api.SubmitJobs(pb.SubmitJobsRequest(jobs=specs(3, queue="a")), timeout=10)
+        api.SubmitJobs(pb.SubmitJobsRequest(jobs=specs(1, queue="b")), timeout=10)
+        # A fresh queue name brings no fresh budget; a batch that would pass is refused whole.
+        message = exhausted(api.SubmitJobs, pb.SubmitJobsRequest(jobs=specs(2, queue="c")))
+        assert message == ("the queues hold 4 pending jobs together; 2 more would pass "
+                           "[server] max_pending_total = 5")
+        api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(command="true", queue="nobody-serves")),
+                      timeout=10)
+        message = exhausted(api.SubmitJob,
+                            pb.SubmitJobRequest(job=pb.JobSpec(command="true", queue="d")))
+        assert message == ("the queues hold 5 pending jobs together "
+                           "([server] max_pending_total = 5)")
+        exhausted(seed_pb_grpc.JobServiceStub(channel).SubmitJob, seed_pb.Job(command="true"))
+    assert stored(master) == 5
+
+
+def test_cancelling_a_pending_job_takes_it_out_of_the_count(dtsd_factory, redis):
+    """Finding: cancelled ids stayed in Redis and counted (4 real PENDING counted as 5)."""
+    master = dtsd_factory(FAST, server={"max_pending": 5, "processes": 1},
+                          worker={"processes": 0})
+    with grpc.insecure_channel(master.address) as channel:
+        api = pb_grpc.SchedulerStub(channel)
+        ready = [job.id for job in api.SubmitJobs(
+            pb.SubmitJobsRequest(jobs=specs(4)), timeout=10).jobs]
+        later = pb.JobSpec(command="true")
+        later.run_at.FromDatetime(datetime.now(timezone.utc) + timedelta(days=365))
+        delayed = api.SubmitJob(pb.SubmitJobRequest(job=later), timeout=10).id
+        exhausted(api.SubmitJob, pb.SubmitJobRequest(job=pb.JobSpec(command="true")))
+
+        for job_id in (ready[1], delayed):
+            api.CancelJob(pb.CancelJobRequest(id=job_id), timeout=10)
+        client = redis.client()
+        held = {i.decode() for i in client.smembers("dtsd:default:queued")}
+        assert held == {ready[0], ready[2], ready[3]}
+        assert [i.decode() for i in client.lrange("dtsd:default:queue:default:0", 0, -1)] == \
+            [ready[0], ready[2], ready[3]]
+        assert client.zcard("dtsd:default:delayed") == 0
+        # Three PENDING: two places are free, and the third submit is refused again.
+        api.SubmitJobs(pb.SubmitJobsRequest(jobs=specs(2)), timeout=10)
+        message = exhausted(api.SubmitJob, pb.SubmitJobRequest(job=pb.JobSpec(command="true")))
+        assert message == "queue 'default' holds 5 pending jobs ([server] max_pending = 5)"
+    assert stored(master) == 7

@@ -118,7 +118,7 @@ def test_a_config_error_stops_the_master_with_the_message(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dtsd", "-c", str(ini)], cwd=REPO_ROOT,
                             env=clean_env({"PYTHONPATH": str(REPO_ROOT)}), capture_output=True,
                             text=True, timeout=30)
-    assert result.returncode == 1
+    assert result.returncode == 78      # EX_CONFIG: systemd does not restart it
     assert f"{ini}: [worker] concurrency: not a whole number: 'lots'" in result.stderr
     check = subprocess.run([sys.executable, "-m", "dtsd", "--check-config", "-c", str(ini)],
                            cwd=REPO_ROOT, env=clean_env({"PYTHONPATH": str(REPO_ROOT)}),

@@ -175,8 +175,12 @@ def dtsd_page() -> list[str]:
     out += [".SH SYSTEMD", esc(
         "dtsd.service runs the master as user dtsd with `Type=notify`: `systemctl start dtsd` "
         "returns once every child runs (READY=1), `systemctl status dtsd` shows the master's "
-        "STATUS= line (role, children running, jobs pending), `systemctl reload dtsd` sends "
-        "HUP (RELOADING=1, then READY=1 once the new configuration is applied), and "
+        "STATUS= line (role, children running, jobs pending), `systemctl reload dtsd` runs "
+        "`dtsd reload`, which sends HUP and waits for the master's verdict: it fails, with "
+        "the reason in the journal, when the master refuses the file (every start check runs "
+        "on it, and the running configuration stays), and returns once the new configuration "
+        "runs (RELOADING=1, then READY=1). A refused configuration at start exits 78, which "
+        "the unit does not restart (`RestartPreventExitStatus=78`). "
         "`systemctl stop dtsd` sends TERM to the master alone (`KillMode=mixed`), which drains "
         f"its children: running jobs get `[worker] stopwaitsecs` ({worker_wait}) to finish and "
         f"`[worker] kill_grace` ({kill_grace}) after that. The master pings the watchdog from "
@@ -189,11 +193,13 @@ def dtsd_page() -> list[str]:
         "/usr/share/doc/dtsd/examples/relax-hardening.conf is a drop-in for "
         "/etc/systemd/system/dtsd.service.d/ that loosens the sandbox, line by line.")]
     out += [".SH EXIT STATUS", esc(
-        "0 after a requested stop (and for --check-config on a valid file). "
-        "1 when the master refuses to start or stops on its own: a bad configuration, the "
-        "listen address in use, a failed migration, or a child exiting with "
-        f"{child.EXIT_CONFIG} (configuration error) or {child.EXIT_BOOT} (cannot start) "
-        "before the node was first ready.")]
+        "0 after a requested stop (and for --check-config on a valid file, 1 on an error). "
+        f"{child.EXIT_CONFIG} (EX_CONFIG) when the master refuses the configuration: it does "
+        "not parse, or a start check fails (exposure, secrets, unreadable files, the job "
+        f"user), or a child exits {child.EXIT_CONFIG} before the node was first ready. "
+        "1 when it stops on its own for another reason: the listen address in use, a failed "
+        f"migration, a child exiting {child.EXIT_BOOT} (cannot start) before the node was "
+        "first ready.")]
     out += [".SH ENVIRONMENT", ".TP", "\\fBDTSD_CONFIG\\fR",
             esc(f"The configuration file when -c is not given (default {config.DEFAULT_PATH})."),
             ".PP", "The seed's variables override the file when set and not empty:"]
@@ -273,9 +279,9 @@ def ini_page() -> list[str]:
     out += [".PP", esc(
         "The file is INI: `[section]` headers and `key = value` lines; comments start with "
         "`;` or `#`, also after a value. Every option is optional. dtsd reads the file at "
-        "start and on HUP (`systemctl reload dtsd`); a file with an error is refused "
-        "whole, with a message naming the file, the section and the key, and a running "
-        "daemon keeps its configuration. The installed file lists every option, commented "
+        "start and on HUP (`systemctl reload dtsd`); a file with an error, or one that fails "
+        "a start check, is refused whole, with a message naming the file, the section and "
+        "the key, and a running daemon keeps its configuration. The installed file lists every option, commented "
         "out, with its default: `dtsd config-reference` prints it.")]
     out += [".SH OPTIONS"]
     for section in config.SECTIONS:

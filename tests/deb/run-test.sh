@@ -315,12 +315,13 @@ note "dtsctl status shows every child RUNNING $(awk -v a="$started" -v b="$(date
 	'BEGIN { printf "%.1f", b - a }')s after the first-start block"
 ct_sh "dtsctl status"
 note "dtsctl status: node $(q 'd["nodes"][0]["node_id"]' dtsctl -o json status) with 5 children RUNNING"
-user=$(ct dtsctl submit --follow -- id -un 2>/dev/null)
-note "dtsctl submit --follow -- id -un: $user"
-[ "$user" = dtsd-job ] || fail "the job ran as '$user', not dtsd-job"
-waited=$(q 'd["job"]["status"] + " " + d["job"]["output"].strip()' dtsctl -o json submit --wait -- id -un)
-note "dtsctl -o json submit --wait -- id -un: $waited"
-[ "$waited" = "SUCCEEDED dtsd-job" ] || fail "submit --wait: $waited"
+user=$(ct dtsctl submit --follow -- 'id -un; id -u; id -Gn' 2>/dev/null | tr '\n' ' ')
+note "dtsctl submit --follow -- id -un; id -u; id -Gn: $user"
+[[ "$user" =~ ^dtsd-job-([0-9]+)\ (700[0-9][0-9])\ dtsd-job-[0-9]+\ dtsd-job\ $ ]] ||
+	fail "the job did not run as a slot user dtsd-job-N (uid 700NN) with dtsd-job's groups: '$user'"
+waited=$(q 'd["job"]["status"] + " " + d["job"]["output"].strip()' dtsctl -o json submit --wait -- whoami)
+note "dtsctl -o json submit --wait -- whoami: $waited"
+[[ "$waited" =~ ^SUCCEEDED\ dtsd-job-[0-9]+$ ]] || fail "submit --wait: $waited"
 # The job's box under the packaged unit: no capability in any set, no_new_privs, and the
 # configuration (0640 root:dtsd) out of reach.
 privs=$(ct dtsctl submit --follow -- 'grep -E "^(NoNewPrivs|Cap[A-Za-z]+):" /proc/self/status' 2>/dev/null |
@@ -332,19 +333,36 @@ zero=0000000000000000
 ini=$(ct dtsctl submit --follow -- 'cat /etc/dtsd/dtsd.ini >/dev/null 2>&1 && echo readable || echo denied' 2>/dev/null)
 note "a job reading /etc/dtsd/dtsd.ini: $ini"
 [ "$ini" = denied ] || fail "a job can read /etc/dtsd/dtsd.ini"
-# What the daemon's own processes hold: the master and workers four capabilities, servers
-# and the coordinator none.
-for role in master server coordinator worker; do
+# What the daemon's own processes hold: the master three capabilities (CAP_SETGID,
+# CAP_SETUID, CAP_SETPCAP), each worker's launcher two (CAP_SETGID, CAP_SETUID, with an empty
+# bounding set), the servers, the coordinator and the workers none.
+for role in master server coordinator worker launcher; do
 	case $role in master) pid=$(ct systemctl show -p MainPID --value dtsd) ;;
 		*) pid=$(ct pgrep -f -o "dtsd\\.$role ") ;; esac
-	caps=$(ct sh -c "grep -E '^(CapEff|CapBnd):' /proc/$pid/status" | tr -s '\t' ' ' | tr '\n' ' ')
+	caps=$(ct sh -c "grep -E '^(CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/$pid/status" | tr -s '\t' ' ' | tr '\n' ' ')
 	note "$role (pid $pid): $caps"
 	case $role in
-		master|worker) want="CapEff: 00000000000001e0 CapBnd: 00000000000001e0 " ;;
-		*) want="CapEff: $zero CapBnd: $zero " ;;
+		master) want="CapEff: 00000000000001c0 CapBnd: 00000000000001c0 CapAmb: 00000000000001c0 NoNewPrivs: 1 " ;;
+		launcher) want="CapEff: 00000000000000c0 CapBnd: $zero CapAmb: $zero NoNewPrivs: 1 " ;;
+		*) want="CapEff: $zero CapBnd: $zero CapAmb: $zero NoNewPrivs: 1 " ;;
 	esac
 	[ "$caps" = "$want" ] || fail "$role holds $caps, expected $want"
 done
+# Jobs are strangers to each other: another job's processes are invisible (hidepid) and out
+# of reach of signals, even with the pid in hand.
+victim=$(ct dtsctl submit -- 'echo $$ > /tmp/victim.pid; chmod 644 /tmp/victim.pid; exec sleep 60')
+wait_for 30 "the victim job runs" q 'd["jobs"][0]["status"] == "RUNNING"' dtsctl -o json status "$victim"
+probe=$(ct dtsctl submit --follow -- 'pid=$(cat /tmp/victim.pid); [ -e /proc/$pid ] && echo seen || echo hidden
+	kill -STOP $pid 2>/dev/null && echo stopped || echo refused; ps -e -o comm= | grep -c "^sleep$"' 2>/dev/null | tr '\n' ' ')
+note "another job probing the victim (pid file, kill -STOP, ps): $probe"
+[ "$probe" = "hidden refused 0 " ] || fail "a job reached another job's process: $probe"
+[ "$(q 'd["jobs"][0]["status"]' dtsctl -o json status "$victim")" = RUNNING ] || fail "the victim job stopped"
+ct dtsctl cancel "$victim" >/dev/null
+# Nothing a job started outlives it, however it left the job's session.
+escaped=$(ct dtsctl submit --wait -- 'setsid sleep 300 </dev/null >/dev/null 2>&1 & ( ( sleep 301 </dev/null >/dev/null 2>&1 & ) & ); sleep 0.5; echo started' 2>/dev/null)
+[ "$escaped" = started ] || fail "the escaping job: $escaped"
+wait_for 5 "what the escaping job left to be gone" bash -c "! nsenter -t $CT_PID -a pgrep -f 'sleep 30[01]'"
+note "a job's setsid and double-forked children are gone when it ends"
 ct_sh "dtsctl submit --file jobs.json --wait"
 ct_sh "dtsctl submit --follow -- 'touch /etc/dtsd/x 2>&1; touch /usr/x 2>&1; ls /home 2>&1; true'"
 # Installing the package again runs the maintainer scripts as an upgrade does: the user is

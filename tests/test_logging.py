@@ -1,0 +1,133 @@
+"""What dtsd writes to its log: one line per record whatever the text it names (control
+characters escaped), syslog priorities under journald, and a log file kept from other users."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import sys
+
+import pytest
+
+from dtsd import child
+from tests.helpers import clean_env, REPO_ROOT, wait_for
+from tests.test_master import FAST, counts_are
+
+
+def record(message: str, *args, level: int = logging.INFO, exc_info=None) -> logging.LogRecord:
+    return logging.LogRecord("dtsd.test", level, __file__, 1, message, args, exc_info)
+
+
+def test_the_formatter_escapes_control_characters_in_the_message():
+    formatter = child.LogFormatter("master", journal=False)
+    name = "ghost\n2026-01-01 00:00:00,000 INFO [server-0 1] dtsd.audit: forged\x1b[2J\r\x9b\u2028"
+    line = formatter.format(record("worker %s is gone", name))
+    assert "\n" not in line and "\x1b" not in line and "\r" not in line
+    assert "\x9b" not in line and "\u2028" not in line
+    assert line.endswith("worker ghost\\n2026-01-01 00:00:00,000 INFO [server-0 1] dtsd.audit: "
+                         "forged\\x1b[2J\\r\\x9b\\u2028 is gone")
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO \[master \d+\] dtsd.test: ", line)
+    # Printable text, tabs aside, is left alone.
+    assert formatter.format(record("caf\u00e9 \\n 100%")).endswith("caf\u00e9 \\n 100%")
+    assert formatter.format(record("a\tb")).endswith("a\\tb")
+
+
+def test_a_traceback_keeps_its_lines_but_not_the_escape_sequences():
+    formatter = child.LogFormatter("worker-0", journal=False)
+    try:
+        raise ValueError("bad\x1b]52;c;AAAA\x07 value")
+    except ValueError:
+        text = formatter.format(record("failed", level=logging.ERROR, exc_info=sys.exc_info()))
+    lines = text.split("\n")
+    assert lines[0].endswith("ERROR [worker-0 %d] dtsd.test: failed" % os.getpid())
+    assert lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: bad\\x1b]52;c;AAAA\\x07 value"
+
+
+def test_under_journald_every_line_carries_its_priority_and_no_time_stamp():
+    formatter = child.LogFormatter("server-1", journal=True)
+    pid = os.getpid()
+    assert formatter.format(record("hello")) == f"<6>INFO [server-1 {pid}] dtsd.test: hello"
+    assert formatter.format(record("x", level=logging.WARNING)).startswith("<4>WARNING ")
+    assert formatter.format(record("x", level=logging.ERROR)).startswith("<3>ERROR ")
+    assert formatter.format(record("x", level=logging.CRITICAL)).startswith("<2>CRITICAL ")
+    assert formatter.format(record("x", level=logging.DEBUG)).startswith("<7>DEBUG ")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        text = formatter.format(record("failed", level=logging.ERROR, exc_info=sys.exc_info()))
+    assert all(line.startswith("<3>") for line in text.split("\n")), text
+
+
+def test_journal_stream_must_name_standard_error_itself(tmp_path, monkeypatch):
+    with open(tmp_path / "err", "w") as err:
+        saved = os.dup(2)
+        try:
+            os.dup2(err.fileno(), 2)
+            info = os.fstat(err.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
+            assert child.stderr_is_journal()
+            assert child.journal_line("a\nb") == "<3>a\n<3>b"
+            monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino + 1}")
+            assert not child.stderr_is_journal()       # stderr was redirected elsewhere
+            assert child.journal_line("a") == "a"
+            monkeypatch.delenv("JOURNAL_STREAM")
+            assert not child.stderr_is_journal()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def test_a_master_under_journald_logs_priorities_from_every_process(dtsd_factory):
+    master = dtsd_factory(FAST, start=False)
+    master.log_path.touch()
+    info = os.stat(master.log_path)
+    master.env = lambda: clean_env({"PYTHONPATH": str(REPO_ROOT),
+                                    "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
+    master.start()
+    wait_for(lambda: counts_are(master, server=2, worker=2, coordinator=1))
+    lines = master.log().splitlines()
+    assert lines and all(re.match(r"<[2-7]>[A-Z]+ \[", line) for line in lines), lines[:5]
+    for role in ("master", "server-0", "worker-0", "coordinator-0"):
+        assert any(line.startswith(f"<6>INFO [{role} ") for line in lines), role
+    # The fixture's Redis takes no password: the start checks warn, at warning priority.
+    assert any(line.startswith("<4>WARNING [master ") and "takes no password" in line
+               for line in lines)
+
+
+def test_a_worker_name_read_from_redis_cannot_forge_a_log_line(dtsd_factory, redis):
+    """Finding: a name added to the workers set with a newline wrote a forged
+    `dtsd.audit` line when the leader logged it as gone."""
+    master = dtsd_factory(FAST)
+    wait_for(lambda: counts_are(master, server=2, worker=2, coordinator=1))
+    forged = "2026-01-01 00:00:00,000 INFO [server-0 1] dtsd.audit: cancel by admin: all"
+    name = f"ghost\n{forged}\x1b[2J"
+    redis.client().sadd("dtsd:default:workers", name)
+    wait_for(lambda: "worker ghost" in master.log(), timeout=30,
+             message="the leader to log the ghost worker")
+    log = master.log()
+    assert not any(line.startswith(forged[:23]) for line in log.splitlines())
+    assert f"worker ghost\\n{forged}\\x1b[2J is gone" in log
+    assert "\x1b" not in log
+
+
+def test_the_log_file_is_created_0640_whatever_the_umask(dtsd_factory, tmp_path):
+    log_file = tmp_path / "logs" / "dtsd.log"
+    log_file.parent.mkdir()
+    old = os.umask(0o022)
+    try:
+        master = dtsd_factory(FAST, dtsd={"log_file": str(log_file)})
+    finally:
+        os.umask(old)
+    wait_for(lambda: counts_are(master, server=2, worker=2, coordinator=1))
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o640
+    assert "master starting" in log_file.read_text()
+    # Rotated away and reopened (USR1): the new file is 0640 too.
+    log_file.rename(tmp_path / "logs" / "dtsd.log.1")
+    import signal
+    master.signal(signal.SIGUSR1)
+    wait_for(lambda: log_file.exists() and "reopened" in log_file.read_text(),
+             message="the master to log into a new file")
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o640
