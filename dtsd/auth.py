@@ -1,26 +1,37 @@
-"""Who may call what: bearer tokens with roles, the method table, and the exposure rule.
+"""Who may call what: callers, roles, the method table, tokens, and the exposure rule.
 
-Roles are ordered, `read < submit < admin`, each including the ones below it. Tokens live
-hashed in `[server] tokens_file`, one per line `NAME ROLE SHA256HEX` (`#` starts a
-comment); the secret itself is printed once by `dtsd token add` and never stored. The
-server rereads the file when it changes (a stat at most once a second), so adding or
-removing a token needs no restart. No tokens file configured means no authentication.
+Roles are ordered, `read < submit < admin`, each including the ones below it. A call
+comes from one **principal** (`Caller.principal`), which is what owns a job and what the
+audit log names:
+
+- `user:NAME`: a local user on a unix-socket peer, with a local token from this host's
+  master, which read the uid from the kernel (see dtsd/identity.py); its role comes from
+  `[server] local_roles`. Local tokens are refused over TCP, loopback included.
+- `token:NAME`: a bearer token of `[server] tokens_file` (TCP or the local sockets).
+  Tokens live hashed there, one per line `NAME ROLE SHA256HEX` (`#` starts a comment);
+  the secret is printed once by `dtsd token add` and never stored. The server rereads the
+  file when it changes (a stat at most once a second): adding or removing a token needs
+  no restart.
+- `anonymous`: a call with no token at all, only when `[server] anonymous_role` gives
+  such calls a role (default: none; then the call is UNAUTHENTICATED with a message that
+  says how to get in). Every anonymous caller is the same principal.
 
 `METHODS` is deny-by-default: every RPC of every service the server registers has an
 entry (a test enumerates the descriptors), and a method without one is refused.
 Health and reflection need no token (`PUBLIC`): load balancers and probes carry none, and
 both only say what is already public (that the server is up, and the API's schema).
 
-Promises of the interceptor: a call without a well-formed `authorization: Bearer TOKEN`
-or with an unknown token gets UNAUTHENTICATED; a known token whose role is too low gets
+Promises of the interceptor: a call without a usable credential gets UNAUTHENTICATED
+(a malformed or unknown token, a forged or expired local token, a local token over TCP,
+or no token without an anonymous role); a caller whose role is too low gets
 PERMISSION_DENIED naming the role needed; otherwise the handler runs with `caller()`
-returning the token's name.
+returning the `Caller`. What a role may see and touch of other principals' jobs (env
+values, cancel, retry) is decided by the handlers with `Caller.owns`.
 """
 
 from __future__ import annotations
 
 import contextvars
-import enum
 import fcntl
 import hashlib
 import hmac
@@ -35,24 +46,11 @@ from typing import Callable, Iterator
 
 import grpc
 
+from . import identity
+from .identity import Role
+
 log = logging.getLogger("dtsd.auth")
 audit_log = logging.getLogger("dtsd.audit")
-
-
-class Role(str, enum.Enum):
-    READ = "read"
-    SUBMIT = "submit"
-    ADMIN = "admin"
-
-    @property
-    def rank(self) -> int:
-        return _RANK[self]
-
-    def allows(self, needed: Role) -> bool:
-        return self.rank >= needed.rank
-
-
-_RANK = {Role.READ: 0, Role.SUBMIT: 1, Role.ADMIN: 2}
 
 #: Marks a method that needs no token at all.
 PUBLIC = None
@@ -94,23 +92,51 @@ TOKEN_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 SECRET_PREFIX = "dtsd_"
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
-_caller: contextvars.ContextVar[str] = contextvars.ContextVar("dtsd_caller", default="")
+ANONYMOUS = "anonymous"
 
 
-def caller() -> str:
-    """The name of the token the current RPC was authenticated with ('' without auth)."""
+@dataclass(frozen=True)
+class Caller:
+    """Who makes the current call: `principal` (`user:alice`, `token:ci-bot`, `anonymous`),
+    its `role` (None: none), and the gRPC `peer` (`ipv4:127.0.0.1:PORT`, `unix:`)."""
+
+    principal: str
+    role: Role | None
+    peer: str
+
+    @property
+    def local_user(self) -> bool:
+        """Identified by the kernel on this host (a local token)."""
+        return self.principal.startswith("user:")
+
+    @property
+    def submitted_by(self) -> str:
+        """How a job and the audit log record the caller: `user:alice` (the kernel says
+        who; the socket adds nothing), else `token:ci-bot@ipv4:...`, `anonymous@ipv4:...`."""
+        return self.principal if self.local_user else f"{self.principal}@{self.peer}"
+
+    @property
+    def admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+    def owns(self, owner: str) -> bool:
+        """May see the secrets of, cancel and retry what `owner` submitted: the owner
+        itself, and admins."""
+        return self.admin or self.principal == owner
+
+
+NOBODY = Caller(ANONYMOUS, None, "")
+_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("dtsd_caller", default=NOBODY)
+
+
+def caller() -> Caller:
+    """The caller of the current RPC (NOBODY outside one, and in public methods)."""
     return _caller.get()
 
 
-def who(peer: str) -> str:
-    """How an RPC's caller is recorded (`submitted_by`, the audit log)."""
-    name = caller()
-    return f"token:{name}@{peer}" if name else peer
-
-
-def audit(peer: str, action: str, detail: str) -> None:
+def audit(action: str, detail: str) -> None:
     """One line per state-changing call on `dtsd.audit`: who, what, which."""
-    audit_log.info("%s by %s: %s", action, who(peer), detail)
+    audit_log.info("%s by %s: %s", action, caller().submitted_by, detail)
 
 
 def digest(secret: str) -> str:
@@ -175,31 +201,53 @@ def read_tokens(path: str) -> list[Token]:
         return []
 
 
-def _locked(path: str):
-    """An exclusive lock for add/rm, on a file beside the tokens file."""
-    handle = open(path + ".lock", "a")
+LOCK_FILE = "tokens.lock"
+
+
+def _locked(lock_dir: str):
+    """An exclusive lock for add/rm: `<lock_dir>/tokens.lock` ([dtsd] runtime_dir, so
+    nothing is left beside the tokens file). Opened without following a symlink: the
+    directory may belong to the daemon's user while root runs `dtsd token`."""
+    os.makedirs(lock_dir, mode=0o755, exist_ok=True)
+    fd = os.open(os.path.join(lock_dir, LOCK_FILE),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    handle = os.fdopen(fd, "r+b")
     fcntl.flock(handle, fcntl.LOCK_EX)
     return handle
 
 
-def add_token(path: str, name: str, role: str) -> str:
-    """Append a new token; returns its secret (shown once, stored only as a hash)."""
+def add_token(path: str, name: str, role: str, *, lock_dir: str, group: int | None = None) -> str:
+    """Append a new token; returns its secret (shown once, stored only as a hash).
+
+    A tokens file created here is mode 0640 with group `group` (the caller passes the
+    configuration file's: the package installs that root:dtsd 0640, so the daemon can read
+    the tokens as it reads its configuration). An existing file keeps its owner and mode.
+    """
     check_name(name)
     level = check_role(role)
-    with _locked(path):
+    with _locked(lock_dir):
         if any(t.name == name for t in read_tokens(path)):
             raise TokenError(f"token {name!r} exists already (dtsd token rm {name} first)")
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+            created = True
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            created = False
         with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            if created:
+                if group is not None:
+                    os.fchown(fd, -1, group)
+                os.fchmod(fd, 0o640)        # whatever the umask
             handle.write(f"{name} {level.value} {digest(secret)}\n")
     return secret
 
 
-def remove_token(path: str, name: str) -> None:
+def remove_token(path: str, name: str, *, lock_dir: str) -> None:
     """Remove a token by name (atomically: the file is replaced, never half-written)."""
     check_name(name)
-    with _locked(path):
+    with _locked(lock_dir):
         try:
             with open(path, encoding="utf-8") as handle:
                 lines = handle.read().splitlines(keepends=True)
@@ -278,22 +326,23 @@ class TokenFile:
 
 # --- the interceptor ----------------------------------------------------------------------
 
+class Refused(Exception):
+    """A call refused before its handler runs: the status code and a message to act on."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 def _bearer(metadata) -> str | None:
+    """The token of `authorization: Bearer TOKEN`; '' when the header is there but
+    malformed; None without the header."""
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
             scheme, _, secret = value.partition(" ")
-            if scheme.lower() == "bearer" and secret.strip():
-                return secret.strip()
-            return None
+            return secret.strip() if scheme.lower() == "bearer" else ""
     return None
-
-
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
-             message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only aborts."""
-    def deny(request_or_iterator, context):
-        context.abort(code, message)
-    return _same_shape(handler, deny)
 
 
 def _same_shape(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
@@ -308,32 +357,67 @@ def _same_shape(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcM
     return grpc.stream_stream_rpc_method_handler(behavior, **codecs)
 
 
-def _as_caller(handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
-    """The handler, run with `caller()` returning `name` (on the pool thread that runs it)."""
-    original = (handler.unary_unary or handler.unary_stream or handler.stream_unary
-                or handler.stream_stream)
-    if handler.response_streaming:
-        def behavior(request, context) -> Iterator:
-            reset = _caller.set(name)
-            try:
-                yield from original(request, context)
-            finally:
-                _caller.reset(reset)
-    else:
-        def behavior(request, context):
-            reset = _caller.set(name)
-            try:
-                return original(request, context)
-            finally:
-                _caller.reset(reset)
-    return _same_shape(handler, behavior)
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
+             message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that only aborts."""
+    def deny(request_or_iterator, context):
+        context.abort(code, message)
+    return _same_shape(handler, deny)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks every call against `METHODS` and the tokens file."""
+    """Checks every call against `METHODS`: who calls (`authenticate`), then the role.
 
-    def __init__(self, tokens: TokenFile):
+    The peer address is known only inside the call (`context.peer()`), so the check runs
+    there, on the thread that then runs the handler, before the request is parsed.
+    """
+
+    def __init__(self, tokens: TokenFile | None, *, local_key: bytes | None, node: str,
+                 anonymous_role: Role | None, runtime_dir: str):
         self.tokens = tokens
+        self.local_key = local_key
+        self.node = node
+        self.anonymous_role = anonymous_role
+        self.runtime_dir = runtime_dir
+
+    def authenticate(self, metadata, peer: str) -> Caller:
+        """The caller of a call with this metadata from this peer; Refused if none."""
+        local = peer.startswith("unix:")
+        secret = _bearer(metadata)
+        if secret is None:
+            if self.anonymous_role is not None:
+                return Caller(ANONYMOUS, self.anonymous_role, peer)
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, self._no_token(local))
+        if identity.is_local_token(secret):
+            if not local:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED,
+                              "a local token is accepted only on this host's local API "
+                              "sockets, never over TCP: send a token of the tokens file")
+            if self.local_key is None:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED,
+                              "this server cannot check local tokens (it could not read the "
+                              "master's key; see its log): use a token of the tokens file")
+            try:
+                claim = identity.verify(self.local_key, secret, self.node)
+            except identity.LocalTokenError as exc:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+            return Caller(claim.principal, claim.role, peer)
+        token = self.tokens.lookup(secret) if (secret and self.tokens) else None
+        if token is None:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED,
+                          "unknown or malformed token (send 'authorization: Bearer TOKEN' "
+                          "with a token from `dtsd token add`)")
+        return Caller(f"token:{token.name}", token.role, peer)
+
+    def _no_token(self, local: bool) -> str:
+        if local:
+            return ("no token: on this host, dtsctl asks the master who you are "
+                    f"({os.path.join(self.runtime_dir, identity.IDENT_SOCKET)}); other clients "
+                    "send 'authorization: Bearer TOKEN'")
+        return ("a call over TCP needs a token: send 'authorization: Bearer TOKEN' (an admin "
+                "creates one with `dtsd token add NAME --role ROLE`; dtsctl reads it from "
+                "--token-file FILE, $DTSD_TOKEN_FILE or [client] token_file), or run dtsctl on "
+                "the server's host without --servers: its local socket knows who you are")
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -347,17 +431,40 @@ class AuthInterceptor(grpc.ServerInterceptor):
         needed = METHODS[method]
         if needed is PUBLIC:
             return handler
-        secret = _bearer(handler_call_details.invocation_metadata)
-        token = self.tokens.lookup(secret) if secret else None
-        if token is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or unknown token (send 'authorization: Bearer TOKEN'; "
-                            "dtsctl --token or $DTSD_TOKEN)")
-        if not token.role.allows(needed):
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
-                            f"{method.rsplit('/', 1)[1]} needs a token with role "
-                            f"{needed.value}; token {token.name} has role {token.role.value}")
-        return _as_caller(handler, token.name)
+        return _same_shape(handler, self._guard(handler, method.rsplit("/", 1)[1], needed))
+
+    def _guard(self, handler: grpc.RpcMethodHandler, short: str, needed: Role) -> Callable:
+        """The handler's behaviour, run only for a caller with role `needed` or more, with
+        `caller()` returning that caller (on the pool thread that runs it)."""
+        original = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                    or handler.stream_stream)
+
+        def admit(context) -> contextvars.Token:
+            try:
+                who = self.authenticate(context.invocation_metadata(), context.peer() or "")
+            except Refused as refused:
+                context.abort(refused.code, refused.message)
+            if who.role is None or not who.role.allows(needed):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"{short} needs role {needed.value}; {who.principal} has role "
+                              f"{who.role.value if who.role else 'none'}")
+            return _caller.set(who)
+
+        if handler.response_streaming:
+            def behavior(request, context) -> Iterator:
+                reset = admit(context)
+                try:
+                    yield from original(request, context)
+                finally:
+                    _caller.reset(reset)
+        else:
+            def behavior(request, context):
+                reset = admit(context)
+                try:
+                    return original(request, context)
+                finally:
+                    _caller.reset(reset)
+        return behavior
 
 
 # --- exposure: pure checks of the configuration, kept in config.py so that the master

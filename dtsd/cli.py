@@ -10,11 +10,21 @@ writes: submit, cancel, retry, dlq requeue/purge; `--status-servers`/`STATUS_SER
 reads: status, list, logs, dlq list, waiting):
   1. the role's own flag, then `--servers`;
   2. the role's own variable, then `DTSD_SERVERS`, then the seed's `SERVERS`;
-  3. `[client] servers` of the config file: `-c FILE`, else `$DTSD_CONFIG`, else
+  3. when no flag or variable names a server and this host runs dtsd
+     (`<runtime_dir>/ident.sock` exists; `[dtsd] runtime_dir` of a readable config file,
+     else /run/dtsd): its local API sockets `<runtime_dir>/api-*.sock`;
+  4. `[client] servers` of the config file: `-c FILE`, else `$DTSD_CONFIG`, else
      `/etc/dtsd/dtsd.ini` when it is readable;
-  4. `127.0.0.1:50051`.
+  5. `127.0.0.1:50051`.
+Which credential (first match wins): `--token TOKEN` (warned about: every user sees the
+command line in /proc), `--token-file FILE`, `$DTSD_TOKEN`, `$DTSD_TOKEN_FILE`, `[client]
+token_file` of the config file; else, on the local sockets, a local token from this host's
+master, which knows from the kernel which user runs dtsctl (its role: the server's
+`[server] local_roles`), renewed as needed; else none (a server then refuses calls over TCP
+unless its `[server] anonymous_role` says otherwise).
 TLS: `--tls-ca FILE` (else `[client] tls_ca`) turns it on; `--tls-cert`/`--tls-key` add a
 client certificate for servers that require mTLS. A TLS mismatch shows as exit code 3.
+The local sockets never use TLS (they do not leave the host).
 Any flag beats any environment variable. Calls go round-robin over the servers and move on
 to the next one when a server answers UNAVAILABLE. The deadline of each call is `--timeout`,
 else `[client] timeout` of a config file that was read, else 10 s.
@@ -25,7 +35,8 @@ Exit codes:
      the server's message is printed on standard error
   2  usage error: bad option or argument, malformed jobs file, bad config file
   3  cannot reach any server (every server UNAVAILABLE, or no connection within the deadline)
-  4  not authorised (UNAUTHENTICATED, PERMISSION_DENIED)
+  4  not authorised (UNAUTHENTICATED, PERMISSION_DENIED, or this host's master gives
+     the local user no role)
 `submit --wait`, `submit --follow` and `logs -f` exit with the job's own result instead:
 0 when it SUCCEEDED, its exit code when it FAILED with one (-N for signal N becomes 128+N),
 else 1 (FAILED without exit code, CANCELLED).
@@ -62,7 +73,8 @@ A job object has:
   id, status, attempts, exit_code (null: none), output (UTF-8, undecodable bytes replaced),
   output_base64 (the exact bytes), output_truncated, error, dead_lettered, worker,
   submitted_by, created_at, updated_at, started_at, finished_at, schedule_id (0: not a
-  cron run), fire_time,
+  cron run), fire_time, env_hidden (true: spec.env has the names only, values "": the job
+  is another principal's and the caller is no admin),
   spec: {id, name, command, env {name: value}, cwd, queue, priority,
          max_retries (null: server default), timeout_seconds, run_at, idempotency_key,
          limits {name: value, only those set: processes, open_files, file_size, memory,
@@ -90,7 +102,8 @@ Per verb:
   dlq requeue             {ids: [...]}
   dlq purge               {purged}
   cron add|pause|resume   <schedule>: {id, name, expression, timezone, overlap, misfire,
-                           catchup_window_seconds, job: <spec>, paused, next_fire_time,
+                           catchup_window_seconds, job: <spec>, env_hidden (not an admin:
+                           job.env has the names only), paused, next_fire_time,
                            last_fire_time, last_job_id, created_at, updated_at}
   cron list               {schedules: [<schedule>]}
   cron rm                 {name, deleted}
@@ -117,11 +130,12 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 import click
 import grpc
 
-from dtsd import config, models
+from dtsd import config, identity, models
 from dtsd.client import DEFAULT_TIMEOUT, Client, Tls, parse_servers
 from dtsd.v1 import dtsd_pb2
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+HIDDEN = "(hidden)"           # shown for env values the caller may not see
 POLL_INTERVAL = 0.5
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 STATUS_NAMES = tuple(status.value for status in models.JobStatus)
@@ -188,6 +202,8 @@ class Targets:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    local_dir: str = ""       # the runtime directory, when these are its local sockets
+    token_file: str = ""      # [client] token_file of the config file that was read
 
 
 def read_client_config(config_path: str | None, env: Mapping[str, str]) -> config.Config | None:
@@ -203,13 +219,31 @@ def read_client_config(config_path: str | None, env: Mapping[str, str]) -> confi
         raise CliError(str(exc), Exit.USAGE) from None
 
 
+def local_sockets(runtime_dir: str) -> list[str] | None:
+    """This host's dtsd API sockets (`unix:` addresses), or None when this host runs no
+    dtsd there (no `ident.sock`). CliError when it runs one that serves no socket yet."""
+    if not os.path.exists(os.path.join(runtime_dir, identity.IDENT_SOCKET)):
+        return None
+    try:
+        names = sorted(name for name in os.listdir(runtime_dir)
+                       if name.startswith(identity.API_SOCKET_PREFIX) and name.endswith(".sock"))
+    except OSError as exc:
+        raise CliError(f"cannot list {runtime_dir}: {exc.strerror}", Exit.UNREACHABLE) from None
+    if not names:
+        raise CliError(f"dtsd runs on this host ({runtime_dir}) but serves no local API socket "
+                       "yet: is it starting, or has it [server] processes = 0? (or name "
+                       "servers with --servers)", Exit.UNREACHABLE)
+    return [f"unix:{os.path.join(runtime_dir, name)}" for name in names]
+
+
 def resolve_servers(servers: Sequence[str] | None = None,
                     submit_server: Sequence[str] | None = None,
                     status_servers: Sequence[str] | None = None, *,
                     timeout: float | None = None,
                     config_path: str | None = None,
                     env: Mapping[str, str] | None = None) -> Targets:
-    """Apply the precedence of the module docstring: flags, environment, config, default.
+    """Apply the precedence of the module docstring: flags, environment, this host's local
+    sockets, config, default.
 
     The default config file is read only when neither flags nor environment name the
     servers; a file named with `-c`/$DTSD_CONFIG is always read (for its timeout too).
@@ -240,16 +274,24 @@ def resolve_servers(servers: Sequence[str] | None = None,
     named = config_path or environ.get("DTSD_CONFIG")
     cfg = read_client_config(config_path, environ) if (named or not (write and read)) else None
     fallback = ([DEFAULT_SERVER], "the default")
-    tls = {}
+    settings: dict[str, str] = {}
     if cfg is not None:
         fallback = (list(cfg.get("client", "servers")), f"{cfg.path} [client] servers")
         if timeout is None:
             timeout = cfg.get("client", "timeout")
-        tls = {f"tls_{key}": cfg.get("client", f"tls_{key}") for key in ("ca", "cert", "key")}
+        settings = {f"tls_{key}": cfg.get("client", f"tls_{key}") for key in ("ca", "cert", "key")}
+        settings["token_file"] = cfg.get("client", "token_file")
+    if not write and not read:
+        runtime_dir = (cfg.get("dtsd", "runtime_dir") if cfg is not None
+                       else config.default("dtsd", "runtime_dir"))
+        local = local_sockets(runtime_dir)
+        if local is not None:
+            fallback = (local, f"the local sockets in {runtime_dir}")
+            settings["local_dir"] = runtime_dir
     write = write or fallback
     read = read or fallback
     return Targets(write=write[0], read=read[0], write_source=write[1], read_source=read[1],
-                   timeout=DEFAULT_TIMEOUT if timeout is None else timeout, **tls)
+                   timeout=DEFAULT_TIMEOUT if timeout is None else timeout, **settings)
 
 
 class Role(enum.Enum):
@@ -266,6 +308,7 @@ class Settings:
     status_servers: Sequence[str] | None = None
     config_path: str | None = None
     token: str | None = None
+    token_file: str | None = None
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -274,6 +317,7 @@ class Settings:
     timeout: float | None = None
     _targets: Targets | None = field(default=None, repr=False)
     _clients: dict[tuple[str, ...], Client] = field(default_factory=dict, repr=False)
+    _credential: Any = field(default=None, repr=False)
 
     @property
     def json(self) -> bool:
@@ -289,12 +333,36 @@ class Settings:
         targets = self.targets()
         servers = tuple(targets.write if role is Role.WRITE else targets.read)
         if servers not in self._clients:
+            token = self.credential(targets)
             try:
-                self._clients[servers] = Client(servers, targets.timeout, token=self.token,
-                                                tls=self.tls(targets))
+                tls = None if targets.local_dir else self.tls(targets)
+                self._clients[servers] = Client(servers, targets.timeout, token=token, tls=tls)
             except OSError as exc:
                 raise CliError(f"cannot read a TLS file: {exc}", Exit.USAGE) from None
         return self._clients[servers]
+
+    def credential(self, targets: Targets,
+                   env: Mapping[str, str] | None = None) -> str | LocalToken | None:
+        """The token to send, by the precedence of the module docstring (flags, then the
+        environment, then the config file, then who the local user is); None: none."""
+        if self._credential is None:
+            environ = os.environ if env is None else env
+            if self.token:
+                self._credential = self.token
+            elif self.token_file:
+                self._credential = read_token_file(self.token_file, "--token-file")
+            elif environ.get("DTSD_TOKEN"):
+                self._credential = environ["DTSD_TOKEN"]
+            elif environ.get("DTSD_TOKEN_FILE"):
+                self._credential = read_token_file(environ["DTSD_TOKEN_FILE"], "$DTSD_TOKEN_FILE")
+            elif targets.token_file:
+                self._credential = read_token_file(targets.token_file, "[client] token_file")
+            elif targets.local_dir:
+                self._credential = LocalToken(targets.local_dir)
+                self._credential()          # ask now: a refusal is said before anything else
+            else:
+                self._credential = ""
+        return self._credential or None
 
     def tls(self, targets: Targets) -> Tls | None:
         """TLS when a CA is given (flag, else [client] tls_ca); flags beat the config file."""
@@ -324,6 +392,48 @@ class Settings:
 
 
 pass_settings = click.make_pass_decorator(Settings)
+
+
+def read_token_file(path: str, source: str) -> str:
+    """The token in `path` (its first line), for `source` (the option that named it)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(65536)
+    except OSError as exc:
+        raise CliError(f"{source}: cannot read the token file {path}: {exc.strerror or exc}",
+                       Exit.USAGE) from None
+    except UnicodeDecodeError:
+        raise CliError(f"{source}: the token file {path} is not text", Exit.USAGE) from None
+    secret = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not secret:
+        raise CliError(f"{source}: the token file {path} is empty", Exit.USAGE)
+    return secret
+
+
+class LocalToken:
+    """A local token from this host's master (dtsd/identity.py), renewed shortly before it
+    expires, so that a long `--wait` or `logs -f` keeps its credential. Calling it gives
+    the current token; a refusal (no role) is exit code 4, no answer exit code 3."""
+
+    RENEW_BEFORE = 30.0
+
+    def __init__(self, runtime_dir: str):
+        self.runtime_dir = runtime_dir
+        self.token = ""
+        self.expires = 0.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self.lock:
+            if time.time() > self.expires - self.RENEW_BEFORE:
+                try:
+                    self.token = identity.fetch_local_token(self.runtime_dir)
+                except identity.LocalIdentityError as exc:
+                    code = Exit.UNAUTHORISED if exc.refused else Exit.UNREACHABLE
+                    what = "not authorised" if exc.refused else "cannot reach this host's dtsd"
+                    raise CliError(f"{what}: {exc}", code) from None
+                self.expires = identity.claim_expiry(self.token)
+            return self.token
 
 
 # --- values on the command line -----------------------------------------------------------
@@ -576,6 +686,7 @@ def job_dict(job: Any) -> dict[str, Any]:
         "finished_at": _time(job, "finished_at"),
         "schedule_id": job.schedule_id,
         "fire_time": _time(job, "fire_time"),
+        "env_hidden": job.env_hidden,
         "spec": spec_dict(job.spec),
         "attempt_history": [attempt_dict(attempt) for attempt in job.attempt_history],
     }
@@ -655,6 +766,12 @@ def _exit_text(code: int | None) -> str:
     return "-" if code is None else str(code)
 
 
+def env_text(env: Mapping[str, str], hidden: bool) -> str:
+    """`A=1 B='x y'`; values the server withheld show as (hidden), never as empty."""
+    return " ".join(f"{key}={HIDDEN if hidden else shlex.quote(value)}"
+                    for key, value in env.items())
+
+
 def job_table(job: dict[str, Any]) -> str:
     spec = job["spec"]
     retries = "default" if spec["max_retries"] is None else spec["max_retries"]
@@ -669,7 +786,7 @@ def job_table(job: dict[str, Any]) -> str:
         ("Priority", spec["priority"]),
         ("Attempts", f"{job['attempts']} (max retries {retries})"),
         ("Timeout", seconds_text(spec["timeout_seconds"]) if spec["timeout_seconds"] else None),
-        ("Env", " ".join(f"{k}={shlex.quote(v)}" for k, v in spec["env"].items())),
+        ("Env", env_text(spec["env"], job["env_hidden"])),
         ("Cwd", spec["cwd"]),
         ("Worker", job["worker"]),
         ("Submitted by", job["submitted_by"]),
@@ -986,8 +1103,13 @@ Exit codes: 0 success; 1 the job or operation failed; 2 usage error;
 `logs -f` exit with the job's own exit code instead.
 \b
 Servers, first match wins: --submit-server/--status-servers, --servers,
-$SUBMIT_SERVER/$STATUS_SERVERS, $DTSD_SERVERS, $SERVERS, [client] servers of
-the config file, 127.0.0.1:50051."""
+$SUBMIT_SERVER/$STATUS_SERVERS, $DTSD_SERVERS, $SERVERS, this host's dtsd
+(its local sockets in [dtsd] runtime_dir, /run/dtsd), [client] servers of the
+config file, 127.0.0.1:50051.
+\b
+Credentials, first match wins: --token, --token-file, $DTSD_TOKEN,
+$DTSD_TOKEN_FILE, [client] token_file; on this host's local sockets, who you
+are (the role [server] local_roles gives your user or group)."""
 
 
 def _version() -> str:
@@ -1007,10 +1129,15 @@ def _version() -> str:
               help="Servers for reads: status, list, logs, dlq list, waiting "
                    "(env STATUS_SERVERS).")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Read [client] servers and timeout from FILE (env DTSD_CONFIG; "
-                   f"default {config.DEFAULT_PATH} if readable and no server is given).")
-@click.option("--token", envvar="DTSD_TOKEN", metavar="TOKEN",
-              help="Sent as 'authorization: Bearer TOKEN' (env DTSD_TOKEN).")
+              help="Read [client] (servers, timeout, token_file, TLS) and [dtsd] "
+                   "runtime_dir (this host's dtsd) from FILE (env DTSD_CONFIG; default "
+                   f"{config.DEFAULT_PATH} if readable and no server is given).")
+@click.option("--token", metavar="TOKEN",
+              help="Sent as 'authorization: Bearer TOKEN' (env DTSD_TOKEN). Every user of "
+                   "this host can read a command line: prefer --token-file.")
+@click.option("--token-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Read the token from FILE, its first line (env DTSD_TOKEN_FILE; default: "
+                   "[client] token_file; keep it 0600).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False), metavar="FILE",
               help="Use TLS, trusting the servers' certificates signed by this PEM CA "
                    "(default: [client] tls_ca).")
@@ -1028,12 +1155,21 @@ def _version() -> str:
 @click.pass_context
 def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] | None,
         status_servers: list[str] | None, config_path: str | None, token: str | None,
-        tls_ca: str | None, tls_cert: str | None, tls_key: str | None,
+        token_file: str | None, tls_ca: str | None, tls_cert: str | None, tls_key: str | None,
         tls_server_name: str | None, timeout: float | None) -> None:
-    """dtsctl: submit, watch and manage jobs of a dtsd cluster."""
+    """dtsctl: submit, watch and manage jobs of a dtsd cluster.
+
+    On a host that runs dtsd, dtsctl needs no option: it talks to the local sockets, and
+    the master knows from the kernel which user you are.
+    """
+    if token and token_file:
+        raise click.UsageError("give --token or --token-file, not both")
+    if token:
+        click.echo("dtsctl: warning: --token shows the token to every user of this host "
+                   "(/proc/PID/cmdline); use --token-file FILE or $DTSD_TOKEN_FILE", err=True)
     ctx.obj = Settings(servers=servers, submit_server=submit_server,
                        status_servers=status_servers, config_path=config_path, token=token,
-                       tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                       token_file=token_file, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                        tls_server_name=tls_server_name,
                        output=ctx.meta.get(_OUTPUT_KEY, "table"), timeout=timeout)
     ctx.call_on_close(ctx.obj.close)
@@ -1475,7 +1611,8 @@ def schedule_dict(schedule: Any) -> dict[str, Any]:
             "overlap": dtsd_pb2.OverlapPolicy.Name(schedule.overlap).lower(),
             "misfire": dtsd_pb2.MisfirePolicy.Name(schedule.misfire).lower(),
             "catchup_window_seconds": schedule.catchup_window_seconds,
-            "job": spec_dict(schedule.job), "paused": schedule.paused,
+            "job": spec_dict(schedule.job), "env_hidden": schedule.env_hidden,
+            "paused": schedule.paused,
             "next_fire_time": _time(schedule, "next_fire_time"),
             "last_fire_time": _time(schedule, "last_fire_time"),
             "last_job_id": schedule.last_job_id or None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
@@ -70,28 +70,34 @@ class Tls:
 class Client:
     """One channel per server (TLS when `tls` is given), created on first use; calls go round-robin.
 
-    `timeout` is the deadline of each unary call in seconds. `token`, when given, is sent
-    as `authorization: Bearer <token>` metadata on every call. After a call,
+    A server is `host:port`, or `unix:PATH` for a server's local socket on this host (always
+    plaintext: it never leaves the host). `timeout` is the deadline of each unary call in
+    seconds. `token`, when given, is sent as `authorization: Bearer <token>` metadata on
+    every call; a callable is asked before each call (a local token renews itself). After a call,
     `last_server` is the server that answered (or failed last) and `last_tried` lists
     every server the call tried, in order.
     """
 
     def __init__(self, servers: Sequence[str], timeout: float = DEFAULT_TIMEOUT, *,
-                 token: str | None = None, tls: Tls | None = None):
+                 token: str | Callable[[], str] | None = None, tls: Tls | None = None):
         if not servers:
             raise ValueError("Client needs at least one server")
         self.servers = list(servers)
         self.timeout = timeout
         self.tls = tls
         self._credentials = tls.credentials() if tls else None
-        self.metadata: tuple[tuple[str, str], ...] | None = (
-            (("authorization", f"Bearer {token}"),) if token else None)
+        self.token = token
         self.last_server: str | None = None
         self.last_tried: list[str] = []
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, dtsd_pb2_grpc.SchedulerStub] = {}
         self._next = 0
         self._lock = threading.Lock()
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        token = self.token() if callable(self.token) else self.token
+        return (("authorization", f"Bearer {token}"),) if token else None
 
     # --- calls ----------------------------------------------------------------------------
 
@@ -103,12 +109,13 @@ class Client:
         deadline = self.timeout if timeout is None else timeout
         error: grpc.RpcError | None = None
         self.last_tried = []
+        metadata = self.metadata
         for server in self._rotation():
             self.last_server = server
             self.last_tried.append(server)
             method = getattr(self._stub(server), method_name)
             try:
-                return method(request, timeout=deadline, metadata=self.metadata)
+                return method(request, timeout=deadline, metadata=metadata)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -126,11 +133,12 @@ class Client:
         """
         error: grpc.RpcError | None = None
         self.last_tried = []
+        metadata = self.metadata
         for server in self._rotation():
             self.last_server = server
             self.last_tried.append(server)
             method = getattr(self._stub(server), method_name)
-            responses = method(request, timeout=timeout, metadata=self.metadata)
+            responses = method(request, timeout=timeout, metadata=metadata)
             try:
                 first = next(responses)
             except StopIteration:
@@ -195,7 +203,7 @@ class Client:
             stub = self._stubs.get(server)
             if stub is None:
                 options = [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE)]
-                if self._credentials is None:
+                if self._credentials is None or server.startswith("unix:"):
                     channel = grpc.insecure_channel(server, options=options)
                 else:
                     if self.tls and self.tls.server_name:

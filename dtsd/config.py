@@ -25,6 +25,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from .identity import ROLE_NAMES, parse_local_roles
+
 DEFAULT_PATH = "/etc/dtsd/dtsd.ini"
 
 
@@ -237,6 +239,15 @@ def log_level(text: str) -> str:
     return level
 
 
+def optional_role(text: str) -> str:
+    """Empty (no role), or read, submit, admin."""
+    value = text.strip().lower()
+    if value and value not in ROLE_NAMES:
+        raise ValueError(f"unknown role {text.strip()[:20]!r} (empty for none, or "
+                         f"{', '.join(ROLE_NAMES)})")
+    return value
+
+
 def autorestart(text: str) -> str:
     value = text.strip().lower()
     if value in ("true", "false", "unexpected"):
@@ -301,14 +312,24 @@ def _options() -> list[Option]:
           "gRPC API children, all bound to `listen` (SO_REUSEPORT)."),
         o("server", "listen", "127.0.0.1:50051", host_port, "Address of the gRPC API."),
         o("server", "tokens_file", "", string,
-          "Bearer tokens with roles (dtsd token add). Empty: no authentication."),
+          "Bearer tokens with roles (dtsd token add), for TCP and the local sockets. Empty: "
+          "no tokens."),
+        o("server", "local_roles", "root:admin %dtsd-admin:admin", parse_local_roles,
+          "Roles of local users on this host's API sockets, from their OS identity: "
+          "USER:ROLE or %GROUP:ROLE (its members), roles read, submit, admin; the highest "
+          "matching entry wins; anyone else gets no role."),
+        o("server", "anonymous_role", "", optional_role,
+          "Role of a call that carries no token (TCP or local socket): read, submit or "
+          "admin. Empty: none, such calls are UNAUTHENTICATED. On a non-loopback listen "
+          "address it is refused unless insecure = true."),
         o("server", "tls_cert", "", string,
           "PEM certificate chain of the API; with tls_key it turns on TLS."),
         o("server", "tls_key", "", string, "PEM private key for tls_cert."),
         o("server", "tls_client_ca", "", string,
           "PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."),
         o("server", "insecure", "false", boolean,
-          "Allow a non-loopback listen address without tokens_file and TLS (logs a warning)."),
+          "Allow a non-loopback listen address without tokens_file and TLS, or with an "
+          "anonymous_role (logs a warning)."),
         o("server", "threads", "32", integer(2, 1024),
           "Unary RPCs served at once per server child. Streams do not use these: each "
           "child has max_streams more threads for them."),
@@ -424,8 +445,12 @@ def _options() -> list[Option]:
         o("etcd", "tls_key", "", string, "PEM private key for [etcd] tls_cert."),
 
         o("client", "servers", "127.0.0.1:50051", address_list,
-          "Servers dtsctl talks to when given none."),
+          "Servers dtsctl talks to when given none, and when this host runs no dtsd (if it "
+          "does, dtsctl uses its local sockets)."),
         o("client", "timeout", "10s", positive_duration, "Deadline of each dtsctl call."),
+        o("client", "token_file", "", string,
+          "File holding the token dtsctl sends (one line; keep it 0600). Empty: none (on "
+          "this host dtsctl then asks the master who you are)."),
         o("client", "tls_ca", "", string,
           "PEM CA bundle to verify the servers with; when set, dtsctl uses TLS."),
         o("client", "tls_cert", "", string, "PEM client certificate, for servers that want mTLS."),
@@ -436,6 +461,12 @@ def _options() -> list[Option]:
 OPTIONS: tuple[Option, ...] = tuple(_options())
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(opt.section for opt in OPTIONS))
 _BY_KEY: dict[tuple[str, str], Option] = {(opt.section, opt.key): opt for opt in OPTIONS}
+
+
+def default(section: str, key: str) -> Any:
+    """An option's default value, converted: what a host without the file has."""
+    opt = _BY_KEY[(section, key)]
+    return opt.convert(opt.default)
 
 
 # --- the parsed configuration -------------------------------------------------------------
@@ -661,12 +692,13 @@ def is_loopback(host: str) -> bool:
 
 
 def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: str,
-             insecure: bool) -> tuple[str | None, str | None]:
+             insecure: bool, anonymous_role: str = "") -> tuple[str | None, str | None]:
     """(error, warning) for serving on host:port with this security configuration.
 
-    An error means: do not start (or reload). A non-loopback listen address needs both a tokens file
-    and a TLS certificate and key, unless `[server] insecure = true` says otherwise, in
-    which case the warning is to be logged loudly.
+    An error means: do not start (or reload). A non-loopback listen address needs both a
+    tokens file and a TLS certificate and key, and no `[server] anonymous_role` (anyone who
+    connects would get that role: as good as no tokens), unless `[server] insecure = true`
+    says otherwise, in which case the warning is to be logged loudly.
     """
     if bool(tls_cert) != bool(tls_key):
         return ("[server] tls_cert and tls_key go together: set both or neither", None)
@@ -675,17 +707,26 @@ def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: 
     missing = [what for what, given in (("[server] tokens_file", tokens_file),
                                         ("[server] tls_cert and tls_key", tls_cert))
                if not given]
-    if not missing:
+    if not missing and not anonymous_role:
         return None, None
     where = f"[server] listen = {host}:{port}"
+    anonymous = (f"[server] anonymous_role = {anonymous_role} gives anyone who connects "
+                 f"role {anonymous_role}") if anonymous_role else ""
     if insecure:
-        return None, (f"INSECURE: {where} is reachable from other hosts without "
-                      f"{' and '.join(missing)}; anyone who can connect may run commands as "
-                      "the workers' user ([server] insecure = true)")
-    return (f"{where} is not a loopback address, and "
-            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. "
-            "Jobs are shell commands: configure tokens and TLS, listen on 127.0.0.1, or set "
-            "[server] insecure = true to accept the risk", None)
+        lacks = f" without {' and '.join(missing)}" if missing else ""
+        return None, (f"INSECURE: {where} is reachable from other hosts{lacks}"
+                      f"{'; ' + anonymous if anonymous else ''}; anyone who can connect may "
+                      "run commands as the workers' user ([server] insecure = true)")
+    if missing:
+        problem = (f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. "
+                   "Jobs are shell commands: configure tokens and TLS, listen on 127.0.0.1, or "
+                   "set [server] insecure = true to accept the risk")
+        if anonymous:
+            problem += f"; also, {anonymous} (empty it)"
+    else:
+        problem = (f"{anonymous}. Jobs are shell commands: empty [server] anonymous_role, "
+                   "listen on 127.0.0.1, or set [server] insecure = true to accept the risk")
+    return f"{where} is not a loopback address, and {problem}", None
 
 
 def server_exposure(config: Config) -> tuple[str | None, str | None]:
@@ -696,7 +737,8 @@ def server_exposure(config: Config) -> tuple[str | None, str | None]:
         return None, None
     host, port = server["listen"]
     return exposure(host, port, tokens_file=server["tokens_file"], tls_cert=server["tls_cert"],
-                    tls_key=server["tls_key"], insecure=server["insecure"])
+                    tls_key=server["tls_key"], insecure=server["insecure"],
+                    anonymous_role=server["anonymous_role"])
 
 
 # --- secrets on disk ----------------------------------------------------------------------

@@ -245,13 +245,24 @@ def token() -> None:
     """Manage the API tokens of [server] tokens_file (roles: read < submit < admin)."""
 
 
-def _tokens_file(parent_path: str | None, path: str | None) -> str:
-    tokens_file = _load(path or parent_path).get("server", "tokens_file")
+def _tokens_file(parent_path: str | None, path: str | None) -> tuple[str, configmod.Config]:
+    cfg = _load(path or parent_path)
+    tokens_file = cfg.get("server", "tokens_file")
     if not tokens_file:
         click.echo("dtsd token: [server] tokens_file is not set in the configuration "
                    "(set it, e.g. /etc/dtsd/tokens, to turn authentication on)", err=True)
         sys.exit(1)
-    return tokens_file
+    return tokens_file, cfg
+
+
+def _config_group(cfg: configmod.Config) -> int | None:
+    """The group of the configuration file (dtsd from the package): a tokens file created
+    by `dtsd token add` gets it, so that the daemon reads both alike."""
+    import os
+    try:
+        return os.stat(cfg.path).st_gid if cfg.from_file else None
+    except OSError:
+        return None
 
 
 @token.command("add")
@@ -262,11 +273,15 @@ def _tokens_file(parent_path: str | None, path: str | None) -> str:
 @click.option("-c", "--config", "path", metavar="FILE", help=CONFIG_HELP)
 @click.pass_obj
 def token_add(parent_path: str | None, name: str, role: str, path: str | None) -> None:
-    """Create token NAME and print its secret: the only time it is shown."""
+    """Create token NAME and print its secret: the only time it is shown.
+
+    A new tokens file is created mode 0640 with the configuration file's group (dtsd).
+    """
     from . import auth
-    tokens_file = _tokens_file(parent_path, path)
+    tokens_file, cfg = _tokens_file(parent_path, path)
     try:
-        secret = auth.add_token(tokens_file, name, role)
+        secret = auth.add_token(tokens_file, name, role, group=_config_group(cfg),
+                                lock_dir=cfg.get("dtsd", "runtime_dir"))
     except (auth.TokenError, OSError) as exc:
         click.echo(f"dtsd token add: {exc}", err=True)
         sys.exit(1)
@@ -282,9 +297,9 @@ def token_add(parent_path: str | None, name: str, role: str, path: str | None) -
 def token_rm(parent_path: str | None, name: str, path: str | None) -> None:
     """Revoke token NAME; the servers refuse it within about a second."""
     from . import auth
-    tokens_file = _tokens_file(parent_path, path)
+    tokens_file, cfg = _tokens_file(parent_path, path)
     try:
-        auth.remove_token(tokens_file, name)
+        auth.remove_token(tokens_file, name, lock_dir=cfg.get("dtsd", "runtime_dir"))
     except (auth.TokenError, OSError) as exc:
         click.echo(f"dtsd token rm: {exc}", err=True)
         sys.exit(1)
@@ -296,7 +311,7 @@ def token_rm(parent_path: str | None, name: str, path: str | None) -> None:
 def token_list(parent_path: str | None, path: str | None) -> None:
     """Names and roles of the tokens (the secrets are not stored)."""
     from . import auth
-    tokens_file = _tokens_file(parent_path, path)
+    tokens_file, _ = _tokens_file(parent_path, path)
     try:
         tokens = auth.read_tokens(tokens_file)
     except (auth.TokenError, OSError) as exc:

@@ -34,6 +34,12 @@ NOTIFY_SOCKET): READY=1 once every child is RUNNING, a one-line STATUS=, RELOADI
 with MONOTONIC_USEC= then READY=1 around a reload, STOPPING=1, and WATCHDOG=1 from
 the loop while WATCHDOG_USEC is set.
 
+The loop also answers local callers' "who am I?" on `<runtime_dir>/ident.sock`: the
+peer-credential broker of dtsd/identity.py, which reads the caller's uid from the kernel
+and hands back a short-lived signed local token (or a refusal). It runs here because the
+master is the one process that outlives every child and holds no client of anything; it
+never blocks the loop (non-blocking accept, a bounded number of answers per turn).
+
 Each reload's verdict is written to `<runtime_dir>/reload.json` (a sequence number, the
 state RELOADING, DONE, REFUSED or FAILED, and why), where `dtsd reload` (the unit's
 ExecReload=) waits for it: systemd 252 has no Type=notify-reload, and a plain `kill -HUP`
@@ -55,7 +61,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, checks, child
+from . import __version__, checks, child, identity
 from . import config as configmod
 from .config import Config
 from .jobbox import job_uids_in_use, privilege_argv
@@ -212,6 +218,7 @@ class Master:
         self.runtime_dir = cfg.get("dtsd", "runtime_dir")
         self.node_file = os.path.join(self.runtime_dir, "node.json")
         self.verdict_file = os.path.join(self.runtime_dir, VERDICT_FILE)
+        self.broker = identity.Broker(self.runtime_dir, cfg.node_id)
         self.reload_seq = 0          # HUPs received
         self.applied_seq = 0         # the HUP whose configuration is being applied
         self.verdict = ReloadState.DONE
@@ -225,16 +232,22 @@ class Master:
 
     def run(self) -> int:
         self.init_signals()
-        os.makedirs(os.path.dirname(self.node_file), exist_ok=True)
+        if not os.path.isdir(self.runtime_dir):
+            # Made here (no systemd RuntimeDirectory=): traversable whatever the umask, so
+            # that local users reach the API sockets and the identity broker in it.
+            os.makedirs(self.runtime_dir, exist_ok=True)
+            os.chmod(self.runtime_dir, 0o755)
         log.info("dtsd %s master starting (pid %d, node %s, config %s)",
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
         self.notifier.status("starting")
         for warning in self.preflight.warnings:
             log.warning("%s", warning)
-        if not self.address_is_free() or not self.migrate():
+        if not self.address_is_free() or not self.open_broker() or not self.migrate():
+            self.broker.close()
             return 1
         self.sweep_job_slots()       # what a master that died before us may have left
         if not self.job_slots_usable():
+            self.broker.close()
             return 1
         self.write_verdict(ReloadState.DONE, "started")
         while True:
@@ -253,20 +266,26 @@ class Master:
             self.sleep(0.25 if self.stopping or self.reloading or not self.was_ready else 1.0)
         self.remove_node_record()
         self.remove_verdict()
+        self.broker.close()
         log.info("master stopped")
         return self.exit_code
 
     def sleep(self, timeout: float) -> None:
-        """Wait for a signal, a child's report, or the timeout."""
+        """Wait for a signal, a child's report, a local caller at the broker, or the timeout."""
         if self.notifier.watchdog_interval:    # wake in time for the next ping, not later
             timeout = max(0.0, min(timeout, self.notifier.next_watchdog() - time.monotonic()))
         fds = [self._wake_r] + [c.pipe for c in self.children if c.pipe is not None]
+        broker = self.broker.fileno()
+        if broker >= 0:
+            fds.append(broker)
         try:
             readable, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             return
         for fd in readable:
-            if fd == self._wake_r:
+            if fd == broker:
+                self.broker.serve(self.cfg.get("server", "local_roles"))
+            elif fd == self._wake_r:
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
@@ -548,6 +567,8 @@ class Master:
         self._close_pipe(item)
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         pid, item.proc = item.pid, None
+        if item.role == "server":
+            self.remove_file(identity.api_socket(self.runtime_dir, pid))
         if item.role == "worker" and code != 0:
             swept = self.sweep_job_slots()
             if swept:
@@ -753,6 +774,28 @@ class Master:
             log.error("%s (is another dtsd running?)", problem)
             return False
         return True
+
+    def open_broker(self) -> bool:
+        """The local-identity broker and its signing key, before any child starts (servers
+        read the key at boot). Leftover API sockets of a previous master go first."""
+        for name in os.listdir(self.runtime_dir):
+            if name.startswith(identity.API_SOCKET_PREFIX) and name.endswith(".sock"):
+                self.remove_file(os.path.join(self.runtime_dir, name))
+        try:
+            self.broker.open()
+        except OSError as exc:
+            log.error("cannot serve local identities on %s: %s", self.broker.path, exc)
+            return False
+        return True
+
+    @staticmethod
+    def remove_file(path: str) -> None:
+        """E.g. a server child's local API socket once the child is gone (gRPC removes it
+        on a clean stop, not after a KILL): dtsctl must not knock on a dead one."""
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
     def sweep_job_slots(self) -> int:
         """Kill whatever runs in the job slots no live launcher holds (a worker and its

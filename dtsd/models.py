@@ -125,12 +125,14 @@ class NewJob:
     run_at: datetime | None = None
     idempotency_key: str | None = None
     submitted_by: str = ""
+    owner: str = ""              # the principal that may see its env, cancel and retry it
     schedule_id: int | None = None
     fire_time: datetime | None = None
     limits: dict[str, int] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """What an idempotent repeat must match: the spec, not the id or submitter."""
+        """What an idempotent repeat must match: the spec, not the id or submitter (the
+        key itself belongs to the owner: the same key of another owner is another job)."""
         spec = [self.command, self.name, sorted(self.env.items()), self.cwd, self.queue,
                 self.priority, self.max_retries, self.timeout]
         if self.limits:   # only when set, so fingerprints stored before limits existed hold
@@ -171,7 +173,7 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
                   cwd: str = "", queue: str = "", priority: int = 0,
                   max_retries: int | None = None, timeout: float = 0.0,
                   run_at: datetime | None = None, idempotency_key: str = "",
-                  submitted_by: str = "", prefix: str = "",
+                  submitted_by: str = "", owner: str = "", prefix: str = "",
                   limits: Mapping[str, int] | None = None,
                   ceiling: Mapping[str, int] | None = None) -> NewJob:
     """Check every field of a submitted job; `prefix` qualifies field names (`jobs[3].`).
@@ -219,7 +221,7 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
     return NewJob(id=job_id, command=command, name=name, env=env, cwd=cwd, queue=queue,
                   priority=priority, max_retries=max_retries, timeout=timeout, run_at=run_at,
                   idempotency_key=idempotency_key or None, submitted_by=submitted_by,
-                  limits=checked_limits)
+                  owner=owner, limits=checked_limits)
 
 
 def schedule_job(schedule: dict, slot: datetime | None) -> NewJob:
@@ -237,7 +239,8 @@ def schedule_job(schedule: dict, slot: datetime | None) -> NewJob:
                   priority=template.get("priority", 0),
                   max_retries=template.get("max_retries", DEFAULT_MAX_RETRIES),
                   timeout=template.get("timeout", 0.0), limits=template.get("limits", {}),
-                  submitted_by=f"schedule:{schedule['name']}", schedule_id=schedule["id"],
+                  submitted_by=f"schedule:{schedule['name']}",
+                  owner=f"schedule:{schedule['name']}", schedule_id=schedule["id"],
                   fire_time=slot)
 
 

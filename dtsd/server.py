@@ -1,7 +1,11 @@
 """The gRPC API child: dtsd.v1, the seed's `scheduler` surface, health and reflection.
 
 Every server child binds the same `[server] listen` address (SO_REUSEPORT); the kernel
-spreads connections over them. A request is validated at the edge and answered with
+spreads connections over them. Each also serves its own unix socket
+`<runtime_dir>/api-<pid>.sock` for local callers, who identify with a local token from the
+master (dtsd/identity.py). Who may call what is dtsd/auth.py's interceptor; what a caller
+sees of other principals' jobs (env values) and may do to them (cancel, retry) is decided
+here, with `auth.caller()`. A request is validated at the edge and answered with
 the status code that says what went wrong (INVALID_ARGUMENT naming the field,
 NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, UNAVAILABLE when a backing store is
 down, so clients try another server). A submit is committed to PostgreSQL first and
@@ -32,7 +36,7 @@ import psycopg
 import psycopg_pool
 import redis
 
-from . import __version__, auth, child, introspection, streams
+from . import __version__, auth, child, identity, introspection, streams
 from . import cron as cronmod
 from .config import Config, limit_ceiling
 from .dtsdpb import pb, pb_grpc, seed_pb, seed_pb_grpc
@@ -40,7 +44,7 @@ from .models import (DEFAULT_QUEUE, LIMIT_PROTO_FIELDS, MAX_NAME, QUEUE_NAME,
                      InvalidField, JobStatus, NewJob, check_job_id, check_queue, check_text,
                      schedule_job, validate_spec)
 from .queue import Event, Queue, Ready, connect
-from .store import Conflict, NotFound, Precondition, Store, decode_page_token
+from .store import Conflict, Forbidden, NotFound, Precondition, Store, decode_page_token
 from .watch import Watch, WatchHub
 
 log = logging.getLogger("dtsd.server")
@@ -75,14 +79,18 @@ def to_datetime(message, field: str = "timestamp") -> datetime:
             + timedelta(microseconds=message.nanos // 1000))
 
 
-def job_message(row: dict[str, Any]) -> pb.Job:
+def job_message(row: dict[str, Any], viewer: auth.Caller) -> pb.Job:
+    """A stored job as the API sends it to `viewer`: its env values only to the job's owner
+    and to admins; others get the names with empty values, and `env_hidden` set."""
     job = pb.Job(id=row["id"], status=pb.JobStatus.Value(row["status"]), attempts=row["attempts"],
                  output_truncated=row["output_truncated"], error=row["error"],
                  dead_lettered=row["dead_lettered_at"] is not None, worker=row["worker"] or "",
                  submitted_by=row["submitted_by"], schedule_id=row["schedule_id"] or 0)
     spec = job.spec
     spec.id, spec.name, spec.command = row["id"], row["name"], row["command"]
-    spec.env.update(row["env"])
+    hidden = bool(row["env"]) and not viewer.owns(row["owner"])
+    spec.env.update({key: "" for key in row["env"]} if hidden else row["env"])
+    job.env_hidden = hidden
     spec.cwd, spec.queue, spec.priority = row["cwd"], row["queue"], row["priority"]
     spec.max_retries, spec.timeout_seconds = row["max_retries"], row["timeout"]
     spec.idempotency_key = row["idempotency_key"] or ""
@@ -116,16 +124,17 @@ def spec_limits(spec: pb.JobSpec) -> dict[str, int]:
             for name, field_name in LIMIT_PROTO_FIELDS.items() if getattr(spec.limits, field_name)}
 
 
-def spec_to_job(spec: pb.JobSpec, submitted_by: str, prefix: str = "",
+def spec_to_job(spec: pb.JobSpec, who: auth.Caller, prefix: str = "",
                 ceiling: dict[str, int] | None = None) -> NewJob:
+    """A validated job submitted by `who`, which owns it."""
     return validate_spec(
         id=spec.id, command=spec.command, name=spec.name, env=dict(spec.env), cwd=spec.cwd,
         queue=spec.queue, priority=spec.priority,
         max_retries=spec.max_retries if spec.HasField("max_retries") else None,
         timeout=spec.timeout_seconds,
         run_at=to_datetime(spec.run_at, prefix + "run_at") if spec.HasField("run_at") else None,
-        idempotency_key=spec.idempotency_key, submitted_by=submitted_by, prefix=prefix,
-        limits=spec_limits(spec), ceiling=ceiling)
+        idempotency_key=spec.idempotency_key, submitted_by=who.submitted_by,
+        owner=who.principal, prefix=prefix, limits=spec_limits(spec), ceiling=ceiling)
 
 
 OVERLAP = {pb.OVERLAP_UNSPECIFIED: cronmod.Overlap.ALLOW, pb.ALLOW: cronmod.Overlap.ALLOW,
@@ -145,7 +154,9 @@ def parse_cron(expression: str, zone: str) -> cronmod.Cron:
         raise InvalidField(field, text.split(": ", 1)[1] if ": " in text else text) from None
 
 
-def schedule_message(row: dict[str, Any]) -> pb.Schedule:
+def schedule_message(row: dict[str, Any], viewer: auth.Caller) -> pb.Schedule:
+    """A schedule as the API sends it to `viewer`: the template's env values to admins
+    only (schedules are an admin's), the names with `env_hidden` to others."""
     template = row["job"]
     message = pb.Schedule(
         id=row["id"], name=row["name"], expression=row["expression"], timezone=row["timezone"],
@@ -155,7 +166,9 @@ def schedule_message(row: dict[str, Any]) -> pb.Schedule:
         last_job_id=row["last_job_id"] or "")
     job = message.job
     job.command, job.name = template["command"], template.get("name", "")
-    job.env.update(template.get("env", {}))
+    env = template.get("env", {})
+    message.env_hidden = bool(env) and not viewer.admin
+    job.env.update({key: "" for key in env} if message.env_hidden else env)
     job.cwd, job.queue = template.get("cwd", ""), template.get("queue", "")
     job.priority, job.max_retries = template.get("priority", 0), template.get("max_retries", 3)
     job.timeout_seconds = template.get("timeout", 0.0)
@@ -200,6 +213,8 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, Precondition):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, Forbidden):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, _UNAVAILABLE):
         log.warning("backing store unavailable: %s", exc)
         return grpc.StatusCode.UNAVAILABLE, "a backing store is unavailable; try again or another server"
@@ -332,15 +347,6 @@ class Api:
             log.debug("state event of %s not published: %s", job_id, exc)
 
 
-def _peer(context) -> str:
-    """Who is calling, for `submitted_by` and logs: `token:NAME@PEER` with auth, else PEER."""
-    return auth.who(context.peer() or "")
-
-
-def _audit(context, action: str, detail: str) -> None:
-    auth.audit(context.peer() or "", action, detail)
-
-
 class ScheduleService:
     """The schedule RPCs of dtsd.v1.Scheduler (mixed into SchedulerService)."""
 
@@ -354,7 +360,7 @@ class ScheduleService:
         if given.job.id or given.job.HasField("run_at") or given.job.idempotency_key:
             raise InvalidField("job", "a schedule's job takes no id, run_at or idempotency_key: "
                                       "each firing gets its own")
-        job = spec_to_job(given.job, _peer(context), prefix="job.", ceiling=self.api.ceiling)
+        job = spec_to_job(given.job, auth.caller(), prefix="job.", ceiling=self.api.ceiling)
         window = given.catchup_window_seconds or DEFAULT_CATCHUP
         if not 0 < window <= MAX_CATCHUP:
             raise InvalidField("catchup_window_seconds", f"must be positive and at most "
@@ -371,11 +377,12 @@ class ScheduleService:
             name=name, expression=cron.expression, timezone=cron.timezone,
             overlap=OVERLAP[given.overlap].value, misfire=MISFIRE[given.misfire].value,
             catchup_window=window, job=template,
-            next_fire_time=cron.next_after(datetime.now(timezone.utc)), created_by=_peer(context))
-        _audit(context, "schedule create", f"{name}: {cron.expression} ({cron.timezone}): "
-                                           f"{job.command[:200]!r}")
+            next_fire_time=cron.next_after(datetime.now(timezone.utc)),
+            created_by=auth.caller().submitted_by)
+        auth.audit("schedule create", f"{name}: {cron.expression} ({cron.timezone}): "
+                                      f"{job.command[:200]!r}")
         self._wake_leader()
-        return schedule_message(row)
+        return schedule_message(row, auth.caller())
 
     def _wake_leader(self) -> None:
         """The leader sleeps until the next slot it knows of: tell it about a new one."""
@@ -387,25 +394,26 @@ class ScheduleService:
     @rpc
     def ListSchedules(self, request, context):
         return pb.ListSchedulesResponse(
-            schedules=[schedule_message(row) for row in self.api.store.list_schedules()])
+            schedules=[schedule_message(row, auth.caller())
+                       for row in self.api.store.list_schedules()])
 
     @rpc
     def PauseSchedule(self, request, context):
         row = self.api.store.pause_schedule(check_schedule_name(request.name), True, _next_slot)
-        _audit(context, "schedule pause", request.name)
-        return schedule_message(row)
+        auth.audit("schedule pause", request.name)
+        return schedule_message(row, auth.caller())
 
     @rpc
     def ResumeSchedule(self, request, context):
         row = self.api.store.pause_schedule(check_schedule_name(request.name), False, _next_slot)
-        _audit(context, "schedule resume", request.name)
+        auth.audit("schedule resume", request.name)
         self._wake_leader()
-        return schedule_message(row)
+        return schedule_message(row, auth.caller())
 
     @rpc
     def DeleteSchedule(self, request, context):
         self.api.store.delete_schedule(check_schedule_name(request.name))
-        _audit(context, "schedule delete", request.name)
+        auth.audit("schedule delete", request.name)
         return pb.DeleteScheduleResponse()
 
     @rpc
@@ -413,7 +421,7 @@ class ScheduleService:
         row = self.api.store.get_schedule(check_schedule_name(request.name))
         job = schedule_job(row, None)
         self.api.submit([job])
-        _audit(context, "schedule trigger", f"{row['name']}: job {job.id}")
+        auth.audit("schedule trigger", f"{row['name']}: job {job.id}")
         return pb.SubmitJobResponse(id=job.id, created=True)
 
     @rpc
@@ -433,6 +441,12 @@ class ScheduleService:
         return response
 
 
+def _owner_filter() -> str | None:
+    """Whose jobs the caller may cancel and retry: its own (its principal), or any (admin)."""
+    who = auth.caller()
+    return None if who.admin else who.principal
+
+
 def _next_slot(row: dict[str, Any]) -> datetime:
     return parse_cron(row["expression"], row["timezone"]).next_after(datetime.now(timezone.utc))
 
@@ -446,9 +460,9 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
 
     @rpc
     def SubmitJob(self, request, context):
-        job = spec_to_job(request.job, _peer(context), ceiling=self.api.ceiling)
+        job = spec_to_job(request.job, auth.caller(), ceiling=self.api.ceiling)
         created = self.api.submit([job])[0]
-        _audit(context, "submit", f"1 job: {job.id}{'' if created else ' (existed)'}")
+        auth.audit("submit", f"1 job: {job.id}{'' if created else ' (existed)'}")
         return pb.SubmitJobResponse(id=job.id, created=created)
 
     @rpc
@@ -458,18 +472,19 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         if len(request.jobs) > self.max_batch:
             raise InvalidField("jobs", f"holds {len(request.jobs)} jobs; at most "
                                        f"{self.max_batch} per call ([server] max_batch)")
-        peer = _peer(context)
-        jobs = [spec_to_job(spec, peer, prefix=f"jobs[{i}].", ceiling=self.api.ceiling)
+        who = auth.caller()
+        jobs = [spec_to_job(spec, who, prefix=f"jobs[{i}].", ceiling=self.api.ceiling)
                 for i, spec in enumerate(request.jobs)]
         created = self.api.submit(jobs)
-        _audit(context, "submit", f"{len(jobs)} jobs ({sum(created)} new): {_ids(jobs)}")
+        auth.audit("submit", f"{len(jobs)} jobs ({sum(created)} new): {_ids(jobs)}")
         return pb.SubmitJobsResponse(jobs=[pb.SubmitJobResponse(id=job.id, created=new)
                                            for job, new in zip(jobs, created)])
 
     @rpc
     def GetJob(self, request, context):
         check_job_id(request.id)
-        return job_message(self.api.store.get_job(request.id, with_attempts=request.include_attempts))
+        return job_message(self.api.store.get_job(request.id, with_attempts=request.include_attempts),
+                           auth.caller())
 
     @rpc
     def ListJobs(self, request, context):
@@ -501,7 +516,9 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             statuses=statuses, queue=request.queue, name=name, created_after=after,
             created_before=before, dead_lettered=dead_lettered, limit=size,
             page_token=request.page_token)
-        return pb.ListJobsResponse(jobs=[job_message(row) for row in rows], next_page_token=token)
+        viewer = auth.caller()
+        return pb.ListJobsResponse(jobs=[job_message(row, viewer) for row in rows],
+                                   next_page_token=token)
 
     @staticmethod
     def _status(value: int) -> JobStatus:
@@ -524,25 +541,26 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
     @rpc
     def CancelJob(self, request, context):
         check_job_id(request.id)
-        previous, status, attempt = self.api.store.cancel(request.id)
+        previous, status, attempt = self.api.store.cancel(request.id, owner=_owner_filter())
         if previous is JobStatus.RUNNING:
             self.api.queue.request_cancel(request.id, attempt)
         elif previous is JobStatus.PENDING:
             self.api.forget_pending(request.id)
         if previous is not status:
             self.api.publish_state(request.id, status)
-        _audit(context, "cancel", f"{request.id} ({previous.value} -> {status.value})")
+        auth.audit("cancel", f"{request.id} ({previous.value} -> {status.value})")
         return pb.CancelJobResponse(previous_status=pb.JobStatus.Value(previous.value),
                                     status=pb.JobStatus.Value(status.value))
 
     @rpc
     def RetryJob(self, request, context):
         check_job_id(request.id)
-        requeued = self.api.store.retry(request.id)
+        requeued = self.api.store.retry(request.id, owner=_owner_filter())
         self.api.queue.push([Ready(requeued.id, requeued.queue, requeued.priority)])
         self.api.publish_state(request.id, JobStatus.PENDING)
-        _audit(context, "retry", request.id)
-        return pb.RetryJobResponse(job=job_message(self.api.store.get_job(request.id)))
+        auth.audit("retry", request.id)
+        return pb.RetryJobResponse(job=job_message(self.api.store.get_job(request.id),
+                                                   auth.caller()))
 
     @rpc
     def ListDeadLetters(self, request, context):
@@ -558,7 +576,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             raise InvalidField("ids", "name the jobs to requeue, or set all")
         requeued = self.api.store.requeue_dead(request.ids, queue=request.queue)
         self.api.queue.push([Ready(r.id, r.queue, r.priority) for r in requeued])
-        _audit(context, "dead-letter requeue", f"{len(requeued)} jobs: {_ids(requeued)}")
+        auth.audit("dead-letter requeue", f"{len(requeued)} jobs: {_ids(requeued)}")
         return pb.RequeueDeadLettersResponse(ids=[r.id for r in requeued])
 
     @rpc
@@ -569,7 +587,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             check_queue(request.queue)
         purged = self.api.store.purge_dead(request.ids, queue=request.queue)
         what = ", ".join(request.ids) if request.ids else f"all of queue {request.queue or '*'}"
-        _audit(context, "dead-letter purge", f"{purged} jobs ({what[:500]})")
+        auth.audit("dead-letter purge", f"{purged} jobs ({what[:500]})")
         return pb.PurgeDeadLettersResponse(purged=purged)
 
     def _node_records(self) -> list[dict]:
@@ -648,10 +666,11 @@ class SeedJobService(seed_pb_grpc.JobServiceServicer):
 
     @rpc
     def SubmitJob(self, request, context):
+        who = auth.caller()
         job = validate_spec(id=request.id, command=request.command, queue=DEFAULT_QUEUE,
-                            submitted_by=_peer(context))
+                            submitted_by=who.submitted_by, owner=who.principal)
         self.api.submit([job])
-        _audit(context, "submit", f"1 job: {job.id} (seed JobService)")
+        auth.audit("submit", f"1 job: {job.id} (seed JobService)")
         return seed_pb.JobResponse(job_id=job.id, success=True, message="Job submitted successfully")
 
     @rpc
@@ -676,10 +695,11 @@ class SeedTaskScheduler(seed_pb_grpc.TaskSchedulerServicer):
                                                 f"(9999-12-31), not {request.schedule_time}")
         run_at = (datetime.fromtimestamp(request.schedule_time, tz=timezone.utc)
                   if request.schedule_time else None)
+        who = auth.caller()
         job = validate_spec(id=request.id, name=request.name, command=request.command,
-                            run_at=run_at, submitted_by=_peer(context))
+                            run_at=run_at, submitted_by=who.submitted_by, owner=who.principal)
         self.api.submit([job])
-        _audit(context, "submit", f"1 job: {job.id} (seed TaskScheduler)")
+        auth.audit("submit", f"1 job: {job.id} (seed TaskScheduler)")
         return seed_pb.TaskResponse(task_id=job.id, success=True, message="Task scheduled successfully")
 
     @rpc
@@ -720,10 +740,19 @@ class Server:
                             per_peer=cfg.get("server", "max_streams_per_peer"),
                             public_total=cfg.get("server", "max_public_streams"))
         self.stream_slots = streams.StreamSlots(caps)
-        interceptors = [auth.AuthInterceptor(auth.TokenFile(tokens_file))] if tokens_file else []
+        anonymous = cfg.get("server", "anonymous_role")
+        self.runtime_dir = cfg.get("dtsd", "runtime_dir")
+        self.local_socket = identity.api_socket(self.runtime_dir, os.getpid())
         # The caps after auth (a call it refuses takes no slot); DecodeRequests innermost,
         # so that both refuse before any parsing.
-        interceptors += [streams.StreamLimiter(self.stream_slots), DecodeRequests()]
+        interceptors = [
+            auth.AuthInterceptor(auth.TokenFile(tokens_file) if tokens_file else None,
+                                 local_key=identity.read_key(self.runtime_dir),
+                                 node=cfg.node_id, runtime_dir=self.runtime_dir,
+                                 anonymous_role=auth.Role(anonymous) if anonymous else None),
+            streams.StreamLimiter(self.stream_slots),
+            DecodeRequests(),
+        ]
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads + caps.total, thread_name_prefix="rpc"),
             interceptors=interceptors,
@@ -761,13 +790,19 @@ class Server:
         if not bound:
             log.error("cannot listen on %s: %s", address, error or "address in use or not available")
             return child.EXIT_BOOT
+        if not self._bind_local_socket():
+            return child.EXIT_BOOT
         self.grpc.start()
         for name in ("", *SERVICES):
             self.health.set(name, introspection.health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving dtsd %s on %s (%s, %s)", __version__, address,
+        anonymous = self.cfg.get("server", "anonymous_role")
+        log.info("serving dtsd %s on %s (%s, %s) and %s; calls without a token: %s",
+                 __version__, address,
                  "mTLS" if self.cfg.get("server", "tls_client_ca") else
                  "TLS" if self.cfg.get("server", "tls_cert") else "plaintext",
-                 "tokens required" if self.cfg.get("server", "tokens_file") else "no tokens")
+                 "tokens file" if self.cfg.get("server", "tokens_file") else "no tokens",
+                 self.local_socket,
+                 f"role {anonymous}" if anonymous else "refused (local users: local_roles)")
         self.parent.ready()
         while not self.stopping.wait(1.0):
             self.parent.alive()
@@ -778,6 +813,23 @@ class Server:
         self.grpc.stop(grace).wait()
         self.store.close()
         return child.EXIT_OK
+
+    def _bind_local_socket(self) -> bool:
+        """The API for local callers: `<runtime_dir>/api-<pid>.sock`, mode 0666 (anyone may
+        connect: who they are decides what they may do). Plaintext: it never leaves the
+        host. The master removes it when this child is gone; gRPC removes it on stop."""
+        address = f"unix:{self.local_socket}"
+        try:
+            bound = self.grpc.add_insecure_port(address)
+            if bound:
+                os.chmod(self.local_socket, 0o666)
+        except (RuntimeError, OSError) as exc:
+            log.error("cannot listen on %s: %s", address, exc)
+            return False
+        if not bound:
+            log.error("cannot listen on %s ([dtsd] runtime_dir must be writable, and the "
+                      "path shorter than 108 bytes)", address)
+        return bool(bound)
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         """TLS when [server] tls_cert and tls_key are set; mTLS with tls_client_ca too."""

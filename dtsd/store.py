@@ -59,9 +59,9 @@ MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process
 
 # Columns returned for a job; output only where asked (lists never carry it).
 _JOB_COLUMNS = """id, name, command, env, cwd, queue, priority, max_retries, timeout, run_at,
-    idempotency_key, schedule_id, fire_time, submitted_by, status, attempts, failures, worker,
-    exit_code, output_truncated, error, dead_lettered_at, created_at, updated_at, started_at,
-    finished_at, limits"""
+    idempotency_key, schedule_id, fire_time, submitted_by, owner, status, attempts, failures,
+    worker, exit_code, output_truncated, error, dead_lettered_at, created_at, updated_at,
+    started_at, finished_at, limits"""
 
 _FINAL = tuple(s.value for s in FINAL_STATES)
 
@@ -80,6 +80,11 @@ class Conflict(StoreError):
 
 class Precondition(StoreError):
     """The job is not in a state that allows this (FAILED_PRECONDITION)."""
+
+
+class Forbidden(StoreError):
+    """The job belongs to another principal, and the caller may act on its own only
+    (PERMISSION_DENIED)."""
 
 
 class Deposed(StoreError):
@@ -161,6 +166,12 @@ class Requeued:
     queue: str
     priority: int
     run_at: datetime | None
+
+
+def _check_owner(job_id: str, actual: str, wanted: str | None, doing: str) -> None:
+    if wanted is not None and actual != wanted:
+        raise Forbidden(f"job {job_id} belongs to {actual or 'nobody'}, not to {wanted}: "
+                        f"{doing} another's job needs role admin")
 
 
 def encode_page_token(created_at: datetime, job_id: str) -> str:
@@ -252,18 +263,19 @@ class Store:
     def _insert_jobs(self, cur: psycopg.Cursor, jobs: Sequence[NewJob]) -> list[bool]:
         """Insert all of `jobs` (the caller's transaction); returns per job whether it was created.
 
-        An idempotency key seen before with the same spec is not an error: that job's id is
-        written back into the NewJob and `created` is False. The same key with a different
-        spec, or a caller-chosen id that exists, raises Conflict and stores nothing.
+        An idempotency key its owner used before with the same spec is not an error: that
+        job's id is written back into the NewJob and `created` is False. The same key with a
+        different spec, or a caller-chosen id that exists, raises Conflict and stores nothing.
+        Keys are per owner: another owner's key never finds (nor reveals) its job.
         """
         cur.execute(
             """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
-                   timeout, run_at, idempotency_key, fingerprint, submitted_by, schedule_id,
-                   fire_time, limits)
+                   timeout, run_at, idempotency_key, fingerprint, submitted_by, owner,
+                   schedule_id, fire_time, limits)
                SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[],
                    %s::text[], %s::text[], %s::smallint[], %s::int[], %s::float8[],
-                   %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::bigint[],
-                   %s::timestamptz[], %s::jsonb[])
+                   %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[],
+                   %s::bigint[], %s::timestamptz[], %s::jsonb[])
                ON CONFLICT DO NOTHING
                RETURNING id""",
             ([j.id for j in jobs], [j.name for j in jobs], [j.command for j in jobs],
@@ -271,7 +283,8 @@ class Store:
              [j.priority for j in jobs], [j.max_retries for j in jobs],
              [j.timeout for j in jobs], [j.run_at for j in jobs],
              [j.idempotency_key for j in jobs], [j.fingerprint() for j in jobs],
-             [j.submitted_by for j in jobs], [j.schedule_id for j in jobs],
+             [j.submitted_by for j in jobs], [j.owner for j in jobs],
+             [j.schedule_id for j in jobs],
              [j.fire_time for j in jobs], [Jsonb(j.limits) for j in jobs]))
         inserted = {row[0] for row in cur.fetchall()}
         created = []
@@ -288,8 +301,8 @@ class Store:
     def _explain_conflict(cur: psycopg.Cursor, job: NewJob, index: int, count: int) -> None:
         where = f"jobs[{index}]." if count > 1 else ""
         if job.idempotency_key:
-            cur.execute("SELECT id, fingerprint FROM jobs WHERE idempotency_key = %s",
-                        (job.idempotency_key,))
+            cur.execute("SELECT id, fingerprint FROM jobs WHERE owner = %s AND idempotency_key = %s",
+                        (job.owner, job.idempotency_key))
             row = cur.fetchone()
             if row and row[1] == job.fingerprint():
                 job.id = row[0]
@@ -400,11 +413,11 @@ class Store:
                    WHERE id = ANY(%s)""", (list(ids),)).fetchall()
         return {row["id"]: row for row in rows}
 
-    def cancel(self, job_id: str) -> tuple[JobStatus, JobStatus, int]:
+    def cancel(self, job_id: str, *, owner: str | None = None) -> tuple[JobStatus, JobStatus, int]:
         """PENDING or RUNNING -> CANCELLED. Returns (previous, now, the attempt to kill).
 
-        Cancelling a cancelled job is a no-op; cancelling one that finished otherwise is a
-        Precondition error.
+        With `owner`, only a job of that owner (else Forbidden). Cancelling a cancelled job
+        is a no-op; cancelling one that finished otherwise is a Precondition error.
         """
         with self.pool.connection() as conn:
             row = conn.execute(
@@ -412,27 +425,34 @@ class Store:
                           error = %s, run_at = NULL
                    FROM (SELECT id, status FROM jobs WHERE id = %s FOR UPDATE) AS old
                    WHERE j.id = old.id AND old.status IN ('PENDING', 'RUNNING')
+                     AND (%s::text IS NULL OR j.owner = %s)
                    RETURNING old.status, j.attempts""",
-                (str(EndReason.CANCELLED), job_id)).fetchone()
+                (str(EndReason.CANCELLED), job_id, owner, owner)).fetchone()
             if row:
                 return JobStatus(row[0]), JobStatus.CANCELLED, row[1]
-            current = conn.execute("SELECT status FROM jobs WHERE id = %s", (job_id,)).fetchone()
+            current = conn.execute("SELECT status, owner FROM jobs WHERE id = %s",
+                                   (job_id,)).fetchone()
         if current is None:
             raise NotFound(f"job {job_id} not found")
+        _check_owner(job_id, current[1], owner, "cancelling")
         status = JobStatus(current[0])
         if status is JobStatus.CANCELLED:
             return status, status, 0
         raise Precondition(f"job {job_id} already finished: {status.value}")
 
-    def retry(self, job_id: str) -> Requeued:
-        """A FAILED or CANCELLED job runs again, with a fresh retry budget."""
-        found = self._requeue("id = %s AND status IN ('FAILED', 'CANCELLED')", (job_id,))
+    def retry(self, job_id: str, *, owner: str | None = None) -> Requeued:
+        """A FAILED or CANCELLED job runs again, with a fresh retry budget. With `owner`,
+        only a job of that owner (else Forbidden)."""
+        found = self._requeue("id = %s AND status IN ('FAILED', 'CANCELLED') "
+                              "AND (%s::text IS NULL OR owner = %s)", (job_id, owner, owner))
         if found:
             return found[0]
         with self.pool.connection() as conn:
-            current = conn.execute("SELECT status FROM jobs WHERE id = %s", (job_id,)).fetchone()
+            current = conn.execute("SELECT status, owner FROM jobs WHERE id = %s",
+                                   (job_id,)).fetchone()
         if current is None:
             raise NotFound(f"job {job_id} not found")
+        _check_owner(job_id, current[1], owner, "retrying")
         raise Precondition(f"job {job_id} is {current[0]}: only FAILED or CANCELLED jobs can be retried")
 
     def _requeue(self, where: str, params: Iterable[Any]) -> list[Requeued]:

@@ -70,22 +70,22 @@ def test_roles_include_the_lower_ones():
 
 def test_tokens_file_format(tmp_path):
     path = str(tmp_path / "tokens")
-    secret = auth.add_token(path, "ci", "submit")
+    secret = auth.add_token(path, "ci", "submit", lock_dir=str(tmp_path))
     assert secret.startswith("dtsd_") and len(secret) > 40
     assert (tmp_path / "tokens").stat().st_mode & 0o777 == 0o640
     assert secret not in (tmp_path / "tokens").read_text()
     with pytest.raises(auth.TokenError, match="exists already"):
-        auth.add_token(path, "ci", "read")
+        auth.add_token(path, "ci", "read", lock_dir=str(tmp_path))
     with pytest.raises(auth.TokenError, match="bad token name"):
-        auth.add_token(path, "Bad Name", "read")
+        auth.add_token(path, "Bad Name", "read", lock_dir=str(tmp_path))
     with pytest.raises(auth.TokenError, match="unknown role"):
-        auth.add_token(path, "x", "root")
+        auth.add_token(path, "x", "root", lock_dir=str(tmp_path))
     tokens = auth.TokenFile(path)
     assert tokens.lookup(secret).name == "ci"
     assert tokens.lookup(secret + "x") is None
-    auth.remove_token(path, "ci")
+    auth.remove_token(path, "ci", lock_dir=str(tmp_path))
     with pytest.raises(auth.TokenError, match="no token named"):
-        auth.remove_token(path, "ci")
+        auth.remove_token(path, "ci", lock_dir=str(tmp_path))
     with pytest.raises(auth.TokenError, match="expected NAME ROLE SHA256HEX"):
         auth.parse_tokens("a read\n")
 

@@ -212,7 +212,7 @@ def test_dtsd_runs_on_stores_that_want_passwords_and_tls(masters, pki, secure_pg
     with a client certificate, etcd as a user over TLS with a client certificate: a job
     runs, the node leads, and the group/world-readable tokens file is warned about."""
     tokens = str(tmp_path / "tokens")
-    token = auth.add_token(tokens, "admin", "admin")
+    token = auth.add_token(tokens, "admin", "admin", lock_dir=str(tmp_path))
     os.chmod(tokens, 0o644)
     master = masters({
         **FAST,

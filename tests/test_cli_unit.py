@@ -241,7 +241,7 @@ def test_valid_jobs_file_gets_as_far_as_the_network(tmp_path, nowhere):
 JOB_KEYS = {"id", "status", "attempts", "exit_code", "output", "output_base64",
             "output_truncated", "error", "dead_lettered", "worker", "submitted_by",
             "created_at", "updated_at", "started_at", "finished_at", "schedule_id",
-            "fire_time", "spec", "attempt_history"}
+            "fire_time", "env_hidden", "spec", "attempt_history"}
 SPEC_KEYS = {"id", "name", "command", "env", "cwd", "queue", "priority", "max_retries",
              "timeout_seconds", "run_at", "idempotency_key", "limits"}
 ATTEMPT_KEYS = {"number", "worker", "started_at", "finished_at", "exit_code", "output",

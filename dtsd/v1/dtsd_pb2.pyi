@@ -133,11 +133,12 @@ class GetJobRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., include_attempts: bool = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ["attempt_history", "attempts", "created_at", "dead_lettered", "error", "exit_code", "finished_at", "fire_time", "id", "output", "output_truncated", "schedule_id", "spec", "started_at", "status", "submitted_by", "updated_at", "worker"]
+    __slots__ = ["attempt_history", "attempts", "created_at", "dead_lettered", "env_hidden", "error", "exit_code", "finished_at", "fire_time", "id", "output", "output_truncated", "schedule_id", "spec", "started_at", "status", "submitted_by", "updated_at", "worker"]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_HISTORY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    ENV_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +157,7 @@ class Job(_message.Message):
     attempts: int
     created_at: _timestamp_pb2.Timestamp
     dead_lettered: bool
+    env_hidden: bool
     error: str
     exit_code: int
     finished_at: _timestamp_pb2.Timestamp
@@ -170,7 +172,7 @@ class Job(_message.Message):
     submitted_by: str
     updated_at: _timestamp_pb2.Timestamp
     worker: str
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempts: _Optional[int] = ..., exit_code: _Optional[int] = ..., output: _Optional[bytes] = ..., output_truncated: bool = ..., error: _Optional[str] = ..., dead_lettered: bool = ..., worker: _Optional[str] = ..., submitted_by: _Optional[str] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_history: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., schedule_id: _Optional[int] = ..., fire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempts: _Optional[int] = ..., exit_code: _Optional[int] = ..., output: _Optional[bytes] = ..., output_truncated: bool = ..., error: _Optional[str] = ..., dead_lettered: bool = ..., worker: _Optional[str] = ..., submitted_by: _Optional[str] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_history: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., schedule_id: _Optional[int] = ..., fire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., env_hidden: bool = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ["attempt", "error", "exit_code", "kind", "offset", "output", "status"]
@@ -383,9 +385,10 @@ class RetryJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class Schedule(_message.Message):
-    __slots__ = ["catchup_window_seconds", "created_at", "expression", "id", "job", "last_fire_time", "last_job_id", "misfire", "name", "next_fire_time", "overlap", "paused", "timezone", "updated_at"]
+    __slots__ = ["catchup_window_seconds", "created_at", "env_hidden", "expression", "id", "job", "last_fire_time", "last_job_id", "misfire", "name", "next_fire_time", "overlap", "paused", "timezone", "updated_at"]
     CATCHUP_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENV_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPRESSION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +403,7 @@ class Schedule(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     catchup_window_seconds: float
     created_at: _timestamp_pb2.Timestamp
+    env_hidden: bool
     expression: str
     id: int
     job: JobSpec
@@ -412,7 +416,7 @@ class Schedule(_message.Message):
     paused: bool
     timezone: str
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., expression: _Optional[str] = ..., timezone: _Optional[str] = ..., overlap: _Optional[_Union[OverlapPolicy, str]] = ..., misfire: _Optional[_Union[MisfirePolicy, str]] = ..., catchup_window_seconds: _Optional[float] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., paused: bool = ..., next_fire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_fire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_job_id: _Optional[str] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., expression: _Optional[str] = ..., timezone: _Optional[str] = ..., overlap: _Optional[_Union[OverlapPolicy, str]] = ..., misfire: _Optional[_Union[MisfirePolicy, str]] = ..., catchup_window_seconds: _Optional[float] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., paused: bool = ..., next_fire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_fire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_job_id: _Optional[str] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., env_hidden: bool = ...) -> None: ...
 
 class ScheduleRef(_message.Message):
     __slots__ = ["name"]
