@@ -216,7 +216,7 @@ def test_a_call_refused_for_its_credentials_takes_no_slot(dtsd_factory, tmp_path
     stranger cannot use up the slots of the token holders. Streams that need no token
     (health, reflection) count against the same cap."""
     tokens = tmp_path / "tokens"
-    secret = auth.add_token(str(tokens), "watcher", "admin")
+    secret = auth.add_token(str(tokens), "watcher", "admin", lock_dir=str(tmp_path))
     master = dtsd_factory(server={**ONE_SERVER, "tokens_file": str(tokens), "max_streams": 2},
                           worker=NO_WORKERS)
     token = (("authorization", f"Bearer {secret}"),)
