@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import selectors
 import shutil
@@ -42,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+
+import pipeline  # noqa: E402  (bench/ is this script's own directory)
 import grpc.aio  # noqa: E402
 
 from dtsd import config  # noqa: E402
@@ -55,15 +56,7 @@ STREAM_CONNECTIONS = 10
 
 
 def machine() -> str:
-    model = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, grpcio {grpc.__version__}"
+    return f"{pipeline.machine()}, grpcio {grpc.__version__}"
 
 
 def raise_nofile(need: int) -> None:
