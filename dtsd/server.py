@@ -556,11 +556,13 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
     def RetryJob(self, request, context):
         check_job_id(request.id)
         requeued = self.api.store.retry(request.id, owner=_owner_filter())
+        # Read before the push: once the id is in Redis a worker may claim it at once, and
+        # the answer is the job as the retry left it (PENDING), not as a race leaves it.
+        job = self.api.store.get_job(request.id)
         self.api.queue.push([Ready(requeued.id, requeued.queue, requeued.priority)])
         self.api.publish_state(request.id, JobStatus.PENDING)
         auth.audit("retry", request.id)
-        return pb.RetryJobResponse(job=job_message(self.api.store.get_job(request.id),
-                                                   auth.caller()))
+        return pb.RetryJobResponse(job=job_message(job, auth.caller()))
 
     @rpc
     def ListDeadLetters(self, request, context):
