@@ -450,3 +450,21 @@ def test_concurrent_runs_do_not_mix(tmp_path):
     assert {i: (r.exit_code, r.output) for i, r in results.items()} == \
         {i: (i, f"job{i}\n".encode()) for i in range(8)}
 
+
+
+def test_a_job_cannot_signal_or_stop_the_launcher():
+    """kill(-1) as a slot's user reaches that user's processes and nothing else: never the
+    launcher, which must hold none of a slot's ids while anything of that slot can run (a
+    launcher that switched its own ids around a vfork spawn would be reachable by the job it
+    just started, before it switched back)."""
+    if not _launcher.boxed:
+        pytest.skip("unboxed, jobs run as the launcher's own user")
+    pid = _launcher.pid
+    for i in range(24):
+        result = run("kill -KILL -1; kill -STOP -1; kill -TERM -1; kill -HUP -1; exit 0",
+                     slot=i % SLOTS)
+        assert result.exit_code == 0, result
+    with open(f"/proc/{pid}/stat") as stat:
+        state = stat.read().rsplit(")", 1)[1].split()[0]
+    assert alive(pid) and state != "T", f"the launcher is {state}"
+    assert run("echo still").output == b"still\n"
