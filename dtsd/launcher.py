@@ -46,7 +46,8 @@ the launcher trusts nothing it is sent and checks every field.
     <- {"op": "exited", "slot": K, "id": N, "code": C}   the shell of spawn N ended: C >= 0
                                                      its exit status, -S death by signal S
     -> {"op": "release", "slot": K}                  the attempt is over: kill what is left;
-                                                     the slot's next spawn waits for that
+                                                     the slot's next spawn waits for that, and
+                                                     for every signaller of the slot's uid
 End of file on the socket (the worker stopped or died) ends every job; then the launcher exits.
 This module imports no thread machinery: a fork of a process that never had threads is safe.
 """
