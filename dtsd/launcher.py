@@ -46,7 +46,8 @@ the launcher trusts nothing it is sent and checks every field.
     <- {"op": "exited", "slot": K, "id": N, "code": C}   the shell of spawn N ended: C >= 0
                                                      its exit status, -S death by signal S
     -> {"op": "release", "slot": K}                  the attempt is over: kill what is left;
-                                                     the slot's next spawn waits for that
+                                                     the slot's next spawn waits for that, and
+                                                     for every signaller of the slot's uid
 End of file on the socket (the worker stopped or died) ends every job; then the launcher exits.
 This module imports no thread machinery: a fork of a process that never had threads is safe.
 """
@@ -366,6 +367,7 @@ class Slot:
         self.running = False                 # the shell has not exited
         self.released = True                 # the worker is done with the attempt
         self.sweeper: int | None = None      # a child killing what the job left
+        self.signalling = 0                  # children of the slot's uid sending it a signal
         self.waiting: tuple[dict, int] | None = None   # a spawn waiting for the slot
         self.request_id: Any = None          # the spawn request of the current job
         self.status_fd: int | None = None    # the child's report: EOF at exec, or an error
@@ -375,7 +377,7 @@ class Slot:
     @property
     def busy(self) -> bool:
         return (not self.released or self.running or self.sweeper is not None
-                or (self.uid is None and self.pid is not None))
+                or self.signalling > 0 or (self.uid is None and self.pid is not None))
 
 
 class LauncherProcess:
@@ -397,7 +399,7 @@ class LauncherProcess:
         self.poller = select.poll()
         self.shells: dict[int, Slot] = {}               # boxed: pid -> slot
         self.sweepers: dict[int, Slot] = {}             # pid -> slot being swept
-        self.signallers: set[int] = set()               # pids of children sending a signal
+        self.signallers: dict[int, Slot] = {}           # a child sending a signal -> slot
         self.pidfds: dict[int, Slot] = {}               # unboxed: pidfd -> slot
         self.status_fds: dict[int, Slot] = {}           # a spawning child's report -> slot
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -632,7 +634,9 @@ class LauncherProcess:
             _killpg(slot.pid, sig)
             return
         uid = slot.uid
-        self.signallers.add(fork_as(lambda: sweep(uid, sig)))
+        # Its kill(-1) would reach the slot's next job: that waits till this child is reaped.
+        self.signallers[fork_as(lambda: sweep(uid, sig))] = slot
+        slot.signalling += 1
 
     def release(self, slot: Slot) -> None:
         """The attempt is over: kill whatever is left of it; then the slot takes the next job."""
@@ -695,7 +699,11 @@ class LauncherProcess:
                 slot.sweeper = None
                 self._next(slot)
                 continue
-            self.signallers.discard(pid)      # else an orphan of some job: nothing to do
+            slot = self.signallers.pop(pid, None)
+            if slot is not None:
+                slot.signalling -= 1
+                self._next(slot)
+            # else an orphan of some job: nothing to do
 
     def on_pidfd(self, pidfd: int) -> None:
         """Unboxed: the shell ended. Its status is read, but it stays unreaped till release."""
@@ -744,7 +752,7 @@ class LauncherProcess:
                     break
                 self.shells.pop(pid, None)
                 self.sweepers.pop(pid, None)
-                self.signallers.discard(pid)
+                self.signallers.pop(pid, None)
         else:
             for slot in self.slots:
                 if slot.pid is not None:

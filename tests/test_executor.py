@@ -9,6 +9,7 @@ deadline; the only sleeps are inside the jobs themselves.
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import time
 
@@ -450,3 +451,50 @@ def test_concurrent_runs_do_not_mix(tmp_path):
     assert {i: (r.exit_code, r.output) for i, r in results.items()} == \
         {i: (i, f"job{i}\n".encode()) for i in range(8)}
 
+
+
+def test_a_job_cannot_signal_or_stop_the_launcher():
+    """kill(-1) as a slot's user reaches that user's processes and nothing else: never the
+    launcher, which must hold none of a slot's ids while anything of that slot can run (a
+    launcher that switched its own ids around a vfork spawn would be reachable by the job it
+    just started, before it switched back)."""
+    if not _launcher.boxed:
+        pytest.skip("unboxed, jobs run as the launcher's own user")
+    pid = _launcher.pid
+    for i in range(24):
+        result = run("kill -KILL -1; kill -STOP -1; kill -TERM -1; kill -HUP -1; exit 0",
+                     slot=i % SLOTS)
+        assert result.exit_code == 0, result
+    with open(f"/proc/{pid}/stat") as stat:
+        state = stat.read().rsplit(")", 1)[1].split()[0]
+    assert alive(pid) and state != "T", f"the launcher is {state}"
+    assert run("echo still").output == b"still\n"
+
+
+def test_what_a_job_is_left_with():
+    """The shell's own view (exec'd into grep, so dispositions and mask are the shell's):
+    nothing ignored or blocked, descriptors 0, 1 and 2 only, the limits soft = hard, the
+    umask; boxed, the slot's ids all four ways, the given groups, no capability."""
+    limits = [(resource.RLIMIT_NOFILE, 256, 256), (resource.RLIMIT_NPROC, 500, 500),
+              (resource.RLIMIT_FSIZE, 1 << 20, 1 << 20), (resource.RLIMIT_CPU, 60, 60)]
+    result = run("ls /proc/self/fd | tr '\\n' ' '; echo; umask; "
+                 "ulimit -Sn; ulimit -Hn; ulimit -Sp; ulimit -Hp; ulimit -Sf; ulimit -Hf; "
+                 "ulimit -St; ulimit -Ht; "
+                 "exec grep -E '^(Uid|Gid|Groups|Cap...|NoNewPrivs|SigIgn|SigBlk):' "
+                 "/proc/self/status", limits=limits)
+    assert result.exit_code == 0, result
+    lines = result.output.decode().splitlines()
+    assert lines[0].split() == ["0", "1", "2", "3"], "fds: 0 1 2 and the one of ls itself"
+    assert lines[1] == "0027"
+    # ulimit -f counts 512-byte blocks in dash
+    assert lines[2:10] == ["256", "256", "500", "500", "2048", "2048", "60", "60"], lines
+    fields = {name: value.split() for name, _, value in
+              (line.partition(":") for line in lines[10:])}
+    assert fields["SigIgn"] == ["0000000000000000"] and fields["SigBlk"] == ["0000000000000000"]
+    if _launcher.boxed:
+        uid = str(_launcher.uids[0])
+        assert fields["Uid"] == [uid] * 4 and fields["Gid"] == [uid] * 4
+        assert fields["Groups"] == ["65534"]
+        for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(fields[name][0], 16) == 0, (name, fields[name])
+        assert fields["NoNewPrivs"] == ["1"]
