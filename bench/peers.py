@@ -184,6 +184,7 @@ class Dtsd:
         self.dsn = dsn
         self.redis = redis_server
         self.master = None
+        self.channel: grpc.Channel | None = None
         self.workdir: Path | None = None
 
     def start(self) -> None:
@@ -254,9 +255,10 @@ def summarize(runs: list[dict], systems: list[System]) -> list[dict]:
     rows = []
     for system in systems:
         mine = [run for run in runs if run["system"] == system.name]
-        spread = lambda key: {"median": statistics.median(r[key] for r in mine),  # noqa: E731
-                              "min": min(r[key] for r in mine),
-                              "max": max(r[key] for r in mine)}
+
+        def spread(key: str) -> dict[str, float]:
+            values = [run[key] for run in mine]
+            return {"median": statistics.median(values), "min": min(values), "max": max(values)}
         rows.append({"system": system.name, "label": system.label, "durable": system.durable,
                      "jobs_per_s": spread("jobs_per_s"),
                      "cpu_ms_per_job": spread("cpu_ms_per_job"),
