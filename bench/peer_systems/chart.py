@@ -35,9 +35,10 @@ def main() -> None:
     left.set_xlabel(f"jobs/s (median of {results['settings']['runs']}, bars: min–max)")
     right.barh(positions, cpu, color=colours)
     right.set_xlabel("host CPU per job, ms (median)")
-    for axis, values, fmt in ((left, rates, "{:.0f}"), (right, cpu, "{:.2f}")):
-        for position, value in zip(positions, values):
-            axis.annotate(fmt.format(value), (value, position), xytext=(4, 0),
+    ends = [rate + extra for rate, extra in zip(rates, above)]  # right of the error bar
+    for axis, values, at, fmt in ((left, rates, ends, "{:.0f}"), (right, cpu, cpu, "{:.2f}")):
+        for position, value, x in zip(positions, values, at):
+            axis.annotate(fmt.format(value), (x, position), xytext=(6, 0),
                           textcoords="offset points", va="center", fontsize=8)
         axis.grid(axis="x", alpha=0.3)
     figure.suptitle(f"{results['settings']['jobs']:,} `sh -c true` jobs, 4 executors "
