@@ -12,6 +12,8 @@ PYTHON      ?= /usr/bin/python3
 PYTEST_ARGS ?=
 TESTS       ?= tests
 VENV        ?= .venv-pypi
+PEERS_VENV  ?= .venv-peers
+BENCH_ARGS  ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 DEB_PACKAGES := \
@@ -32,6 +34,10 @@ PROTOS := \
 # protobuf 4.21 and on PyPI's newer ones (PyPI's grpcio-tools output does not load on Debian 12).
 PROTOC := protoc -Iproto -I/usr/include \
 	--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin
+
+# bench-peers: the peers it measures dtsd against, newest of their major versions, and
+# matplotlib for its chart. Only their workers and its chart run on this venv.
+PEERS_PACKAGES := 'celery>=5,<6' 'dramatiq[redis]>=2,<3' redis matplotlib
 
 # The .deb: built with dh + pybuild in build/deb/ (the man pages are generated from the
 # click commands, hence click, grpcio and protobuf); tested in a booted Debian 12.
@@ -68,7 +74,7 @@ define apt-install-missing
 	fi
 endef
 
-.PHONY: help deps proto proto-check test test-pypi run bench clean deb lint-deb test-deb
+.PHONY: help deps proto proto-check test test-pypi run bench bench-peers clean deb lint-deb test-deb
 
 help: ## list the targets
 	@echo "dtsd make targets:"
@@ -125,6 +131,16 @@ run: deps ## run a private PostgreSQL + Redis under .run/ and dtsd in the foregr
 bench: ## run the pipeline benchmark
 	$(PYTHON) bench/pipeline.py
 
+# Filled again when this Makefile changes; `rm -rf $(PEERS_VENV)` fetches the newest releases.
+$(PEERS_VENV)/.stamp: Makefile
+	@[ -x "$(PEERS_VENV)/bin/python" ] || $(PYTHON) -m venv "$(PEERS_VENV)"
+	"$(PEERS_VENV)/bin/python" -m pip install -qq --upgrade pip wheel
+	"$(PEERS_VENV)/bin/python" -m pip install -qq --upgrade $(PEERS_PACKAGES)
+	@touch "$@"
+
+bench-peers: $(PEERS_VENV)/.stamp ## dtsd beside Celery, Dramatiq and a bare Redis loop (BENCH_ARGS='--jobs 500 --runs 1')
+	$(PYTHON) bench/peers.py --venv "$(PEERS_VENV)" $(BENCH_ARGS)
+
 deb: ## build build/deb/dtsd_<version>_all.deb from a clean export, then lintian
 	$(call apt-install-missing,$(DEB_BUILD_DEPS))
 	@set -euo pipefail; \
@@ -176,7 +192,7 @@ test-deb: deb lint-deb ## install, run, reload, kill and purge the .deb on syste
 	$(call apt-install-missing,$(DEB_TEST_DEPS))
 	$(SUDO) tests/deb/run-test.sh "$(DEB_DIR)/dtsd_$(DEB_VERSION)_all.deb"
 
-clean: ## remove .run/ (stopping its servers), the PyPI venv and caches
+clean: ## remove .run/ (stopping its servers), the PyPI and peers venvs and caches
 	@if [ -f .run/pg/postmaster.pid ]; then \
 		echo "clean: stopping the PostgreSQL of .run/"; \
 		if [ "$$(id -u)" = 0 ]; then \
@@ -186,5 +202,5 @@ clean: ## remove .run/ (stopping its servers), the PyPI venv and caches
 		fi; \
 	fi
 	@if [ -f .run/redis/redis.pid ]; then kill "$$(cat .run/redis/redis.pid)" 2>/dev/null || true; fi
-	rm -rf .run "$(VENV)" .pytest_cache .hypothesis build dist *.egg-info
+	rm -rf .run "$(VENV)" "$(PEERS_VENV)" .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -119,8 +119,37 @@ def latency(api, dsn: str, jobs: int, rate: float) -> tuple[float, float]:
     wait_done(dsn, jobs)
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT id, extract(epoch FROM started_at) FROM jobs").fetchall()
-    delays = sorted((float(start) - sent[job_id]) * 1000 for job_id, start in rows)
-    return delays[len(delays) // 2], delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+    return p50_p99([(float(start) - sent[job_id]) * 1000 for job_id, start in rows])
+
+
+def p50_p99(values: list[float]) -> tuple[float, float]:
+    values = sorted(values)
+    return values[len(values) // 2], values[min(len(values) - 1, int(len(values) * 0.99))]
+
+
+def start_dtsd(dsn: str, redis: RedisServer, workdir: Path, servers: int, workers: int,
+               concurrency: int, limits: str | None = None) -> DtsdMaster:
+    """A dtsd master over the database `dsn` and `redis`, once it serves.
+
+    `workdir` must not be under the PostgreSQL server's directory: that is the postgres
+    user's, and dtsd's children hold no capability to read past its mode even when the
+    master runs as root.
+    """
+    (workdir / "run").mkdir(parents=True, exist_ok=True)
+    master = DtsdMaster(workdir, "bench", {
+        "dtsd": {"node_id": "bench", "runtime_dir": str(workdir / "run"), "log_level": os.environ.get("BENCH_LOG", "warning")},
+        "server": {"listen": f"127.0.0.1:{free_port()}", "processes": servers},
+        "worker": {"processes": workers, "concurrency": concurrency,
+                   **({"limits": limits} if limits is not None else {})},
+        "postgres": {"dsn": dsn},
+        "redis": {"url": redis.url},
+    })
+    try:
+        master.start()
+    except BaseException:
+        master.stop()
+        raise
+    return master
 
 
 def main() -> None:
@@ -142,20 +171,11 @@ def main() -> None:
           f"{args.concurrency}; PostgreSQL with fsync and synchronous_commit on")
     pg = PostgresServer(settings=DURABLE).start()
     redis = RedisServer().start()
-    # Not under pg.dir: that is the postgres user's, and dtsd's children hold no capability
-    # to read past its mode even when the master runs as root.
     workdir = Path(tempfile.mkdtemp(prefix="dtsd-bench-"))
-    (workdir / "run").mkdir(parents=True)
-    master = DtsdMaster(workdir, "bench", {
-        "dtsd": {"node_id": "bench", "runtime_dir": str(workdir / "run"), "log_level": os.environ.get("BENCH_LOG", "warning")},
-        "server": {"listen": f"127.0.0.1:{free_port()}", "processes": args.servers},
-        "worker": {"processes": args.workers, "concurrency": args.concurrency,
-                   **({"limits": args.limits} if args.limits is not None else {})},
-        "postgres": {"dsn": pg.create_database("bench")},
-        "redis": {"url": redis.url},
-    })
+    master = None
     try:
-        master.start()
+        master = start_dtsd(pg.create_database("bench"), redis, workdir, args.servers,
+                            args.workers, args.concurrency, args.limits)
         api = pb_grpc.SchedulerStub(grpc.insecure_channel(master.address))
         dsn = master.sections["postgres"]["dsn"]
         throughput(api, dsn, 500, 500, 1)  # warm up: connections, plans, page cache
@@ -186,7 +206,8 @@ def main() -> None:
         print(f"median submit->start latency at {args.rate:.0f} jobs/s: "
               f"p50 {statistics.median(p50s):.1f} ms, p99 {statistics.median(p99s):.1f} ms")
     finally:
-        master.stop()
+        if master is not None:
+            master.stop()
         redis.cleanup()
         pg.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
