@@ -68,7 +68,7 @@ define apt-install-missing
 	fi
 endef
 
-.PHONY: help deps proto proto-check test test-pypi run bench clean deb lint-deb test-deb
+.PHONY: help deps proto proto-check test test-pypi run bench bench-scale clean deb lint-deb test-deb
 
 help: ## list the targets
 	@echo "dtsd make targets:"
@@ -124,6 +124,9 @@ run: deps ## run a private PostgreSQL + Redis under .run/ and dtsd in the foregr
 
 bench: ## run the pipeline benchmark
 	$(PYTHON) bench/pipeline.py
+
+bench-scale: ## time GetJob, ListJobs, ClusterStatus and prune over 1,000,000 stored jobs
+	$(PYTHON) bench/scale.py
 
 deb: ## build build/deb/dtsd_<version>_all.deb from a clean export, then lintian
 	$(call apt-install-missing,$(DEB_BUILD_DEPS))

@@ -65,6 +65,12 @@ _JOB_COLUMNS = """id, name, command, env, cwd, queue, priority, max_retries, tim
 
 _FINAL = tuple(s.value for s in FINAL_STATES)
 
+# The leader's prune: finished jobs older than the retention (bench/scale.py explains it).
+PRUNE_SELECT = """SELECT id FROM jobs WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+                    AND finished_at < now() - make_interval(secs => %(older_than)s)
+                    AND dead_lettered_at IS NULL
+                  LIMIT %(limit)s"""
+
 
 class StoreError(Exception):
     """Base of the errors the API maps to status codes."""
@@ -779,10 +785,7 @@ class Store:
         """Delete finished jobs (and their attempts) older than `older_than` seconds."""
         with self.fenced(fence) as conn:
             ids = [r[0] for r in conn.execute(
-                """SELECT id FROM jobs WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
-                     AND finished_at < now() - make_interval(secs => %s)
-                     AND dead_lettered_at IS NULL
-                   LIMIT %s""", (older_than, limit))]
+                PRUNE_SELECT, {"older_than": older_than, "limit": limit})]
             if ids:
                 conn.execute("DELETE FROM job_attempts WHERE job_id = ANY(%s)", (ids,))
                 conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,))
