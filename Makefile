@@ -74,7 +74,7 @@ define apt-install-missing
 	fi
 endef
 
-.PHONY: help deps proto proto-check test test-pypi run bench bench-peers clean deb lint-deb test-deb
+.PHONY: help deps proto proto-check test test-pypi run bench bench-peers bench-scale clean deb lint-deb test-deb
 
 help: ## list the targets
 	@echo "dtsd make targets:"
@@ -140,6 +140,9 @@ $(PEERS_VENV)/.stamp: Makefile
 
 bench-peers: $(PEERS_VENV)/.stamp ## dtsd beside Celery, Dramatiq and a bare Redis loop (BENCH_ARGS='--jobs 500 --runs 1')
 	$(PYTHON) bench/peers.py --venv "$(PEERS_VENV)" $(BENCH_ARGS)
+
+bench-scale: ## time GetJob, ListJobs, ClusterStatus and prune over 1,000,000 stored jobs
+	$(PYTHON) bench/scale.py
 
 deb: ## build build/deb/dtsd_<version>_all.deb from a clean export, then lintian
 	$(call apt-install-missing,$(DEB_BUILD_DEPS))

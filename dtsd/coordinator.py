@@ -13,6 +13,8 @@ Loops (leader only):
   recover    jobs of dead workers (lease run out): the attempt is closed as lost, retried
   reconcile  PENDING jobs that Redis holds nowhere are pushed again (a crash between the
              PostgreSQL commit and the Redis push, a Redis restart or flush)
+  fold       the job counts' per-statement changes into job_counts (ClusterStatus sums
+             those rows instead of counting every job; unfenced: folding is exact twice)
   prune      finished jobs older than [dtsd] retention
 And on every node: publish this node's record (from the master's node file) for
 `dtsctl status`, and report leadership and backlog to the master.
@@ -99,6 +101,7 @@ class Coordinator:
                     wake_at = min(wake_at, time.monotonic() + max(0.0, due))
                 self._tick("promoting due jobs", self.promote)
                 self._tick("recovering dead workers", lambda: self.recover(fence))
+                self._tick("folding job counts", self.store.fold_counts)
                 if started >= next_reconcile:
                     self._tick("reconciling Redis with PostgreSQL", self.reconcile)
                     next_reconcile = started + reconcile_every

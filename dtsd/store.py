@@ -65,6 +65,15 @@ _JOB_COLUMNS = """id, name, command, env, cwd, queue, priority, max_retries, tim
 
 _FINAL = tuple(s.value for s in FINAL_STATES)
 
+# job_counts' key for the dead-lettered count (the others are statuses): 0006_scale.sql.
+DEAD_LETTERED_KEY = "dead_lettered"
+
+# The leader's prune: finished jobs older than the retention (bench/scale.py explains it).
+PRUNE_SELECT = """SELECT id FROM jobs WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+                    AND finished_at < now() - make_interval(secs => %(older_than)s)
+                    AND dead_lettered_at IS NULL
+                  LIMIT %(limit)s"""
+
 
 class StoreError(Exception):
     """Base of the errors the API maps to status codes."""
@@ -472,11 +481,13 @@ class Store:
                   created_after: datetime | None = None, created_before: datetime | None = None,
                   dead_lettered: bool = False, limit: int = 100,
                   page_token: str = "") -> tuple[list[dict[str, Any]], str]:
-        """Newest first, keyset-paged. Returns (rows, next page token or '')."""
+        """Newest first, keyset-paged. Returns (rows, next page token or '').
+
+        Each status is its own branch with `status = %s`, each read newest first from its
+        index and cut at the page, then merged: PostgreSQL 15 cannot keep an index's order
+        under `status = ANY(...)`, and sorted every job of those statuses for one page.
+        """
         clauses, params = [], []
-        if statuses:
-            clauses.append("status = ANY(%s)")
-            params.append([s.value for s in statuses])
         if queue:
             clauses.append("queue = %s")
             params.append(queue)
@@ -495,12 +506,20 @@ class Store:
             created, last_id = decode_page_token(page_token)
             clauses.append("(created_at, id) < (%s, %s)")
             params.extend([created, last_id])
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        order = "ORDER BY created_at DESC, id DESC LIMIT %s"
+        values = sorted({s.value for s in statuses})
+        if values:
+            branch = (f"(SELECT {_JOB_COLUMNS} FROM jobs WHERE "
+                      + " AND ".join(["status = %s", *clauses]) + f" {order})")
+            sql = (f"SELECT * FROM ({' UNION ALL '.join([branch] * len(values))}) AS page "
+                   f"{order}")
+            args = [arg for value in values for arg in (value, *params, limit + 1)]
+        else:
+            where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+            sql, args = f"SELECT {_JOB_COLUMNS} FROM jobs {where} {order}", list(params)
         with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            rows = cur.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT %s",
-                (*params, limit + 1)).fetchall()
+            rows = cur.execute(sql, (*args, limit + 1)).fetchall()
         token = ""
         if len(rows) > limit:
             rows = rows[:limit]
@@ -779,10 +798,7 @@ class Store:
         """Delete finished jobs (and their attempts) older than `older_than` seconds."""
         with self.fenced(fence) as conn:
             ids = [r[0] for r in conn.execute(
-                """SELECT id FROM jobs WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
-                     AND finished_at < now() - make_interval(secs => %s)
-                     AND dead_lettered_at IS NULL
-                   LIMIT %s""", (older_than, limit))]
+                PRUNE_SELECT, {"older_than": older_than, "limit": limit})]
             if ids:
                 conn.execute("DELETE FROM job_attempts WHERE job_id = ANY(%s)", (ids,))
                 conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,))
@@ -790,12 +806,31 @@ class Store:
 
     # --- cluster status -------------------------------------------------------------------
 
+    def fold_counts(self) -> int:
+        """Fold the per-statement count changes into job_counts; returns the keys changed.
+
+        The leader does this every housekeeping tick, so that `counts` sums a few rows
+        rather than every change since the start. The counts are exact with or without
+        it (see 0006_scale.sql); keys are upserted in key order, so two folders at once
+        (a leader and a deposed one) wait for each other rather than deadlock.
+        """
+        with self.pool.connection() as conn:
+            return conn.execute(
+                """WITH gone AS (DELETE FROM job_count_deltas RETURNING key, n),
+                        sums AS (SELECT key, sum(n) AS n FROM gone GROUP BY key)
+                   INSERT INTO job_counts AS c (key, n)
+                   SELECT key, n FROM sums ORDER BY key
+                   ON CONFLICT (key) DO UPDATE SET n = c.n + EXCLUDED.n""").rowcount
+
     def counts(self) -> tuple[dict[str, int], int, list[tuple[str, int, int, int]]]:
         """(jobs by status, dead-lettered count, per queue: (queue, ready, delayed, running))."""
         with self.pool.connection() as conn:
-            by_status = dict(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status"))
-            dead = conn.execute(
-                "SELECT count(*) FROM jobs WHERE dead_lettered_at IS NOT NULL").fetchone()[0]
+            by_status = dict(conn.execute(
+                """SELECT key, sum(n)::bigint FROM (
+                       SELECT key, n FROM job_counts
+                       UNION ALL SELECT key, n FROM job_count_deltas) c
+                   GROUP BY key"""))
+            dead = by_status.pop(DEAD_LETTERED_KEY, 0)
             queues = conn.execute(
                 """SELECT queue,
                           count(*) FILTER (WHERE status = 'PENDING'

@@ -390,10 +390,12 @@ def test_unary_calls_keep_their_threads_under_hundreds_of_streams(dtsd_factory):
 
 # --- the shared watch hub ----------------------------------------------------------------------
 
-def _pubsub_clients(redis_server) -> int:
+def _channel_counts(redis_server) -> list[int]:
+    """How many channels each pub/sub connection of the server holds. (The coordinator's
+    schedule subscription is one of them, and may connect at any moment after the start.)"""
     client = redis_server.client()
     try:
-        return len(client.client_list(_type="pubsub"))
+        return sorted(int(entry["sub"]) for entry in client.client_list(_type="pubsub"))
     finally:
         client.close()
 
@@ -402,10 +404,12 @@ def test_many_watch_streams_share_one_redis_subscription(dtsd_factory, redis):
     master = dtsd_factory(server=ONE_SERVER, worker=NO_WORKERS)
     with grpc.insecure_channel(master.address) as channel:
         api = pb_grpc.SchedulerStub(channel)
-        before = _pubsub_clients(redis)
         calls = [watch(api, later_job(api), timeout=60) for _ in range(20)]
         assert all(accepted(first(call)) for call in calls)
-        assert _pubsub_clients(redis) <= before + 1
+        # One connection holds the 20 jobs' channels; none other holds more than the
+        # coordinator's one (a connection per stream would be 20 connections of one).
+        counts = _channel_counts(redis)
+        assert counts[-1] == 20 and all(n <= 1 for n in counts[:-1]), counts
         for call in calls:
             call.cancel()
 
