@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import threading
 import time
 
@@ -471,6 +472,44 @@ def test_a_job_cannot_signal_or_stop_the_launcher():
     assert run("echo still").output == b"still\n"
 
 
+def _signals(field: list[str]) -> set[int]:
+    """The signals of a SigIgn/SigBlk mask, but glibc's two reserved ones (32, 33): glibc
+    refuses to change them and installs its own handlers for them when a program needs them.
+    (Seen: a CI runner that starts everything with signal 32 ignored.)"""
+    mask = int(field[0], 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1} - {32, 33}
+
+
+def test_a_job_inherits_nothing_ignored_or_blocked_from_whoever_started_dtsd(tmp_path):
+    """dtsd started under nohup (SIGHUP ignored) or by a supervisor that ignores or blocks
+    more: an ignored disposition and the signal mask survive exec, so the job's child resets
+    every one the launcher has, not only those Python sets."""
+    ignore = (signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT)
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignore}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGALRM})
+    try:
+        launcher = Launcher(runtime_dir=str(tmp_path), concurrency=1,
+                            uids=(UIDS[0] + 18, UIDS[0] + 19) if _launcher.boxed else None,
+                            groups=[65534])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    try:
+        with open(f"/proc/{launcher.pid}/status") as status:
+            theirs = {line.split(":")[0]: line.split()[1:] for line in status
+                      if line.startswith(("SigIgn", "SigBlk"))}
+        assert {int(s) for s in ignore} <= _signals(theirs["SigIgn"]), theirs   # the premise
+        assert int(signal.SIGUSR2) in _signals(theirs["SigBlk"]), theirs
+        result = Execution("exec grep -E '^Sig(Ign|Blk):' /proc/self/status", env=ENV, cwd="/",
+                           launcher=launcher, slot=0).run()
+        fields = {name: value.split() for name, _, value in
+                  (line.partition(":") for line in result.output.decode().splitlines())}
+        assert _signals(fields["SigIgn"]) == set() and _signals(fields["SigBlk"]) == set(), fields
+    finally:
+        launcher.close()
+
+
 def test_what_a_job_is_left_with():
     """The shell's own view (exec'd into grep, so dispositions and mask are the shell's):
     nothing ignored or blocked, descriptors 0, 1 and 2 only, the limits soft = hard, the
@@ -490,7 +529,7 @@ def test_what_a_job_is_left_with():
     assert lines[2:10] == ["256", "256", "500", "500", "2048", "2048", "60", "60"], lines
     fields = {name: value.split() for name, _, value in
               (line.partition(":") for line in lines[10:])}
-    assert fields["SigIgn"] == ["0000000000000000"] and fields["SigBlk"] == ["0000000000000000"]
+    assert _signals(fields["SigIgn"]) == set() and _signals(fields["SigBlk"]) == set(), fields
     if _launcher.boxed:
         uid = str(_launcher.uids[0])
         assert fields["Uid"] == [uid] * 4 and fields["Gid"] == [uid] * 4
