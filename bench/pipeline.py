@@ -71,6 +71,26 @@ def wait_done(dsn: str, total: int, timeout: float = 600) -> None:
         time.sleep(0.2)
 
 
+def submit(api, jobs: int, batch: int, clients: int) -> None:
+    """`jobs` `true` jobs: in SubmitJobs of `batch`, or (batch 1) one SubmitJob each from
+    `clients` threads."""
+    if batch > 1:
+        for i in range(0, jobs, batch):
+            api.SubmitJobs(pb.SubmitJobsRequest(
+                jobs=[pb.JobSpec(command="true") for _ in range(min(batch, jobs - i))]))
+        return
+
+    def submitter(n: int) -> None:
+        for _ in range(n):
+            api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(command="true")))
+    share = [jobs // clients + (1 if i < jobs % clients else 0) for i in range(clients)]
+    threads = [threading.Thread(target=submitter, args=(n,)) for n in share]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def throughput(api, dsn: str, jobs: int, batch: int, clients: int) -> tuple[float, float]:
     """(jobs/s from the first submit to the last finish, by PostgreSQL's own timestamps;
     host CPU per job in ms, every process of the machine included)."""
@@ -78,20 +98,7 @@ def throughput(api, dsn: str, jobs: int, batch: int, clients: int) -> tuple[floa
         conn.execute("TRUNCATE jobs, job_attempts")
     cpu = host_cpu()
     started = time.time()
-    if batch > 1:
-        for i in range(0, jobs, batch):
-            api.SubmitJobs(pb.SubmitJobsRequest(
-                jobs=[pb.JobSpec(command="true") for _ in range(min(batch, jobs - i))]))
-    else:
-        def submitter(n: int) -> None:
-            for _ in range(n):
-                api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(command="true")))
-        share = [jobs // clients + (1 if i < jobs % clients else 0) for i in range(clients)]
-        threads = [threading.Thread(target=submitter, args=(n,)) for n in share]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    submit(api, jobs, batch, clients)
     wait_done(dsn, jobs)
     cpu = host_cpu() - cpu
     with psycopg.connect(dsn) as conn:

@@ -125,24 +125,6 @@ def redis_counters(r) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
 
 
-def submit(api, jobs: int, batch: int, clients: int) -> None:
-    if batch > 1:
-        for i in range(0, jobs, batch):
-            api.SubmitJobs(pb.SubmitJobsRequest(
-                jobs=[pb.JobSpec(command="true") for _ in range(min(batch, jobs - i))]))
-        return
-
-    def submitter(n: int) -> None:
-        for _ in range(n):
-            api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(command="true")))
-    share = [jobs // clients + (1 if i < jobs % clients else 0) for i in range(clients)]
-    threads = [threading.Thread(target=submitter, args=(n,)) for n in share]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def wait_done(dsn: str, total: int) -> None:
     # one connection for the whole wait (a new backend per poll would land in the
     # postmaster's cutime); one count every 0.5 s
@@ -163,7 +145,7 @@ def accounted_run(api, dsn, r, roles, jobs, batch, clients, label, analyze=False
     host0 = pipeline.host_cpu()
     me0 = os.times()
     t0 = time.time()
-    submit(api, jobs, batch, clients)
+    pipeline.submit(api, jobs, batch, clients)
     me1 = os.times()
     wait_done(dsn, jobs)
     wall = time.time() - t0
@@ -293,7 +275,7 @@ def main() -> None:
             time.sleep(1.0)
             t0 = time.time()
             jobs = args.jobs
-            submitter = threading.Thread(target=submit, args=(api, jobs, 1, 4))
+            submitter = threading.Thread(target=pipeline.submit, args=(api, jobs, 1, 4))
             submitter.start()
             for s in spies:
                 s.wait()
@@ -318,7 +300,7 @@ def main() -> None:
                 conn.execute("TRUNCATE jobs, job_attempts")
             start = pg.logfile.stat().st_size
             n = 200
-            submit(api, n, 1, 4)
+            pipeline.submit(api, n, 1, 4)
             wait_done(dsn, n)
             time.sleep(1.5)
             with psycopg.connect(pg.admin_dsn, autocommit=True) as conn:

@@ -186,22 +186,22 @@ LIMIT_NAMES = {resource.RLIMIT_NPROC: "processes", resource.RLIMIT_NOFILE: "open
                resource.RLIMIT_FSIZE: "file_size", resource.RLIMIT_AS: "memory",
                resource.RLIMIT_CPU: "cpu_time"}
 TMP_AREAS = ("/tmp", "/var/tmp", "/dev/shm")   # a slot's files at their top are removed
-# Signals this process ignores (Python ignores SIGPIPE and SIGXFSZ; SIGINT is the master's):
-# an exec keeps an ignored disposition, so a job would inherit them. Handled ones reset anyway.
-_IGNORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT)
-_LIBC_RESERVED = frozenset(range(32, 34))   # glibc's own (SIGCANCEL, SIGSETXID): its sigaction refuses them
+TRUST_AGE_NS = 20_000_000    # an mtime this old proves no later change (timestamps are coarse)
+# glibc's own signals (SIGCANCEL, SIGSETXID): its sigaction refuses to change them.
+_LIBC_RESERVED = frozenset(range(32, 34))
 
 
 def ignored_signals() -> tuple[int, ...]:
-    """Every signal this process ignores, as the kernel says (`SigIgn`): what dtsd was
-    started with counts too (nohup ignores SIGHUP, some supervisors more), and a job must
-    inherit none of it. glibc's two reserved signals cannot be reset through it, and every
-    glibc program installs its own handlers for them when it needs them."""
+    """Every signal this process ignores, as the kernel says (`SigIgn`). An exec keeps an
+    ignored disposition, so a job would inherit each: Python's own (SIGPIPE, SIGXFSZ), the
+    launcher's SIGINT (Ctrl-C is the master's), and whatever dtsd was started with (nohup
+    ignores SIGHUP, some supervisors more). glibc's two reserved signals cannot be reset
+    through it, and every glibc program installs its own handlers for them when it needs
+    them."""
     with open("/proc/self/status", encoding="ascii") as handle:
         mask = next(int(line.split()[1], 16) for line in handle if line.startswith("SigIgn:"))
-    found = {n for n in range(1, signal.NSIG) if mask >> (n - 1) & 1}
-    return tuple(sorted((found | set(_IGNORED_SIGNALS)) - _LIBC_RESERVED))
-TRUST_AGE_NS = 20_000_000    # an mtime this old proves no later change (timestamps are coarse)
+    return tuple(n for n in range(1, signal.NSIG)
+                 if mask >> (n - 1) & 1 and n not in _LIBC_RESERVED)
 
 
 # --- framing ----------------------------------------------------------------------------------
@@ -415,7 +415,8 @@ class LauncherProcess:
         self.pidfds: dict[int, Slot] = {}               # unboxed: pidfd -> slot
         self.status_fds: dict[int, Slot] = {}           # a spawning child's report -> slot
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        self.ignored = ignored_signals()     # reset in each job's child before its exec
+        # Read after main() ignored SIGINT; reset in each job's child before its exec.
+        self.ignored = ignored_signals()
         self.children_file = f"/proc/self/task/{os.getpid()}/children"
         self.wake_r = -1
         self.stopping = False
