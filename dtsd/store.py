@@ -6,8 +6,9 @@ result only lands on the attempt it belongs to (`AND attempts = %(attempt)s AND 
 'RUNNING'`). So an id delivered twice never runs twice at once, and a stale worker cannot
 overwrite a newer attempt or a cancellation.
 
-Hot paths take lists: one statement claims a worker's whole batch, one statement writes
-a batch of results (`unnest` of arrays rather than `= ANY`, which keeps the plan custom).
+Hot paths take lists: one statement claims a worker's whole batch (`unnest` of an array
+rather than `= ANY`), one statement writes a batch of results or inserts a batch of jobs
+(rows passed as one JSON parameter, see `_records`).
 Connections run in autocommit: a single-statement write is its own transaction, which
 saves the BEGIN and COMMIT round trips; `conn.transaction()` wraps the few writes that
 need several statements to be atomic.
@@ -177,6 +178,42 @@ class Requeued:
     run_at: datetime | None
 
 
+def _records(rows: list[dict[str, Any]]) -> str:
+    """Rows for `jsonb_to_recordset`: one text parameter in place of an array per column.
+
+    Debian 12's psycopg adapts parameters in pure Python, a typed array per column costing
+    far more than the whole statement's planning (bench/results/profile-2026-12-03.md:
+    19 % of a worker's CPU); json.dumps is C. PostgreSQL reads each value with its
+    column type's own input function: ISO timestamps, `\\x`-hex bytea, nested jsonb."""
+    return json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
+
+
+def _instant(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+_INSERT_JOBS = """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
+                      timeout, run_at, idempotency_key, fingerprint, submitted_by, owner,
+                      schedule_id, fire_time, limits)
+                  SELECT * FROM jsonb_to_recordset(%s::jsonb) AS u(id text, name text,
+                      command text, env jsonb, cwd text, queue text, priority smallint,
+                      max_retries int, timeout float8, run_at timestamptz,
+                      idempotency_key text, fingerprint text, submitted_by text, owner text,
+                      schedule_id bigint, fire_time timestamptz, limits jsonb)
+                  {conflict}
+                  RETURNING id"""
+
+
+def _job_records(jobs: Sequence[NewJob]) -> str:
+    return _records([{
+        "id": j.id, "name": j.name, "command": j.command, "env": j.env, "cwd": j.cwd,
+        "queue": j.queue, "priority": j.priority, "max_retries": j.max_retries,
+        "timeout": j.timeout, "run_at": _instant(j.run_at),
+        "idempotency_key": j.idempotency_key, "fingerprint": j.fingerprint(),
+        "submitted_by": j.submitted_by, "owner": j.owner, "schedule_id": j.schedule_id,
+        "fire_time": _instant(j.fire_time), "limits": j.limits} for j in jobs])
+
+
 def _check_owner(job_id: str, actual: str, wanted: str | None, doing: str) -> None:
     if wanted is not None and actual != wanted:
         raise Forbidden(f"job {job_id} belongs to {actual or 'nobody'}, not to {wanted}: "
@@ -202,19 +239,32 @@ class Store:
     """A pool of connections and the statements dtsd runs on them."""
 
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 8,
-                 name: str = "dtsd", timeout: float = 10.0, hold_limit: float | None = None):
+                 name: str = "dtsd", timeout: float = 10.0, hold_limit: float | None = None,
+                 custom_plans: bool = False):
         """`hold_limit` (seconds) bounds how long a session may sit in an open transaction
         or wait for a lock. The leader sets it below its lease window: a leader cut off in
         the middle of a fenced transaction would otherwise keep the fence row locked (and
-        so every later leader's loops blocked) until TCP gives up, which takes hours."""
+        so every later leader's loops blocked) until TCP gives up, which takes hours.
+
+        `custom_plans` plans every execution of a prepared statement for its parameters.
+        The worker's claim and finish need it: psycopg prepares a statement on its fifth
+        run and PostgreSQL then settles on a generic plan, and one made while `jobs` and
+        `job_attempts` were nearly empty (a fresh install, or right after a TRUNCATE)
+        scans `job_attempts` whole on every result until an ANALYZE happens to replace it
+        (bench/results/profile-2026-12-03.md measured 0.3-0.4 ms of PostgreSQL CPU per job).
+        """
         self.dsn = dsn
         kwargs: dict[str, Any] = {"application_name": name, "autocommit": True,
                                   "keepalives": 1, "keepalives_idle": 5,
                                   "keepalives_interval": 2, "keepalives_count": 3}
+        options = []
         if hold_limit is not None:
             ms = max(100, int(hold_limit * 1000))
-            kwargs["options"] = (f"-c idle_in_transaction_session_timeout={ms} "
-                                 f"-c lock_timeout={ms}")
+            options += [f"-c idle_in_transaction_session_timeout={ms}", f"-c lock_timeout={ms}"]
+        if custom_plans:
+            options.append("-c plan_cache_mode=force_custom_plan")
+        if options:
+            kwargs["options"] = " ".join(options)
         self.pool = ConnectionPool(
             dsn, min_size=min_size, max_size=max_size, timeout=timeout, open=False,
             kwargs=kwargs, name=name)
@@ -265,11 +315,25 @@ class Store:
     # --- submit ---------------------------------------------------------------------------
 
     def insert_jobs(self, jobs: Sequence[NewJob]) -> list[bool]:
-        """All of `jobs` in one transaction: every one is stored, or none is."""
-        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            return self._insert_jobs(cur, jobs)
+        """All of `jobs` in one transaction: every one is stored, or none is.
 
-    def _insert_jobs(self, cur: psycopg.Cursor, jobs: Sequence[NewJob]) -> list[bool]:
+        Without idempotency keys that transaction is the INSERT alone, in autocommit (one
+        round trip, where BEGIN and COMMIT would add two): a duplicate id fails the whole
+        statement, and the conflict is then explained the long way, storing nothing.
+        """
+        rows = _job_records(jobs)
+        if not any(job.idempotency_key for job in jobs):
+            try:
+                with self.pool.connection() as conn:
+                    conn.execute(_INSERT_JOBS.format(conflict=""), (rows,))
+                return [True] * len(jobs)
+            except psycopg.errors.UniqueViolation:
+                pass
+        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            return self._insert_jobs(cur, jobs, rows)
+
+    def _insert_jobs(self, cur: psycopg.Cursor, jobs: Sequence[NewJob],
+                     rows: str | None = None) -> list[bool]:
         """Insert all of `jobs` (the caller's transaction); returns per job whether it was created.
 
         An idempotency key its owner used before with the same spec is not an error: that
@@ -277,24 +341,8 @@ class Store:
         different spec, or a caller-chosen id that exists, raises Conflict and stores nothing.
         Keys are per owner: another owner's key never finds (nor reveals) its job.
         """
-        cur.execute(
-            """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
-                   timeout, run_at, idempotency_key, fingerprint, submitted_by, owner,
-                   schedule_id, fire_time, limits)
-               SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[],
-                   %s::text[], %s::text[], %s::smallint[], %s::int[], %s::float8[],
-                   %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[],
-                   %s::bigint[], %s::timestamptz[], %s::jsonb[])
-               ON CONFLICT DO NOTHING
-               RETURNING id""",
-            ([j.id for j in jobs], [j.name for j in jobs], [j.command for j in jobs],
-             [Jsonb(j.env) for j in jobs], [j.cwd for j in jobs], [j.queue for j in jobs],
-             [j.priority for j in jobs], [j.max_retries for j in jobs],
-             [j.timeout for j in jobs], [j.run_at for j in jobs],
-             [j.idempotency_key for j in jobs], [j.fingerprint() for j in jobs],
-             [j.submitted_by for j in jobs], [j.owner for j in jobs],
-             [j.schedule_id for j in jobs],
-             [j.fire_time for j in jobs], [Jsonb(j.limits) for j in jobs]))
+        cur.execute(_INSERT_JOBS.format(conflict="ON CONFLICT DO NOTHING"),
+                    (rows if rows is not None else _job_records(jobs),))
         inserted = {row[0] for row in cur.fetchall()}
         created = []
         for index, job in enumerate(jobs):
@@ -357,6 +405,11 @@ class Store:
 
         The attempt row is always closed. The job row changes only if it is still RUNNING
         that very attempt; a job cancelled meanwhile keeps its CANCELLED.
+
+        The LIMIT (the batch's own size) tells the planner how many rows the JSON holds: it
+        guesses 100 for any set-returning function, and for that many it would hash-join a
+        sequential scan of all `job_attempts` (the worker's connections plan every run for
+        its parameters: `custom_plans`).
         """
         if not outcomes:
             return set()
@@ -364,11 +417,11 @@ class Store:
         with self.pool.connection() as conn:
             rows = conn.execute(
                 """WITH u AS (
-                       SELECT * FROM unnest(%s::text[], %s::int[], %s::int[], %s::bytea[],
-                                            %s::bool[], %s::text[], %s::text[], %s::bool[],
-                                            %s::timestamptz[], %s::bool[])
-                           AS u(job_id, attempt, exit_code, output, truncated, error, status,
-                                failed, run_at, dead)),
+                       SELECT * FROM jsonb_to_recordset(%s::jsonb)
+                           AS u(job_id text, attempt int, exit_code int, output bytea,
+                                truncated bool, error text, status text, failed bool,
+                                run_at timestamptz, dead bool)
+                       LIMIT %s),
                    closed AS (
                        UPDATE job_attempts a SET finished_at = now(), exit_code = u.exit_code,
                               output = u.output, output_truncated = u.truncated, error = u.error
@@ -383,10 +436,12 @@ class Store:
                    FROM u
                    WHERE j.id = u.job_id AND j.attempts = u.attempt AND j.status = 'RUNNING'
                    RETURNING j.id""",
-                ([x.job_id for x in o], [x.attempt for x in o], [x.exit_code for x in o],
-                 [x.output for x in o], [x.truncated for x in o], [x.error for x in o],
-                 [x.status.value for x in o], [x.failed for x in o], [x.run_at for x in o],
-                 [x.dead for x in o], list(_FINAL))).fetchall()
+                (_records([{
+                    "job_id": x.job_id, "attempt": x.attempt, "exit_code": x.exit_code,
+                    "output": "\\x" + x.output.hex(), "truncated": x.truncated,
+                    "error": x.error, "status": x.status.value, "failed": x.failed,
+                    "run_at": _instant(x.run_at), "dead": x.dead} for x in o]), len(o),
+                 list(_FINAL))).fetchall()
         return {row[0] for row in rows}
 
     # --- operations on one job ------------------------------------------------------------

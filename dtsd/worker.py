@@ -65,7 +65,7 @@ class Worker:
         self.queues = list(self.settings.queues)
         self.concurrency = self.settings.concurrency
         self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=3,
-                           name=f"dtsd-worker-{index}")
+                           name=f"dtsd-worker-{index}", custom_plans=True)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.started = time.time()
 
@@ -183,12 +183,21 @@ class Worker:
             raise
         mine = {job.id for job in claimed}
         unclaimed = [job_id for job_id in ids if job_id not in mine]
-        if unclaimed:       # done, cancelled or running elsewhere: let go of them
-            self.queue.ack(self.id, unclaimed)
         with self.lock:
             self.starting += len(claimed)
-        for job in claimed:
-            self.todo.put(job)
+        # Let go of the ids not claimed (done, cancelled or running elsewhere) and tell
+        # watchers the claimed ones run (before they can end), in one round trip.
+        events = [(job.id, Event("state", attempt=job.attempt, status=JobStatus.RUNNING))
+                  for job in claimed]
+        try:
+            self.queue.ack(self.id, unclaimed, events=events)
+        except Exception as exc:  # watchers also poll PostgreSQL; the ids are reconciled
+            if unclaimed:
+                raise
+            log.debug("RUNNING events not published: %s", exc)
+        finally:
+            for job in claimed:
+                self.todo.put(job)
 
     def _job_thread(self, slot: int) -> None:
         while True:
@@ -211,11 +220,6 @@ class Worker:
 
     def _run_job(self, job: Claimed, slot: int) -> None:
         settings = self.settings
-        try:
-            self.queue.publish([(job.id, Event("state", attempt=job.attempt,
-                                               status=JobStatus.RUNNING))])
-        except Exception as exc:  # watchers also poll PostgreSQL; the job runs regardless
-            log.debug("RUNNING event of %s not published: %s", job.id, exc)
         limits = self.box.limits_for(job.limits)
         execution = Execution(
             job.command,
