@@ -352,7 +352,10 @@ def _options() -> list[Option]:
         o("server", "max_pending", "100000", integer(0, 100_000_000),
           "A submit to a queue already holding this many PENDING jobs (ready or delayed, "
           "counted in Redis) is answered RESOURCE_EXHAUSTED; a batch that would pass it is "
-          "refused whole. Approximate: may overshoot by the submits in flight. 0: no limit."),
+          "refused whole. Approximate: may overshoot by the submits in flight, and by what "
+          "the other server children admitted in the last 0.1 s (a child counts on its "
+          "last reading of Redis for 0.1 s while submits fit; before refusing it reads "
+          "again). 0: no limit."),
         o("server", "max_pending_total", "1000000", integer(0, 1_000_000_000),
           "A submit while Redis holds this many job ids in all queues together (ready, "
           "delayed, or taken by a worker and not finished) is answered RESOURCE_EXHAUSTED, "

@@ -38,6 +38,7 @@ import redis
 
 from . import __version__, auth, child, identity, introspection, streams
 from . import cron as cronmod
+from .combine import Combiner
 from .config import Config, limit_ceiling
 from .dtsdpb import pb, pb_grpc, seed_pb, seed_pb_grpc
 from .models import (DEFAULT_QUEUE, LIMIT_PROTO_FIELDS, MAX_NAME, QUEUE_NAME,
@@ -204,6 +205,40 @@ def epoch(value: datetime | None) -> int:
 
 # --- error mapping ------------------------------------------------------------------------
 
+DEPTH_FRESH = 0.1   # seconds a depth read from Redis may admit further submits
+
+
+class DepthCache:
+    """Queue depths as this server child last read them from Redis, plus what it has
+    admitted since.
+
+    Reading two depths from Redis cost every submit two round trips and 14 Redis commands
+    (bench/results/profile-2026-12-03.md). A reading younger than `fresh` seconds admits a
+    submit that fits under the limit by it; a submit that would not fit reads again, so a
+    refusal always rests on a count taken now, and a queue that drained is seen at once.
+    """
+
+    def __init__(self, fresh: float = DEPTH_FRESH):
+        self.fresh = fresh
+        self.lock = threading.Lock()
+        self.seen: dict[str, tuple[float, int]] = {}   # key -> (monotonic, depth)
+
+    def depth(self, key: str, adding: int, limit: int, read: Callable[[], int]) -> int:
+        """The depth to judge a submit of `adding` jobs by, counting them as admitted if
+        they fit."""
+        now = time.monotonic()
+        with self.lock:
+            at, value = self.seen.get(key, (None, 0))
+            if at is not None and now - at < self.fresh and value + adding <= limit:
+                self.seen[key] = (at, value + adding)
+                return value
+        value = read()
+        with self.lock:
+            self.seen[key] = (time.monotonic(), value + adding if value + adding <= limit
+                              else value)
+        return value
+
+
 class QueueFull(Exception):
     """A submit that would take a queue past [server] max_pending: RESOURCE_EXHAUSTED."""
 
@@ -290,31 +325,63 @@ class Api:
         self.ceiling = limit_ceiling(cfg)   # highest per-job limits ([worker] limits_max)
         self.max_pending = cfg.get("server", "max_pending")
         self.max_pending_total = cfg.get("server", "max_pending_total")
+        self.submits = Combiner(self._store_round, max_weight=cfg.get("server", "max_batch"))
+        self.depths = DepthCache()
 
     def submit(self, jobs: list[NewJob]) -> list[bool]:
+        """Store `jobs` (all or none) and push them to Redis; per job, whether it is new.
+
+        Concurrent calls share a transaction and a Redis pipeline (`dtsd.combine`): each
+        returns after the commit that holds its jobs, as if it had been alone."""
         self.check_depth(jobs)
-        created = self.store.insert_jobs(jobs)
+        return self.submits.call(jobs, weight=len(jobs))
+
+    def _store_round(self, calls: list[list[NewJob]]) -> list[list[bool] | BaseException]:
+        """One combined round of submits: one transaction for all, or, if any of them is
+        refused (an id or idempotency key that conflicts), each in a transaction of its
+        own so that only that call fails, with its own message."""
+        replies: list[list[bool] | BaseException]
+        if len(calls) == 1:
+            replies = [self.store.insert_jobs(calls[0])]
+        else:
+            try:
+                created = self.store.insert_jobs([job for jobs in calls for job in jobs])
+                replies, start = [], 0
+                for jobs in calls:
+                    replies.append(created[start:start + len(jobs)])
+                    start += len(jobs)
+            except Conflict:
+                replies = []
+                for jobs in calls:
+                    try:
+                        replies.append(self.store.insert_jobs(jobs))
+                    except Exception as exc:
+                        replies.append(exc)
         ready = [Ready(job.id, job.queue, job.priority, job.run_at)
+                 for jobs, created in zip(calls, replies) if not isinstance(created, BaseException)
                  for job, new in zip(jobs, created) if new]
         try:
             self.queue.push(ready)
         except redis.RedisError as exc:
             # Committed is committed: the reconciler pushes these once Redis is back.
             log.warning("%d job(s) stored but not pushed to Redis yet: %s", len(ready), exc)
-        return created
+        return replies
 
     def check_depth(self, jobs: list[NewJob]) -> None:
         """Refuse the whole batch if it would take a queue past [server] max_pending, or
         all queues together past [server] max_pending_total.
 
         The depths are Redis's counts (`Queue.depth`, `Queue.total`), read before the
-        insert: submits in flight at the same time may overshoot the limits by what they
-        carry. With Redis down the limits are not enforced; the submit is stored all the
-        same, as ever.
+        insert (through `DepthCache`: a count that lets the submit in may be up to
+        DEPTH_FRESH old plus what this child added since; a refusal always reads again):
+        submits in flight at the same time, here or on other servers, may overshoot the
+        limits by what they carry. With Redis down the limits are not enforced; the submit
+        is stored all the same, as ever.
         """
         try:
             if self.max_pending_total:
-                total = self.queue.total()
+                total = self.depths.depth("", len(jobs), self.max_pending_total,
+                                          self.queue.total)
                 if total >= self.max_pending_total:
                     raise QueueFull(f"the queues hold {total} pending jobs together "
                                     f"([server] max_pending_total = {self.max_pending_total})")
@@ -325,7 +392,8 @@ class Api:
             if not self.max_pending:
                 return
             for queue, adding in sorted(collections.Counter(job.queue for job in jobs).items()):
-                depth = self.queue.depth(queue)
+                depth = self.depths.depth(queue, adding, self.max_pending,
+                                          functools.partial(self.queue.depth, queue))
                 if depth >= self.max_pending:
                     raise QueueFull(f"queue {queue!r} holds {depth} pending jobs "
                                     f"([server] max_pending = {self.max_pending})")

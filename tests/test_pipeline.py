@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent import futures
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -234,6 +235,46 @@ def test_idempotency_key_returns_the_same_job_and_refuses_a_different_spec(api):
         api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(command="false", idempotency_key="k1")))
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "k1" in err.value.details()
+
+
+def test_concurrent_submits_are_each_answered_as_if_alone(api, dtsd):
+    """A server child serves SubmitJob calls that arrive together in one transaction
+    (dtsd.combine); a call whose id or key conflicts must fail alone, with its own message,
+    and every other call must be stored, answered and run."""
+    taken = submit(api, "true", id="taken-id")
+    keyed = api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(command="true",
+                                                             idempotency_key="shared")))
+    specs = [pb.JobSpec(command=f"echo {n}") for n in range(60)]
+    specs[7] = pb.JobSpec(command="true", id="taken-id")                       # conflicts
+    specs[21] = pb.JobSpec(command="false", idempotency_key="shared")          # conflicts
+    specs[33] = pb.JobSpec(command="true", idempotency_key="shared")           # a repeat
+    specs[45] = pb.JobSpec(command="echo 45", id="chosen-id")                  # new, chosen
+    answers: dict[int, object] = {}
+
+    def one(n):
+        try:
+            answers[n] = api.SubmitJob(pb.SubmitJobRequest(job=specs[n]))
+        except grpc.RpcError as exc:
+            answers[n] = exc
+
+    with futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(len(specs))))
+    assert answers[7].code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "taken-id" in answers[7].details() and "jobs[" not in answers[7].details()
+    assert answers[21].code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "shared" in answers[21].details()
+    assert answers[33].id == keyed.id and not answers[33].created
+    assert answers[45].id == "chosen-id" and answers[45].created
+    fresh = [n for n in range(len(specs)) if n not in (7, 21, 33)]
+    assert all(answers[n].created for n in fresh)
+    assert len({answers[n].id for n in fresh}) == len(fresh)
+    for n in fresh:
+        job = wait_final(api, answers[n].id)
+        assert job.status == pb.SUCCEEDED and job.output == f"{n}\n".encode()
+        assert job.attempts == 1
+    assert wait_final(api, taken).status == pb.SUCCEEDED
+    with psycopg.connect(dtsd.sections["postgres"]["dsn"]) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == len(fresh) + 2
 
 
 BAD_SPECS = [
