@@ -109,9 +109,10 @@ class Execution:
         self._kill_by: float | None = None
         self._wake_fd: int | None = None
         self._code: int | None = None     # the shell's exit, as the launcher reported it
+        self._spawn_error: str | None = None   # why the shell never ran, if it did not
         self._reported = threading.Event()
 
-        self._pid: int | None = None
+        self._spawned = False
         self._out_fd: int | None = None
         self._poller = select.poll()
         self._kept = bytearray()
@@ -124,9 +125,9 @@ class Execution:
         self._ended_by: EndReason | None = None
 
     @property
-    def pid(self) -> int | None:
-        """The shell's pid while it runs: None before the spawn and once it has ended."""
-        return self._pid if self._exited_at is None else None
+    def running(self) -> bool:
+        """Whether the job was handed to the launcher and has not been reported ended."""
+        return self._spawned and self._code is None
 
     def stop(self, reason: EndReason, kill_by: float | None = None) -> None:
         """Ask `run()` to end the job: TERM to its processes now, KILL after `kill_grace`
@@ -158,7 +159,7 @@ class Execution:
         try:
             try:
                 self._spawn()
-            except Exception as exc:  # SpawnFailed, LauncherError, OSError
+            except Exception as exc:  # LauncherError, OSError
                 self.launcher.release(self.slot)
                 return self._never_started(EndReason.SPAWN_FAILED, f"cannot start: {exc}",
                                            time.monotonic() - started)
@@ -167,6 +168,10 @@ class Execution:
                 self._pump()
             finally:
                 self._end()
+            if self._spawn_error is not None:
+                return self._never_started(EndReason.SPAWN_FAILED,
+                                           f"cannot start: {self._spawn_error}",
+                                           time.monotonic() - started)
             self._flush()
             return self._result(time.monotonic() - started)
         finally:
@@ -177,8 +182,9 @@ class Execution:
     def _spawn(self) -> None:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
-            self._pid = self.launcher.spawn(self.slot, self.argv, self.env, self.cwd,
-                                            self.limits, write_end, self._on_exit)
+            self.launcher.spawn(self.slot, self.argv, self.env, self.cwd, self.limits,
+                                write_end, self._on_exit)
+            self._spawned = True
         except BaseException:
             os.close(read_end)
             raise
@@ -187,9 +193,11 @@ class Execution:
         self._out_fd = read_end
         os.set_blocking(self._out_fd, False)
 
-    def _on_exit(self, code: int) -> None:
-        """From the launcher's reader thread: the shell ended with `code` (-N: signal N)."""
+    def _on_exit(self, code: int, error: str | None) -> None:
+        """From the launcher's reader thread: the shell ended with `code` (-N: signal N), or
+        never ran, for the reason `error`."""
         with self._lock:
+            self._spawn_error = error
             self._code = code
             if self._wake_fd is not None:
                 os.eventfd_write(self._wake_fd, 1)
@@ -208,8 +216,8 @@ class Execution:
         ended if it had not said yet."""
         self.launcher.release(self.slot)
         if not self._reported.wait(REPORT_WAIT):
-            log.error("the launcher did not report the end of pid %s in %.0fs", self._pid,
-                      REPORT_WAIT)
+            log.error("the launcher did not report the end of the job in slot %d in %.0fs",
+                      self.slot, REPORT_WAIT)
             self._code = -signal.SIGKILL
         if self._exited_at is None:
             self._exited_at = time.monotonic()
@@ -346,7 +354,7 @@ class Execution:
         try:
             self.on_output(bytes(self._kept[offset:]), offset)
         except Exception:   # a broken stream must not leave the job unwatched
-            log.exception("on_output failed; no more live output from pid %s", self._pid)
+            log.exception("on_output failed; no more live output from slot %d", self.slot)
             self.on_output = None
 
     # --- results ----------------------------------------------------------------------------

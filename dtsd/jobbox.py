@@ -272,8 +272,7 @@ class LauncherError(RuntimeError):
     """The launcher could not start, or died."""
 
 
-class SpawnFailed(OSError):
-    """The job's shell could not be started (bad cwd, missing shell, a limit above the ceiling)."""
+EXIT_SPAWN_FAILED = 127     # the code a child that could not exec its shell exits with
 
 
 class Launcher:
@@ -306,8 +305,7 @@ class Launcher:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._next_id = 0
-        self._pending: dict[int, list] = {}              # spawn id -> [Event, reply]
-        self._on_exit: dict[int, Callable[[int], None]] = {}   # spawn id -> handler
+        self._on_exit: dict[int, Callable[[int, str | None], None]] = {}  # spawn id -> handler
         self._closed = False
         self.dead = threading.Event()
         hello = self._read_one(timeout=60)
@@ -349,27 +347,21 @@ class Launcher:
         finally:
             self.dead.set()
             with self._lock:
-                waiting, self._pending = self._pending, {}
                 handlers, self._on_exit = self._on_exit, {}
-            for entry in waiting.values():
-                entry[1] = {"op": "failed", "error": "the job launcher died"}
-                entry[0].set()
             for handler in handlers.values():
-                handler(-signal.SIGKILL)
+                handler(-signal.SIGKILL, None)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         op = message.get("op")
-        if op in ("started", "failed"):
-            with self._lock:
-                entry = self._pending.pop(message.get("id"), None)
-            if entry is not None:
-                entry[1] = message
-                entry[0].set()
-        elif op == "exited":
+        if op in ("exited", "failed"):
             with self._lock:
                 handler = self._on_exit.pop(message.get("id"), None)
-            if handler is not None:
-                handler(int(message["code"]))
+            if handler is None:
+                return
+            if op == "exited":
+                handler(int(message["code"]), None)
+            else:
+                handler(EXIT_SPAWN_FAILED, str(message.get("error") or "spawn failed"))
 
     def _send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
         if self.dead.is_set():
@@ -382,29 +374,25 @@ class Launcher:
 
     def spawn(self, slot: int, argv: Sequence[str], env: Mapping[str, str], cwd: str,
               limits: Sequence[tuple[int, int, int]], out_fd: int,
-              on_exit: Callable[[int], None]) -> int:
-        """Start the job in `slot` with its output on `out_fd`; returns its pid.
+              on_exit: Callable[[int, str | None], None]) -> None:
+        """Start the job in `slot` with its output on `out_fd`, without waiting for it.
 
-        `on_exit(code)` is called once, from the reader thread, when the shell ends (code:
-        exit status, or -N for death by signal N). Raises SpawnFailed or LauncherError."""
-        event = threading.Event()
+        `on_exit(code, error)` is called once, from the reader thread: when the shell ends
+        (code: exit status, or -N for death by signal N; error None), or when it never ran
+        (error says why: a working directory it may not enter, a limit it may not have...;
+        code EXIT_SPAWN_FAILED). Raises LauncherError if the launcher is gone."""
         with self._lock:
             self._next_id += 1
             request_id = self._next_id
-            self._pending[request_id] = entry = [event, None]
             self._on_exit[request_id] = on_exit
-        self._send({"op": "spawn", "id": request_id, "slot": slot, "argv": list(argv),
-                    "env": dict(env), "cwd": cwd, "limits": [list(x) for x in limits]},
-                   (out_fd,))
-        event.wait()
-        reply = entry[1]
-        if reply["op"] != "started":
+        try:
+            self._send({"op": "spawn", "id": request_id, "slot": slot, "argv": list(argv),
+                        "env": dict(env), "cwd": cwd, "limits": [list(x) for x in limits]},
+                       (out_fd,))
+        except BaseException:
             with self._lock:
                 self._on_exit.pop(request_id, None)
-            if self.dead.is_set():
-                raise LauncherError(reply.get("error", "the job launcher died"))
-            raise SpawnFailed(reply.get("error", "spawn failed"))
-        return int(reply["pid"])
+            raise
 
     def signal(self, slot: int, sig: int) -> None:
         """Send `sig` to every process of the job in `slot` (its process group unboxed)."""

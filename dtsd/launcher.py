@@ -41,10 +41,12 @@ the launcher trusts nothing it is sent and checks every field.
 
     -> {"op": "spawn", "id": N, "slot": K, "argv": [...], "env": {...}, "cwd": "...",
         "limits": [[RLIMIT, soft, hard], ...]}             + fd
-    <- {"op": "started", "id": N, "pid": P}  |  {"op": "failed", "id": N, "error": "..."}
-    -> {"op": "signal", "slot": K, "signal": S}      every process of the slot's job
+    -> {"op": "signal", "slot": K, "signal": S}      every process of the slot's job (held
+                                                     back till the shell is exec'd)
     <- {"op": "exited", "slot": K, "id": N, "code": C}   the shell of spawn N ended: C >= 0
                                                      its exit status, -S death by signal S
+    <- {"op": "failed", "id": N, "error": "..."}     spawn N never ran its shell (sent
+                                                     once its child is gone, if it had one)
     -> {"op": "release", "slot": K}                  the attempt is over: kill what is left;
                                                      the slot's next spawn waits for that, and
                                                      for every signaller of the slot's uid
@@ -384,6 +386,7 @@ class Slot:
         self.request_id: Any = None          # the spawn request of the current job
         self.status_fd: int | None = None    # the child's report: EOF at exec, or an error
         self.status = bytearray()
+        self.held: list[int] = []            # signals asked for before the shell was exec'd
         self.area_mtimes: tuple[int, ...] | None = None  # TMP_AREAS' mtimes before the last job
 
     @property
@@ -550,7 +553,7 @@ class LauncherProcess:
             now, mtimes = _area_mtimes()
             clean = slot.area_mtimes is None or mtimes != slot.area_mtimes
             slot.area_mtimes = mtimes if all(now - m > TRUST_AGE_NS for m in mtimes) else None
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         pid = os.fork()
         if pid == 0:
             try:
@@ -567,11 +570,12 @@ class LauncherProcess:
         os.close(status_w)
         slot.pid, slot.running, slot.released = pid, True, False
         slot.request_id = request["id"]
-        # The child reports on its own time (it may have a previous job's files to remove):
-        # the loop goes on serving the other slots meanwhile.
-        slot.status_fd, slot.status = status_r, bytearray()
+        # The child reports on its own time (it may have a previous job's files to remove),
+        # and nobody waits for it: the report is read when the shell ends, and only a
+        # signal asked for before it (`signal`) makes the loop watch for it. So a job costs
+        # the loop no wake-up and the worker no message between its spawn and its end.
+        slot.status_fd, slot.status, slot.held = status_r, bytearray(), []
         self.status_fds[status_r] = slot
-        self.poller.register(status_r, select.POLLIN)
         if self.boxed:
             self.shells[pid] = slot
         else:
@@ -580,29 +584,49 @@ class LauncherProcess:
             self.poller.register(slot.pidfd, select.POLLIN)
 
     def on_status(self, fd: int) -> None:
+        """The child of a slot with signals held back reports (it exec'd, or failed)."""
         slot = self.status_fds[fd]
-        data = os.read(fd, 4096)
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
         if data:
             slot.status += data
-        else:
-            self._spawned(slot)
+            return
+        self._spawned(slot)
+        held, slot.held = slot.held, []
+        if not slot.status:
+            for sig in held:
+                self.signal(slot, sig)
 
     def _spawned(self, slot: Slot) -> None:
-        """The child's report is complete: it exec'd the shell (nothing written), or failed."""
+        """Read the child's whole report: nothing if it exec'd the shell, else its error.
+        Called once the child is known to be past its exec (EOF) or gone."""
         fd, slot.status_fd = slot.status_fd, None
         if fd is None:
             return
-        slot.status += _read_all(fd)     # the rest, if it exited before the loop read it
-        self.poller.unregister(fd)
+        try:
+            slot.status += _read_all(fd)
+        except BlockingIOError:       # cannot be, past the exec; a report cut short is kept
+            pass
+        if slot.held:
+            self.poller.unregister(fd)
         del self.status_fds[fd]
         os.close(fd)
         if slot.status:
             slot.area_mtimes = None
-            # The child exits 127 at once; the worker hears "failed" and releases the slot.
+
+    def _ended(self, slot: Slot, code: int) -> None:
+        """The slot's shell (or the child that could not become it) is gone: say how."""
+        self._spawned(slot)
+        slot.held = []
+        slot.running = False
+        if slot.status:
             self.reply({"op": "failed", "id": slot.request_id,
                         "error": slot.status.decode("utf-8", "replace")})
         else:
-            self.reply({"op": "started", "id": slot.request_id, "pid": slot.pid})
+            self.reply({"op": "exited", "slot": slot.index, "id": slot.request_id,
+                        "code": code})
 
     def _exec(self, slot: Slot, argv: list[str], env: dict[str, str], cwd: str,
               limits: list[tuple[int, int, int]], out_fd: int, status_w: int,
@@ -644,6 +668,13 @@ class LauncherProcess:
 
     def signal(self, slot: Slot, sig: int) -> None:
         if slot.released or not slot.running:
+            return
+        if slot.status_fd is not None:
+            # Its child may not be the slot's user yet (or have a session to signal):
+            # held back till it exec'd, then sent; dropped if it could not.
+            if not slot.held:
+                self.poller.register(slot.status_fd, select.POLLIN)
+            slot.held.append(sig)
             return
         if slot.uid is None:
             _killpg(slot.pid, sig)
@@ -702,11 +733,8 @@ class LauncherProcess:
                 return
             slot = self.shells.pop(pid, None)
             if slot is not None:
-                self._spawned(slot)
-                slot.running = False
                 slot.pid = None
-                self.reply({"op": "exited", "slot": slot.index, "id": slot.request_id,
-                            "code": os.waitstatus_to_exitcode(status)})
+                self._ended(slot, os.waitstatus_to_exitcode(status))
                 self._next(slot)
                 continue
             slot = self.sweepers.pop(pid, None)
@@ -724,11 +752,8 @@ class LauncherProcess:
         """Unboxed: the shell ended. Its status is read, but it stays unreaped till release."""
         slot = self.pidfds[pidfd]
         self.poller.unregister(pidfd)
-        self._spawned(slot)
         info = os.waitid(os.P_PID, slot.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        slot.running = False
-        self.reply({"op": "exited", "slot": slot.index, "id": slot.request_id,
-                    "code": _exit_code(info)})
+        self._ended(slot, _exit_code(info))
         if slot.released:
             self._reap_unboxed(slot)
 

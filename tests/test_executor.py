@@ -219,7 +219,7 @@ def test_stop_from_another_thread_is_prompt(tmp_path):
     job_run = execution(f"touch {marker}; sleep 100", kill_grace=5)
     job = Background(job_run)
     wait_for(marker.exists, what="the job to start")
-    assert job_run.pid is not None
+    assert job_run.running
     asked = time.monotonic()
     job_run.stop(EndReason.CANCELLED)
     result = job.join()
@@ -227,7 +227,26 @@ def test_stop_from_another_thread_is_prompt(tmp_path):
     assert result.reason is EndReason.CANCELLED
     assert result.error == "cancelled"
     assert result.signal == 15
-    assert job_run.pid is None
+    assert not job_run.running
+
+
+def test_a_stop_right_after_the_spawn_is_held_until_the_shell_runs_then_sent(tmp_path):
+    """The worker does not wait for the launcher to say the shell started: a cancel can
+    reach the launcher while the job's child has not yet become the slot's user or made
+    its session, where a signal to either would miss it. The launcher holds the signal
+    till the child exec'd the shell, then sends it; else the job would run on till the
+    KILL after kill_grace (30 s here)."""
+    for attempt in range(10):
+        pidfile = tmp_path / f"sleep{attempt}.pid"
+        job_run = execution(f"sleep 100 & echo $! > {pidfile}; wait", kill_grace=30)
+        job = Background(job_run)
+        wait_for(lambda: job_run.running, what="the spawn to be sent")
+        job_run.stop(EndReason.CANCELLED)
+        result = job.join()
+        assert result.reason is EndReason.CANCELLED
+        assert result.duration < SOON, f"attempt {attempt}: the TERM missed the job"
+        if pidfile.exists() and pidfile.read_text().strip():
+            assert_gone(read_pid(pidfile))
 
 
 def test_first_stop_reason_wins(tmp_path):
@@ -250,7 +269,7 @@ def test_stop_before_run_never_starts_the_job(tmp_path):
     assert result.reason is EndReason.CANCELLED
     assert result.exit_code is None and result.output == b""
     assert not marker.exists()
-    assert job_run.pid is None
+    assert not job_run.running
 
 
 def test_stop_after_run_changes_nothing():
