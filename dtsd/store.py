@@ -540,7 +540,9 @@ class Store:
 
         Each status is its own branch with `status = %s`, each read newest first from its
         index and cut at the page, then merged: PostgreSQL 15 cannot keep an index's order
-        under `status = ANY(...)`, and sorted every job of those statuses for one page.
+        under `status = ANY(...)`, and sorted every job of those statuses for one page. No
+        status filter means every status (jobs has no index without the status, as each
+        costs every status change an entry: migration 0007), except for dead letters.
         """
         clauses, params = [], []
         if queue:
@@ -563,15 +565,17 @@ class Store:
             params.extend([created, last_id])
         order = "ORDER BY created_at DESC, id DESC LIMIT %s"
         values = sorted({s.value for s in statuses})
-        if values:
+        if dead_lettered and not values:
+            # Dead letters: newest first from their own partial index (migration 0007).
+            sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(clauses)} {order}"
+            args = list(params)
+        else:
+            values = values or sorted(s.value for s in JobStatus)
             branch = (f"(SELECT {_JOB_COLUMNS} FROM jobs WHERE "
                       + " AND ".join(["status = %s", *clauses]) + f" {order})")
             sql = (f"SELECT * FROM ({' UNION ALL '.join([branch] * len(values))}) AS page "
                    f"{order}")
             args = [arg for value in values for arg in (value, *params, limit + 1)]
-        else:
-            where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-            sql, args = f"SELECT {_JOB_COLUMNS} FROM jobs {where} {order}", list(params)
         with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             rows = cur.execute(sql, (*args, limit + 1)).fetchall()

@@ -177,7 +177,8 @@ def test_migration_counts_the_jobs_stored_before(pg_dsn: str, monkeypatch: pytes
         with psycopg.connect(pg_dsn) as conn:
             indexes = {row[0] for row in conn.execute(
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs'")}
-        assert {"jobs_queue_created", "jobs_queue_status_created",
-                "jobs_name_status_created", "jobs_prunable"} <= indexes
+        assert {"jobs_queue_status_created", "jobs_name_status_created",
+                "jobs_prunable"} <= indexes
+        assert not {"jobs_created", "jobs_queue_created", "jobs_name_created"} & indexes
     finally:
         store.close()
