@@ -281,7 +281,8 @@ def table(rows: list[dict], runs: int, rate: float) -> str:
 
 def write_results(results: dict, text: str, python: Path) -> list[Path]:
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"peers-{results['date']}"
+    # Named by day and commit: one day may hold runs of several commits.
+    stem = RESULTS / f"peers-{results['date']}-{results['versions']['dtsd']}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     stem.with_suffix(".md").write_text(text + "\n")
     chart = subprocess.run([str(python), str(BENCH / "peer_systems" / "chart.py"),
