@@ -18,16 +18,22 @@ def test_a_lone_call_is_served_at_once_in_a_round_of_its_own():
     assert rounds == [[21]]
 
 
-def test_calls_arriving_while_a_round_runs_share_the_next_round():
+def first_round_held(reply=lambda r: r):
+    """A serve function whose first round waits for `release`, so that the calls made
+    meanwhile queue up behind it; `rounds` records what each round served."""
     release = threading.Event()
-    rounds = []
+    rounds: list[list] = []
 
     def serve(requests):
         rounds.append(list(requests))
         if len(rounds) == 1:
-            release.wait(5)      # the first round holds the lead while the others queue up
-        return [f"reply {r}" for r in requests]
+            release.wait(5)
+        return [reply(r) for r in requests]
+    return serve, release, rounds
 
+
+def test_calls_arriving_while_a_round_runs_share_the_next_round():
+    serve, release, rounds = first_round_held(lambda r: f"reply {r}")
     combiner = Combiner(serve)
     replies = {}
 
@@ -81,15 +87,7 @@ def test_a_round_that_raises_fails_its_calls_and_the_next_caller_still_leads():
 
 
 def test_a_round_never_passes_the_weight_cap_but_always_takes_one_call():
-    release = threading.Event()
-    rounds = []
-
-    def serve(requests):
-        rounds.append(list(requests))
-        if len(rounds) == 1:
-            release.wait(5)
-        return list(requests)
-
+    serve, release, rounds = first_round_held()
     combiner = Combiner(serve, max_weight=10)
     threads = [threading.Thread(target=combiner.call, args=("first", 1))]
     threads[0].start()
