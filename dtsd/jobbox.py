@@ -272,9 +272,6 @@ class LauncherError(RuntimeError):
     """The launcher could not start, or died."""
 
 
-EXIT_SPAWN_FAILED = 127     # the code a child that could not exec its shell exits with
-
-
 class Launcher:
     """The worker's handle on its launcher process: spawn, signal and release, per slot.
 
@@ -361,7 +358,7 @@ class Launcher:
             if op == "exited":
                 handler(int(message["code"]), None)
             else:
-                handler(EXIT_SPAWN_FAILED, str(message.get("error") or "spawn failed"))
+                handler(launchermod.EXIT_SPAWN_FAILED, str(message.get("error") or "spawn failed"))
 
     def _send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
         if self.dead.is_set():
@@ -380,7 +377,7 @@ class Launcher:
         `on_exit(code, error)` is called once, from the reader thread: when the shell ends
         (code: exit status, or -N for death by signal N; error None), or when it never ran
         (error says why: a working directory it may not enter, a limit it may not have...;
-        code EXIT_SPAWN_FAILED). Raises LauncherError if the launcher is gone."""
+        code launcher.EXIT_SPAWN_FAILED). Raises LauncherError if the launcher is gone."""
         with self._lock:
             self._next_id += 1
             request_id = self._next_id

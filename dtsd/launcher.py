@@ -367,6 +367,9 @@ def fork_as(body: Callable[[], None]) -> int:
 
 # --- the launcher process ---------------------------------------------------------------------
 
+EXIT_SPAWN_FAILED = 127     # how a child that could not exec the job's shell exits
+
+
 class Slot:
     """One job at a time. Boxed: a uid of its own; unboxed (uid None): the launcher's user."""
 
@@ -565,7 +568,7 @@ class LauncherProcess:
                     os.write(status_w, (str(exc) or type(exc).__name__).encode(
                         "utf-8", "replace")[:4000])
                 finally:
-                    os._exit(127)
+                    os._exit(EXIT_SPAWN_FAILED)
         os.close(out_fd)
         os.close(status_w)
         slot.pid, slot.running, slot.released = pid, True, False
@@ -674,7 +677,8 @@ class LauncherProcess:
             # held back till it exec'd, then sent; dropped if it could not.
             if not slot.held:
                 self.poller.register(slot.status_fd, select.POLLIN)
-            slot.held.append(sig)
+            if sig not in slot.held:     # each signal once: the list stays bounded
+                slot.held.append(sig)
             return
         if slot.uid is None:
             _killpg(slot.pid, sig)

@@ -203,7 +203,7 @@ def epoch(value: datetime | None) -> int:
     return int(value.timestamp()) if value else 0
 
 
-# --- error mapping ------------------------------------------------------------------------
+# --- queue depths -------------------------------------------------------------------------
 
 DEPTH_FRESH = 0.1   # seconds a depth read from Redis may admit further submits
 
@@ -238,6 +238,8 @@ class DepthCache:
                               else value)
         return value
 
+
+# --- error mapping ------------------------------------------------------------------------
 
 class QueueFull(Exception):
     """A submit that would take a queue past [server] max_pending: RESOURCE_EXHAUSTED."""
@@ -350,7 +352,9 @@ class Api:
                 for jobs in calls:
                     replies.append(created[start:start + len(jobs)])
                     start += len(jobs)
-            except Conflict:
+            except (Conflict, psycopg.DataError, psycopg.IntegrityError):
+                # Refused for what some call carries (not for PostgreSQL being away): each
+                # call alone, so no call fails, or reads the message, for another's jobs.
                 replies = []
                 for jobs in calls:
                     try:
