@@ -19,13 +19,13 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := \
 	python3-grpcio python3-protobuf python3-redis python3-hiredis python3-psycopg \
 	python3-psycopg-pool python3-etcd3 python3-croniter python3-daemon python3-sdnotify \
-	python3-click python3-pytest python3-pytest-timeout python3-hypothesis python3-venv \
+	python3-click python3-aiohttp python3-prometheus-client python3-pytest python3-pytest-timeout python3-hypothesis python3-venv \
 	python3-setuptools protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
 	redis-server postgresql-15 etcd-server util-linux procps
 
 PYPI_PACKAGES := \
 	grpcio protobuf redis hiredis psycopg psycopg-pool croniter python-daemon sdnotify \
-	click etcd3 pytest pytest-timeout hypothesis
+	click etcd3 aiohttp prometheus-client pytest pytest-timeout hypothesis
 
 PROTOS := \
 	proto/dtsd/v1/dtsd.proto proto/dtsd/seed/scheduler.proto \
@@ -118,7 +118,7 @@ $(VENV)/.stamp: pyproject.toml setup.cfg Makefile
 	"$(VENV)/bin/python" -m pip install -qq --upgrade pip wheel
 	"$(VENV)/bin/python" -m pip install -qq --upgrade $(PYPI_PACKAGES)
 	@"$(VENV)/bin/python" -m pip list --format=freeze 2>/dev/null | \
-		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|pytest|pytest-timeout|hypothesis)==' | \
+		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|aiohttp|prometheus-client|pytest|pytest-timeout|hypothesis)==' | \
 		tr '\n' ' '; echo
 	@touch "$@"
 

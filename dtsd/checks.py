@@ -420,13 +420,15 @@ def address_in_use(host: str, port: int) -> str | None:
 
 @check(occasions=[Occasion.RELOAD])
 def new_listen_address_free(checked: Checked) -> Iterator[Problem]:
-    """A reload that moves [server] listen: the new address must be free (at start the
-    master probes its address itself, and exits 1 rather than 78: that may pass)."""
-    new, old = checked.cfg.values["server"], checked.running.values["server"]
-    if new["processes"] and new["listen"] != old["listen"]:
-        problem = address_in_use(*new["listen"])
-        if problem:
-            yield error(f"[server] listen: {problem}")
+    """A reload that moves [server] or [web] listen, or starts a role that had no
+    processes: the new address must be free (at start the master probes its addresses
+    itself, and exits 1 rather than 78: that may pass)."""
+    for section in ("server", "web"):
+        new, old = checked.cfg.values[section], checked.running.values[section]
+        if new["processes"] and (new["listen"] != old["listen"] or not old["processes"]):
+            problem = address_in_use(*new["listen"])
+            if problem:
+                yield error(f"[{section}] listen: {problem}")
 
 
 @check(occasions=[Occasion.RELOAD])

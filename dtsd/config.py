@@ -413,6 +413,17 @@ def _options() -> list[Option]:
           "On graceful stop, how long running jobs may go on before they are handed back."),
         *_process_options("worker"),
 
+        o("web", "processes", "1", integer(0, 16),
+          "HTTP children serving /healthz, /readyz and /metrics on `listen` "
+          "(SO_REUSEPORT). 0: none."),
+        o("web", "listen", "127.0.0.1:8080", host_port,
+          "Address of the HTTP listener. Not on a loopback address only with [server] "
+          "tokens_file and TLS ([server] tls_cert and tls_key serve both), as the gRPC port; "
+          "with a tokens file, /metrics wants a bearer token of any role."),
+        o("web", "stopwaitsecs", "5s", duration,
+          "On stop, how long in-flight HTTP requests may take before they are cut."),
+        *_process_options("web"),
+
         o("postgres", "dsn", "postgresql:///dtsd", nonempty,
           "libpq connection string or URI (env DATABASE_URL). Keep the password out of it: "
           "passfile=FILE (mode 0600, owned by dtsd's user); TLS with sslmode=verify-full "
@@ -569,6 +580,10 @@ def parse(text: str, path: str = "<string>", env: Mapping[str, str] | None = Non
     if config.values["postgres"]["pool_min"] > config.values["postgres"]["pool_max"]:
         raise ConfigError(f"{path}: [postgres] pool_min is larger than pool_max")
     _check_etcd(config.values["etcd"], path)
+    server, web = config.values["server"], config.values["web"]
+    if server["processes"] and web["processes"] and server["listen"][1] == web["listen"][1]:
+        raise ConfigError(f"{path}: [web] listen and [server] listen use the same port "
+                          f"{web['listen'][1]}: give the web children a port of their own")
     worker = config.values["worker"]
     first, last = worker["job_uids"]
     needed = 2 * worker["processes"] * worker["concurrency"]
@@ -733,15 +748,25 @@ def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: 
 
 
 def server_exposure(config: Config) -> tuple[str | None, str | None]:
-    """`exposure()` for the configured `[server] listen`: what the master checks at start
-    and `dtsd --check-config` reports. No server processes: nothing is exposed."""
+    """`exposure()` for the configured `[server] listen` and `[web] listen`: what the
+    master checks at start and reload, and `dtsd --check-config` reports. A role without
+    processes exposes nothing."""
     server = config.values["server"]
-    if not server["processes"]:
-        return None, None
-    host, port = server["listen"]
-    return exposure(host, port, tokens_file=server["tokens_file"], tls_cert=server["tls_cert"],
-                    tls_key=server["tls_key"], insecure=server["insecure"],
-                    anonymous_role=server["anonymous_role"])
+    errors: list[str] = []
+    warnings: list[str] = []
+    for section in ("server", "web"):
+        if not config.values[section]["processes"]:
+            continue
+        host, port = config.values[section]["listen"]
+        error, warning = exposure(
+            host, port, tokens_file=server["tokens_file"], tls_cert=server["tls_cert"],
+            tls_key=server["tls_key"], insecure=server["insecure"],
+            anonymous_role=server["anonymous_role"] if section == "server" else "")
+        if error:
+            errors.append(error.replace("[server] listen", f"[{section}] listen", 1))
+        if warning:
+            warnings.append(warning.replace("[server] listen", f"[{section}] listen", 1))
+    return ("; ".join(dict.fromkeys(errors)) or None), ("; ".join(warnings) or None)
 
 
 # --- secrets on disk ----------------------------------------------------------------------

@@ -32,7 +32,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from . import child
+from . import child, metrics
 from . import cron as cronmod
 from .config import Config
 from .models import schedule_job
@@ -64,6 +64,7 @@ class Coordinator:
         self.reconcile_cursor: tuple[datetime, str] | None = None
         self.node_file = os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json")
         self.was_leader = False
+        self.missed = 0                 # cron slots the policies dropped, this round
         # A slot later than this was missed (downtime, failover, no quorum) and follows the
         # schedule's misfire policy; the leader wakes at each slot, so on time is a few ms.
         self.grace = max(1.0, 3 * cfg.get("dtsd", "housekeeping_interval"))
@@ -90,6 +91,7 @@ class Coordinator:
             # have waited on Redis): a token of None means the lease lapsed meanwhile.
             token = self.leadership.token() if self.leadership.is_leader() else None
             leader = token is not None
+            self.gauge_leadership(token)
             if leader != self.was_leader:
                 self.was_leader = leader
                 log.info("this node %s", "leads: leader loops start" if leader
@@ -145,11 +147,20 @@ class Coordinator:
             log.warning("%s failed: %s", what, exc)
         return None
 
+    def gauge_leadership(self, token: int | None) -> None:
+        metrics.LEADER.set(0 if token is None else 1)
+        metrics.FENCING_TOKEN.set(token or 0)
+        if not self.leadership.single_node:
+            polled = self.leadership.status().get("last_poll_ago")
+            if polled is not None:
+                metrics.ETCD_POLLED.set(time.time() - polled)
+
     # --- cron -----------------------------------------------------------------------------
 
     def fire(self, fence: Fence) -> float | None:
         """Fire the due schedules; returns seconds until the next slot (None: none)."""
         now = datetime.now(timezone.utc)
+        self.missed = 0                 # counted by plan(), which a rollback may undo
         for fired in self.store.fire_due_schedules(fence, now, lambda row, runs:
                                                     self.plan(row, runs, now)):
             self.queue.push([Ready(j.id, j.queue, j.priority) for j in fired.jobs])
@@ -159,6 +170,12 @@ class Coordinator:
             for job in fired.jobs:
                 log.info("schedule %s fired job %s for %s", fired.schedule, job.id,
                          job.fire_time.isoformat() if job.fire_time else "now")
+                metrics.CRON_FIRED.inc()
+                if job.fire_time:
+                    metrics.CRON_LATENESS.observe(max(0.0, (now - job.fire_time).total_seconds()))
+        if self.missed:
+            metrics.CRON_MISSED.inc(self.missed)
+            self.missed = 0
         due = self.store.next_due()
         return None if due is None else (due - datetime.now(timezone.utc)).total_seconds()
 
@@ -184,6 +201,7 @@ class Coordinator:
         # stopped at its limit: then the rest is taken on the next tick.
         horizon = all_due[-1] if len(all_due) >= cronmod.MAX_DUE else now
         jobs = [schedule_job(row, slot) for slot in slots]
+        self.missed += len(all_due) - len(slots)
         return FirePlan(jobs=jobs, cancel=cancel, last_fire_time=horizon,
                         next_fire_time=now if horizon < now else schedule.next_after(now))
 
@@ -220,6 +238,8 @@ class Coordinator:
                 backoff_max=self.cfg.get("worker", "retry_backoff_max"))
             self.queue.drop_worker(worker)
             self.queue.push([Ready(r.id, r.queue, r.priority, r.run_at) for r in requeued])
+            for r in requeued:
+                metrics.JOBS_LOST.labels(metrics.queue_label(r.queue)).inc()
             self.missing_since.pop(worker, None)
             if requeued:
                 log.warning("worker %s is dead (lease run out): %d job(s) requeued", worker,

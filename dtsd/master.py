@@ -61,18 +61,20 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, checks, child, identity
+from . import __version__, checks, child, identity, metrics
 from . import config as configmod
 from .config import Config
 from .jobbox import job_uids_in_use, privilege_argv
 
 log = logging.getLogger("dtsd.master")
 
-ROLES = {"server": "dtsd.server", "worker": "dtsd.worker", "coordinator": "dtsd.coordinator"}
+ROLES = {"server": "dtsd.server", "worker": "dtsd.worker", "coordinator": "dtsd.coordinator",
+         "web": "dtsd.web"}
 # The sections each role's children read: a reload restarts a role whose sections changed.
 ROLE_SECTIONS = {"server": ("dtsd", "server", "postgres", "redis"),
                  "worker": ("dtsd", "worker", "postgres", "redis"),
-                 "coordinator": ("dtsd", "worker", "postgres", "redis", "etcd")}
+                 "coordinator": ("dtsd", "worker", "postgres", "redis", "etcd"),
+                 "web": ("dtsd", "web", "server", "postgres", "redis", "etcd")}
 # How the coordinator is supervised (it has no section of its own).
 COORDINATOR = {"startsecs": 0.0, "startretries": 5, "stopsignal": signal.SIGTERM,
                "stopwaitsecs": 5.0, "autorestart": "true"}
@@ -224,6 +226,7 @@ class Master:
         self.verdict = ReloadState.DONE
         self._wake_r, self._wake_w = os.pipe()
         self._last_record = 0.0
+        self._counted: dict[tuple[str, ChildState], int] = {}
         # Servers and the coordinator give up every capability the master holds; workers
         # keep only what switching to [worker] job_user takes (see dtsd/jobbox.py).
         self.privileges = {role: privilege_argv(role) for role in ROLES}
@@ -237,6 +240,11 @@ class Master:
             # that local users reach the API sockets and the identity broker in it.
             os.makedirs(self.runtime_dir, exist_ok=True)
             os.chmod(self.runtime_dir, 0o755)
+        try:
+            metrics.prepare(os.path.join(self.runtime_dir, metrics.DIRECTORY))
+        except OSError as exc:
+            log.error("cannot prepare the metrics directory in %s: %s", self.runtime_dir, exc)
+            return 1
         log.info("dtsd %s master starting (pid %d, node %s, config %s)",
                  __version__, os.getpid(), self.cfg.node_id, self.cfg.path)
         self.notifier.status("starting")
@@ -408,7 +416,8 @@ class Master:
     def wanted(cfg: Config) -> dict[str, int]:
         return {"coordinator": 1,
                 "server": cfg.get("server", "processes"),
-                "worker": cfg.get("worker", "processes")}
+                "worker": cfg.get("worker", "processes"),
+                "web": cfg.get("web", "processes")}
 
     def setting(self, role: str, key: str):
         return COORDINATOR[key] if role == "coordinator" else self.cfg.get(role, key)
@@ -567,6 +576,7 @@ class Master:
         self._close_pipe(item)
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         pid, item.proc = item.pid, None
+        metrics.forget(pid)
         if item.role == "server":
             self.remove_file(identity.api_socket(self.runtime_dir, pid))
         if item.role == "worker" and code != 0:
@@ -596,6 +606,7 @@ class Master:
             item.transition(ChildState.EXITED, f"{how}; autorestart={restart}", pid)
             return
         item.restarts += 1
+        metrics.CHILD_RESTARTS.labels(item.role).inc()
         item.transition(ChildState.EXITED, f"{how}; restarting", pid)
         self.spawn_child(item)
 
@@ -609,6 +620,7 @@ class Master:
         delay = min(BACKOFF_MAX, 2.0 ** (item.failed_starts - 1))
         item.retry_at = time.monotonic() + delay
         item.restarts += 1
+        metrics.CHILD_RESTARTS.labels(item.role).inc()
         item.transition(ChildState.BACKOFF, f"{why}; next start in {delay:.0f}s", pid)
 
     def kill_child(self, item: Child, sig: int) -> None:
@@ -665,6 +677,17 @@ class Master:
             self.notifier.send("READY=1")
         self.notifier.status(self.status_line())
         self.notifier.watchdog()
+        self.count_children()
+
+    def count_children(self) -> None:
+        """dtsd_children{role,state}: every role and state, 0 where none."""
+        counts = {(role, state): 0 for role in ROLES for state in ChildState}
+        for item in self.children:
+            counts[(item.role, item.state)] += 1
+        if counts != self._counted:
+            self._counted = counts
+            for (role, state), count in counts.items():
+                metrics.CHILDREN.labels(role, state.value).set(count)
 
     def status_line(self) -> str:
         active = [c for c in self.children if not c.retiring]
@@ -767,12 +790,13 @@ class Master:
         stale one) would silently share the port and split the clients between them.
         Exit 1, not 78: the address may well be free on the next try.
         """
-        if not self.cfg.get("server", "processes"):
-            return True
-        problem = checks.address_in_use(*self.cfg.get("server", "listen"))
-        if problem:
-            log.error("%s (is another dtsd running?)", problem)
-            return False
+        for section in ("server", "web"):
+            if not self.cfg.get(section, "processes"):
+                continue
+            problem = checks.address_in_use(*self.cfg.get(section, "listen"))
+            if problem:
+                log.error("[%s] listen: %s (is another dtsd running?)", section, problem)
+                return False
         return True
 
     def open_broker(self) -> bool:

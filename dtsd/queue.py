@@ -274,6 +274,25 @@ class Queue:
         acknowledged yet (the `queued` index, one SCARD)."""
         return int(self.redis.scard(self.keys.queued))
 
+    def depths(self) -> tuple[dict[tuple[str, int], int], int]:
+        """({(queue, priority): ready ids}, delayed ids) of every queue Redis holds, for the
+        metrics: one SCAN over the queue lists, then their lengths and the delayed set's
+        size in one pipeline. Empty lists do not exist in Redis, so idle queues are absent."""
+        pattern = self.keys.queue("*", 0)[:-2] + ":*"
+        start = len(self.keys.prefix) + len("queue:")
+        keys = sorted(set(self.redis.scan_iter(match=pattern, count=1000)))
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.llen(key)
+        pipe.zcard(self.keys.delayed)
+        *lengths, delayed = pipe.execute()
+        ready: dict[tuple[str, int], int] = {}
+        for key, length in zip(keys, lengths):
+            queue, _, priority = key.decode("utf-8", "replace")[start:].rpartition(":")
+            if queue and priority.isdigit() and length:
+                ready[(queue, int(priority))] = int(length)
+        return ready, int(delayed)
+
     def forget(self, job_id: str, queue: str, priority: int) -> None:
         """Take a job that will not run (cancelled while PENDING) out of Redis: its list,
         the delayed set and the index, in one transaction, so the depths stay true. A worker

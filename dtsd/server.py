@@ -29,14 +29,14 @@ import threading
 import time
 from concurrent import futures
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 import psycopg
 import psycopg_pool
 import redis
 
-from . import __version__, auth, child, identity, introspection, streams
+from . import __version__, auth, child, identity, introspection, metrics, streams
 from . import cron as cronmod
 from .combine import Combiner
 from .config import Config, limit_ceiling
@@ -314,6 +314,71 @@ class DecodeRequests(grpc.ServerInterceptor):
             (decode(data, context) for data in requests), context), **codecs)
 
 
+class CountCalls(grpc.ServerInterceptor):
+    """dtsd_grpc_requests_total{method,code} for every call, and the time unary calls take.
+
+    The outermost interceptor: a call that authentication or a stream cap refuses is
+    counted with its code too. The method label is the method's short name, and only for
+    the methods this server serves, as `service/Method` (anything else is `unknown`): a
+    client cannot grow the label set by calling made-up names.
+    """
+
+    def __init__(self, services: Sequence[str]):
+        self.services = tuple(f"/{name}/" for name in services)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        full = handler_call_details.method
+        method = (full[1:] if handler is not None and full.startswith(self.services)
+                  else "unknown")
+        if handler is None:
+            metrics.GRPC_REQUESTS.labels(method, "UNIMPLEMENTED").inc()
+            return handler
+        requests = metrics.GRPC_REQUESTS
+        duration = metrics.GRPC_DURATION.labels(method)
+        codecs = dict(request_deserializer=handler.request_deserializer,
+                      response_serializer=handler.response_serializer)
+
+        def code_of(context, failed: BaseException | None) -> str:
+            code = context.code()
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN if failed is not None else grpc.StatusCode.OK
+            return code.name
+
+        if handler.unary_unary or handler.stream_unary:
+            original = handler.unary_unary or handler.stream_unary
+            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                    else grpc.stream_unary_rpc_method_handler)
+
+            def unary(request, context):
+                started = time.perf_counter()
+                failed = None
+                try:
+                    return original(request, context)
+                except BaseException as exc:
+                    failed = exc
+                    raise
+                finally:
+                    duration.observe(time.perf_counter() - started)
+                    requests.labels(method, code_of(context, failed)).inc()
+            return make(unary, **codecs)
+
+        original = handler.unary_stream or handler.stream_stream
+        make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                else grpc.stream_stream_rpc_method_handler)
+
+        def streaming(request, context):
+            failed = None
+            try:
+                yield from original(request, context)
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                requests.labels(method, code_of(context, failed)).inc()
+        return make(streaming, **codecs)
+
+
 # --- the shared core ----------------------------------------------------------------------
 
 class Api:
@@ -364,6 +429,8 @@ class Api:
         ready = [Ready(job.id, job.queue, job.priority, job.run_at)
                  for jobs, created in zip(calls, replies) if not isinstance(created, BaseException)
                  for job, new in zip(jobs, created) if new]
+        for queue, count in collections.Counter(job.queue for job in ready).items():
+            metrics.JOBS_SUBMITTED.labels(metrics.queue_label(queue)).inc(count)
         try:
             self.queue.push(ready)
         except redis.RedisError as exc:
@@ -828,6 +895,8 @@ class Server:
         # The caps after auth (a call it refuses takes no slot); DecodeRequests innermost,
         # so that both refuse before any parsing.
         interceptors = [
+            CountCalls([*SERVICES, introspection.HEALTH_SERVICE_NAME,
+                        introspection.REFLECTION_SERVICE_NAME]),
             auth.AuthInterceptor(auth.TokenFile(tokens_file) if tokens_file else None,
                                  local_key=identity.read_key(self.runtime_dir),
                                  node=cfg.node_id, runtime_dir=self.runtime_dir,

@@ -148,6 +148,7 @@ class Claimed:
     queue: str
     priority: int
     limits: dict[str, int]
+    waited: float = 0.0          # seconds from when it could run (created, run_at) to now
 
 
 @dataclass
@@ -392,7 +393,9 @@ class Store:
                          AND EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker)s
                                      AND w.lease_until > now())
                        RETURNING j.id, j.command, j.env, j.cwd, j.timeout, j.attempts,
-                                 j.failures, j.max_retries, j.queue, j.priority, j.limits),
+                                 j.failures, j.max_retries, j.queue, j.priority, j.limits,
+                                 extract(epoch FROM now() - greatest(j.created_at, j.run_at))
+                                     ::float8 AS waited),
                    opened AS (
                        INSERT INTO job_attempts (job_id, attempt, worker)
                        SELECT id, attempts, %(worker)s FROM claimed)
@@ -881,15 +884,24 @@ class Store:
                    SELECT key, n FROM sums ORDER BY key
                    ON CONFLICT (key) DO UPDATE SET n = c.n + EXCLUDED.n""").rowcount
 
+    @staticmethod
+    def _status_counts(conn: psycopg.Connection) -> tuple[dict[str, int], int]:
+        by_status = dict(conn.execute(
+            """SELECT key, sum(n)::bigint FROM (
+                   SELECT key, n FROM job_counts
+                   UNION ALL SELECT key, n FROM job_count_deltas) c
+               GROUP BY key"""))
+        return by_status, by_status.pop(DEAD_LETTERED_KEY, 0)
+
+    def status_counts(self, timeout: float | None = None) -> tuple[dict[str, int], int]:
+        """(jobs by status, dead-lettered count): a few rows, whatever the table holds."""
+        with self.pool.connection(timeout=timeout) as conn:
+            return self._status_counts(conn)
+
     def counts(self) -> tuple[dict[str, int], int, list[tuple[str, int, int, int]]]:
         """(jobs by status, dead-lettered count, per queue: (queue, ready, delayed, running))."""
         with self.pool.connection() as conn:
-            by_status = dict(conn.execute(
-                """SELECT key, sum(n)::bigint FROM (
-                       SELECT key, n FROM job_counts
-                       UNION ALL SELECT key, n FROM job_count_deltas) c
-                   GROUP BY key"""))
-            dead = by_status.pop(DEAD_LETTERED_KEY, 0)
+            by_status, dead = self._status_counts(conn)
             queues = conn.execute(
                 """SELECT queue,
                           count(*) FILTER (WHERE status = 'PENDING'

@@ -35,7 +35,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
-from . import child
+from . import child, metrics
 from . import launcher as launchermod
 from .config import Config
 from .config import ConfigError
@@ -197,6 +197,9 @@ class Worker:
             log.debug("RUNNING events not published: %s", exc)
         finally:
             for job in claimed:
+                queue = metrics.queue_label(job.queue)
+                metrics.JOBS_STARTED.labels(queue).inc()
+                metrics.JOB_WAIT.labels(queue).observe(max(0.0, job.waited))
                 self.todo.put(job)
 
     def _job_thread(self, slot: int) -> None:
@@ -245,6 +248,7 @@ class Worker:
             result = Result(exit_code=None, signal=None, output=b"", truncated=False,
                             reason=EndReason.SPAWN_FAILED, error=f"executor error: {exc}",
                             duration=0.0)
+        metrics.JOB_RUN.labels(metrics.queue_label(job.queue)).observe(result.duration)
         if self.launcher.dead.is_set():
             self._launcher_died()
         if result.reason is None and result.exit_code != 0:
@@ -319,6 +323,7 @@ class Worker:
         changed = self.store.finish(batch)
         events, retries = [], []
         for outcome in batch:
+            count_outcome(outcome, outcome.job_id in changed)
             if outcome.job_id not in changed:
                 continue
             events.append((outcome.job_id, Event(
@@ -455,6 +460,26 @@ class Worker:
         if execution and running_attempt == attempt:
             log.info("cancelling job %s attempt %d", job_id, attempt)
             execution.stop(EndReason.CANCELLED)
+
+
+def count_outcome(outcome: Outcome, changed: bool) -> None:
+    """dtsd_jobs_finished_total and dead letters, once the attempt is recorded. An attempt
+    whose job row did not change was cancelled meanwhile (counted here as cancelled) or
+    recovered by the leader as lost (counted there)."""
+    queue = metrics.queue_label(outcome.queue)
+    if outcome.status is JobStatus.CANCELLED:
+        name = "cancelled"
+    elif not changed:
+        return
+    elif outcome.status is JobStatus.SUCCEEDED:
+        name = "succeeded"
+    elif outcome.status is JobStatus.PENDING:
+        name = "retried" if outcome.failed else "handed_back"
+    else:
+        name = "failed"
+    metrics.JOBS_FINISHED.labels(queue, name).inc()
+    if outcome.dead and changed:
+        metrics.JOBS_DEAD_LETTERED.labels(queue).inc()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,7 @@ class DtsdFactory:
         base = {
             "dtsd": {"node_id": f"test-{number}", "runtime_dir": str(workdir / "run")},
             "server": {"listen": f"127.0.0.1:{free_port()}"},
+            "web": {"processes": 0, "listen": f"127.0.0.1:{free_port()}"},
             "postgres": {"dsn": self.pg_dsn},
             "redis": {"url": self.redis.url},
         }

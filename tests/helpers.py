@@ -396,6 +396,12 @@ def write_ini(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
         parser.add_section("server")
     if "tokens_file" not in parser["server"]:
         parser["server"].setdefault("anonymous_role", TEST_ANONYMOUS_ROLE)
+    # The web child (HTTP: /metrics, /healthz, /readyz) only where a test asks for it, on a
+    # port of its own: the packaged 127.0.0.1:8080 would be shared by the suite's masters.
+    if not parser.has_section("web"):
+        parser.add_section("web")
+        parser["web"]["processes"] = "0"
+    parser["web"].setdefault("listen", f"127.0.0.1:{free_port()}")
     if os.getuid() == 0:
         if not parser.has_section("worker"):
             parser.add_section("worker")
@@ -454,6 +460,8 @@ class DtsdMaster:
         listen = str(sections["server"]["listen"])
         self.port = int(listen.rpartition(":")[2])
         self.address = f"127.0.0.1:{self.port}"
+        web = str(sections.get("web", {}).get("listen", ""))
+        self.web_url = f"http://{web}" if web else ""
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_handle = None
 
@@ -494,6 +502,17 @@ class DtsdMaster:
                                      f"log tail:\n{tail(self.log_path, 40)}")
         except StopWaiting as exc:
             raise AssertionError(str(exc)) from None
+        if str(self.sections.get("web", {}).get("processes", 0)) != "0":
+            wait_for(self.web_answers, timeout=timeout, interval=0.1,
+                     message=lambda: f"dtsd {self.node_id} to answer on {self.web_url}")
+
+    def web_answers(self) -> bool:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(self.web_url + "/healthz", timeout=1) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
 
     def log(self) -> str:
         try:
