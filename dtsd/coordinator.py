@@ -215,15 +215,16 @@ class Coordinator:
             if now - first >= ttl:
                 dead.append(worker)
         for worker in dead:
-            requeued = self.store.recover_lost(
+            lost = self.store.recover_lost(
                 fence, worker, backoff=self.cfg.get("worker", "retry_backoff"),
                 backoff_max=self.cfg.get("worker", "retry_backoff_max"))
+            requeued = [job for job in lost if not job.dead]
             self.queue.drop_worker(worker)
             self.queue.push([Ready(r.id, r.queue, r.priority, r.run_at) for r in requeued])
             self.missing_since.pop(worker, None)
-            if requeued:
-                log.warning("worker %s is dead (lease run out): %d job(s) requeued", worker,
-                            len(requeued))
+            if lost:
+                log.warning("worker %s is dead (lease run out): %d job(s) requeued, %d "
+                            "dead-lettered", worker, len(requeued), len(lost) - len(requeued))
             else:
                 log.info("worker %s is gone; it held no running job", worker)
         # Redis's list of workers is for `dtsctl status`: forget those without a heartbeat.
