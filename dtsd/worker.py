@@ -41,11 +41,12 @@ from .config import Config
 from .config import ConfigError
 from .executor import Execution, Result, build_env
 from .jobbox import JobBox, Launcher, LauncherError
-from .models import EndReason, JobStatus, retry_delay
+from .models import JOB_LOGGER, EndReason, JobStatus, job_label, retry_delay
 from .queue import Event, Queue, Ready, connect
 from .store import Claimed, Outcome, Store
 
 log = logging.getLogger("dtsd.worker")
+job_log = logging.getLogger(JOB_LOGGER)
 
 WRITE_BATCH = 500
 CANCEL_MEMORY = 60.0   # seconds a cancel is remembered for an attempt still being started
@@ -270,7 +271,8 @@ class Worker:
         outcome = Outcome(job_id=job.id, attempt=job.attempt, status=JobStatus.SUCCEEDED,
                           exit_code=exit_code, output=result.output,
                           truncated=result.truncated, error=result.error, failed=False,
-                          queue=job.queue, priority=job.priority)
+                          queue=job.queue, priority=job.priority, name=job.name,
+                          duration=result.duration)
         if result.reason is EndReason.HANDED_BACK:
             outcome.status = JobStatus.PENDING
             outcome.error = str(EndReason.HANDED_BACK)
@@ -319,6 +321,7 @@ class Worker:
         changed = self.store.finish(batch)
         events, retries = [], []
         for outcome in batch:
+            self._log_end(outcome, recorded=outcome.job_id in changed)
             if outcome.job_id not in changed:
                 continue
             events.append((outcome.job_id, Event(
@@ -330,6 +333,15 @@ class Worker:
         child.retry_forever("acknowledging in Redis", lambda: self.queue.ack(
             self.id, [o.job_id for o in batch], events=events, retries=retries), log,
             threading.Event(), max_delay=2.0)
+
+    def _log_end(self, outcome: Outcome, recorded: bool) -> None:
+        """The job lines of a finished attempt, once its record is committed: the failure
+        for good, only when this worker's record is what dead-lettered the job (once per
+        job)."""
+        if recorded and outcome.dead:
+            job_log.error("%s failed for good at attempt %d: %s; dead-lettered",
+                          job_label(outcome.job_id, outcome.name, outcome.queue),
+                          outcome.attempt, outcome.error)
 
     # --- heartbeats and cancels -----------------------------------------------------------
 
