@@ -65,6 +65,7 @@ class Worker:
         self.id = f"{cfg.node_id}-w{index}-{os.getpid()}"
         self.queues = list(self.settings.queues)
         self.concurrency = self.settings.concurrency
+        self.log_jobs = cfg.get("dtsd", "log_jobs")
         self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=3,
                            name=f"dtsd-worker-{index}", custom_plans=True)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
@@ -239,6 +240,9 @@ class Worker:
                 execution.stop(EndReason.CANCELLED)
             elif self.hand_back_now.is_set() or self.lease_lapsed:
                 execution.stop(EndReason.HANDED_BACK, kill_by=self._lease_kill_by())
+        if self.log_jobs:
+            job_log.info("%s: attempt %d started on worker %s",
+                         job_label(job.id, job.name, job.queue), job.attempt, self.id)
         try:
             result = execution.run()
         except Exception as exc:  # never lose an attempt to a bug: record it as failed
@@ -336,12 +340,40 @@ class Worker:
 
     def _log_end(self, outcome: Outcome, recorded: bool) -> None:
         """The job lines of a finished attempt, once its record is committed: the failure
-        for good, only when this worker's record is what dead-lettered the job (once per
-        job)."""
-        if recorded and outcome.dead:
-            job_log.error("%s failed for good at attempt %d: %s; dead-lettered",
-                          job_label(outcome.job_id, outcome.name, outcome.queue),
+        for good always (only when this worker's record is what dead-lettered the job: once
+        per job), the attempt's end with `[dtsd] log_jobs`."""
+        failed_for_good = recorded and outcome.dead
+        if not (self.log_jobs or failed_for_good):    # the common case: nothing to format
+            return
+        label = job_label(outcome.job_id, outcome.name, outcome.queue)
+        if self.log_jobs:
+            self._log_attempt_end(label, outcome, recorded)
+        if failed_for_good:
+            job_log.error("%s failed for good at attempt %d: %s; dead-lettered", label,
                           outcome.attempt, outcome.error)
+
+    @staticmethod
+    def _log_attempt_end(label: str, outcome: Outcome, recorded: bool) -> None:
+        if outcome.status is JobStatus.CANCELLED:
+            fate = "cancelled"
+        elif outcome.failed:
+            fate = "failed"
+        elif outcome.status is JobStatus.PENDING:
+            fate = str(EndReason.HANDED_BACK)
+        else:
+            fate = "succeeded"
+        if not recorded and outcome.status is not JobStatus.CANCELLED:
+            fate += ", not recorded: the job was cancelled or recovered meanwhile"
+        elif outcome.dead:
+            fate += ", dead-lettered"
+        elif outcome.failed and outcome.run_at:
+            wait = (outcome.run_at - datetime.now(timezone.utc)).total_seconds()
+            fate += f", retry in {max(0.0, wait):.1f}s"
+        # A failure's error says why (`exit code 3`, `timeout after 5s`, `killed by ...`).
+        detail = outcome.error if outcome.failed else (
+            "no exit code" if outcome.exit_code is None else f"exit code {outcome.exit_code}")
+        job_log.info("%s: attempt %d ended after %.3fs: %s; %s", label, outcome.attempt,
+                     outcome.duration, fate, detail)
 
     # --- heartbeats and cancels -----------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """What dtsd writes to its log: one line per record whatever the text it names (control
 characters escaped), syslog priorities under journald, a log file kept from other users, and
-the lines about single jobs (failed for good, lost with a worker)."""
+the lines about single jobs (failed for good, lost with a worker, `[dtsd] log_jobs`)."""
 
 from __future__ import annotations
 
@@ -176,14 +176,46 @@ def test_a_job_that_fails_for_good_is_logged_once_and_nothing_else_by_default(dt
                      message="the failure line")
     assert lines == [("ERROR", "worker", f"job {failing} (backup-db) on queue default failed "
                                          "for good at attempt 2: exit code 3; dead-lettered")]
-    # Neither the first failed attempt nor the job that succeeded is logged.
+    # log_jobs is off: neither the first failed attempt nor the job that succeeded is logged.
     assert job_lines(master, quiet) == []
     assert " INFO " not in "".join(line for line in master.log().splitlines()
                                    if "dtsd.jobs:" in line)
 
 
+def test_log_jobs_logs_each_attempt_s_start_and_end(dtsd_factory):
+    master = dtsd_factory(FAST, dtsd={"log_jobs": "true"})
+    api = scheduler(master)
+    ok = submit(api, "sleep 0.2", name="nightly")
+    job = wait_status(api, ok, pb.SUCCEEDED)
+    lines = wait_for(lambda: len(job_lines(master, ok)) >= 2 and job_lines(master, ok),
+                     timeout=10, message="the end line")
+    label = f"job {ok} (nightly) on queue default"
+    assert lines[0] == ("INFO", "worker", f"{label}: attempt 1 started on worker {job.worker}")
+    assert lines[1][:2] == ("INFO", "worker")
+    ended = re.fullmatch(rf"{re.escape(label)}: attempt 1 ended after (\d+\.\d{{3}})s: "
+                         r"succeeded; exit code 0", lines[1][2])
+    assert ended, lines[1]
+    assert 0.2 <= float(ended[1]) < 10
+    assert len(lines) == 2
+
+    failing = submit(api, "exit 3", max_retries=1)     # no name: no parentheses
+    wait_status(api, failing, pb.FAILED)
+    wait_for(lambda: any("failed for good" in text for _, _, text in job_lines(master, failing)),
+             timeout=10, message="the failure line")
+    texts = [(level, text) for level, _, text in job_lines(master, failing)]
+    label = f"job {failing} on queue default"
+    assert [level for level, _ in texts] == ["INFO", "INFO", "INFO", "INFO", "ERROR"], texts
+    assert texts[0][1].startswith(f"{label}: attempt 1 started on worker ")
+    assert re.fullmatch(rf"{re.escape(label)}: attempt 1 ended after \d+\.\d{{3}}s: failed, "
+                        r"retry in \d+\.\ds; exit code 3", texts[1][1]), texts[1]
+    assert texts[2][1].startswith(f"{label}: attempt 2 started on worker ")
+    assert re.fullmatch(rf"{re.escape(label)}: attempt 2 ended after \d+\.\d{{3}}s: failed, "
+                        r"dead-lettered; exit code 3", texts[3][1]), texts[3]
+    assert texts[4][1] == f"{label} failed for good at attempt 2: exit code 3; dead-lettered"
+
+
 def test_a_job_name_cannot_forge_a_log_line_or_an_escape_sequence(dtsd_factory):
-    master = dtsd_factory(FAST)
+    master = dtsd_factory(FAST, dtsd={"log_jobs": "true"})
     api = scheduler(master)
     forged = "2026-01-01 00:00:00,000 INFO [worker-0 1] dtsd.jobs: job x succeeded"
     name = f"evil\n{forged}\x1b[31m"
@@ -197,6 +229,8 @@ def test_a_job_name_cannot_forge_a_log_line_or_an_escape_sequence(dtsd_factory):
     log = master.log()
     assert "\x1b" not in log
     assert not any(line.startswith(forged[:23]) for line in log.splitlines())
+    # The start and end lines (log_jobs) name it escaped too.
+    assert sum(f"({escaped})" in line for line in log.splitlines()) == 3
 
 
 def test_a_job_lost_with_its_worker_is_logged_by_the_leader(dtsd_factory, tmp_path):
