@@ -296,6 +296,10 @@ def _options() -> list[Option]:
         o("dtsd", "log_level", "info", log_level, "debug, info, warning or error."),
         o("dtsd", "log_file", "", string,
           "Empty: log to standard error (the journal under systemd). USR1 reopens it."),
+        o("dtsd", "log_jobs", "false", boolean,
+          "Log one info line as each attempt starts and one as it ends (job, queue, worker, "
+          "outcome, exit code, duration). A job that fails for good or is lost with its "
+          "worker is logged whatever this says."),
         o("dtsd", "runtime_dir", "/run/dtsd", string,
           "The master's node record (node.json), the workers' job registries, and the "
           "log when detached without log_file."),

@@ -35,11 +35,12 @@ from typing import Any
 from . import child, metrics
 from . import cron as cronmod
 from .config import Config
-from .models import schedule_job
+from .models import JOB_LOGGER, job_label, schedule_job
 from .queue import Queue, Ready, connect
-from .store import Deposed, Fence, FirePlan, Store
+from .store import Deposed, Fence, FirePlan, Lost, Store
 
 log = logging.getLogger("dtsd.coordinator")
+job_log = logging.getLogger(JOB_LOGGER)
 
 RECONCILE_BATCH = 5000
 PRUNE_EVERY = 300.0
@@ -233,24 +234,44 @@ class Coordinator:
             if now - first >= ttl:
                 dead.append(worker)
         for worker in dead:
-            requeued = self.store.recover_lost(
+            lost = self.store.recover_lost(
                 fence, worker, backoff=self.cfg.get("worker", "retry_backoff"),
                 backoff_max=self.cfg.get("worker", "retry_backoff_max"))
+            requeued = [job for job in lost if not job.dead]
             self.queue.drop_worker(worker)
             self.queue.push([Ready(r.id, r.queue, r.priority, r.run_at) for r in requeued])
-            for r in requeued:
-                metrics.JOBS_LOST.labels(metrics.queue_label(r.queue)).inc()
+            for job in lost:
+                queue = metrics.queue_label(job.queue)
+                metrics.JOBS_LOST.labels(queue).inc()
+                if job.dead:
+                    metrics.JOBS_DEAD_LETTERED.labels(queue).inc()
             self.missing_since.pop(worker, None)
-            if requeued:
-                log.warning("worker %s is dead (lease run out): %d job(s) requeued", worker,
-                            len(requeued))
+            if lost:
+                log.warning("worker %s is dead (lease run out): %d job(s) requeued, %d "
+                            "dead-lettered", worker, len(requeued), len(lost) - len(requeued))
             else:
                 log.info("worker %s is gone; it held no running job", worker)
+            for job in lost:
+                self._log_lost(job, worker)
         # Redis's list of workers is for `dtsctl status`: forget those without a heartbeat.
         for worker, beat in self.queue.workers().items():
             if beat is None and worker not in unknown:
                 self.queue.drop_worker(worker)
                 log.info("worker %s is gone from Redis (no heartbeat): forgotten there", worker)
+
+    @staticmethod
+    def _log_lost(job: Lost, worker: str) -> None:
+        """One line per job lost with its worker, after the recovery committed (this
+        leader's record is what requeued or dead-lettered it)."""
+        label = job_label(job.id, job.name, job.queue)
+        if job.dead:
+            job_log.error("%s failed for good at attempt %d: lost with its worker %s, no "
+                          "retries left; dead-lettered", label, job.attempt, worker)
+            return
+        wait = (job.run_at - datetime.now(timezone.utc)).total_seconds() if job.run_at else 0.0
+        job_log.warning("%s lost at attempt %d with its worker %s; requeued for retry %d of "
+                        "%d in %.1fs", label, job.attempt, worker, job.failures,
+                        job.max_retries, max(0.0, wait))
 
     def reconcile(self) -> None:
         """Walk PENDING jobs in batches; push again those Redis holds nowhere."""

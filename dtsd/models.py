@@ -252,3 +252,19 @@ def retry_delay(failures: int, base: float, cap: float, rand: float) -> float:
     """
     delay = min(cap, base * (2 ** max(0, failures - 1)))
     return delay / 2 + delay / 2 * rand
+
+
+# --- the job lines of the log -------------------------------------------------------------
+
+#: The logger of the lines about single jobs (README, "Processes", Logs): a job that failed
+#: for good or was lost with its worker, and with `[dtsd] log_jobs` every attempt's start
+#: and end. Its lines name user text (the job's name, its error): the log formatter escapes
+#: every control character of a message, arguments included (child.LogFormatter).
+JOB_LOGGER = "dtsd.jobs"
+
+
+def job_label(job_id: str, name: str, queue: str) -> str:
+    """How a log line names a job: `job ID (NAME) on queue QUEUE`, no parentheses when the
+    job has no name."""
+    named = f" ({name})" if name else ""
+    return f"job {job_id}{named} on queue {queue}"

@@ -148,6 +148,7 @@ class Claimed:
     queue: str
     priority: int
     limits: dict[str, int]
+    name: str
     waited: float = 0.0          # seconds from when it could run (created, run_at) to now
 
 
@@ -167,6 +168,24 @@ class Outcome:
     dead: bool = False
     queue: str = ""
     priority: int = 0
+    name: str = ""               # name and duration are for the log, not stored
+    duration: float = 0.0
+
+
+@dataclass
+class Lost:
+    """A job whose attempt died with its worker: PENDING again for a retry, or FAILED and
+    dead-lettered (`dead`) when that was its last retry."""
+
+    id: str
+    name: str
+    queue: str
+    priority: int
+    attempt: int
+    failures: int                # counting the lost attempt
+    max_retries: int
+    run_at: datetime | None
+    dead: bool
 
 
 @dataclass
@@ -394,6 +413,7 @@ class Store:
                                      AND w.lease_until > now())
                        RETURNING j.id, j.command, j.env, j.cwd, j.timeout, j.attempts,
                                  j.failures, j.max_retries, j.queue, j.priority, j.limits,
+                                 j.name,
                                  extract(epoch FROM now() - greatest(j.created_at, j.run_at))
                                      ::float8 AS waited),
                    opened AS (
@@ -680,11 +700,12 @@ class Store:
                 and (attempt == 0 or row[1] == attempt))
 
     def recover_lost(self, fence: Fence, worker: str, *, backoff: float,
-                     backoff_max: float) -> list[Requeued]:
+                     backoff_max: float) -> list[Lost]:
         """Close the open attempts of a dead worker as lost; each job is retried or fails.
 
         A lost attempt counts as a failure (the command may have done harm before dying);
-        jobs out of retries end FAILED and dead-lettered. Returns the jobs now PENDING.
+        jobs out of retries end FAILED and dead-lettered. Returns every job it closed an
+        attempt of, PENDING and dead-lettered alike, for the caller to push and to log.
         Leader-only: fenced. The worker's lease row goes in the same transaction, if it has
         run out; a worker that renewed its lease meanwhile keeps its jobs.
         """
@@ -714,10 +735,11 @@ class Store:
                                           THEN NULL ELSE now() END,
                        updated_at = now()
                    FROM lost WHERE j.id = lost.id
-                   RETURNING j.id, j.status, j.queue, j.priority, j.run_at""",
+                   RETURNING j.id, j.name, j.queue, j.priority, j.attempts, j.failures,
+                             j.max_retries, j.run_at, j.status""",
                 {"worker": worker, "error": f"{EndReason.LOST}: worker {worker} died",
                  "base": backoff, "cap": backoff_max}).fetchall()
-        return [Requeued(r[0], r[2], r[3], r[4]) for r in rows if r[1] == JobStatus.PENDING.value]
+        return [Lost(*r[:8], dead=r[8] == JobStatus.FAILED.value) for r in rows]
 
     # --- the leader's fence ----------------------------------------------------------------
 

@@ -41,11 +41,12 @@ from .config import Config
 from .config import ConfigError
 from .executor import Execution, Result, build_env
 from .jobbox import JobBox, Launcher, LauncherError
-from .models import EndReason, JobStatus, retry_delay
+from .models import JOB_LOGGER, EndReason, JobStatus, job_label, retry_delay
 from .queue import Event, Queue, Ready, connect
 from .store import Claimed, Outcome, Store
 
 log = logging.getLogger("dtsd.worker")
+job_log = logging.getLogger(JOB_LOGGER)
 
 WRITE_BATCH = 500
 CANCEL_MEMORY = 60.0   # seconds a cancel is remembered for an attempt still being started
@@ -64,6 +65,7 @@ class Worker:
         self.id = f"{cfg.node_id}-w{index}-{os.getpid()}"
         self.queues = list(self.settings.queues)
         self.concurrency = self.settings.concurrency
+        self.log_jobs = cfg.get("dtsd", "log_jobs")
         self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=3,
                            name=f"dtsd-worker-{index}", custom_plans=True)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
@@ -241,6 +243,9 @@ class Worker:
                 execution.stop(EndReason.CANCELLED)
             elif self.hand_back_now.is_set() or self.lease_lapsed:
                 execution.stop(EndReason.HANDED_BACK, kill_by=self._lease_kill_by())
+        if self.log_jobs:
+            job_log.info("%s: attempt %d started on worker %s",
+                         job_label(job.id, job.name, job.queue), job.attempt, self.id)
         try:
             result = execution.run()
         except Exception as exc:  # never lose an attempt to a bug: record it as failed
@@ -274,7 +279,8 @@ class Worker:
         outcome = Outcome(job_id=job.id, attempt=job.attempt, status=JobStatus.SUCCEEDED,
                           exit_code=exit_code, output=result.output,
                           truncated=result.truncated, error=result.error, failed=False,
-                          queue=job.queue, priority=job.priority)
+                          queue=job.queue, priority=job.priority, name=job.name,
+                          duration=result.duration)
         if result.reason is EndReason.HANDED_BACK:
             outcome.status = JobStatus.PENDING
             outcome.error = str(EndReason.HANDED_BACK)
@@ -324,6 +330,7 @@ class Worker:
         events, retries = [], []
         for outcome in batch:
             count_outcome(outcome, outcome.job_id in changed)
+            self._log_end(outcome, recorded=outcome.job_id in changed)
             if outcome.job_id not in changed:
                 continue
             events.append((outcome.job_id, Event(
@@ -335,6 +342,43 @@ class Worker:
         child.retry_forever("acknowledging in Redis", lambda: self.queue.ack(
             self.id, [o.job_id for o in batch], events=events, retries=retries), log,
             threading.Event(), max_delay=2.0)
+
+    def _log_end(self, outcome: Outcome, recorded: bool) -> None:
+        """The job lines of a finished attempt, once its record is committed: the failure
+        for good always (only when this worker's record is what dead-lettered the job: once
+        per job), the attempt's end with `[dtsd] log_jobs`."""
+        failed_for_good = recorded and outcome.dead
+        if not (self.log_jobs or failed_for_good):    # the common case: nothing to format
+            return
+        label = job_label(outcome.job_id, outcome.name, outcome.queue)
+        if self.log_jobs:
+            self._log_attempt_end(label, outcome, recorded)
+        if failed_for_good:
+            job_log.error("%s failed for good at attempt %d: %s; dead-lettered", label,
+                          outcome.attempt, outcome.error)
+
+    @staticmethod
+    def _log_attempt_end(label: str, outcome: Outcome, recorded: bool) -> None:
+        if outcome.status is JobStatus.CANCELLED:
+            fate = "cancelled"
+        elif outcome.failed:
+            fate = "failed"
+        elif outcome.status is JobStatus.PENDING:
+            fate = str(EndReason.HANDED_BACK)
+        else:
+            fate = "succeeded"
+        if not recorded and outcome.status is not JobStatus.CANCELLED:
+            fate += ", not recorded: the job was cancelled or recovered meanwhile"
+        elif outcome.dead:
+            fate += ", dead-lettered"
+        elif outcome.failed and outcome.run_at:
+            wait = (outcome.run_at - datetime.now(timezone.utc)).total_seconds()
+            fate += f", retry in {max(0.0, wait):.1f}s"
+        # A failure's error says why (`exit code 3`, `timeout after 5s`, `killed by ...`).
+        detail = outcome.error if outcome.failed else (
+            "no exit code" if outcome.exit_code is None else f"exit code {outcome.exit_code}")
+        job_log.info("%s: attempt %d ended after %.3fs: %s; %s", label, outcome.attempt,
+                     outcome.duration, fate, detail)
 
     # --- heartbeats and cancels -----------------------------------------------------------
 

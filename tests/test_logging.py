@@ -1,17 +1,21 @@
 """What dtsd writes to its log: one line per record whatever the text it names (control
-characters escaped), syslog priorities under journald, and a log file kept from other users."""
+characters escaped), syslog priorities under journald, a log file kept from other users, and
+the lines about single jobs (failed for good, lost with a worker, `[dtsd] log_jobs`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import signal
 import stat
 import sys
 
+import grpc
 import pytest
 
 from dtsd import child
+from dtsd.dtsdpb import pb, pb_grpc
 from tests.helpers import clean_env, REPO_ROOT, wait_for
 from tests.test_master import FAST, counts_are
 
@@ -126,8 +130,132 @@ def test_the_log_file_is_created_0640_whatever_the_umask(dtsd_factory, tmp_path)
     assert "master starting" in log_file.read_text()
     # Rotated away and reopened (USR1): the new file is 0640 too.
     log_file.rename(tmp_path / "logs" / "dtsd.log.1")
-    import signal
     master.signal(signal.SIGUSR1)
     wait_for(lambda: log_file.exists() and "reopened" in log_file.read_text(),
              message="the master to log into a new file")
     assert stat.S_IMODE(log_file.stat().st_mode) == 0o640
+
+
+# --- the job lines (logger dtsd.jobs) ------------------------------------------------------
+
+JOB_LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) \[(?P<process>[a-z]+)-\d+ \d+\] dtsd\.jobs: "
+                      r"(?P<text>.*)$")
+
+
+def job_lines(master, job_id: str) -> list[tuple[str, str, str]]:
+    """(level, process role, text) of each dtsd.jobs line naming the job, in order."""
+    found = []
+    for line in master.log().splitlines():
+        match = JOB_LINE.match(line)
+        if match and f"job {job_id} " in match["text"]:
+            found.append((match["level"], match["process"], match["text"]))
+    return found
+
+
+def scheduler(master):
+    return pb_grpc.SchedulerStub(grpc.insecure_channel(master.address))
+
+
+def submit(api, command: str, **spec) -> str:
+    return api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(command=command, **spec))).id
+
+
+def wait_status(api, job_id: str, status, timeout: float = 30):
+    return wait_for(lambda: (job := api.GetJob(pb.GetJobRequest(id=job_id))).status == status
+                    and job, timeout=timeout, message=f"job {job_id} to be {status}")
+
+
+def test_a_job_that_fails_for_good_is_logged_once_and_nothing_else_by_default(dtsd_factory):
+    master = dtsd_factory(FAST)
+    api = scheduler(master)
+    quiet = submit(api, "echo fine", name="quiet")
+    wait_status(api, quiet, pb.SUCCEEDED)
+    failing = submit(api, "exit 3", name="backup-db", max_retries=1)
+    wait_status(api, failing, pb.FAILED)
+    lines = wait_for(lambda: job_lines(master, failing), timeout=10,
+                     message="the failure line")
+    assert lines == [("ERROR", "worker", f"job {failing} (backup-db) on queue default failed "
+                                         "for good at attempt 2: exit code 3; dead-lettered")]
+    # log_jobs is off: neither the first failed attempt nor the job that succeeded is logged.
+    assert job_lines(master, quiet) == []
+    assert " INFO " not in "".join(line for line in master.log().splitlines()
+                                   if "dtsd.jobs:" in line)
+
+
+def test_log_jobs_logs_each_attempt_s_start_and_end(dtsd_factory):
+    master = dtsd_factory(FAST, dtsd={"log_jobs": "true"})
+    api = scheduler(master)
+    ok = submit(api, "sleep 0.2", name="nightly")
+    job = wait_status(api, ok, pb.SUCCEEDED)
+    lines = wait_for(lambda: len(job_lines(master, ok)) >= 2 and job_lines(master, ok),
+                     timeout=10, message="the end line")
+    label = f"job {ok} (nightly) on queue default"
+    assert lines[0] == ("INFO", "worker", f"{label}: attempt 1 started on worker {job.worker}")
+    assert lines[1][:2] == ("INFO", "worker")
+    ended = re.fullmatch(rf"{re.escape(label)}: attempt 1 ended after (\d+\.\d{{3}})s: "
+                         r"succeeded; exit code 0", lines[1][2])
+    assert ended, lines[1]
+    assert 0.2 <= float(ended[1]) < 10
+    assert len(lines) == 2
+
+    failing = submit(api, "exit 3", max_retries=1)     # no name: no parentheses
+    wait_status(api, failing, pb.FAILED)
+    wait_for(lambda: any("failed for good" in text for _, _, text in job_lines(master, failing)),
+             timeout=10, message="the failure line")
+    texts = [(level, text) for level, _, text in job_lines(master, failing)]
+    label = f"job {failing} on queue default"
+    assert [level for level, _ in texts] == ["INFO", "INFO", "INFO", "INFO", "ERROR"], texts
+    assert texts[0][1].startswith(f"{label}: attempt 1 started on worker ")
+    assert re.fullmatch(rf"{re.escape(label)}: attempt 1 ended after \d+\.\d{{3}}s: failed, "
+                        r"retry in \d+\.\ds; exit code 3", texts[1][1]), texts[1]
+    assert texts[2][1].startswith(f"{label}: attempt 2 started on worker ")
+    assert re.fullmatch(rf"{re.escape(label)}: attempt 2 ended after \d+\.\d{{3}}s: failed, "
+                        r"dead-lettered; exit code 3", texts[3][1]), texts[3]
+    assert texts[4][1] == f"{label} failed for good at attempt 2: exit code 3; dead-lettered"
+
+
+def test_a_job_name_cannot_forge_a_log_line_or_an_escape_sequence(dtsd_factory):
+    master = dtsd_factory(FAST, dtsd={"log_jobs": "true"})
+    api = scheduler(master)
+    forged = "2026-01-01 00:00:00,000 INFO [worker-0 1] dtsd.jobs: job x succeeded"
+    name = f"evil\n{forged}\x1b[31m"
+    failing = submit(api, "exit 4", name=name, max_retries=0)
+    wait_status(api, failing, pb.FAILED)
+    escaped = f"evil\\n{forged}\\x1b[31m"
+    lines = wait_for(lambda: [t for level, _, t in job_lines(master, failing) if level == "ERROR"],
+                     timeout=10, message="the failure line")
+    assert lines == [f"job {failing} ({escaped}) on queue default failed for good at attempt "
+                     "1: exit code 4; dead-lettered"]
+    log = master.log()
+    assert "\x1b" not in log
+    assert not any(line.startswith(forged[:23]) for line in log.splitlines())
+    # The start and end lines (log_jobs) name it escaped too.
+    assert sum(f"({escaped})" in line for line in log.splitlines()) == 3
+
+
+def test_a_job_lost_with_its_worker_is_logged_by_the_leader(dtsd_factory, tmp_path):
+    master = dtsd_factory(FAST, worker={"processes": 1, "heartbeat_ttl": "2s"})
+    api = scheduler(master)
+    mark = tmp_path / "mark"
+    once = submit(api, "sleep 300", name="once", max_retries=0)
+    again = submit(api, f"test -f {mark} || {{ touch {mark}; sleep 300; }}", name="again",
+                   max_retries=2)
+    running = [wait_status(api, job_id, pb.RUNNING) for job_id in (once, again)]
+    wait_for(mark.exists, message="the second job to start")
+    worker = running[0].worker
+    assert running[1].worker == worker
+    os.kill(int(worker.rsplit("-", 1)[1]), signal.SIGKILL)
+    wait_status(api, once, pb.FAILED, timeout=30)
+    wait_status(api, again, pb.SUCCEEDED, timeout=30)
+    lost = wait_for(lambda: job_lines(master, again), timeout=10, message="the lost line")
+    assert lost == [("WARNING", "coordinator",
+                     f"job {again} (again) on queue default lost at attempt 1 with its worker "
+                     f"{worker}; requeued for retry 1 of 2 in "
+                     + lost[0][2].rpartition(" in ")[2])]
+    assert re.fullmatch(r"\d+\.\ds", lost[0][2].rpartition(" in ")[2])
+    assert job_lines(master, once) == [
+        ("ERROR", "coordinator", f"job {once} (once) on queue default failed for good at "
+                                 f"attempt 1: lost with its worker {worker}, no retries left; "
+                                 "dead-lettered")]
+    assert (f"worker {worker} is dead (lease run out): 1 job(s) requeued, 1 dead-lettered"
+            in master.log())
