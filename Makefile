@@ -19,13 +19,14 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := \
 	python3-grpcio python3-protobuf python3-redis python3-hiredis python3-psycopg \
 	python3-psycopg-pool python3-etcd3 python3-croniter python3-daemon python3-sdnotify \
-	python3-click python3-aiohttp python3-prometheus-client python3-pytest python3-pytest-timeout python3-hypothesis python3-venv \
+	python3-click python3-aiohttp python3-prometheus-client python3-pytest \
+	python3-pytest-timeout python3-hypothesis python3-venv \
 	python3-setuptools protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
-	redis-server postgresql-15 etcd-server util-linux procps
+	redis-server postgresql-15 etcd-server util-linux procps prometheus python3-yaml
 
 PYPI_PACKAGES := \
 	grpcio protobuf redis hiredis psycopg psycopg-pool croniter python-daemon sdnotify \
-	click etcd3 aiohttp prometheus-client pytest pytest-timeout hypothesis
+	click etcd3 aiohttp prometheus-client pytest pytest-timeout hypothesis pyyaml
 
 PROTOS := \
 	proto/dtsd/v1/dtsd.proto proto/dtsd/seed/scheduler.proto \
@@ -83,10 +84,12 @@ help: ## list the targets
 	@echo "Variables: TESTS=tests/test_config.py (default tests), PYTEST_ARGS='-k name -x'"
 
 deps: ## install the Debian packages dtsd needs and tests use (only the missing ones)
-	@# supervisor is for the tests only (tests/test_integration_managers.py). Installing it,
-	@# redis-server, postgresql-15 or etcd-server on a host with a running init would start
-	@# system daemons (a second supervisord, ...): a policy-rc.d that exits 101 forbids that
-	@# for the install; it is created only if absent and removed again afterwards.
+	@# supervisor is for the tests only (tests/test_integration_managers.py), and so are
+	@# prometheus, for its promtool, and python3-yaml (tests/test_monitoring_examples.py).
+	@# Installing supervisor, prometheus, redis-server, postgresql-15 or etcd-server on a host
+	@# with a running init would start system daemons (a second supervisord, a Prometheus
+	@# on :9090, ...): a policy-rc.d that exits 101 forbids that for the install; it is
+	@# created only if absent and removed again afterwards.
 	$(call apt-install-missing,$(DEB_PACKAGES) supervisor)
 
 proto: ## regenerate the committed gRPC stubs from proto/ with Debian's compilers
@@ -118,7 +121,7 @@ $(VENV)/.stamp: pyproject.toml setup.cfg Makefile
 	"$(VENV)/bin/python" -m pip install -qq --upgrade pip wheel
 	"$(VENV)/bin/python" -m pip install -qq --upgrade $(PYPI_PACKAGES)
 	@"$(VENV)/bin/python" -m pip list --format=freeze 2>/dev/null | \
-		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|aiohttp|prometheus-client|pytest|pytest-timeout|hypothesis)==' | \
+		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|aiohttp|prometheus-client|pytest|pytest-timeout|hypothesis|pyyaml)==' | \
 		tr '\n' ' '; echo
 	@touch "$@"
 
