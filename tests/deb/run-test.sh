@@ -290,7 +290,7 @@ started=$(date +%s.%N)
 ct_sh "systemctl status --no-pager --lines=0 dtsd"
 status_line=$(status_text)
 [ "$(ct systemctl is-active dtsd)" = active ] || fail "dtsd is not active after start"
-case "$status_line" in *"children 5/5 running"*) ;; *) fail "STATUS= is '$status_line'" ;; esac
+case "$status_line" in *"children 6/6 running"*) ;; *) fail "STATUS= is '$status_line'" ;; esac
 grep -F "Status: \"$status_line\"" <<<"$(ct systemctl status --no-pager --lines=0 dtsd)" >/dev/null ||
 	fail "systemctl status shows no Status: line"
 # READY came from the master once every child ran: systemd's "Started" follows the
@@ -303,21 +303,22 @@ started_line=$(grep -n '^Started dtsd.service' <<<"$journal" | awk -F: 'NR == 1 
 ct_sh "journalctl -u dtsd -o short-precise --no-pager | grep -E 'Starting dtsd|applied|ready|Started dtsd'"
 start_usec=$(ct systemctl show -p ExecMainStartTimestampMonotonic --value dtsd)
 active_usec=$(ct systemctl show -p ActiveEnterTimestampMonotonic --value dtsd)
-note "systemctl start: ExecStart to active took $(( (active_usec - start_usec) / 1000 )) ms (migration, 5 children ready, startsecs)"
+note "systemctl start: ExecStart to active took $(( (active_usec - start_usec) / 1000 )) ms (migration, 6 children ready, startsecs)"
 ct_sh "systemd-analyze security dtsd | tail -n 1"
 
 # --- 3 ------------------------------------------------------------------------------------
 say "3. dtsctl status, the job user, the seed's jobs.json"
 # The node record reaches dtsctl through the coordinator, which publishes it every
 # [dtsd] housekeeping_interval: it may trail READY by that long.
-wait_for 10 "dtsctl status shows 1 coordinator, 2 servers and 2 workers RUNNING" \
+wait_for 10 "dtsctl status shows 1 coordinator, 2 servers, 2 workers and 1 web child RUNNING" \
 	q 'sorted((c["role"], c["state"]) for n in d["nodes"] for c in n["children"]) == sorted(
-	[("coordinator", "RUNNING")] + [("server", "RUNNING")] * 2 + [("worker", "RUNNING")] * 2)' \
+	[("coordinator", "RUNNING"), ("web", "RUNNING")] + [("server", "RUNNING")] * 2 +
+	[("worker", "RUNNING")] * 2)' \
 	dtsctl -o json status
 note "dtsctl status shows every child RUNNING $(awk -v a="$started" -v b="$(date +%s.%N)" \
 	'BEGIN { printf "%.1f", b - a }')s after the first-start block"
 ct_sh "dtsctl status"
-note "dtsctl status: node $(q 'd["nodes"][0]["node_id"]' dtsctl -o json status) with 5 children RUNNING"
+note "dtsctl status: node $(q 'd["nodes"][0]["node_id"]' dtsctl -o json status) with 6 children RUNNING"
 user=$(ct dtsctl submit --follow -- 'id -un; id -u; id -Gn' 2>/dev/null | tr '\n' ' ')
 note "dtsctl submit --follow -- id -un; id -u; id -Gn: $user"
 [[ "$user" =~ ^dtsd-job-([0-9]+)\ (700[0-9][0-9])\ dtsd-job-[0-9]+\ dtsd-job\ $ ]] ||
@@ -325,6 +326,22 @@ note "dtsctl submit --follow -- id -un; id -u; id -Gn: $user"
 waited=$(q 'd["job"]["status"] + " " + d["job"]["output"].strip()' dtsctl -o json submit --wait -- whoami)
 note "dtsctl -o json submit --wait -- whoami: $waited"
 [[ "$waited" =~ ^SUCCEEDED\ dtsd-job-[0-9]+$ ]] || fail "submit --wait: $waited"
+# The web child under the packaged unit: ready, and /metrics counts the job that just ran.
+http_get() { ct python3 -c 'import sys, urllib.request, urllib.error
+try:
+    reply = urllib.request.urlopen("http://127.0.0.1:8080" + sys.argv[1], timeout=5)
+except urllib.error.HTTPError as exc:
+    reply = exc
+print(reply.status); print(reply.read().decode(), end="")' "$1"; }
+readyz=$(http_get /readyz | tr '\n' ' ')
+note "GET /readyz: $readyz"
+[ "$readyz" = "200 ready postgres: ok redis: ok " ] || fail "/readyz: $readyz"
+finished_metric() { http_get /metrics | grep -E '^dtsd_jobs_finished_total\{outcome="succeeded",queue="default"\} [1-9]'; }
+wait_for 10 "/metrics counts the jobs that succeeded" finished_metric
+note "GET /metrics: $(finished_metric)"
+[ "$(http_get /metrics | grep -c '^dtsd_children{role="web",state="RUNNING"} 1.0$')" = 1 ] ||
+	fail "/metrics does not show the web child RUNNING"
+
 # The job's box under the packaged unit: no capability in any set, no_new_privs, and the
 # configuration (0640 root:dtsd) out of reach.
 privs=$(ct dtsctl submit --follow -- 'grep -E "^(NoNewPrivs|Cap[A-Za-z]+):" /proc/self/status' 2>/dev/null |
@@ -396,8 +413,8 @@ ct_sh "sed -n '/^\[worker\]/,/^processes/p' /etc/dtsd/dtsd.ini | tail -n 1"
 ct_sh "bash -eux reload.sh" || fail "the reload block failed"
 workers='len([c for n in d["nodes"] for c in n["children"] if c["role"] == "worker" and c["state"] == "RUNNING"])'
 wait_for 60 "3 workers RUNNING after the reload" q "$workers == 3" dtsctl -o json status
-reloaded() { case "$(status_text)" in reloading*) return 1 ;; *"children 6/6 running"*) return 0 ;; esac; return 1; }
-wait_for 30 "READY with 6 children after the reload" reloaded
+reloaded() { case "$(status_text)" in reloading*) return 1 ;; *"children 7/7 running"*) return 0 ;; esac; return 1; }
+wait_for 30 "READY with 7 children after the reload" reloaded
 [ "$(ct systemctl is-active dtsd)" = active ] || fail "dtsd is not active after the reload"
 note "after reload: $(q "$workers" dtsctl -o json status) workers RUNNING; unit $(ct systemctl is-active dtsd); STATUS=$(status_text)"
 wait_for 60 "the long job ends" q 'd["jobs"][0]["status"] not in ("PENDING", "RUNNING")' dtsctl -o json status "$survivor"
