@@ -288,3 +288,26 @@ def test_the_web_listener_follows_the_grpc_ports_exposure_rule(tmp_path):
     with pytest.raises(configmod.ConfigError, match=r"\[web\] listen and \[server\] listen use "
                                                    r"the same port 50051"):
         configmod.parse("[web]\nlisten = 127.0.0.1:50051\n", "t.ini", env={})
+
+
+def test_cron_slots_fired_and_skipped_are_counted(node):
+    api = pb_grpc.SchedulerStub(grpc.insecure_channel(node.address))
+    # Every second, one run at a time, each run 2.2 s: most slots are skipped (missed).
+    api.CreateSchedule(pb.CreateScheduleRequest(schedule=pb.Schedule(
+        name="slow", expression="* * * * * *", overlap=pb.FORBID,
+        job=pb.JobSpec(command="sleep 2.2"))))
+
+    def counted():
+        samples = scrape(node)
+        return (value(samples, "dtsd_cron_slots_fired_total") >= 2
+                and value(samples, "dtsd_cron_slots_missed_total") >= 2 and samples)
+    samples = wait_for(counted, timeout=30)
+    api.PauseSchedule(pb.ScheduleRef(name="slow"))
+    fired = value(samples, "dtsd_cron_slots_fired_total")
+    assert value(samples, "dtsd_cron_slot_lateness_seconds_count") == fired
+    # On time: the leader wakes at each slot.
+    assert value(samples, "dtsd_cron_slot_lateness_seconds_bucket", le="1.0") == fired
+    with psycopg.connect(node.sections["postgres"]["dsn"]) as conn:
+        runs = conn.execute("SELECT count(*) FROM jobs WHERE schedule_id IS NOT NULL"
+                            ).fetchone()[0]
+    assert runs >= fired
