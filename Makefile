@@ -121,7 +121,7 @@ $(VENV)/.stamp: pyproject.toml setup.cfg Makefile
 	"$(VENV)/bin/python" -m pip install -qq --upgrade pip wheel
 	"$(VENV)/bin/python" -m pip install -qq --upgrade $(PYPI_PACKAGES)
 	@"$(VENV)/bin/python" -m pip list --format=freeze 2>/dev/null | \
-		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|aiohttp|prometheus-client|pytest|pytest-timeout|hypothesis|pyyaml)==' | \
+		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|aiohttp|prometheus[-_]client|pytest|pytest-timeout|hypothesis|pyyaml)==' | \
 		tr '\n' ' '; echo
 	@touch "$@"
 

@@ -32,7 +32,6 @@ import time
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__, auth, child, metrics
@@ -47,6 +46,9 @@ READY_FRESH = 1.0            # seconds a readiness answer is reused
 STORE_TIMEOUT = 2.0          # seconds a store may take to answer a check or a scrape
 ETCD_STALE = 3.0             # the coordinator polls etcd every 0.5 s: older means unreachable
 ETCD_POLLED = "dtsd_etcd_polled"     # metrics.ETCD_POLLED, internal
+# The classic text format, which every Prometheus reads (prometheus_client 0.2x would
+# announce version=1.0.0, which Debian 12's Prometheus 2.42 does not know).
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
@@ -223,7 +225,7 @@ class Web:
             return refusal
         body = await asyncio.get_running_loop().run_in_executor(
             self.pool, generate_latest, self.registry)
-        return web.Response(body=body, headers={**HEADERS, "Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={**HEADERS, "Content-Type": METRICS_TYPE})
 
     def _authenticate(self, request: web.Request) -> web.Response | None:
         """None when the caller may read; else the 401 to answer."""
