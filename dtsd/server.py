@@ -36,7 +36,7 @@ import psycopg
 import psycopg_pool
 import redis
 
-from . import __version__, auth, child, identity, introspection, metrics, streams
+from . import __version__, auth, backing, child, identity, introspection, metrics, streams
 from . import cron as cronmod
 from .combine import Combiner
 from .config import Config, limit_ceiling
@@ -434,8 +434,10 @@ class Api:
         try:
             self.queue.push(ready)
         except redis.RedisError as exc:
-            # Committed is committed: the reconciler pushes these once Redis is back.
-            log.warning("%d job(s) stored but not pushed to Redis yet: %s", len(ready), exc)
+            # Committed is committed: the reconciler pushes these once Redis is back. Redis
+            # out of reach is logged once (backing.health), not at every submit.
+            level = logging.DEBUG if backing.health.note(exc) else logging.WARNING
+            log.log(level, "%d job(s) stored but not pushed to Redis yet: %s", len(ready), exc)
         return replies
 
     def check_depth(self, jobs: list[NewJob]) -> None:
@@ -472,8 +474,9 @@ class Api:
                     raise QueueFull(f"queue {queue!r} holds {depth} pending jobs; {adding} "
                                     f"more would pass [server] max_pending = {self.max_pending}")
         except redis.RedisError as exc:
-            log.warning("[server] max_pending and max_pending_total not enforced: depths "
-                        "unknown: %s", exc)
+            level = logging.DEBUG if backing.health.note(exc) else logging.WARNING
+            log.log(level, "[server] max_pending and max_pending_total not enforced: depths "
+                    "unknown: %s", exc)
 
     def forget_pending(self, job_id: str) -> None:
         """A PENDING job was cancelled: take its id out of Redis, so that it no longer

@@ -1,0 +1,129 @@
+"""dtsd.backing's tracker without any store: what a failing store makes dtsd log."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import psycopg
+import psycopg_pool
+import pytest
+import redis
+
+from dtsd import backing
+from dtsd.backing import BackingStore, StoreHealth
+
+REDIS, POSTGRESQL = BackingStore.REDIS, BackingStore.POSTGRESQL
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def tracked(caplog):
+    """A tracker on a clock the test moves, its log records and its listeners' calls."""
+    clock = Clock()
+    health = StoreHealth(logging.getLogger("test.stores"), remind_every=60, clock=clock,
+                         wall=lambda: clock.now + 1.7e9)
+    heard: list[tuple[BackingStore, float | None]] = []
+    health.listen(lambda store, outage: heard.append((store, outage and outage.since)))
+    caplog.set_level(logging.DEBUG, logger="test.stores")
+    return health, clock, heard, caplog
+
+
+def lines(caplog) -> list[str]:
+    return [f"{r.levelname} {r.getMessage()}" for r in caplog.records]
+
+
+def test_a_store_down_is_logged_once_reminded_each_minute_and_its_return_counted(tracked):
+    health, clock, heard, caplog = tracked
+    refused = redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+    for _ in range(40):                    # twice a second for 20 s
+        health.failure(REDIS, refused)
+        clock.now += 0.5
+    assert lines(caplog) == ["WARNING redis unreachable: Error 111 connecting to "
+                             "127.0.0.1:6379. Connection refused."]
+    assert heard == [(REDIS, 1000.0 + 1.7e9)]
+    for _ in range(90):                    # 45 s more: one reminder, at 60 s
+        health.failure(REDIS, refused)
+        clock.now += 0.5
+    assert lines(caplog)[1:] == ["WARNING redis still unreachable after 60 s, 121 attempts "
+                                 "failed: Error 111 connecting to 127.0.0.1:6379. Connection "
+                                 "refused."]
+    health.success(REDIS)
+    health.success(REDIS)
+    assert lines(caplog)[2:] == ["INFO redis reachable again after 65 s, 130 attempts failed"]
+    assert heard[1:] == [(REDIS, None)]
+    assert not health.is_down(REDIS) and health.down() == {}
+
+
+def test_success_of_a_store_that_was_up_says_nothing(tracked):
+    health, _, heard, caplog = tracked
+    health.success(POSTGRESQL)
+    assert lines(caplog) == [] and heard == []
+
+
+def test_many_threads_failing_at_once_make_one_line_and_one_report(tracked):
+    health, _, heard, caplog = tracked
+    start = threading.Barrier(8)
+
+    def fail() -> None:
+        start.wait()
+        for _ in range(200):
+            health.failure(POSTGRESQL, psycopg.OperationalError("connection refused"))
+    threads = [threading.Thread(target=fail) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(heard) == 1 and len(lines(caplog)) == 1
+    assert health.down()[POSTGRESQL].failures == 1600
+    health.success(POSTGRESQL)
+    assert lines(caplog)[1] == "INFO postgresql reachable again after 0 s, 1600 attempts failed"
+
+
+def test_a_pool_timeout_keeps_the_error_that_said_why(tracked):
+    health, _, _, _ = tracked
+    health.failure(POSTGRESQL, psycopg.OperationalError("connection refused"))
+    health.failure(POSTGRESQL, psycopg_pool.PoolTimeout("couldn't get a connection after 3 sec"))
+    assert health.down()[POSTGRESQL].error == "connection refused"
+
+
+def test_only_errors_that_say_a_store_is_away_count():
+    assert backing.store_of(redis.ConnectionError("refused")) is REDIS
+    assert backing.store_of(redis.TimeoutError("timed out")) is REDIS
+    assert backing.store_of(psycopg_pool.PoolTimeout("no connection")) is POSTGRESQL
+    assert backing.store_of(psycopg.OperationalError("connection refused")) is POSTGRESQL
+    assert backing.store_of(psycopg.errors.AdminShutdown("terminating")) is POSTGRESQL
+    assert backing.store_of(psycopg.errors.SerializationFailure("retry")) is None
+    assert backing.store_of(psycopg.errors.UniqueViolation("dup")) is None
+    assert backing.store_of(redis.ResponseError("WRONGTYPE")) is None
+    assert backing.store_of(ValueError("a bug")) is None
+
+
+def test_probes_try_only_the_stores_that_are_down_unless_asked_for_all(tracked):
+    health, _, heard, _ = tracked
+    tried: list[BackingStore] = []
+    answers = {REDIS: redis.ConnectionError("refused"), POSTGRESQL: None}
+
+    def check(store):
+        def run():
+            tried.append(store)
+            if answers[store]:
+                raise answers[store]
+        return run
+    health.probe_with(REDIS, check(REDIS))
+    health.probe_with(POSTGRESQL, check(POSTGRESQL))
+    health.probe()
+    assert tried == []
+    health.probe(always=True)
+    assert tried == [REDIS, POSTGRESQL] and health.is_down(REDIS)
+    answers[REDIS] = None
+    health.probe()
+    assert tried[2:] == [REDIS] and not health.is_down(REDIS)
+    assert [store for store, _ in heard] == [REDIS, REDIS]
