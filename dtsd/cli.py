@@ -34,7 +34,8 @@ Exit codes:
   1  the job or the operation failed (not found, wrong state, rejected input, ...);
      the server's message is printed on standard error
   2  usage error: bad option or argument, malformed jobs file, bad config file
-  3  cannot reach any server (every server UNAVAILABLE, or no connection within the deadline)
+  3  cannot reach any server (every server UNAVAILABLE, or no connection within the deadline);
+     a server that answered that it cannot reach PostgreSQL or Redis is quoted instead
   4  not authorised (UNAUTHENTICATED, PERMISSION_DENIED, or this host's master gives
      the local user no role)
 `submit --wait`, `submit --follow` and `logs -f` exit with the job's own result instead:
@@ -131,7 +132,7 @@ import click
 import grpc
 
 from dtsd import config, identity, models
-from dtsd.client import DEFAULT_TIMEOUT, Client, Tls, parse_servers
+from dtsd.client import DEFAULT_TIMEOUT, Client, Tls, parse_servers, unreachable_store
 from dtsd.v1 import dtsd_pb2
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -175,6 +176,9 @@ def rpc_failure(error: grpc.RpcError, client: Client) -> CliError:
     details = error.details() or code.name
     tried = ", ".join(client.last_tried or client.servers)
     if code == grpc.StatusCode.UNAVAILABLE:
+        if unreachable_store(error):      # a server answered: it cannot reach a store
+            return CliError(f"{client.store_told_by or client.last_server}: {details} "
+                            f"(tried {tried})", Exit.UNREACHABLE, code)
         return CliError(f"cannot reach any server (tried {tried}): {details}",
                         Exit.UNREACHABLE, code)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -1,10 +1,12 @@
-"""dtsd.backing's tracker without any store: what a failing store makes dtsd log."""
+"""dtsd.backing's tracker and the client's choice of error,
+without any store: what a failing store makes dtsd log, report and tell its callers."""
 
 from __future__ import annotations
 
 import logging
 import threading
 
+import grpc
 import psycopg
 import psycopg_pool
 import pytest
@@ -12,6 +14,7 @@ import redis
 
 from dtsd import backing
 from dtsd.backing import BackingStore, StoreHealth
+from dtsd.client import _telling, unreachable_store
 
 REDIS, POSTGRESQL = BackingStore.REDIS, BackingStore.POSTGRESQL
 
@@ -127,3 +130,26 @@ def test_probes_try_only_the_stores_that_are_down_unless_asked_for_all(tracked):
     health.probe()
     assert tried[2:] == [REDIS] and not health.is_down(REDIS)
     assert [store for store, _ in heard] == [REDIS, REDIS]
+
+
+# --- the client's side --------------------------------------------------------------------
+
+class Answer(grpc.RpcError):
+    def __init__(self, code, metadata=()):
+        self._code, self._metadata = code, metadata
+
+    def code(self):
+        return self._code
+
+    def trailing_metadata(self):
+        return self._metadata
+
+
+def test_the_client_reports_the_server_that_named_a_store_over_a_later_refused_connection():
+    named = Answer(grpc.StatusCode.UNAVAILABLE, (("dtsd-store", "postgresql"),))
+    no_connection = Answer(grpc.StatusCode.UNAVAILABLE)
+    assert unreachable_store(named) == "postgresql"
+    assert unreachable_store(no_connection) is None
+    assert _telling(no_connection, named) is named
+    assert _telling(named, no_connection) is named
+    assert _telling(no_connection, None) is no_connection
