@@ -775,17 +775,30 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
 
     def _node_records(self) -> list[dict]:
         """Every node's record from Redis; this host's own children from the master's file,
-        which is current the moment the master says READY (Redis gets it a tick later)."""
-        records = self.api.queue.nodes()
+        which is current the moment the master says READY (Redis gets it a tick later).
+        With Redis down, this host's record alone (it says that Redis is unreachable)."""
+        try:
+            records = self.api.queue.nodes()
+        except redis.RedisError as exc:
+            store_unavailable(exc)
+            records = []
         local = _local_node_record(self.api.cfg)
         if local is not None:
             mine = next((r for r in records if r.get("node_id") == local.get("node_id")), None)
             if mine is None:
                 records.append({**local, "seen_at": time.time()})
             else:
-                mine.update({k: local[k] for k in ("children", "state", "status", "version")
-                             if k in local})
+                mine.update({k: local[k] for k in ("children", "state", "status", "version",
+                                                   "unreachable") if k in local})
         return records
+
+    def _workers(self) -> dict[str, dict | None]:
+        """The workers' heartbeats in Redis: none to show while it is down."""
+        try:
+            return self.api.queue.workers()
+        except redis.RedisError as exc:
+            store_unavailable(exc)
+            return {}
 
     @rpc
     def ClusterStatus(self, request, context):
@@ -809,10 +822,12 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                 node.children.add(role=item["role"], index=item["index"], pid=item.get("pid") or 0,
                                   state=item["state"], uptime_seconds=item.get("uptime", 0.0),
                                   restarts=item.get("restarts", 0))
+            for store, since in sorted((record.get("unreachable") or {}).items()):
+                timestamp(_from_epoch(since), node.unreachable.add(store=store).since)
             if node.leader and not response.leader:
                 response.leader = node.node_id
             response.single_node = response.single_node and record.get("single_node", True)
-        for worker_id, beat in self.api.queue.workers().items():
+        for worker_id, beat in self._workers().items():
             if beat is None:
                 continue
             info = response.workers.add(id=worker_id, node_id=beat["node"], pid=beat["pid"],

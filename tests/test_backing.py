@@ -1,4 +1,4 @@
-"""dtsd.backing's tracker and the client's choice of error,
+"""dtsd.backing's tracker, the master's store reports and the client's choice of error,
 without any store: what a failing store makes dtsd log, report and tell its callers."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import psycopg_pool
 import pytest
 import redis
 
-from dtsd import backing
+from dtsd import backing, config, master
 from dtsd.backing import BackingStore, StoreHealth
 from dtsd.client import _telling, unreachable_store
 
@@ -130,6 +130,31 @@ def test_probes_try_only_the_stores_that_are_down_unless_asked_for_all(tracked):
     health.probe()
     assert tried[2:] == [REDIS] and not health.is_down(REDIS)
     assert [store for store, _ in heard] == [REDIS, REDIS]
+
+
+# --- the master's side --------------------------------------------------------------------
+
+def test_the_master_shows_the_earliest_outage_and_forgets_a_child_that_exits(tmp_path,
+                                                                           monkeypatch):
+    ini = tmp_path / "dtsd.ini"
+    ini.write_text(f"[dtsd]\nruntime_dir = {tmp_path}\n")
+    boss = master.Master(config.load(str(ini), env={}))
+    first, second = master.Child("worker", 0), master.Child("server", 0)
+    boss.children = [first, second]
+    monkeypatch.setattr(master.time, "time", lambda: 1_700_000_100.0)
+    boss.store_report(first, b"store redis down 1700000060.5")
+    boss.store_report(second, b"store redis down 1700000090.0")
+    boss.store_report(second, b"store nosuch down 1")          # ignored, warned
+    assert "redis unreachable for 40 s" in boss.status_line()
+    assert boss.node_record()["unreachable"] == {"redis": 1700000060.5}
+    boss.store_report(first, b"store redis up")
+    assert "redis unreachable for 10 s" in boss.status_line()
+    restarted: list[master.Child] = []
+    monkeypatch.setattr(boss, "spawn_child", restarted.append)
+    boss.handle_exit(second, 1)                 # died without a report: restarted anew
+    assert restarted == [second] and second in boss.children
+    assert "unreachable" not in boss.status_line()
+    assert boss.node_record()["unreachable"] == {}
 
 
 # --- the client's side --------------------------------------------------------------------
