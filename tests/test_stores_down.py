@@ -163,3 +163,23 @@ def test_postgres_down_is_named_to_the_client_quickly_and_cleared(request, own_p
         if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
             for master in factory.masters:
                 print(master.log()[-6000:])
+
+
+def test_etcd_down_is_named_in_the_status_line_once_in_the_log_and_cleared(dtsd_factory, etcd):
+    master = dtsd_factory(SMALL, etcd={"endpoints": etcd.endpoints, "lease_ttl": "3s"})
+    wait_for(lambda: all_running(master) and status_line(master).startswith("leader"),
+             timeout=30, message=lambda: f"a leader: {status_line(master)!r}")
+
+    etcd.stop_member(0)
+    stopped = time.monotonic()
+    wait_for(lambda: "etcd unreachable for" in status_line(master), timeout=10,
+             message=lambda: f"the status line to name etcd: {status_line(master)!r}")
+    time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
+    down = log_lines(master, r"dtsd\.stores: etcd unreachable: ")
+    assert list(per_process(down).values()) == [1], down     # the coordinator, once
+    assert not log_lines(master, r"WARNING .*dtsd\.election: etcd: "), "per-try warnings"
+
+    etcd.start_member(0, wait=True)
+    wait_for(lambda: "unreachable" not in status_line(master), timeout=30,
+             message=lambda: f"the status line to clear: {status_line(master)!r}")
+    assert log_lines(master, r"dtsd\.stores: etcd reachable again after \d+ s")
