@@ -242,6 +242,10 @@ def connect(store, queue, log: logging.Logger, stop: threading.Event,
     return is seen), or all the time with `probe_always` (an API server, whose health
     says whether it can serve)."""
     def attempt() -> bool:
+        import psycopg      # here: the master, which imports this module, loads no client
+        # One connection first, for its error: the pool would only say that it waited
+        # 30 s (and psycopg's pool logger, which said why, is held to errors).
+        psycopg.connect(store.dsn, connect_timeout=3).close()
         store.open(wait=True, timeout=30)
         queue.redis.ping()
         for step in also:

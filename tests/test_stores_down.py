@@ -11,8 +11,10 @@ server's gRPC health.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import signal
 import time
 
 import pytest
@@ -148,6 +150,17 @@ def test_postgres_down_is_named_to_the_client_quickly_and_cleared(request, own_p
         time.sleep(max(0.0, OUTAGE - (time.monotonic() - started)))
         down = log_lines(master, r"dtsd\.stores: postgresql unreachable: ")
         assert down and all(n == 1 for n in per_process(down).values()), down
+
+        # A child started meanwhile says why it cannot connect, at once (not "the pool
+        # waited 30 s"), and its predecessor's report went with it.
+        with open(master.workdir / "run" / "node.json", encoding="utf-8") as handle:
+            worker = next(c for c in json.load(handle)["children"] if c["role"] == "worker")
+        os.kill(worker["pid"], signal.SIGKILL)
+        wait_for(lambda: [line for line in log_lines(master, r"\[worker-0 \d+\] dtsd\.stores: "
+                                                             r"postgresql unreachable: .*refused")
+                          if f" {worker['pid']}]" not in line],
+                 timeout=15, message="the new worker to say PostgreSQL refuses it")
+        assert "postgresql unreachable for" in status_line(master)
 
         own_postgres.resume()
         wait_for(lambda: "unreachable" not in status_line(master), timeout=30,
