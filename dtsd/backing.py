@@ -14,8 +14,9 @@ gRPC health NOT_SERVING while PostgreSQL or Redis is down. While a store is down
 thread tries it once a second, so its return is seen even by a process that stopped using
 it (an idle server probes its stores all the time, for its health).
 
-This module imports no client library at load time: the master, which holds none, reads
-the store names from here.
+Every failure is counted in `dtsd_store_errors_total{store}` (dtsd/metrics.py), whose
+label values are the store names here. This module imports no client library at load
+time: the master, which holds none, reads the store names from here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from . import metrics
 
 log = logging.getLogger("dtsd.stores")
 
@@ -40,14 +43,14 @@ _PG_AWAY = ("08", "57P01", "57P02", "57P03")
 class BackingStore(str, enum.Enum):
     """A store a dtsd process depends on; the value is its name in logs and reports."""
 
-    POSTGRESQL = "postgresql"
+    POSTGRES = "postgres"
     REDIS = "redis"
     ETCD = "etcd"
 
     @property
     def label(self) -> str:
         """The store's own spelling, for messages to people ("PostgreSQL")."""
-        return {"postgresql": "PostgreSQL", "redis": "Redis", "etcd": "etcd"}[self.value]
+        return {"postgres": "PostgreSQL", "redis": "Redis", "etcd": "etcd"}[self.value]
 
 
 def store_of(exc: BaseException) -> BackingStore | None:
@@ -57,14 +60,14 @@ def store_of(exc: BaseException) -> BackingStore | None:
     import psycopg_pool
     import redis
     if isinstance(exc, psycopg_pool.PoolTimeout):
-        return BackingStore.POSTGRESQL
+        return BackingStore.POSTGRES
     if isinstance(exc, psycopg.OperationalError):
         state = exc.sqlstate or ""
         if not state or state.startswith(_PG_AWAY):
-            return BackingStore.POSTGRESQL
+            return BackingStore.POSTGRES
         return None
     if isinstance(exc, psycopg.InterfaceError):        # "the connection is closed"
-        return BackingStore.POSTGRESQL
+        return BackingStore.POSTGRES
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         return BackingStore.REDIS
     return None
@@ -124,7 +127,8 @@ class StoreHealth:
 
     def failure(self, store: BackingStore, error: BaseException | str) -> None:
         """One failed attempt to use `store`. Every store error of the process passes here
-        once: the place to count them (a metric of store errors hooks in here)."""
+        once, and is counted here (dtsd_store_errors_total)."""
+        metrics.STORE_ERRORS.labels(store.value).inc()
         text = error if isinstance(error, str) else describe(error)
         now = self.clock()
         with self._lock:

@@ -253,7 +253,7 @@ def connect(store, queue, log: logging.Logger, stop: threading.Event,
         return True
     if retry_forever("connecting to PostgreSQL and Redis", attempt, log, stop) is None:
         return False
-    backing.health.probe_with(backing.BackingStore.POSTGRESQL, backing.probe_postgres(store))
+    backing.health.probe_with(backing.BackingStore.POSTGRES, backing.probe_postgres(store))
     backing.health.probe_with(backing.BackingStore.REDIS, backing.probe_redis(queue.redis))
     backing.health.start_probing(stop, always=probe_always)
     return True

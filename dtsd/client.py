@@ -31,7 +31,7 @@ STORE_METADATA = "dtsd-store"
 
 
 def unreachable_store(error: grpc.RpcError) -> str | None:
-    """The backing store ("postgresql", "redis") a server said it could not reach when it
+    """The backing store ("postgres", "redis") a server said it could not reach when it
     answered `error`; None when no server said so (no connection, another error)."""
     if error.code() != grpc.StatusCode.UNAVAILABLE:
         return None

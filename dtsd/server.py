@@ -63,7 +63,7 @@ POOL_WAIT = 3.0
 # tells "this server answered: PostgreSQL is down" from "no server could be reached".
 STORE_METADATA = "dtsd-store"
 # What this server's overall health needs (etcd is the coordinator's affair).
-SERVING_NEEDS = (backing.BackingStore.POSTGRESQL, backing.BackingStore.REDIS)
+SERVING_NEEDS = (backing.BackingStore.POSTGRES, backing.BackingStore.REDIS)
 
 
 # --- conversions --------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def store_unavailable(exc: Exception) -> tuple[backing.BackingStore, str]:
         backing.health.failure(store, exc)
         return store, f"{store.label} is unreachable from this server: {why}; retry later"
     store = (backing.BackingStore.REDIS if isinstance(exc, redis.RedisError)
-             else backing.BackingStore.POSTGRESQL)
+             else backing.BackingStore.POSTGRES)
     return store, f"{store.label} failed the call: {backing.describe(exc)}; retry later"
 
 

@@ -12,11 +12,11 @@ import psycopg_pool
 import pytest
 import redis
 
-from dtsd import backing, config, master
+from dtsd import backing, config, master, metrics
 from dtsd.backing import BackingStore, StoreHealth
 from dtsd.client import _telling, unreachable_store
 
-REDIS, POSTGRESQL = BackingStore.REDIS, BackingStore.POSTGRESQL
+REDIS, POSTGRES = BackingStore.REDIS, BackingStore.POSTGRES
 
 
 class Clock:
@@ -67,7 +67,7 @@ def test_a_store_down_is_logged_once_reminded_each_minute_and_its_return_counted
 
 def test_success_of_a_store_that_was_up_says_nothing(tracked):
     health, _, heard, caplog = tracked
-    health.success(POSTGRESQL)
+    health.success(POSTGRES)
     assert lines(caplog) == [] and heard == []
 
 
@@ -78,31 +78,31 @@ def test_many_threads_failing_at_once_make_one_line_and_one_report(tracked):
     def fail() -> None:
         start.wait()
         for _ in range(200):
-            health.failure(POSTGRESQL, psycopg.OperationalError("connection refused"))
+            health.failure(POSTGRES, psycopg.OperationalError("connection refused"))
     threads = [threading.Thread(target=fail) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert len(heard) == 1 and len(lines(caplog)) == 1
-    assert health.down()[POSTGRESQL].failures == 1600
-    health.success(POSTGRESQL)
-    assert lines(caplog)[1] == "INFO postgresql reachable again after 0 s, 1600 attempts failed"
+    assert health.down()[POSTGRES].failures == 1600
+    health.success(POSTGRES)
+    assert lines(caplog)[1] == "INFO postgres reachable again after 0 s, 1600 attempts failed"
 
 
 def test_a_pool_timeout_keeps_the_error_that_said_why(tracked):
     health, _, _, _ = tracked
-    health.failure(POSTGRESQL, psycopg.OperationalError("connection refused"))
-    health.failure(POSTGRESQL, psycopg_pool.PoolTimeout("couldn't get a connection after 3 sec"))
-    assert health.down()[POSTGRESQL].error == "connection refused"
+    health.failure(POSTGRES, psycopg.OperationalError("connection refused"))
+    health.failure(POSTGRES, psycopg_pool.PoolTimeout("couldn't get a connection after 3 sec"))
+    assert health.down()[POSTGRES].error == "connection refused"
 
 
 def test_only_errors_that_say_a_store_is_away_count():
     assert backing.store_of(redis.ConnectionError("refused")) is REDIS
     assert backing.store_of(redis.TimeoutError("timed out")) is REDIS
-    assert backing.store_of(psycopg_pool.PoolTimeout("no connection")) is POSTGRESQL
-    assert backing.store_of(psycopg.OperationalError("connection refused")) is POSTGRESQL
-    assert backing.store_of(psycopg.errors.AdminShutdown("terminating")) is POSTGRESQL
+    assert backing.store_of(psycopg_pool.PoolTimeout("no connection")) is POSTGRES
+    assert backing.store_of(psycopg.OperationalError("connection refused")) is POSTGRES
+    assert backing.store_of(psycopg.errors.AdminShutdown("terminating")) is POSTGRES
     assert backing.store_of(psycopg.errors.SerializationFailure("retry")) is None
     assert backing.store_of(psycopg.errors.UniqueViolation("dup")) is None
     assert backing.store_of(redis.ResponseError("WRONGTYPE")) is None
@@ -112,7 +112,7 @@ def test_only_errors_that_say_a_store_is_away_count():
 def test_probes_try_only_the_stores_that_are_down_unless_asked_for_all(tracked):
     health, _, heard, _ = tracked
     tried: list[BackingStore] = []
-    answers = {REDIS: redis.ConnectionError("refused"), POSTGRESQL: None}
+    answers = {REDIS: redis.ConnectionError("refused"), POSTGRES: None}
 
     def check(store):
         def run():
@@ -121,11 +121,11 @@ def test_probes_try_only_the_stores_that_are_down_unless_asked_for_all(tracked):
                 raise answers[store]
         return run
     health.probe_with(REDIS, check(REDIS))
-    health.probe_with(POSTGRESQL, check(POSTGRESQL))
+    health.probe_with(POSTGRES, check(POSTGRES))
     health.probe()
     assert tried == []
     health.probe(always=True)
-    assert tried == [REDIS, POSTGRESQL] and health.is_down(REDIS)
+    assert tried == [REDIS, POSTGRES] and health.is_down(REDIS)
     answers[REDIS] = None
     health.probe()
     assert tried[2:] == [REDIS] and not health.is_down(REDIS)
@@ -171,10 +171,19 @@ class Answer(grpc.RpcError):
 
 
 def test_the_client_reports_the_server_that_named_a_store_over_a_later_refused_connection():
-    named = Answer(grpc.StatusCode.UNAVAILABLE, (("dtsd-store", "postgresql"),))
+    named = Answer(grpc.StatusCode.UNAVAILABLE, (("dtsd-store", "postgres"),))
     no_connection = Answer(grpc.StatusCode.UNAVAILABLE)
-    assert unreachable_store(named) == "postgresql"
+    assert unreachable_store(named) == "postgres"
     assert unreachable_store(no_connection) is None
     assert _telling(no_connection, named) is named
     assert _telling(named, no_connection) is named
     assert _telling(no_connection, None) is no_connection
+
+
+def test_every_failure_is_counted_in_the_store_errors_metric(tracked):
+    health = tracked[0]
+    counter = metrics.STORE_ERRORS.labels("redis")
+    before = counter._value.get()
+    for _ in range(5):
+        health.failure(REDIS, redis.ConnectionError("refused"))
+    assert counter._value.get() == before + 5
