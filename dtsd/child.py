@@ -20,6 +20,7 @@ import threading
 from logging.handlers import WatchedFileHandler
 from typing import Callable
 
+from . import backing
 from . import config as configmod
 
 # Exit codes of children, a documented contract (README, "Processes").
@@ -146,6 +147,8 @@ def setup_logging(cfg: configmod.Config | None, role: str) -> None:
             old.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # psycopg's pool warns at every failed reconnection: dtsd.backing says it once.
+    logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, root.level))
     # A crash's traceback is a log record too: escaped, and at its priority in the journal.
     crashed = logging.getLogger(f"dtsd.{role.split('-')[0]}")
     sys.excepthook = lambda kind, value, tb: crashed.critical(
@@ -192,6 +195,14 @@ class Parent:
     def status(self, report: dict) -> None:
         self.send("status " + json.dumps(report))
 
+    def store_state(self, store: backing.BackingStore, outage: backing.Outage | None) -> None:
+        """`store redis down <unix time>` when this process lost a store, `store redis up`
+        when it answers again: the master names it in its status line and node record."""
+        if outage is None:
+            self.send(f"store {store.value} up")
+        else:
+            self.send(f"store {store.value} down {outage.since:.3f}")
+
 
 def boot(role: str, argv: list[str] | None = None) -> tuple[configmod.Config, int, Parent]:
     """Parse the child's arguments and configuration; exits EXIT_CONFIG on a bad file."""
@@ -217,31 +228,60 @@ def boot(role: str, argv: list[str] | None = None) -> tuple[configmod.Config, in
         logging.getLogger(role).error("%s", exc)
         sys.exit(EXIT_CONFIG)
     setup_logging(cfg, f"{role}-{args.index}")
-    return cfg, args.index, Parent(args.notify_fd)
+    parent = Parent(args.notify_fd)
+    backing.health.listen(parent.store_state)
+    return cfg, args.index, parent
 
 
 def connect(store, queue, log: logging.Logger, stop: threading.Event,
-            *also: Callable[[], object]) -> bool:
+            *also: Callable[[], object], probe_always: bool = False) -> bool:
     """Open the child's PostgreSQL pool and reach Redis (then run `also`), retrying until
-    everything answers; False if `stop` was set first."""
+    everything answers; False if `stop` was set first.
+
+    Then both stores are probed until `stop`: while one is down (every second, so that its
+    return is seen), or all the time with `probe_always` (an API server, whose health
+    says whether it can serve)."""
     def attempt() -> bool:
+        import psycopg      # here: the master, which imports this module, loads no client
+        # One connection first, for its error: the pool would only say that it waited
+        # 30 s (and psycopg's pool logger, which said why, is held to errors).
+        psycopg.connect(store.dsn, connect_timeout=3).close()
         store.open(wait=True, timeout=30)
         queue.redis.ping()
         for step in also:
             step()
         return True
-    return retry_forever("connecting to PostgreSQL and Redis", attempt, log, stop) is not None
+    if retry_forever("connecting to PostgreSQL and Redis", attempt, log, stop) is None:
+        return False
+    backing.health.probe_with(backing.BackingStore.POSTGRES, backing.probe_postgres(store))
+    backing.health.probe_with(backing.BackingStore.REDIS, backing.probe_redis(queue.redis))
+    backing.health.start_probing(stop, always=probe_always)
+    return True
 
 
 def retry_forever(what: str, attempt: Callable[[], object], log: logging.Logger,
                   stop: threading.Event, first_delay: float = 0.2, max_delay: float = 5.0):
-    """Call `attempt` until it succeeds or `stop` is set, backing off; logs each failure once."""
+    """Call `attempt` until it succeeds or `stop` is set, backing off.
+
+    A failure that says a backing store is away goes to `backing.health`, which logs once
+    per change of the store's state (not once per try), and the success that follows says
+    the store is back. Any other failure is logged each time."""
     delay = first_delay
+    failed: set[backing.BackingStore] = set()
     while not stop.is_set():
         try:
-            return attempt()
+            result = attempt()
         except Exception as exc:  # a backing store is down: wait and try again
-            log.warning("%s failed: %s; retrying in %.1fs", what, exc, delay)
+            store = backing.health.note(exc)
+            if store is None:
+                log.warning("%s failed: %s; retrying in %.1fs", what, exc, delay)
+            else:
+                failed.add(store)
+                log.debug("%s failed: %s; retrying in %.1fs", what, exc, delay)
             stop.wait(delay)
             delay = min(max_delay, delay * 2)
+            continue
+        for store in failed:
+            backing.health.success(store)
+        return result
     return None

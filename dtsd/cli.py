@@ -34,7 +34,8 @@ Exit codes:
   1  the job or the operation failed (not found, wrong state, rejected input, ...);
      the server's message is printed on standard error
   2  usage error: bad option or argument, malformed jobs file, bad config file
-  3  cannot reach any server (every server UNAVAILABLE, or no connection within the deadline)
+  3  cannot reach any server (every server UNAVAILABLE, or no connection within the deadline);
+     a server that answered that it cannot reach PostgreSQL or Redis is quoted instead
   4  not authorised (UNAUTHENTICATED, PERMISSION_DENIED, or this host's master gives
      the local user no role)
 `submit --wait`, `submit --follow` and `logs -f` exit with the job's own result instead:
@@ -90,7 +91,8 @@ Per verb:
                            job_counts {STATUS: n},
                            nodes: [{node_id, version, leader, state, started_at, seen_at,
                                     children: [{role, index, pid, state, uptime_seconds,
-                                                restarts}]}],
+                                                restarts}],
+                                    unreachable: [{store, since, seconds}]}],
                            workers: [{id, node_id, pid, queues, concurrency, running,
                                       seen_at}],
                            queues: [{queue, pending, delayed, running}]}
@@ -131,7 +133,7 @@ import click
 import grpc
 
 from dtsd import config, identity, models
-from dtsd.client import DEFAULT_TIMEOUT, Client, Tls, parse_servers
+from dtsd.client import DEFAULT_TIMEOUT, Client, Tls, parse_servers, unreachable_store
 from dtsd.v1 import dtsd_pb2
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -175,6 +177,9 @@ def rpc_failure(error: grpc.RpcError, client: Client) -> CliError:
     details = error.details() or code.name
     tried = ", ".join(client.last_tried or client.servers)
     if code == grpc.StatusCode.UNAVAILABLE:
+        if unreachable_store(error):      # a server answered: it cannot reach a store
+            return CliError(f"{client.store_told_by or client.last_server}: {details} "
+                            f"(tried {tried})", Exit.UNREACHABLE, code)
         return CliError(f"cannot reach any server (tried {tried}): {details}",
                         Exit.UNREACHABLE, code)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -692,6 +697,14 @@ def job_dict(job: Any) -> dict[str, Any]:
     }
 
 
+def _outage_seconds(node: Any, outage: Any) -> float:
+    """How long the store had been unreachable when the node's record was taken: both
+    times are the node's clock, so this one's does not matter."""
+    seen = node.seen_at.seconds + node.seen_at.nanos / 1e9
+    since = outage.since.seconds + outage.since.nanos / 1e9
+    return round(max(0.0, seen - since), 1)
+
+
 def cluster_dict(status: Any) -> dict[str, Any]:
     counts = {name: 0 for name in STATUS_NAMES}
     counts.update(sorted(status.job_counts.items()))
@@ -717,6 +730,11 @@ def cluster_dict(status: Any) -> dict[str, Any]:
                 "uptime_seconds": child.uptime_seconds,
                 "restarts": child.restarts,
             } for child in node.children],
+            "unreachable": [{
+                "store": outage.store,
+                "since": _time(outage, "since"),
+                "seconds": _outage_seconds(node, outage),
+            } for outage in node.unreachable],
         } for node in status.nodes],
         "workers": [{
             "id": worker.id,
@@ -828,6 +846,11 @@ def cluster_table(data: dict[str, Any]) -> str:
         ("NODE", "LEADER", "STATE", "VERSION", "STARTED", "SEEN"),
         [(node["node_id"], "*" if node["leader"] else "", node["state"], node["version"],
           local_time(node["started_at"]), local_time(node["seen_at"])) for node in data["nodes"]]))
+    outages = [f"{node['node_id']}: {outage['store']} unreachable for "
+               f"{seconds_text(outage['seconds'])}"
+               for node in data["nodes"] for outage in node.get("unreachable", ())]
+    if outages:
+        parts.append("\n".join(["Unreachable stores:", *("  " + line for line in outages)]))
     parts.append(format_table(
         ("NODE", "ROLE", "INDEX", "PID", "STATE", "UPTIME", "RESTARTS"),
         [(node["node_id"], child["role"], child["index"], child["pid"] or "", child["state"],

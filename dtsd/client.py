@@ -6,7 +6,9 @@ looks the method up on the generated stub, so a new RPC needs no code here.
 Fail-over rule: a call moves on to the next server only when a server answers
 `UNAVAILABLE` (it cannot be reached, or it says a backing store is down). Any other
 error, `DEADLINE_EXCEEDED` included, is raised at once: the request may have been
-received, and repeating a submit elsewhere could run a job twice.
+received, and repeating a submit elsewhere could run a job twice. When every server
+failed, the error raised is the answer of the last server that said which store it
+could not reach (`unreachable_store`), if any: that says more than "no connection".
 """
 
 from __future__ import annotations
@@ -23,6 +25,28 @@ from dtsd.v1 import dtsd_pb2_grpc
 
 DEFAULT_TIMEOUT = 10.0
 MAX_RECEIVE_MESSAGE = 64 * 1024 * 1024
+# The trailing metadata key of a server's UNAVAILABLE that names a backing store
+# (dtsd/server.py STORE_METADATA).
+STORE_METADATA = "dtsd-store"
+
+
+def unreachable_store(error: grpc.RpcError) -> str | None:
+    """The backing store ("postgres", "redis") a server said it could not reach when it
+    answered `error`; None when no server said so (no connection, another error)."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    try:
+        metadata = error.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - an error raised before any call has none
+        return None
+    return next((value for key, value in metadata if key == STORE_METADATA), None)
+
+
+def _telling(error: grpc.RpcError, best: grpc.RpcError | None) -> grpc.RpcError:
+    """Of two UNAVAILABLE errors, the one to report: a server's word about a store wins."""
+    if best is not None and unreachable_store(best) and not unreachable_store(error):
+        return best
+    return error
 
 
 def parse_servers(text: str) -> list[str]:
@@ -75,7 +99,8 @@ class Client:
     seconds. `token`, when given, is sent as `authorization: Bearer <token>` metadata on
     every call; a callable is asked before each call (a local token renews itself). After a call,
     `last_server` is the server that answered (or failed last) and `last_tried` lists
-    every server the call tried, in order.
+    every server the call tried, in order; `store_told_by` the server whose UNAVAILABLE
+    named a backing store (the error raised then is that answer).
     """
 
     def __init__(self, servers: Sequence[str], timeout: float = DEFAULT_TIMEOUT, *,
@@ -88,6 +113,7 @@ class Client:
         self._credentials = tls.credentials() if tls else None
         self.token = token
         self.last_server: str | None = None
+        self.store_told_by: str | None = None   # the server that named a store, last call
         self.last_tried: list[str] = []
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, dtsd_pb2_grpc.SchedulerStub] = {}
@@ -109,6 +135,7 @@ class Client:
         deadline = self.timeout if timeout is None else timeout
         error: grpc.RpcError | None = None
         self.last_tried = []
+        self.store_told_by = None
         metadata = self.metadata
         for server in self._rotation():
             self.last_server = server
@@ -119,7 +146,9 @@ class Client:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                error = exc
+                error = _telling(exc, error)
+                if error is exc and unreachable_store(exc):
+                    self.store_told_by = server
         assert error is not None
         raise error
 
@@ -133,6 +162,7 @@ class Client:
         """
         error: grpc.RpcError | None = None
         self.last_tried = []
+        self.store_told_by = None
         metadata = self.metadata
         for server in self._rotation():
             self.last_server = server
@@ -146,7 +176,9 @@ class Client:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                error = exc
+                error = _telling(exc, error)
+                if error is exc and unreachable_store(exc):
+                    self.store_told_by = server
                 continue
             try:
                 yield first

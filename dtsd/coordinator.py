@@ -32,7 +32,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from . import child, metrics
+from . import backing, child, metrics
 from . import cron as cronmod
 from .config import Config
 from .models import JOB_LOGGER, job_label, schedule_job
@@ -136,6 +136,7 @@ class Coordinator:
                     if pubsub.get_message(timeout=1.0):
                         self.wake.set()
             except Exception as exc:
+                backing.health.note(exc)
                 log.debug("schedule channel lost: %s", exc)
                 self.stop.wait(1.0)
 
@@ -145,7 +146,8 @@ class Coordinator:
         except Deposed as exc:
             log.warning("%s refused, a newer leader exists: %s", what, exc)
         except Exception as exc:
-            log.warning("%s failed: %s", what, exc)
+            if backing.health.note(exc) is None:    # a store's absence is said once
+                log.warning("%s failed: %s", what, exc)
         return None
 
     def gauge_leadership(self, token: int | None) -> None:

@@ -73,6 +73,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from . import backing
+
 log = logging.getLogger("dtsd.election")
 
 SINGLE_NODE_TOKEN = 1
@@ -475,9 +477,15 @@ class EtcdLeadership(Leadership):
             raise
 
     def _note_error(self, what: str, exc: BaseException) -> None:
-        """Warn once per kind of failure and then every 30 s; the rest goes to debug."""
+        """etcd out of reach goes to dtsd.backing (a line per change of state, and the
+        master's status line); any other failure is warned once per kind and then every
+        30 s, the rest going to debug."""
         text = f"{what}: {_describe(exc)}"
         self._last_error = text
+        if isinstance(exc, EtcdUnavailable):
+            backing.health.failure(backing.BackingStore.ETCD, text)
+            log.debug("etcd: %s", text)
+            return
         now = time.monotonic()
         if now - self._warned.get(what, -math.inf) > 30:
             self._warned[what] = now
@@ -486,6 +494,7 @@ class EtcdLeadership(Leadership):
             log.debug("etcd: %s", text)
 
     def _note_success(self) -> None:
+        backing.health.success(backing.BackingStore.ETCD)
         if self._warned:
             self._warned = {}
             self._last_error = None

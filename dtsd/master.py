@@ -59,9 +59,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import __version__, checks, child, identity, metrics
+from . import __version__, backing, checks, child, identity, metrics
 from . import config as configmod
 from .config import Config
 from .jobbox import job_uids_in_use, privilege_argv
@@ -112,6 +112,9 @@ class Child:
     stop_deadline: float = 0.0
     retiring: bool = False              # being stopped on purpose: never restarted
     outdated: bool = False              # a reload changed its settings: to be replaced
+    # Backing stores this child reports unreachable (`store NAME down T`), each since T
+    # (unix time); forgotten when the child exits, so a dead child leaves no outage behind.
+    stores_down: dict[backing.BackingStore, float] = field(default_factory=dict)
 
     changed = True                      # class-wide: a state changed since the last record
 
@@ -527,6 +530,8 @@ class Master:
         for line in lines:
             if line == b"ready":
                 item.ready = True
+            elif line.startswith(b"store "):
+                self.store_report(item, line)
             elif line.startswith(b"status ") and item.role == "coordinator":
                 try:
                     report = json.loads(line[7:])
@@ -535,6 +540,30 @@ class Master:
                 self.leader = report.get("leader")
                 self.pending = report.get("pending")
         self.check_children()
+
+    def store_report(self, item: Child, line: bytes) -> None:
+        """`store NAME down T` or `store NAME up` from a child (dtsd/backing.py)."""
+        words = line.decode("ascii", "replace").split()
+        try:
+            store = backing.BackingStore(words[1])
+            if words[2] == "down":
+                item.stores_down[store] = float(words[3])
+            elif words[2] == "up":
+                item.stores_down.pop(store, None)
+            else:
+                return
+        except (IndexError, ValueError):
+            log.warning("%s sent a malformed store report: %r", item.name, line[:100])
+            return
+        Child.changed = True
+
+    def stores_down(self) -> dict[backing.BackingStore, float]:
+        """Each store some live child cannot reach, since the earliest of them lost it."""
+        down: dict[backing.BackingStore, float] = {}
+        for item in self.children:
+            for store, since in item.stores_down.items():
+                down[store] = min(since, down.get(store, since))
+        return down
 
     def check_children(self) -> None:
         """Promote started children to RUNNING; kill the ones that stopped reporting."""
@@ -574,6 +603,9 @@ class Master:
 
     def handle_exit(self, item: Child, code: int) -> None:
         self._close_pipe(item)
+        if item.stores_down:
+            item.stores_down.clear()
+            Child.changed = True
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         pid, item.proc = item.pid, None
         metrics.forget(pid)
@@ -699,6 +731,9 @@ class Master:
         fatal = [c.name for c in active if c.state is ChildState.FATAL]
         if fatal:
             parts.append("FATAL: " + ", ".join(fatal))
+        now = time.time()
+        for store, since in sorted(self.stores_down().items()):
+            parts.append(f"{store.value} unreachable for {max(0, now - since):.0f} s")
         if self.pending is not None:
             parts.append(f"{self.pending} jobs pending")
         if self.insecure:
@@ -716,6 +751,7 @@ class Master:
             "started_at": self.started,
             "state": "stopping" if self.stopping else "reloading" if self.reloading else "running",
             "status": self.status_line(),
+            "unreachable": {store.value: since for store, since in self.stores_down().items()},
             "children": [{"role": c.role, "index": c.index, "pid": c.pid, "state": c.state.value,
                           "uptime": round(now - c.running_since, 1)
                           if c.state is ChildState.RUNNING else 0.0,

@@ -36,7 +36,7 @@ import psycopg
 import psycopg_pool
 import redis
 
-from . import __version__, auth, child, identity, introspection, metrics, streams
+from . import __version__, auth, backing, child, identity, introspection, metrics, streams
 from . import cron as cronmod
 from .combine import Combiner
 from .config import Config, limit_ceiling
@@ -53,8 +53,17 @@ log = logging.getLogger("dtsd.server")
 SERVICES = ("dtsd.v1.Scheduler", "scheduler.JobService", "scheduler.TaskScheduler")
 MAX_PAGE = 1000
 
-_UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout, redis.ConnectionError,
-                redis.TimeoutError)
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
+                redis.ConnectionError, redis.TimeoutError)
+# How long a call waits for a PostgreSQL connection of its server's pool: with PostgreSQL
+# away the pool has none to give, and the caller must hear so well within its deadline
+# (dtsctl's is 10 s), not run into it.
+POOL_WAIT = 3.0
+# The trailing metadata key naming the store an UNAVAILABLE answer is about: the client
+# tells "this server answered: PostgreSQL is down" from "no server could be reached".
+STORE_METADATA = "dtsd-store"
+# What this server's overall health needs (etcd is the coordinator's affair).
+SERVING_NEEDS = (backing.BackingStore.POSTGRES, backing.BackingStore.REDIS)
 
 
 # --- conversions --------------------------------------------------------------------------
@@ -258,10 +267,40 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, Forbidden):
         return grpc.StatusCode.PERMISSION_DENIED, str(exc)
+    return None     # _UNAVAILABLE: abort() names the store
+
+
+def store_unavailable(exc: Exception) -> tuple[backing.BackingStore, str]:
+    """The store a call failed on, and what the caller is told: which store, why, and that
+    trying again (here later, or another server now) may work. Counted by backing.health,
+    which logs it once per outage rather than once per call."""
+    store = backing.store_of(exc)
+    if store is not None:
+        # A pool that had no connection to give says only that it waited: the error that
+        # made the store unreachable (connection refused, say) is what the caller can use.
+        outage = backing.health.down().get(store)
+        why = backing.describe(exc)
+        if isinstance(exc, psycopg_pool.PoolTimeout) and outage is not None:
+            why = f"{outage.error} (no connection within {POOL_WAIT:g} s)"
+        backing.health.failure(store, exc)
+        return store, f"{store.label} is unreachable from this server: {why}; retry later"
+    store = (backing.BackingStore.REDIS if isinstance(exc, redis.RedisError)
+             else backing.BackingStore.POSTGRES)
+    return store, f"{store.label} failed the call: {backing.describe(exc)}; retry later"
+
+
+def abort(context, exc: Exception, method: str) -> None:
+    """End the call with the status `exc` maps to; anything unmapped is INTERNAL, logged.
+    An UNAVAILABLE for a store names it in the trailing metadata too (STORE_METADATA)."""
     if isinstance(exc, _UNAVAILABLE):
-        log.warning("backing store unavailable: %s", exc)
-        return grpc.StatusCode.UNAVAILABLE, "a backing store is unavailable; try again or another server"
-    return None
+        store, message = store_unavailable(exc)
+        context.set_trailing_metadata(((STORE_METADATA, store.value),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, message)
+    mapped = _status_for(exc)
+    if mapped is None:
+        log.exception("%s failed", method)
+        mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    context.abort(*mapped)
 
 
 def rpc(method: Callable) -> Callable:
@@ -271,11 +310,7 @@ def rpc(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except Exception as exc:
-            mapped = _status_for(exc)
-            if mapped is None:
-                log.exception("%s failed", method.__name__)
-                mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-            context.abort(*mapped)
+            abort(context, exc, method.__name__)
     return wrapper
 
 
@@ -434,8 +469,10 @@ class Api:
         try:
             self.queue.push(ready)
         except redis.RedisError as exc:
-            # Committed is committed: the reconciler pushes these once Redis is back.
-            log.warning("%d job(s) stored but not pushed to Redis yet: %s", len(ready), exc)
+            # Committed is committed: the reconciler pushes these once Redis is back. Redis
+            # out of reach is logged once (backing.health), not at every submit.
+            level = logging.DEBUG if backing.health.note(exc) else logging.WARNING
+            log.log(level, "%d job(s) stored but not pushed to Redis yet: %s", len(ready), exc)
         return replies
 
     def check_depth(self, jobs: list[NewJob]) -> None:
@@ -472,8 +509,9 @@ class Api:
                     raise QueueFull(f"queue {queue!r} holds {depth} pending jobs; {adding} "
                                     f"more would pass [server] max_pending = {self.max_pending}")
         except redis.RedisError as exc:
-            log.warning("[server] max_pending and max_pending_total not enforced: depths "
-                        "unknown: %s", exc)
+            level = logging.DEBUG if backing.health.note(exc) else logging.WARNING
+            log.log(level, "[server] max_pending and max_pending_total not enforced: depths "
+                    "unknown: %s", exc)
 
     def forget_pending(self, job_id: str) -> None:
         """A PENDING job was cancelled: take its id out of Redis, so that it no longer
@@ -679,11 +717,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             yield from Watch(self.api.watches, self.api.store, self.api.queue, request.id,
                              context).events()
         except Exception as exc:
-            mapped = _status_for(exc)
-            if mapped is None:
-                log.exception("WatchJob failed")
-                mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-            context.abort(*mapped)
+            abort(context, exc, "WatchJob")
 
     @rpc
     def CancelJob(self, request, context):
@@ -741,17 +775,30 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
 
     def _node_records(self) -> list[dict]:
         """Every node's record from Redis; this host's own children from the master's file,
-        which is current the moment the master says READY (Redis gets it a tick later)."""
-        records = self.api.queue.nodes()
+        which is current the moment the master says READY (Redis gets it a tick later).
+        With Redis down, this host's record alone (it says that Redis is unreachable)."""
+        try:
+            records = self.api.queue.nodes()
+        except redis.RedisError as exc:
+            store_unavailable(exc)
+            records = []
         local = _local_node_record(self.api.cfg)
         if local is not None:
             mine = next((r for r in records if r.get("node_id") == local.get("node_id")), None)
             if mine is None:
                 records.append({**local, "seen_at": time.time()})
             else:
-                mine.update({k: local[k] for k in ("children", "state", "status", "version")
-                             if k in local})
+                mine.update({k: local[k] for k in ("children", "state", "status", "version",
+                                                   "unreachable") if k in local})
         return records
+
+    def _workers(self) -> dict[str, dict | None]:
+        """The workers' heartbeats in Redis: none to show while it is down."""
+        try:
+            return self.api.queue.workers()
+        except redis.RedisError as exc:
+            store_unavailable(exc)
+            return {}
 
     @rpc
     def ClusterStatus(self, request, context):
@@ -775,10 +822,12 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                 node.children.add(role=item["role"], index=item["index"], pid=item.get("pid") or 0,
                                   state=item["state"], uptime_seconds=item.get("uptime", 0.0),
                                   restarts=item.get("restarts", 0))
+            for store, since in sorted((record.get("unreachable") or {}).items()):
+                timestamp(_from_epoch(since), node.unreachable.add(store=store).since)
             if node.leader and not response.leader:
                 response.leader = node.node_id
             response.single_node = response.single_node and record.get("single_node", True)
-        for worker_id, beat in self.api.queue.workers().items():
+        for worker_id, beat in self._workers().items():
             if beat is None:
                 continue
             info = response.workers.add(id=worker_id, node_id=beat["node"], pid=beat["pid"],
@@ -877,7 +926,7 @@ class Server:
         threads = cfg.get("server", "threads")
         self.store = Store(cfg.get("postgres", "dsn"), min_size=cfg.get("postgres", "pool_min"),
                            max_size=max(2, min(cfg.get("postgres", "pool_max"), threads)),
-                           name=f"dtsd-server-{index}")
+                           name=f"dtsd-server-{index}", timeout=POOL_WAIT)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.stopping = threading.Event()
         self.fast = False
@@ -916,6 +965,7 @@ class Server:
         seed_pb_grpc.add_JobServiceServicer_to_server(SeedJobService(self.api), self.grpc)
         seed_pb_grpc.add_TaskSchedulerServicer_to_server(SeedTaskScheduler(self.api), self.grpc)
         self.health = introspection.add_to_server(self.grpc, list(SERVICES))
+        backing.health.listen(lambda store, outage: self._set_overall_health())
 
     def _on_signal(self, signum, frame) -> None:
         self.fast = self.fast or signum == signal.SIGQUIT
@@ -924,7 +974,7 @@ class Server:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGQUIT, self._on_signal)
-        if not child.connect(self.store, self.queue, log, self.stopping):
+        if not child.connect(self.store, self.queue, log, self.stopping, probe_always=True):
             return child.EXIT_OK
         streams.raise_open_files_limit()
         self.watches.start()
@@ -944,8 +994,9 @@ class Server:
         if not self._bind_local_socket():
             return child.EXIT_BOOT
         self.grpc.start()
-        for name in ("", *SERVICES):
+        for name in SERVICES:
             self.health.set(name, introspection.health_pb2.HealthCheckResponse.SERVING)
+        self._set_overall_health()
         anonymous = self.cfg.get("server", "anonymous_role")
         log.info("serving dtsd %s on %s (%s, %s) and %s; calls without a token: %s",
                  __version__, address,
@@ -964,6 +1015,13 @@ class Server:
         self.grpc.stop(grace).wait()
         self.store.close()
         return child.EXIT_OK
+
+    def _set_overall_health(self) -> None:
+        """The server as a whole ("") serves only while it reaches PostgreSQL and Redis:
+        a balancer then sends its callers elsewhere. After TERM it stays NOT_SERVING."""
+        status = introspection.health_pb2.HealthCheckResponse
+        down = any(backing.health.is_down(store) for store in SERVING_NEEDS)
+        self.health.set("", status.NOT_SERVING if down else status.SERVING)
 
     def _bind_local_socket(self) -> bool:
         """The API for local callers: `<runtime_dir>/api-<pid>.sock`, mode 0666 (anyone may

@@ -56,6 +56,8 @@ def _wait_without_select() -> None:
 
 _wait_without_select()
 
+CONNECT_TIMEOUT = 3     # seconds, for each new connection (libpq's connect_timeout)
+
 MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process takes
 
 # Columns returned for a job; output only where asked (lists never carry it).
@@ -277,6 +279,15 @@ class Store:
         kwargs: dict[str, Any] = {"application_name": name, "autocommit": True,
                                   "keepalives": 1, "keepalives_idle": 5,
                                   "keepalives_interval": 2, "keepalives_count": 3}
+        # A PostgreSQL that does not answer (a host gone, a blackholed route) must not hold
+        # a connection attempt for the kernel's minutes: CONNECT_TIMEOUT, unless the DSN
+        # sets its own.
+        try:
+            given = psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError:
+            given = {}
+        if "connect_timeout" not in given:
+            kwargs["connect_timeout"] = CONNECT_TIMEOUT
         options = []
         if hold_limit is not None:
             ms = max(100, int(hold_limit * 1000))

@@ -43,6 +43,7 @@ import psycopg
 import psycopg_pool
 import redis
 
+from . import backing
 from .dtsdpb import pb
 from .models import FINAL_STATES, JobStatus
 from .queue import Event, Queue
@@ -336,7 +337,8 @@ class WatchHub:
             try:
                 rows = self.store.job_states(sorted(by_job))
             except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                log.warning("watch hub: recheck of %d jobs failed: %s", len(by_job), exc)
+                if backing.health.note(exc) is None:    # a store's absence is said once
+                    log.warning("watch hub: recheck of %d jobs failed: %s", len(by_job), exc)
                 continue
             for job_id, streams in by_job.items():
                 row = rows.get(job_id)

@@ -35,7 +35,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
-from . import child, metrics
+from . import backing, child, metrics
 from . import launcher as launchermod
 from .config import Config
 from .config import ConfigError
@@ -172,7 +172,8 @@ class Worker:
                 self._claim_and_start(ids)
                 backoff = 0.2
             except Exception as exc:
-                log.warning("fetch failed: %s; retrying in %.1fs", exc, backoff)
+                if backing.health.note(exc) is None:    # a store's absence is said once
+                    log.warning("fetch failed: %s; retrying in %.1fs", exc, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(5.0, backoff * 2)
 
@@ -392,7 +393,8 @@ class Worker:
         try:
             held = self.store.renew_lease(self.id, self.ttl)
         except Exception as exc:
-            log.warning("lease renewal failed: %s", exc)
+            if backing.health.note(exc) is None:
+                log.warning("lease renewal failed: %s", exc)
             return
         if not held:
             self._lease_gone()
@@ -451,7 +453,8 @@ class Worker:
             try:
                 self._beat()    # for `dtsctl status`; the lease in PostgreSQL is what counts
             except Exception as exc:
-                log.warning("heartbeat to Redis failed: %s", exc)
+                if backing.health.note(exc) is None:
+                    log.warning("heartbeat to Redis failed: %s", exc)
             self.parent.alive()
 
     def _listen_for_cancels(self) -> None:
@@ -464,7 +467,8 @@ class Worker:
                     if message and message["type"] == "message":
                         self._on_cancel_message(message["data"])
             except Exception as exc:
-                log.warning("cancel channel lost: %s", exc)
+                if backing.health.note(exc) is None:
+                    log.warning("cancel channel lost: %s", exc)
                 self.done.wait(1.0)
 
     def _on_cancel_message(self, data: bytes) -> None:

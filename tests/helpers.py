@@ -153,6 +153,7 @@ class PostgresServer:
         self.logfile = self.dir / "postgres.log"
         self.port = 0
         self._as_pg: list[str] = []
+        self._options: list[str] = []
         if _is_root():
             # initdb and postgres refuse to run as root: hand the directory to the
             # `postgres` system user and run the server commands as that user.
@@ -186,10 +187,19 @@ class PostgresServer:
             proc = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile),
                              "-w", "-t", "60", "-o", " ".join(options), "start", check=False)
             if proc.returncode == 0:
+                self._options = options
                 break
             if "could not bind" not in tail(self.logfile, 20) or attempt == 4:
                 raise RuntimeError(f"pg_ctl start failed ({proc.returncode}):\n"
                                    f"{proc.stdout}{proc.stderr}\n{tail(self.logfile, 30)}")
+        wait_for(self._accepts, timeout=30, message=f"PostgreSQL on port {self.port}")
+        return self
+
+    def resume(self) -> "PostgresServer":
+        """Start the cluster again after `stop()`, on the same port with the same data (a
+        PostgreSQL restart, as clients see it)."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60",
+                  "-o", " ".join(self._options), "start")
         wait_for(self._accepts, timeout=30, message=f"PostgreSQL on port {self.port}")
         return self
 

@@ -281,13 +281,14 @@ class ListSchedulesResponse(_message.Message):
     def __init__(self, schedules: _Optional[_Iterable[_Union[Schedule, _Mapping]]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ["children", "leader", "node_id", "seen_at", "started_at", "state", "version"]
+    __slots__ = ["children", "leader", "node_id", "seen_at", "started_at", "state", "unreachable", "version"]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SEEN_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     children: _containers.RepeatedCompositeFieldContainer[ChildProcess]
     leader: bool
@@ -295,8 +296,9 @@ class Node(_message.Message):
     seen_at: _timestamp_pb2.Timestamp
     started_at: _timestamp_pb2.Timestamp
     state: str
+    unreachable: _containers.RepeatedCompositeFieldContainer[StoreOutage]
     version: str
-    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., leader: bool = ..., children: _Optional[_Iterable[_Union[ChildProcess, _Mapping]]] = ..., started_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., seen_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., leader: bool = ..., children: _Optional[_Iterable[_Union[ChildProcess, _Mapping]]] = ..., started_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., seen_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[str] = ..., unreachable: _Optional[_Iterable[_Union[StoreOutage, _Mapping]]] = ...) -> None: ...
 
 class PreviewScheduleRequest(_message.Message):
     __slots__ = ["count", "expression", "name", "timezone"]
@@ -423,6 +425,14 @@ class ScheduleRef(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class StoreOutage(_message.Message):
+    __slots__ = ["since", "store"]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    store: str
+    def __init__(self, store: _Optional[str] = ..., since: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ["job"]
