@@ -311,3 +311,27 @@ def test_cron_slots_fired_and_skipped_are_counted(node):
         runs = conn.execute("SELECT count(*) FROM jobs WHERE schedule_id IS NOT NULL"
                             ).fetchone()[0]
     assert runs >= fired
+
+
+def test_jobs_lost_with_a_killed_worker_are_counted_by_the_leader(dtsd_factory, tmp_path):
+    node = dtsd_factory(merged(FAST, WEB, {"worker": {"processes": 1, "heartbeat_ttl": "2s"}}))
+    api = pb_grpc.SchedulerStub(grpc.insecure_channel(node.address))
+    mark = tmp_path / "mark"
+    once = api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(
+        command="sleep 300", max_retries=0))).id
+    again = api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(
+        command=f"test -f {mark} || {{ touch {mark}; sleep 300; }}", max_retries=2))).id
+    wait_for(lambda: all(api.GetJob(pb.GetJobRequest(id=i)).status == pb.RUNNING
+                         for i in (once, again)) and mark.exists())
+    worker = api.GetJob(pb.GetJobRequest(id=once)).worker
+    os.kill(int(worker.rsplit("-", 1)[1]), signal.SIGKILL)
+    wait_final(api, [once, again])
+    samples = wait_for(lambda: (lambda s: value(s, "dtsd_jobs_lost_total", queue="default") == 2
+                                and s)(scrape(node)), timeout=15)
+    # The one without retries left is dead-lettered by the leader, and counted as such.
+    assert value(samples, "dtsd_jobs_dead_lettered_total", queue="default") == 1
+    assert value(samples, "dtsd_dead_letters") == 1
+    assert value(samples, "dtsd_child_restarts_total", role="worker") == 1
+    # Started twice (the lost attempt, then the retry that succeeded); one success.
+    assert value(samples, "dtsd_jobs_started_total", queue="default") == 3
+    assert value(samples, "dtsd_jobs_finished_total", queue="default", outcome="succeeded") == 1
