@@ -18,6 +18,7 @@ help), 1 for anything else that stops it (address in use, failed migration).
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import click
@@ -227,11 +228,24 @@ def migrate(parent_path: str | None, path: str | None) -> None:
     try:
         applied = store.migrate()
     except Exception as exc:  # report, don't trace: this runs at every start
-        logging.getLogger("dtsd.store").error("migration failed: %s: %s", type(exc).__name__,
-                                              str(exc).rstrip())
+        logging.getLogger("dtsd.store").error("migration failed: %s: %s%s", type(exc).__name__,
+                                              str(exc).rstrip(), _missing_database_hint(exc))
         sys.exit(1)
     if not applied:
         logging.getLogger("dtsd.store").info("the schema is up to date")
+
+
+def _missing_database_hint(exc: Exception) -> str:
+    """For `role "dtsd" does not exist` or `database "dtsd" does not exist`: the commands
+    of the README's first start that create what is missing."""
+    match = re.search(r'(database|role) "([^"]+)" does not exist', str(exc))
+    if not match:
+        return ""
+    if match.group(1) == "database":
+        return (f"; create it on the PostgreSQL host: sudo -u postgres createdb -O dtsd "
+                f"{match.group(2)}")
+    return (f"; create the role and its database on the PostgreSQL host: sudo -u postgres "
+            f"createuser {match.group(2)} && sudo -u postgres createdb -O {match.group(2)} dtsd")
 
 
 @main.command("config-reference")

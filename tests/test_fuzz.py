@@ -563,7 +563,9 @@ def test_the_server_survived_and_the_database_is_consistent(target):
     assert target.master.running()
     assert health_status(target.master.address) == SERVING
     assert children(target.api) == target.children, "a child died or restarted"
-    log = target.master.log()
+    # The job lines (dtsd.jobs) name jobs that failed for good, as some fuzzed jobs do.
+    log = "\n".join(line for line in target.master.log().splitlines()
+                    if " dtsd.jobs: " not in line)
     assert "Traceback" not in log and " failed" not in log.replace("spawn failed", ""), \
         tail(target.master.log_path, 80)
 

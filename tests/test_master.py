@@ -315,3 +315,26 @@ def test_the_master_loads_no_client_library():
                             text=True, env=clean_env({"PYTHONPATH": str(REPO_ROOT)}), timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_missing_database_or_role_is_named_with_the_commands_that_create_it(pg_dsn, tmp_path):
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    params = conninfo_to_dict(pg_dsn)
+
+    def migrate(**changes) -> str:
+        ini = tmp_path / "dtsd.ini"
+        write_ini(ini, {"postgres": {"dsn": make_conninfo(**{**params, **changes})}})
+        result = subprocess.run([sys.executable, "-m", "dtsd", "migrate", "-c", str(ini)],
+                                capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                                env=clean_env({"PYTHONPATH": str(REPO_ROOT)}),
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 1, result
+        return result.stderr
+    missing_db = migrate(dbname="no_such_db")
+    assert 'database "no_such_db" does not exist' in missing_db
+    assert "create it on the PostgreSQL host: sudo -u postgres createdb -O dtsd no_such_db" \
+        in missing_db
+    missing_role = migrate(user="no_such_role")
+    assert ('create the role and its database on the PostgreSQL host: sudo -u postgres '
+            'createuser no_such_role && sudo -u postgres createdb -O no_such_role dtsd'
+            in missing_role), missing_role
