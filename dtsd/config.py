@@ -13,6 +13,7 @@ The seed's environment variables (`DATABASE_URL`, `REDIS_ADDR`, `ETCD_ENDPOINTS`
 from __future__ import annotations
 
 import configparser
+import enum
 import ipaddress
 import math
 import os
@@ -250,8 +251,18 @@ def optional_role(text: str) -> str:
 
 #: What a webhook target is called in [notify] targets, JobSpec.notify and dtsctl --notify.
 TARGET_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-#: The events a webhook may be sent for (notify.Event): the one place their names are listed.
-NOTIFY_EVENTS = ("failed", "succeeded")
+class NotifyEvent(str, enum.Enum):
+    """What a webhook tells: a job failed for good (dead-lettered, lost with no retries
+    left included), or succeeded. Stored in notifications.event, sent as X-Dtsd-Event."""
+
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+NOTIFY_EVENTS = tuple(event.value for event in NotifyEvent)
 
 
 def notify_targets(text: str) -> dict[str, str]:
@@ -489,7 +500,7 @@ def _options() -> list[Option]:
           "Connections kept open per server child (env PG_MIN_CONNS)."),
         o("postgres", "pool_max", "8", integer(1, 1000),
           "Most connections per server child, at most [server] threads (env PG_MAX_CONNS). "
-          "Workers use up to 3, the coordinator 2."),
+          "Workers use up to 3, the coordinator 3."),
 
         o("redis", "url", "unix:///run/redis/redis-server.sock?db=0", nonempty,
           "unix://PATH?db=N, redis:// or rediss:// (TLS) URL (env REDIS_ADDR, as host:port). "
