@@ -71,9 +71,9 @@ log = logging.getLogger("dtsd.master")
 ROLES = {"server": "dtsd.server", "worker": "dtsd.worker", "coordinator": "dtsd.coordinator",
          "web": "dtsd.web"}
 # The sections each role's children read: a reload restarts a role whose sections changed.
-ROLE_SECTIONS = {"server": ("dtsd", "server", "postgres", "redis"),
+ROLE_SECTIONS = {"server": ("dtsd", "server", "postgres", "redis", "notify"),
                  "worker": ("dtsd", "worker", "postgres", "redis"),
-                 "coordinator": ("dtsd", "worker", "postgres", "redis", "etcd"),
+                 "coordinator": ("dtsd", "worker", "postgres", "redis", "etcd", "notify"),
                  "web": ("dtsd", "web", "server", "postgres", "redis", "etcd")}
 # How the coordinator is supervised (it has no section of its own).
 COORDINATOR = {"startsecs": 0.0, "startretries": 5, "stopsignal": signal.SIGTERM,

@@ -16,7 +16,7 @@ import grpc
 import psycopg
 import pytest
 
-from dtsd import config
+from dtsd import checks, config
 from dtsd.dtsdpb import pb, pb_grpc
 from dtsd.models import InvalidField, NewJob, new_job_id, resolve_notify, validate_spec
 from dtsd.notify import sign
@@ -385,6 +385,8 @@ def test_a_secret_file_readable_by_everyone_is_refused(tmp_path):
     assert error and "[notify] secret_file" in error
     secret.chmod(0o640)
     assert config.secrets_exposure(cfg) == (None, None)
+    # `dtsd --check-config` checks that dtsd's user can read it.
+    assert ("[notify] secret_file", str(secret)) in checks.files_read(cfg)
 
 
 def test_resolution_and_validation_of_a_jobs_notify_fields():
@@ -404,3 +406,24 @@ def test_the_signature_is_over_the_timestamp_and_the_body():
     body = b'{"a":1}'
     assert sign(b"k", "1700000000", body) == "sha256=" + hmac.new(
         b"k", b"1700000000." + body, hashlib.sha256).hexdigest()
+
+
+def test_a_reload_brings_new_targets_to_the_servers_and_the_leader(dtsd_factory, hooks,
+                                                                   tmp_path):
+    from tests.helpers import write_ini
+    from tests.test_reload import reload_command
+    first = {name: hook for name, hook in hooks.items() if name != "elsewhere"}
+    node = dtsd_factory(node_settings(first, tmp_path))
+    with grpc.insecure_channel(node.address) as channel:
+        api = pb_grpc.SchedulerStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            submit(api, "exit 1", notify=["elsewhere"])
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        node.sections["notify"] = node_settings(hooks, tmp_path)["notify"]
+        write_ini(node.ini_path, node.sections)
+        result = reload_command(node)
+        assert result.returncode == 0, result
+        job_id = submit(api, "exit 1", notify=["elsewhere"])
+        wait_final(api, job_id)
+        [request] = posts(hooks["elsewhere"], 1)
+        assert json.loads(request["body"])["job_id"] == job_id
