@@ -804,6 +804,8 @@ def job_table(job: dict[str, Any]) -> str:
         ("Worker", job["worker"]),
         ("Submitted by", job["submitted_by"]),
         ("Idempotency key", spec["idempotency_key"]),
+        ("Notify", spec["notify"] and f"{', '.join(spec['notify'])} on "
+                                      f"{', '.join(spec['notify_on']) or 'nothing'}"),
         ("Schedule", job["schedule_id"] or None),
         ("Fire time", job["fire_time"] and local_time(job["fire_time"])),
         ("Run at", spec["run_at"] and local_time(spec["run_at"])),

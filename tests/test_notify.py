@@ -315,6 +315,9 @@ def test_dtsctl_submit_takes_notify_and_notify_on(node, hooks):
     assert (job["spec"]["notify"], job["spec"]["notify_on"]) == (["ok"],
                                                                   ["failed", "succeeded"])
     posts(hooks["ok"], 1)
+    shown = node.dtsctl("status", job["id"])
+    assert shown.returncode == 0, shown.stderr
+    assert "Notify" in shown.stdout and "ok on failed, succeeded" in shown.stdout
     refused = node.dtsctl("submit", "--notify", "nope", "--", "true")
     assert refused.returncode == 1 and "unknown target 'nope'" in refused.stderr
     bad = node.dtsctl("submit", "--notify-on", "started", "--", "true")
