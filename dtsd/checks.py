@@ -308,6 +308,7 @@ def files_read(cfg: Config) -> list[tuple[str, str]]:
     if etcd["endpoints"]:
         files += [(f"[etcd] {key}", etcd[key])
                   for key in ("password_file", "tls_ca", "tls_cert", "tls_key")]
+    files.append(("[notify] secret_file", cfg.get("notify", "secret_file")))
     dsn = configmod.connection_fields(cfg.get("postgres", "dsn"))
     files += [(f"{key} of [postgres] dsn", dsn.get(key, ""))
               for key in ("passfile", "sslrootcert", "sslcert", "sslkey")]

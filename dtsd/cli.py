@@ -79,7 +79,7 @@ A job object has:
   spec: {id, name, command, env {name: value}, cwd, queue, priority,
          max_retries (null: server default), timeout_seconds, run_at, idempotency_key,
          limits {name: value, only those set: processes, open_files, file_size, memory,
-         cpu_time}},
+         cpu_time}, notify [target names], notify_on [events: failed, succeeded]},
   attempt_history: [{number, worker, started_at, finished_at, exit_code, output,
                      output_base64, output_truncated, error}]  (filled by `status JOB_ID`)
 List and dlq list leave output empty (the server omits it there).
@@ -495,6 +495,17 @@ LIMIT_HELP = ("A resource limit for the job (repeatable): processes=N, open_file
               "file_size=SIZE, memory=SIZE, cpu_time=DUR; at most the server's "
               "[worker] limits_max.")
 SERVERS = _param_type("servers", parse_servers)
+TARGETS = _param_type("names", config.target_names)
+EVENTS = _param_type("events", config.notify_events)
+NOTIFY_HELP = ("Webhook targets to notify when the job ends, by name from the server's "
+               "[notify] targets, comma-separated or repeated (default: [notify] default).")
+NOTIFY_ON_HELP = ("Events to notify: failed (failed for good: dead-lettered), succeeded; "
+                  "comma-separated or repeated (default: [notify] on).")
+
+
+def _names(given: tuple[tuple[str, ...], ...]) -> list[str]:
+    """Repeated --notify or --notify-on options, in order, each name once."""
+    return list(dict.fromkeys(name for names in given for name in names))
 
 
 # --- terminal safety ----------------------------------------------------------------------
@@ -656,6 +667,8 @@ def spec_dict(spec: Any) -> dict[str, Any]:
         "limits": {name: getattr(spec.limits, field)
                    for name, field in models.LIMIT_PROTO_FIELDS.items()
                    if getattr(spec.limits, field)},
+        "notify": list(spec.notify),
+        "notify_on": list(spec.notify_on),
     }
 
 
@@ -809,6 +822,8 @@ def job_table(job: dict[str, Any]) -> str:
         ("Worker", job["worker"]),
         ("Submitted by", job["submitted_by"]),
         ("Idempotency key", spec["idempotency_key"]),
+        ("Notify", spec["notify"] and f"{', '.join(spec['notify'])} on "
+                                      f"{', '.join(spec['notify_on']) or 'nothing'}"),
         ("Schedule", job["schedule_id"] or None),
         ("Fire time", job["fire_time"] and local_time(job["fire_time"])),
         ("Run at", spec["run_at"] and local_time(spec["run_at"])),
@@ -997,14 +1012,16 @@ def wait_for_job(settings: Settings, job_id: str, *, follow: OutputWriter | None
 
 _FILE_FIELDS = {"name": str, "command": str, "description": str, "id": str, "env": dict,
                 "cwd": str, "queue": str, "priority": int, "max_retries": int,
-                "timeout": (int, float, str), "idempotency_key": str}
+                "timeout": (int, float, str), "idempotency_key": str, "notify": list,
+                "notify_on": list}
 
 
 def load_jobs_file(path: str) -> list[dict[str, Any]]:
     """Read the seed's `{"jobs": [{"name", "command", "description"}]}` format.
 
     Each job may also set id, env, cwd, queue, priority, max_retries, timeout (seconds or
-    a duration like "5m") and idempotency_key. Raises click.UsageError naming the problem.
+    a duration like "5m"), idempotency_key, and notify and notify_on (lists of names).
+    Raises click.UsageError naming the problem.
     """
     def bad(problem: str) -> click.UsageError:
         return click.UsageError(f"jobs file {path}: {problem}")
@@ -1047,6 +1064,9 @@ def load_jobs_file(path: str) -> list[dict[str, Any]]:
                 raise bad(f"{where}: {key!r} has the wrong type ({type(job[key]).__name__})")
         if any(not isinstance(value, str) for value in job.get("env", {}).values()):
             raise bad(f"{where}: every value in 'env' must be a string")
+        for key in ("notify", "notify_on"):
+            if any(not isinstance(value, str) for value in job.get(key, ())):
+                raise bad(f"{where}: every item of {key!r} must be a string")
         if isinstance(job.get("timeout"), str):
             try:
                 job["timeout"] = config.duration(job["timeout"])
@@ -1060,13 +1080,15 @@ def load_jobs_file(path: str) -> list[dict[str, Any]]:
 _OPTION_OF_FIELD = {"command": "CMD", "name": "--name", "env": "--env", "cwd": "--cwd",
                     "queue": "--queue", "priority": "--priority",
                     "max_retries": "--max-retries", "timeout_seconds": "--timeout",
-                    "id": "--id", "idempotency_key": "--idempotency-key", "limits": "--limit"}
+                    "id": "--id", "idempotency_key": "--idempotency-key", "limits": "--limit",
+                    "notify": "--notify", "notify_on": "--notify-on"}
 
 
 def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = None,
              cwd: str = "", queue: str = "", priority: int = 0, max_retries: int | None = None,
              timeout: float | None = None, run_at: datetime | None = None, id: str = "",
              idempotency_key: str = "", limits: Mapping[str, int] | None = None,
+             notify: Sequence[str] = (), notify_on: Sequence[str] = (),
              where: str | None = None) -> Any:
     """Check the fields as the server will (models.validate_spec) and build a JobSpec.
 
@@ -1077,7 +1099,8 @@ def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = No
         models.validate_spec(id=id, command=command, name=name, env=dict(env or {}), cwd=cwd,
                              queue=queue, priority=priority, max_retries=max_retries,
                              timeout=timeout or 0.0, run_at=run_at,
-                             idempotency_key=idempotency_key, limits=dict(limits or {}))
+                             idempotency_key=idempotency_key, limits=dict(limits or {}),
+                             notify=list(notify), notify_on=list(notify_on))
     except models.InvalidField as exc:
         if where is not None:
             raise click.UsageError(f"{where}: {exc.field}: {exc.problem}") from None
@@ -1085,7 +1108,8 @@ def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = No
         raise click.UsageError(f"{option}: {exc.problem}") from None
     spec = dtsd_pb2.JobSpec(id=id, name=name, command=command, env=dict(env or {}), cwd=cwd,
                             queue=queue, priority=priority,
-                            timeout_seconds=timeout or 0.0, idempotency_key=idempotency_key)
+                            timeout_seconds=timeout or 0.0, idempotency_key=idempotency_key,
+                            notify=list(notify), notify_on=list(notify_on))
     for name, value in (limits or {}).items():
         setattr(spec.limits, models.LIMIT_PROTO_FIELDS[name], value)
     if max_retries is not None:
@@ -1217,6 +1241,10 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
                    "zone: local time) or +DUR from now (+30s, +5m, +1h).")
 @click.option("--limit", "limits", type=LIMIT, multiple=True, metavar="NAME=VALUE",
               help=LIMIT_HELP)
+@click.option("--notify", "notify", type=TARGETS, multiple=True, metavar="NAME[,NAME]",
+              help=NOTIFY_HELP)
+@click.option("--notify-on", "notify_on", type=EVENTS, multiple=True, metavar="EVENT[,EVENT]",
+              help=NOTIFY_ON_HELP)
 @click.option("--id", "job_id", default="", help="Choose the job id ([A-Za-z0-9._:-], <= 128).")
 @click.option("--idempotency-key", default="",
               help="Submitting the same key again returns the existing job (created: false).")
@@ -1229,8 +1257,9 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
               metavar="JOBS.JSON",
               help='Submit every job of the seed\'s {"jobs": [{"name", "command", '
                    '"description"}]} file in one call ("-": stdin). A job may also set id, '
-                   "env, cwd, queue, priority, max_retries, timeout, idempotency_key; "
-                   "--env/--cwd/--queue/--priority/--max-retries/--timeout/--at give defaults.")
+                   "env, cwd, queue, priority, max_retries, timeout, idempotency_key, notify, "
+                   "notify_on; --env/--cwd/--queue/--priority/--max-retries/--timeout/--at/"
+                   "--limit/--notify/--notify-on give defaults.")
 @click.option("--concurrent", is_flag=True,
               help="With --file --wait: print each job's block as soon as it ends, "
                    "instead of in file order.")
@@ -1241,8 +1270,9 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
 def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[tuple[str, str], ...],
            cwd: str, queue: str, priority: int, max_retries: int | None,
            job_timeout: float | None, run_at: datetime | None, job_id: str,
-           limits: tuple[dict[str, int], ...], idempotency_key: str, wait: bool, follow: bool,
-           jobs_file: str | None, concurrent: bool, raw: bool) -> None:
+           limits: tuple[dict[str, int], ...], notify: tuple[tuple[str, ...], ...],
+           notify_on: tuple[tuple[str, ...], ...], idempotency_key: str, wait: bool,
+           follow: bool, jobs_file: str | None, concurrent: bool, raw: bool) -> None:
     """Submit a job: dtsctl submit [OPTIONS] -- CMD...
 
     CMD runs under /bin/sh -c. Several words are quoted and joined (shlex.join); one
@@ -1267,7 +1297,8 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
                 raise click.UsageError(f"{option} cannot be used with --file")
         defaults = dict(env=dict(env), cwd=cwd, queue=queue, priority=priority,
                         max_retries=max_retries, timeout=job_timeout, run_at=run_at,
-                        limits=_merge(limits))
+                        limits=_merge(limits), notify=_names(notify),
+                        notify_on=_names(notify_on))
         _submit_file(settings, jobs_file, defaults, wait=wait, concurrent=concurrent)
         return
     if concurrent:
@@ -1282,7 +1313,7 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     spec = job_spec(command=text, name=name, env=dict(env), cwd=cwd, queue=queue,
                     priority=priority, max_retries=max_retries, timeout=job_timeout,
                     run_at=run_at, id=job_id, idempotency_key=idempotency_key,
-                    limits=_merge(limits))
+                    limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on))
     reply = settings.call(Role.WRITE, "SubmitJob", dtsd_pb2.SubmitJobRequest(job=spec))
     result: dict[str, Any] = {"id": reply.id, "created": reply.created}
     if not reply.created and not settings.json:
@@ -1688,6 +1719,10 @@ def cron() -> None:
               help="Kill each run after this long.")
 @click.option("--limit", "limits", type=LIMIT, multiple=True, metavar="NAME=VALUE",
               help=LIMIT_HELP)
+@click.option("--notify", "notify", type=TARGETS, multiple=True, metavar="NAME[,NAME]",
+              help=NOTIFY_HELP.replace("the job ends", "a run ends"))
+@click.option("--notify-on", "notify_on", type=EVENTS, multiple=True, metavar="EVENT[,EVENT]",
+              help=NOTIFY_ON_HELP)
 @option_output
 @click.argument("name")
 @click.argument("expression")
@@ -1697,7 +1732,8 @@ def cron_add(settings: Settings, name: str, expression: str, command: tuple[str,
              overlap: str, misfire: str, catchup_window: float | None, job_name: str,
              env: tuple[tuple[str, str], ...], cwd: str, queue: str, priority: int,
              max_retries: int | None, job_timeout: float | None,
-             limits: tuple[dict[str, int], ...]) -> None:
+             limits: tuple[dict[str, int], ...], notify: tuple[tuple[str, ...], ...],
+             notify_on: tuple[tuple[str, ...], ...]) -> None:
     """Add a schedule: dtsctl cron add NAME 'EXPR' [OPTIONS] -- CMD...
 
     Options may stand anywhere before `--`; everything after it is the command.
@@ -1710,7 +1746,7 @@ def cron_add(settings: Settings, name: str, expression: str, command: tuple[str,
     text = command[0] if len(command) == 1 else shlex.join(command)
     spec = job_spec(command=text, name=job_name, env=dict(env), cwd=cwd, queue=queue,
                     priority=priority, max_retries=max_retries, timeout=job_timeout,
-                    limits=_merge(limits))
+                    limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on))
     schedule = dtsd_pb2.Schedule(
         name=name, expression=expression, timezone=zone, job=spec,
         overlap=dtsd_pb2.OverlapPolicy.Value(overlap.upper()),

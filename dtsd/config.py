@@ -13,6 +13,7 @@ The seed's environment variables (`DATABASE_URL`, `REDIS_ADDR`, `ETCD_ENDPOINTS`
 from __future__ import annotations
 
 import configparser
+import enum
 import ipaddress
 import math
 import os
@@ -248,6 +249,69 @@ def optional_role(text: str) -> str:
     return value
 
 
+#: What a webhook target is called in [notify] targets, JobSpec.notify and dtsctl --notify.
+TARGET_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+class NotifyEvent(str, enum.Enum):
+    """What a webhook tells: a job failed for good (dead-lettered, lost with no retries
+    left included), or succeeded. Stored in notifications.event, sent as X-Dtsd-Event."""
+
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+NOTIFY_EVENTS = tuple(event.value for event in NotifyEvent)
+
+
+def notify_targets(text: str) -> dict[str, str]:
+    """`ops=https://hooks.example.com/dtsd team=http://127.0.0.1:9000/hook` -> {name: url}.
+
+    Only the administrator names URLs (a submitter who could would make dtsd POST to any
+    address it reaches); jobs name targets."""
+    targets: dict[str, str] = {}
+    for item in name_list(text):
+        name, sep, url = item.partition("=")
+        if not sep:
+            raise ValueError(f"not NAME=URL: {item[:80]!r}")
+        if not TARGET_NAME.match(name):
+            raise ValueError(f"bad target name {name[:40]!r} (lower-case letter first, then "
+                             "letters, digits, '_', '-'; at most 32)")
+        if name in targets:
+            raise ValueError(f"target {name!r} is named twice")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port    # raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"target {name}: bad URL {url[:200]!r}: {exc}") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"target {name}: {url[:200]!r} is not an http:// or https:// URL")
+        if not parts.hostname:
+            raise ValueError(f"target {name}: {url[:200]!r} names no host")
+        if parts.username or parts.password:
+            raise ValueError(f"target {name}: no user or password in the URL (sign with "
+                             "[notify] secret_file instead)")
+        targets[name] = url
+    return targets
+
+
+def target_names(text: str) -> tuple[str, ...]:
+    names = name_list(text)
+    for name in names:
+        if not TARGET_NAME.match(name):
+            raise ValueError(f"bad target name {name[:40]!r}")
+    return names
+
+
+def notify_events(text: str) -> tuple[str, ...]:
+    events = name_list(text.lower())
+    for event in events:
+        if event not in NOTIFY_EVENTS:
+            raise ValueError(f"unknown event {event[:40]!r} (known: {', '.join(NOTIFY_EVENTS)})")
+    return events
+
+
 def autorestart(text: str) -> str:
     value = text.strip().lower()
     if value in ("true", "false", "unexpected"):
@@ -436,7 +500,7 @@ def _options() -> list[Option]:
           "Connections kept open per server child (env PG_MIN_CONNS)."),
         o("postgres", "pool_max", "8", integer(1, 1000),
           "Most connections per server child, at most [server] threads (env PG_MAX_CONNS). "
-          "Workers use up to 3, the coordinator 2."),
+          "Workers use up to 3, the coordinator 3."),
 
         o("redis", "url", "unix:///run/redis/redis-server.sock?db=0", nonempty,
           "unix://PATH?db=N, redis:// or rediss:// (TLS) URL (env REDIS_ADDR, as host:port). "
@@ -461,6 +525,28 @@ def _options() -> list[Option]:
         o("etcd", "tls_cert", "", string,
           "PEM client certificate, for an etcd started with --client-cert-auth."),
         o("etcd", "tls_key", "", string, "PEM private key for [etcd] tls_cert."),
+
+        o("notify", "targets", "", notify_targets,
+          "Webhook targets jobs may name: NAME=URL list (http:// or https://), e.g. "
+          "`ops=https://hooks.example.com/dtsd`. Only these URLs are ever posted to: jobs "
+          "name targets, never URLs. Empty: no notifications."),
+        o("notify", "default", "", target_names,
+          "Targets notified for every job (and cron run) that names none. Empty: none."),
+        o("notify", "on", "failed", notify_events,
+          "Events notified for jobs that name none: failed (failed for good: "
+          "dead-lettered, lost with no retries left included), succeeded."),
+        o("notify", "secret_file", "", string,
+          "File whose content is the HMAC-SHA256 key that signs each webhook "
+          "(X-Dtsd-Signature; mode 0640 or less). Empty: unsigned."),
+        o("notify", "timeout", "5s", positive_duration,
+          "Deadline of each webhook POST (connect, send, answer)."),
+        o("notify", "max_attempts", "10", integer(1, 100),
+          "POSTs of one notification before it is given up (one ERROR log line); the wait "
+          "between them doubles from retry_backoff up to retry_backoff_max."),
+        o("notify", "retry_backoff", "1s", positive_duration,
+          "Wait after a notification's first failed POST; each next one twice as long."),
+        o("notify", "retry_backoff_max", "5m", positive_duration,
+          "Longest wait between two POSTs of one notification."),
 
         o("client", "servers", "127.0.0.1:50051", address_list,
           "Servers dtsctl talks to when given none, and when this host runs no dtsd (if it "
@@ -584,6 +670,7 @@ def parse(text: str, path: str = "<string>", env: Mapping[str, str] | None = Non
     if config.values["postgres"]["pool_min"] > config.values["postgres"]["pool_max"]:
         raise ConfigError(f"{path}: [postgres] pool_min is larger than pool_max")
     _check_etcd(config.values["etcd"], path)
+    _check_notify(config.values["notify"], path)
     server, web = config.values["server"], config.values["web"]
     if server["processes"] and web["processes"] and server["listen"][1] == web["listen"][1]:
         raise ConfigError(f"{path}: [web] listen and [server] listen use the same port "
@@ -600,6 +687,14 @@ def parse(text: str, path: str = "<string>", env: Mapping[str, str] | None = Non
             raise ConfigError(f"{path}: [worker] limits: {name}={value} is above "
                               f"[worker] limits_max {name}={top}")
     return config
+
+
+def _check_notify(notify: dict[str, Any], path: str) -> None:
+    """Default targets must be targets."""
+    unknown = [name for name in notify["default"] if name not in notify["targets"]]
+    if unknown:
+        raise ConfigError(f"{path}: [notify] default names {', '.join(unknown)}, not in "
+                          f"[notify] targets (known: {', '.join(notify['targets']) or 'none'})")
 
 
 def _check_etcd(etcd: dict[str, Any], path: str) -> None:
@@ -806,8 +901,9 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
     Errors (the master refuses to start or reload, `--check-config` fails):
     - the configuration file holds a password ([postgres] dsn, [redis] url) and every
       user may read it; group-readable is fine (the package installs it 0640 root:dtsd);
-    - a password file or private key it names ([etcd] password_file, any tls_key, the
-      dsn's passfile/sslkey, the Redis URL's ssl_keyfile) is readable by every user;
+    - a password file or private key it names ([etcd] password_file, [notify] secret_file,
+      any tls_key, the dsn's passfile/sslkey, the Redis URL's ssl_keyfile) is readable by
+      every user;
     - the configuration file or one of those files (tokens file included) is writable by
       every user: anyone could then choose the commands dtsd runs, or the tokens.
     Warning: the tokens file is readable by every user (it holds only hashes of the
@@ -841,6 +937,7 @@ def secrets_exposure(config: Config, stat: Callable[[str], os.stat_result] = os.
         ("passfile of [postgres] dsn", dsn.get("passfile", "")),
         ("sslkey of [postgres] dsn", dsn.get("sslkey", "")),
         ("ssl_keyfile of [redis] url", url.get("ssl_keyfile", "")),
+        ("[notify] secret_file", config.get("notify", "secret_file")),
     ]
     files = [(what, path, errors) for what, path in secret_files]
     files.append(("[server] tokens_file", config.get("server", "tokens_file"), warnings))

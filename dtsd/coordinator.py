@@ -16,6 +16,8 @@ Loops (leader only):
   fold       the job counts' per-statement changes into job_counts (ClusterStatus sums
              those rows instead of counting every job; unfenced: folding is exact twice)
   prune      finished jobs older than [dtsd] retention
+  notify     (a thread of its own, dtsd.notify) webhooks of jobs that ended, from the
+             outbox store.finish and recover_lost fill: a slow receiver never delays the rest
 And on every node: publish this node's record (from the master's node file) for
 `dtsctl status`, and report leadership and backlog to the master.
 """
@@ -32,10 +34,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from . import backing, child, metrics
+from . import backing, child, metrics, notify
 from . import cron as cronmod
 from .config import Config
-from .models import JOB_LOGGER, job_label, schedule_job
+from .models import JOB_LOGGER, job_label, resolve_notify, schedule_job
 from .queue import Queue, Ready, connect
 from .store import Deposed, Fence, FirePlan, Lost, Store
 
@@ -55,7 +57,7 @@ class Coordinator:
         # A fenced transaction left open by a leader that was cut off must not outlive
         # its lease: the next leader needs the fence row.
         window = max(1.0, cfg.get("etcd", "lease_ttl") / 2)
-        self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=2,
+        self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=3,
                            name="dtsd-coordinator", hold_limit=window)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.leadership = leadership
@@ -77,6 +79,8 @@ class Coordinator:
             return child.EXIT_OK
         self.leadership.start()
         threading.Thread(target=self._listen_for_schedules, name="schedules", daemon=True).start()
+        notifier = notify.Notifier(self.cfg, self.store, self.leadership, self.stop)
+        notifier.start()
         self.parent.ready()
         log.info("coordinator ready (%s)", "single-node mode: this node leads"
                  if self.leadership.single_node else "etcd election")
@@ -117,6 +121,7 @@ class Coordinator:
                 next_status = started + STATUS_EVERY
             self.wake.wait(max(0.0, wake_at - time.monotonic()))
             self.wake.clear()
+        notifier.close()
         self.leadership.stop()
         self.store.close()
         return child.EXIT_OK
@@ -203,7 +208,8 @@ class Coordinator:
         # Slots up to `now` are handled (fired, or dropped by the policy), unless due_slots
         # stopped at its limit: then the rest is taken on the next tick.
         horizon = all_due[-1] if len(all_due) >= cronmod.MAX_DUE else now
-        jobs = [schedule_job(row, slot) for slot in slots]
+        jobs = [resolve_notify(schedule_job(row, slot), self.cfg.get("notify", "default"),
+                               self.cfg.get("notify", "on")) for slot in slots]
         self.missed += len(all_due) - len(slots)
         return FirePlan(jobs=jobs, cancel=cancel, last_fire_time=horizon,
                         next_fire_time=now if horizon < now else schedule.next_after(now))

@@ -70,10 +70,12 @@ log = logging.getLogger("dtsd.master")
 
 ROLES = {"server": "dtsd.server", "worker": "dtsd.worker", "coordinator": "dtsd.coordinator",
          "web": "dtsd.web"}
-# The sections each role's children read: a reload restarts a role whose sections changed.
-ROLE_SECTIONS = {"server": ("dtsd", "server", "postgres", "redis"),
+# The sections each role's children read, whole or as "section.key" (the servers read only
+# the job limits of [worker], for their ceiling): a reload restarts a role whose part changed.
+ROLE_SECTIONS = {"server": ("dtsd", "server", "worker.limits", "worker.limits_max", "postgres",
+                            "redis", "notify"),
                  "worker": ("dtsd", "worker", "postgres", "redis"),
-                 "coordinator": ("dtsd", "worker", "postgres", "redis", "etcd"),
+                 "coordinator": ("dtsd", "worker", "postgres", "redis", "etcd", "notify"),
                  "web": ("dtsd", "web", "server", "postgres", "redis", "etcd")}
 # How the coordinator is supervised (it has no section of its own).
 COORDINATOR = {"startsecs": 0.0, "startretries": 5, "stopsignal": signal.SIGTERM,
@@ -378,8 +380,7 @@ class Master:
         self.insecure = bool(configmod.server_exposure(new)[1])
         self.counts = self.wanted(new)
         changed = [role for role, sections in ROLE_SECTIONS.items()
-                   if any(_without_counts(old.values[s]) != _without_counts(new.values[s])
-                          for s in sections)]
+                   if any(_part(old, s) != _part(new, s) for s in sections)]
         for item in self.children:
             if item.role in changed and not item.retiring:
                 item.outdated = True
@@ -880,5 +881,9 @@ class Master:
         return True
 
 
-def _without_counts(values: dict) -> dict:
-    return {key: value for key, value in values.items() if key != "processes"}
+def _part(cfg: Config, part: str):
+    """A section without its process count (scaling restarts nothing), or one key."""
+    section, _, key = part.partition(".")
+    if key:
+        return cfg.values[section][key]
+    return {k: value for k, value in cfg.values[section].items() if k != "processes"}

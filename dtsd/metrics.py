@@ -128,6 +128,12 @@ FENCING_TOKEN = _gauge("dtsd_fencing_token",
 # child's readiness and its dtsd_store_up{store="etcd"}.
 ETCD_POLLED = _gauge("dtsd_etcd_polled", "Unix time of the coordinator's last etcd poll.")
 
+NOTIFICATIONS = _counter(
+    "dtsd_notifications",
+    "Webhook POSTs by target and result: delivered (2xx), failed (will be tried again), "
+    "gave_up (max_attempts reached, the target is gone from [notify] targets, or the job "
+    "is). Targets are the administrator's names, a bounded set.", ("target", "result"))
+
 # --- the master ----------------------------------------------------------------------------
 CHILDREN = _gauge("dtsd_children", "Children of this node by role and supervisor state.",
                   ("role", "state"))
@@ -159,6 +165,7 @@ FAMILIES: dict[str, str] = {
     "dtsd_cron_slots_fired_total": "counter",
     "dtsd_cron_slots_missed_total": "counter",
     "dtsd_cron_slot_lateness_seconds": "histogram",
+    "dtsd_notifications_total": "counter",
     "dtsd_leader": "gauge",
     "dtsd_fencing_token": "gauge",
     "dtsd_children": "gauge",

@@ -15,11 +15,12 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Mapping
+from typing import Collection, Mapping, Sequence
 
 # Per-job resource limits are defined beside the configuration that sets their defaults
 # (config.py, which the master loads without this module's hashlib and uuid).
 from .config import LIMIT_PROTO_FIELDS, LIMITS, MAX_LIMIT, limits_text  # noqa: F401
+from .config import NOTIFY_EVENTS, TARGET_NAME, NotifyEvent  # noqa: F401
 
 
 class JobStatus(str, enum.Enum):
@@ -58,6 +59,7 @@ MAX_ID = 128
 MAX_NAME = 256
 MAX_COMMAND = 64 * 1024
 MAX_ENV_ENTRIES = 256
+MAX_NOTIFY = 16
 MAX_ENV_KEY = 256
 MAX_ENV_TOTAL = 128 * 1024
 MAX_CWD = 4096
@@ -129,6 +131,8 @@ class NewJob:
     schedule_id: int | None = None
     fire_time: datetime | None = None
     limits: dict[str, int] = field(default_factory=dict)
+    notify: tuple[str, ...] = ()     # webhook target names ([notify] targets); see resolve_notify
+    notify_on: tuple[str, ...] = ()  # NotifyEvent values
 
     def fingerprint(self) -> str:
         """What an idempotent repeat must match: the spec, not the id or submitter (the
@@ -137,6 +141,8 @@ class NewJob:
                 self.priority, self.max_retries, self.timeout]
         if self.limits:   # only when set, so fingerprints stored before limits existed hold
             spec.append(sorted(self.limits.items()))
+        if self.notify or self.notify_on:   # the same: fingerprints from before still hold
+            spec.append([list(self.notify), list(self.notify_on)])
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
@@ -175,10 +181,14 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
                   run_at: datetime | None = None, idempotency_key: str = "",
                   submitted_by: str = "", owner: str = "", prefix: str = "",
                   limits: Mapping[str, int] | None = None,
-                  ceiling: Mapping[str, int] | None = None) -> NewJob:
+                  ceiling: Mapping[str, int] | None = None,
+                  notify: Sequence[str] = (), notify_on: Sequence[str] = (),
+                  targets: Collection[str] | None = None) -> NewJob:
     """Check every field of a submitted job; `prefix` qualifies field names (`jobs[3].`).
 
-    `ceiling` is the admin's highest allowed value per limit ([worker] limits_max)."""
+    `ceiling` is the admin's highest allowed value per limit ([worker] limits_max);
+    `targets` the webhook target names of [notify] targets (None: not checked, as dtsctl
+    does, which does not know the server's)."""
     def f(name_: str) -> str:
         return prefix + name_
 
@@ -221,7 +231,43 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
     return NewJob(id=job_id, command=command, name=name, env=env, cwd=cwd, queue=queue,
                   priority=priority, max_retries=max_retries, timeout=timeout, run_at=run_at,
                   idempotency_key=idempotency_key or None, submitted_by=submitted_by,
-                  owner=owner, limits=checked_limits)
+                  owner=owner, limits=checked_limits,
+                  notify=check_notify(notify, targets, f("notify")),
+                  notify_on=check_notify_on(notify_on, f("notify_on")))
+
+
+def check_notify(names: Sequence[str], targets: Collection[str] | None,
+                 field_name: str = "notify") -> tuple[str, ...]:
+    """Target names a job asks to be notified at: known ones only, never URLs (README,
+    "Failure notifications": a submitter choosing a URL could make dtsd POST anywhere)."""
+    names = tuple(dict.fromkeys(names))
+    if len(names) > MAX_NOTIFY:
+        raise InvalidField(field_name, f"names {len(names)} targets; at most {MAX_NOTIFY}")
+    for name in names:
+        if not TARGET_NAME.match(name):
+            raise InvalidField(field_name, f"bad target name {name[:80]!r} (a name from the "
+                                           "server's [notify] targets, not a URL)")
+        if targets is not None and name not in targets:
+            raise InvalidField(field_name, f"unknown target {name!r} (known: "
+                                           f"{', '.join(sorted(targets)) or 'none'})")
+    return names
+
+
+def check_notify_on(events: Sequence[str], field_name: str = "notify_on") -> tuple[str, ...]:
+    events = tuple(dict.fromkeys(events))
+    for event in events:
+        if event not in NOTIFY_EVENTS:
+            raise InvalidField(field_name, f"unknown event {event[:80]!r} (known: "
+                                           f"{', '.join(NOTIFY_EVENTS)})")
+    return events
+
+
+def resolve_notify(job: NewJob, default: Sequence[str], on: Sequence[str]) -> NewJob:
+    """Fill in [notify] default and on where the job names no targets or events; what is
+    stored is what is notified. No target: no events either (nothing to notify)."""
+    job.notify = job.notify or tuple(default)
+    job.notify_on = (job.notify_on or tuple(on)) if job.notify else ()
+    return job
 
 
 def schedule_job(schedule: dict, slot: datetime | None) -> NewJob:
@@ -239,6 +285,8 @@ def schedule_job(schedule: dict, slot: datetime | None) -> NewJob:
                   priority=template.get("priority", 0),
                   max_retries=template.get("max_retries", DEFAULT_MAX_RETRIES),
                   timeout=template.get("timeout", 0.0), limits=template.get("limits", {}),
+                  notify=tuple(template.get("notify", ())),
+                  notify_on=tuple(template.get("notify_on", ())),
                   submitted_by=f"schedule:{schedule['name']}",
                   owner=f"schedule:{schedule['name']}", schedule_id=schedule["id"],
                   fire_time=slot)

@@ -29,7 +29,7 @@ import threading
 import time
 from concurrent import futures
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import grpc
 import psycopg
@@ -43,7 +43,7 @@ from .config import Config, limit_ceiling
 from .dtsdpb import pb, pb_grpc, seed_pb, seed_pb_grpc
 from .models import (DEFAULT_QUEUE, LIMIT_PROTO_FIELDS, MAX_NAME, QUEUE_NAME,
                      InvalidField, JobStatus, NewJob, check_job_id, check_queue, check_text,
-                     schedule_job, validate_spec)
+                     resolve_notify, schedule_job, validate_spec)
 from .queue import Event, Queue, Ready, connect
 from .store import Conflict, Forbidden, NotFound, Precondition, Store, decode_page_token
 from .watch import Watch, WatchHub
@@ -111,6 +111,8 @@ def job_message(row: dict[str, Any], viewer: auth.Caller, job: pb.Job | None = N
     spec.max_retries, spec.timeout_seconds = row["max_retries"], row["timeout"]
     spec.idempotency_key = row["idempotency_key"] or ""
     limits_message(row["limits"], spec.limits)
+    spec.notify.extend(row["notify"])
+    spec.notify_on.extend(row["notify_on"])
     timestamp(row["run_at"], spec.run_at)
     if row["exit_code"] is not None:
         job.exit_code = row["exit_code"]
@@ -141,8 +143,9 @@ def spec_limits(spec: pb.JobSpec) -> dict[str, int]:
 
 
 def spec_to_job(spec: pb.JobSpec, who: auth.Caller, prefix: str = "",
-                ceiling: dict[str, int] | None = None) -> NewJob:
-    """A validated job submitted by `who`, which owns it."""
+                ceiling: dict[str, int] | None = None,
+                targets: Collection[str] | None = None) -> NewJob:
+    """A validated job submitted by `who`, which owns it; `targets`: [notify] targets."""
     return validate_spec(
         id=spec.id, command=spec.command, name=spec.name, env=dict(spec.env), cwd=spec.cwd,
         queue=spec.queue, priority=spec.priority,
@@ -150,7 +153,8 @@ def spec_to_job(spec: pb.JobSpec, who: auth.Caller, prefix: str = "",
         timeout=spec.timeout_seconds,
         run_at=to_datetime(spec.run_at, prefix + "run_at") if spec.HasField("run_at") else None,
         idempotency_key=spec.idempotency_key, submitted_by=who.submitted_by,
-        owner=who.principal, prefix=prefix, limits=spec_limits(spec), ceiling=ceiling)
+        owner=who.principal, prefix=prefix, limits=spec_limits(spec), ceiling=ceiling,
+        notify=list(spec.notify), notify_on=list(spec.notify_on), targets=targets)
 
 
 OVERLAP = {pb.OVERLAP_UNSPECIFIED: cronmod.Overlap.ALLOW, pb.ALLOW: cronmod.Overlap.ALLOW,
@@ -189,6 +193,8 @@ def schedule_message(row: dict[str, Any], viewer: auth.Caller) -> pb.Schedule:
     job.priority, job.max_retries = template.get("priority", 0), template.get("max_retries", 3)
     job.timeout_seconds = template.get("timeout", 0.0)
     limits_message(template.get("limits", {}), job.limits)
+    job.notify.extend(template.get("notify", ()))
+    job.notify_on.extend(template.get("notify_on", ()))
     timestamp(row["next_fire_time"], message.next_fire_time)
     timestamp(row["last_fire_time"], message.last_fire_time)
     timestamp(row["created_at"], message.created_at)
@@ -425,6 +431,9 @@ class Api:
         self.queue = queue
         self.watches = watches      # every WatchJob stream of this child (dtsd/watch.py)
         self.ceiling = limit_ceiling(cfg)   # highest per-job limits ([worker] limits_max)
+        self.targets = frozenset(cfg.get("notify", "targets"))   # webhook target names
+        self.notify_default = cfg.get("notify", "default")
+        self.notify_on = cfg.get("notify", "on")
         self.max_pending = cfg.get("server", "max_pending")
         self.max_pending_total = cfg.get("server", "max_pending_total")
         self.submits = Combiner(self._store_round, max_weight=cfg.get("server", "max_batch"))
@@ -434,7 +443,10 @@ class Api:
         """Store `jobs` (all or none) and push them to Redis; per job, whether it is new.
 
         Concurrent calls share a transaction and a Redis pipeline (`dtsd.combine`): each
-        returns after the commit that holds its jobs, as if it had been alone."""
+        returns after the commit that holds its jobs, as if it had been alone. Jobs that
+        name no webhook targets or events get [notify] default and on here."""
+        for job in jobs:
+            resolve_notify(job, self.notify_default, self.notify_on)
         self.check_depth(jobs)
         return self.submits.call(jobs, weight=len(jobs))
 
@@ -543,7 +555,8 @@ class ScheduleService:
         if given.job.id or given.job.HasField("run_at") or given.job.idempotency_key:
             raise InvalidField("job", "a schedule's job takes no id, run_at or idempotency_key: "
                                       "each firing gets its own")
-        job = spec_to_job(given.job, auth.caller(), prefix="job.", ceiling=self.api.ceiling)
+        job = spec_to_job(given.job, auth.caller(), prefix="job.", ceiling=self.api.ceiling,
+                          targets=self.api.targets)
         window = given.catchup_window_seconds or DEFAULT_CATCHUP
         if not 0 < window <= MAX_CATCHUP:
             raise InvalidField("catchup_window_seconds", f"must be positive and at most "
@@ -555,7 +568,8 @@ class ScheduleService:
         template = {"command": job.command, "name": job.name, "env": job.env, "cwd": job.cwd,
                     "queue": job.queue, "priority": job.priority,
                     "max_retries": job.max_retries, "timeout": job.timeout,
-                    "limits": job.limits}
+                    "limits": job.limits, "notify": list(job.notify),
+                    "notify_on": list(job.notify_on)}
         row = self.api.store.create_schedule(
             name=name, expression=cron.expression, timezone=cron.timezone,
             overlap=OVERLAP[given.overlap].value, misfire=MISFIRE[given.misfire].value,
@@ -643,7 +657,8 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
 
     @rpc
     def SubmitJob(self, request, context):
-        job = spec_to_job(request.job, auth.caller(), ceiling=self.api.ceiling)
+        job = spec_to_job(request.job, auth.caller(), ceiling=self.api.ceiling,
+                          targets=self.api.targets)
         created = self.api.submit([job])[0]
         auth.audit("submit", f"1 job: {job.id}{'' if created else ' (existed)'}")
         return pb.SubmitJobResponse(id=job.id, created=created)
@@ -656,7 +671,8 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             raise InvalidField("jobs", f"holds {len(request.jobs)} jobs; at most "
                                        f"{self.max_batch} per call ([server] max_batch)")
         who = auth.caller()
-        jobs = [spec_to_job(spec, who, prefix=f"jobs[{i}].", ceiling=self.api.ceiling)
+        jobs = [spec_to_job(spec, who, prefix=f"jobs[{i}].", ceiling=self.api.ceiling,
+                            targets=self.api.targets)
                 for i, spec in enumerate(request.jobs)]
         created = self.api.submit(jobs)
         auth.audit("submit", f"{len(jobs)} jobs ({sum(created)} new): {_ids(jobs)}")

@@ -64,9 +64,10 @@ MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process
 _JOB_COLUMNS = """id, name, command, env, cwd, queue, priority, max_retries, timeout, run_at,
     idempotency_key, schedule_id, fire_time, submitted_by, owner, status, attempts, failures,
     worker, exit_code, output_truncated, error, dead_lettered_at, created_at, updated_at,
-    started_at, finished_at, limits"""
+    started_at, finished_at, limits, notify, notify_on"""
 
 _FINAL = tuple(s.value for s in FINAL_STATES)
+OUTPUT_TAIL = 4096      # bytes of a job's output a webhook carries: its last ones
 
 # job_counts' key for the dead-lettered count (the others are statuses): 0006_scale.sql.
 DEAD_LETTERED_KEY = "dead_lettered"
@@ -216,12 +217,13 @@ def _instant(moment: datetime | None) -> str | None:
 
 _INSERT_JOBS = """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
                       timeout, run_at, idempotency_key, fingerprint, submitted_by, owner,
-                      schedule_id, fire_time, limits)
+                      schedule_id, fire_time, limits, notify, notify_on)
                   SELECT * FROM jsonb_to_recordset(%s::jsonb) AS u(id text, name text,
                       command text, env jsonb, cwd text, queue text, priority smallint,
                       max_retries int, timeout float8, run_at timestamptz,
                       idempotency_key text, fingerprint text, submitted_by text, owner text,
-                      schedule_id bigint, fire_time timestamptz, limits jsonb)
+                      schedule_id bigint, fire_time timestamptz, limits jsonb,
+                      notify text[], notify_on text[])
                   {conflict}
                   RETURNING id"""
 
@@ -233,7 +235,24 @@ def _job_records(jobs: Sequence[NewJob]) -> str:
         "timeout": j.timeout, "run_at": _instant(j.run_at),
         "idempotency_key": j.idempotency_key, "fingerprint": j.fingerprint(),
         "submitted_by": j.submitted_by, "owner": j.owner, "schedule_id": j.schedule_id,
-        "fire_time": _instant(j.fire_time), "limits": j.limits} for j in jobs])
+        "fire_time": _instant(j.fire_time), "limits": j.limits,
+        "notify": list(j.notify), "notify_on": list(j.notify_on)} for j in jobs])
+
+
+# The notifications a final state asks for (README, "Failure notifications"): one outbox
+# row per target of a job that ended FAILED and dead-lettered, or SUCCEEDED, when it asks
+# for that event. Read from a data-modifying CTE's RETURNING (`ended`), in the transaction
+# that records the state; a job without targets costs a look at an empty array.
+_NOTIFY_ENDED = """notified AS (
+                       INSERT INTO notifications (job_id, target, event)
+                       SELECT e.id, t.target, e.event
+                       FROM (SELECT id, notify,
+                                    CASE WHEN status = 'SUCCEEDED' THEN 'succeeded'
+                                         WHEN status = 'FAILED' AND dead THEN 'failed'
+                                    END AS event, notify_on
+                             FROM ended WHERE cardinality(notify) > 0) e,
+                            unnest(e.notify) AS t(target)
+                       WHERE e.event = ANY(e.notify_on))"""
 
 
 def _check_owner(job_id: str, actual: str, wanted: str | None, doing: str) -> None:
@@ -440,6 +459,9 @@ class Store:
         The attempt row is always closed. The job row changes only if it is still RUNNING
         that very attempt; a job cancelled meanwhile keeps its CANCELLED.
 
+        A job that ends FAILED and dead-lettered, or SUCCEEDED, and asks for that event
+        (jobs.notify_on) gets a row in `notifications` per target, in the same statement.
+
         The LIMIT (the batch's own size) tells the planner how many rows the JSON holds: it
         guesses 100 for any set-returning function, and for that many it would hash-join a
         sequential scan of all `job_attempts` (the worker's connections plan every run for
@@ -460,16 +482,19 @@ class Store:
                        UPDATE job_attempts a SET finished_at = now(), exit_code = u.exit_code,
                               output = u.output, output_truncated = u.truncated, error = u.error
                        FROM u WHERE a.job_id = u.job_id AND a.attempt = u.attempt
-                         AND a.finished_at IS NULL)
-                   UPDATE jobs j SET status = u.status, exit_code = u.exit_code, output = u.output,
-                          output_truncated = u.truncated, error = u.error,
-                          failures = j.failures + u.failed::int, run_at = u.run_at,
-                          finished_at = CASE WHEN u.status = ANY(%s) THEN now() END,
-                          dead_lettered_at = CASE WHEN u.dead THEN now() END,
-                          updated_at = now()
-                   FROM u
-                   WHERE j.id = u.job_id AND j.attempts = u.attempt AND j.status = 'RUNNING'
-                   RETURNING j.id""",
+                         AND a.finished_at IS NULL),
+                   ended AS (
+                       UPDATE jobs j SET status = u.status, exit_code = u.exit_code,
+                              output = u.output, output_truncated = u.truncated, error = u.error,
+                              failures = j.failures + u.failed::int, run_at = u.run_at,
+                              finished_at = CASE WHEN u.status = ANY(%s) THEN now() END,
+                              dead_lettered_at = CASE WHEN u.dead THEN now() END,
+                              updated_at = now()
+                       FROM u
+                       WHERE j.id = u.job_id AND j.attempts = u.attempt AND j.status = 'RUNNING'
+                       RETURNING j.id, j.status, u.dead, j.notify, j.notify_on),
+                   """ + _NOTIFY_ENDED + """
+                   SELECT id FROM ended""",
                 (_records([{
                     "job_id": x.job_id, "attempt": x.attempt, "exit_code": x.exit_code,
                     "output": "\\x" + x.output.hex(), "truncated": x.truncated,
@@ -715,7 +740,8 @@ class Store:
         """Close the open attempts of a dead worker as lost; each job is retried or fails.
 
         A lost attempt counts as a failure (the command may have done harm before dying);
-        jobs out of retries end FAILED and dead-lettered. Returns every job it closed an
+        jobs out of retries end FAILED and dead-lettered, and are notified (as in `finish`)
+        in the same transaction. Returns every job it closed an
         attempt of, PENDING and dead-lettered alike, for the caller to push and to log.
         Leader-only: fenced. The worker's lease row goes in the same transaction, if it has
         run out; a worker that renewed its lease meanwhile keeps its jobs.
@@ -731,26 +757,79 @@ class Store:
                    closed AS (
                        UPDATE job_attempts a SET finished_at = now(), error = %(error)s
                        FROM lost WHERE a.job_id = lost.id AND a.attempt = lost.attempts
-                         AND a.finished_at IS NULL)
-                   UPDATE jobs j SET
-                       status = CASE WHEN lost.failures < lost.max_retries
-                                     THEN 'PENDING' ELSE 'FAILED' END,
-                       failures = j.failures + 1, error = %(error)s, exit_code = NULL,
-                       run_at = CASE WHEN lost.failures < lost.max_retries
-                                     THEN now() + make_interval(secs => least(%(cap)s,
-                                          %(base)s * power(2, lost.failures)) * (0.5 + random() / 2))
-                                END,
-                       dead_lettered_at = CASE WHEN lost.failures < lost.max_retries
-                                               THEN NULL ELSE now() END,
-                       finished_at = CASE WHEN lost.failures < lost.max_retries
-                                          THEN NULL ELSE now() END,
-                       updated_at = now()
-                   FROM lost WHERE j.id = lost.id
-                   RETURNING j.id, j.name, j.queue, j.priority, j.attempts, j.failures,
-                             j.max_retries, j.run_at, j.status""",
+                         AND a.finished_at IS NULL),
+                   ended AS (
+                       UPDATE jobs j SET
+                           status = CASE WHEN lost.failures < lost.max_retries
+                                         THEN 'PENDING' ELSE 'FAILED' END,
+                           failures = j.failures + 1, error = %(error)s, exit_code = NULL,
+                           run_at = CASE WHEN lost.failures < lost.max_retries
+                                         THEN now() + make_interval(secs => least(%(cap)s,
+                                              %(base)s * power(2, lost.failures)) * (0.5 + random() / 2))
+                                    END,
+                           dead_lettered_at = CASE WHEN lost.failures < lost.max_retries
+                                                   THEN NULL ELSE now() END,
+                           finished_at = CASE WHEN lost.failures < lost.max_retries
+                                              THEN NULL ELSE now() END,
+                           updated_at = now()
+                       FROM lost WHERE j.id = lost.id
+                       RETURNING j.id, j.name, j.queue, j.priority, j.attempts, j.failures,
+                                 j.max_retries, j.run_at, j.status, j.notify, j.notify_on,
+                                 j.dead_lettered_at IS NOT NULL AS dead),
+                   """ + _NOTIFY_ENDED + """
+                   SELECT id, name, queue, priority, attempts, failures, max_retries, run_at,
+                          status FROM ended""",
                 {"worker": worker, "error": f"{EndReason.LOST}: worker {worker} died",
                  "base": backoff, "cap": backoff_max}).fetchall()
         return [Lost(*r[:8], dead=r[8] == JobStatus.FAILED.value) for r in rows]
+
+    # --- webhook notifications (the leader's outbox) ---------------------------------------
+
+    def next_notification(self) -> float | None:
+        """Seconds until the next notification is due (0 or less: due now; None: none)."""
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT extract(epoch FROM min(next_at) - now())::float8 "
+                               "FROM notifications").fetchone()
+        return row[0]
+
+    def claim_notifications(self, fence: Fence, limit: int, hold: float) -> list[dict[str, Any]]:
+        """Take up to `limit` due notifications to POST, with what their payload needs.
+
+        Each counts an attempt and is not due again for `hold` seconds (more than a POST
+        may take): a leader that dies mid-POST leaves it to be sent again by the next one
+        (at least once). Leader-only: fenced. A job pruned or purged meanwhile comes back
+        with its columns NULL."""
+        with self.fenced(fence) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            return cur.execute(
+                """WITH claimed AS (
+                       UPDATE notifications n SET attempts = n.attempts + 1,
+                              next_at = now() + make_interval(secs => %s)
+                       FROM (SELECT id FROM notifications WHERE next_at <= now()
+                             ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED) due
+                       WHERE n.id = due.id
+                       RETURNING n.id, n.delivery_id, n.job_id, n.target, n.event, n.attempts)
+                   SELECT c.*, j.id IS NOT NULL AS job_found, j.name, j.queue, j.status,
+                          j.exit_code, j.attempts AS job_attempts, j.error, j.submitted_by,
+                          j.schedule_id, j.dead_lettered_at IS NOT NULL AS dead_lettered,
+                          j.created_at, j.started_at, j.finished_at, j.output_truncated,
+                          substring(j.output FROM greatest(1, octet_length(j.output) - %s + 1))
+                              AS output_tail,
+                          octet_length(j.output) > %s AS output_cut
+                   FROM claimed c LEFT JOIN jobs j ON j.id = c.job_id
+                   ORDER BY c.id""",
+                (hold, limit, OUTPUT_TAIL, OUTPUT_TAIL)).fetchall()
+
+    def notification_delivered(self, notification_id: int) -> None:
+        """Delivered, or given up: the row goes (the log and the metrics keep the count)."""
+        with self.pool.connection() as conn:
+            conn.execute("DELETE FROM notifications WHERE id = %s", (notification_id,))
+
+    def notification_failed(self, notification_id: int, error: str, delay: float) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("""UPDATE notifications SET last_error = %s,
+                                   next_at = now() + make_interval(secs => %s)
+                            WHERE id = %s""", (error, delay, notification_id))
 
     # --- the leader's fence ----------------------------------------------------------------
 

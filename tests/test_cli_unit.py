@@ -243,7 +243,7 @@ JOB_KEYS = {"id", "status", "attempts", "exit_code", "output", "output_base64",
             "created_at", "updated_at", "started_at", "finished_at", "schedule_id",
             "fire_time", "env_hidden", "spec", "attempt_history"}
 SPEC_KEYS = {"id", "name", "command", "env", "cwd", "queue", "priority", "max_retries",
-             "timeout_seconds", "run_at", "idempotency_key", "limits"}
+             "timeout_seconds", "run_at", "idempotency_key", "limits", "notify", "notify_on"}
 ATTEMPT_KEYS = {"number", "worker", "started_at", "finished_at", "exit_code", "output",
                 "output_base64", "output_truncated", "error"}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

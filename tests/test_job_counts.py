@@ -161,9 +161,12 @@ def test_migration_counts_the_jobs_stored_before(pg_dsn: str, monkeypatch: pytes
         monkeypatch.setattr(Store, "migrations", staticmethod(
             lambda: [m for m in shipped if m[0] < 6]))
         store.migrate()
-        ids = submit(store, 5)
+        # Inserted as a dtsd of that schema did (today's insert names later columns).
+        ids = [new_job_id() for _ in range(5)]
         old = datetime.now(timezone.utc) - timedelta(days=40)
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO jobs (id, command, owner) "
+                         "SELECT unnest(%s::text[]), 'true', 'user:t'", (ids,))
             conn.execute("""UPDATE jobs SET status = 'FAILED', finished_at = %s,
                                 dead_lettered_at = now() WHERE id = %s""", (old, ids[0]))
             conn.execute("UPDATE jobs SET status = 'SUCCEEDED', finished_at = %s WHERE id = %s",

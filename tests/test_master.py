@@ -197,6 +197,20 @@ def test_hup_with_a_changed_setting_restarts_that_role_one_at_a_time(dtsd_factor
     assert "reload complete" in master.log()
 
 
+def test_hup_with_new_job_limit_ceilings_replaces_the_servers_that_enforce_them(dtsd_factory):
+    master = dtsd_factory(FAST)
+    wait_for(lambda: counts_are(master, server=2, worker=2))
+    before = {(c["role"], c["index"]): c["pid"] for c in children(master)}
+    rewrite(master, worker={"limits_max": "processes=8192 open_files=65536"})
+    master.signal(signal.SIGHUP)
+
+    def servers_replaced():
+        now = {(c["role"], c["index"]): c["pid"] for c in children(master, state="RUNNING")}
+        return (all(now.get(("server", i)) not in (None, before[("server", i)]) for i in (0, 1))
+                and counts_are(master, server=2) and now)
+    wait_for(servers_replaced, timeout=60, message="both servers to be replaced")
+
+
 def test_hup_with_a_broken_file_changes_nothing(dtsd_factory):
     master = dtsd_factory(FAST)
     wait_for(lambda: counts_are(master, server=2, worker=2))

@@ -171,7 +171,7 @@ def test_the_exposition_passes_promtool(node):
         # Only once something happened: a lost job, a cron slot, a store error.
         "dtsd_jobs_lost_total", "dtsd_jobs_dead_lettered_total", "dtsd_cron_slots_fired_total",
         "dtsd_cron_slots_missed_total", "dtsd_cron_slot_lateness_seconds",
-        "dtsd_child_restarts_total", "dtsd_store_errors_total"}
+        "dtsd_child_restarts_total", "dtsd_store_errors_total", "dtsd_notifications_total"}
     assert not missing, (missing, families)
     assert served <= set(metrics.FAMILIES), served - set(metrics.FAMILIES)
 
