@@ -304,3 +304,21 @@ def test_the_openapi_document_matches_the_routes(node):
                          "limits"}
     assert spec["run_at"] == {"type": "string", "format": "date-time"}
     assert spec["env"]["additionalProperties"] == {"type": "string"}
+
+
+def test_every_rpc_of_the_scheduler_has_a_route():
+    mapped = {r.rpc for r in httpapi.ROUTES} | {r.batch for r in httpapi.ROUTES if r.batch}
+    assert mapped == set(httpapi.SERVICE.methods_by_name)
+    streams = {r.rpc for r in httpapi.ROUTES if r.stream}
+    assert streams == {m.name for m in httpapi.SERVICE.methods if m.server_streaming}
+
+
+def test_an_exposed_web_listener_with_an_anonymous_role_is_refused():
+    # The web child relays callers without a token to the API, which gives them
+    # [server] anonymous_role: on another host's reach that is as open as the gRPC port.
+    text = ("[server]\ntokens_file = t\ntls_cert = c\ntls_key = k\nanonymous_role = read\n"
+            "[web]\nlisten = 0.0.0.0:8080\n")
+    error, _ = configmod.server_exposure(configmod.parse(text, "t.ini", env={}))
+    assert error and "[web] listen = 0.0.0.0:8080" in error and "anonymous_role" in error
+    safe = text.replace("anonymous_role = read\n", "")
+    assert configmod.server_exposure(configmod.parse(safe, "t.ini", env={})) == (None, None)
