@@ -117,6 +117,13 @@ _ALWAYS_PRINT = ("always_print_fields_with_no_presence"
                  else "including_default_value_fields")
 
 
+def repeated(descriptor: FieldDescriptor) -> bool:
+    """protobuf 4.21 has only `label`; the newest has only `is_repeated`."""
+    if hasattr(descriptor, "is_repeated"):
+        return descriptor.is_repeated
+    return descriptor.label == FieldDescriptor.LABEL_REPEATED
+
+
 def to_dict(message) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      **{_ALWAYS_PRINT: True})
@@ -318,7 +325,7 @@ def credentials(request: web.Request) -> tuple[tuple[str, str], ...] | None:
 def query_value(name: str, descriptor: FieldDescriptor, values: list[str]) -> Any:
     """Query strings are text: repeated fields take repeated or comma-separated values,
     booleans `true`/`false`; json_format checks the rest (numbers, enums, timestamps)."""
-    if descriptor.label == FieldDescriptor.LABEL_REPEATED:
+    if repeated(descriptor):
         return [item for value in values for item in value.split(",") if item]
     if len(values) > 1:
         raise Refusal(400, Code.INVALID_ARGUMENT.value, f"query parameter {name} given twice")
@@ -524,7 +531,7 @@ def field_schema(descriptor: FieldDescriptor, schemas: dict) -> dict:
         value = descriptor.message_type.fields_by_name["value"]
         return {"type": "object", "additionalProperties": _single(value, schemas)}
     single = _single(descriptor, schemas)
-    if descriptor.label == FieldDescriptor.LABEL_REPEATED:
+    if repeated(descriptor):
         return {"type": "array", "items": single}
     return single
 
