@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import socket
 import urllib.error
 import urllib.request
 
@@ -322,3 +324,17 @@ def test_an_exposed_web_listener_with_an_anonymous_role_is_refused():
     assert error and "[web] listen = 0.0.0.0:8080" in error and "anonymous_role" in error
     safe = text.replace("anonymous_role = read\n", "")
     assert configmod.server_exposure(configmod.parse(safe, "t.ini", env={})) == (None, None)
+
+
+def test_a_dead_socket_is_skipped_for_another(node, tmp_path):
+    # A socket nobody listens on (a server child just killed, before the master removes
+    # its socket): the call moves on to a live one, as dtsctl's does.
+    runtime_dir = node.sections["dtsd"]["runtime_dir"]
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(os.path.join(runtime_dir, "api-1.sock"))        # bound, never listening
+    try:
+        for _ in range(6):                                      # each start of the rotation
+            assert ok(node, "GET", "/api/v1/cluster")["single_node"] is True
+    finally:
+        dead.close()
+        os.unlink(os.path.join(runtime_dir, "api-1.sock"))
