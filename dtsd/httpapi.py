@@ -457,7 +457,7 @@ class HttpApi:
         reader = asyncio.ensure_future(read())
         try:
             await response.prepare(request)
-            kind, item = "message", first
+            kind, item = ("end", None) if first is grpc.aio.EOF else ("message", first)
             while kind != "end":
                 if kind == "message":
                     await response.write(f"data: {json.dumps(to_dict(item))}\n\n".encode())
@@ -471,6 +471,8 @@ class HttpApi:
                     await response.write(b": keepalive\n\n")   # notices a gone client
                     kind = "wait"
             await response.write_eof()
+        except ConnectionResetError:
+            pass                                    # the client went away: stop watching
         finally:
             call.cancel()
             reader.cancel()
@@ -497,6 +499,10 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
                    405: f"{request.method[:20]} is not allowed here"}.get(exc.status, exc.reason)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
         return error_response(exc.status, code.value, message, headers)
+    except Exception:   # noqa: BLE001 - a bug: logged with its traceback, answered as JSON
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, grpc.StatusCode.INTERNAL.name,
+                              "the web child failed to answer (see its log)")
 
 
 # --- OpenAPI ------------------------------------------------------------------------------

@@ -338,3 +338,25 @@ def test_a_dead_socket_is_skipped_for_another(node, tmp_path):
     finally:
         dead.close()
         os.unlink(os.path.join(runtime_dir, "api-1.sock"))
+
+
+def test_a_watch_holds_one_api_stream_and_gives_it_back_when_the_client_goes(dtsd_factory):
+    # Every HTTP watcher shares the local socket's per-peer cap: here, one stream.
+    node = dtsd_factory(merged(FAST, WEB, {"server": {"processes": 1,
+                                                      "max_streams_per_peer": 1},
+                                           "worker": {"processes": 1}}))
+    job_id = ok(node, "POST", "/api/v1/jobs", {"command": "echo started; sleep 60"})["id"]
+    url = f"{node.web_url}/api/v1/jobs/{job_id}/watch"
+    first = urllib.request.urlopen(url, timeout=30)
+    assert first.readline().startswith(b"data: ")
+    message = refused(node, 429, "RESOURCE_EXHAUSTED", "GET", f"/api/v1/jobs/{job_id}/watch")
+    assert "max_streams_per_peer" in message
+    first.close()
+    # The web child notices at once (aiohttp 3.8 cancels the handler) or at its next
+    # keep-alive write (newer aiohttp), and ends the API stream.
+
+    def watch_again():
+        with urllib.request.urlopen(url, timeout=30) as second:
+            return second.readline().startswith(b"data: ")
+    assert wait_for(watch_again, timeout=httpapi.KEEPALIVE + 10, interval=0.5)
+    assert ok(node, "POST", f"/api/v1/jobs/{job_id}/cancel")["status"] == "CANCELLED"
