@@ -108,6 +108,11 @@ def test_list_filter_cancel_and_retry(node):
     assert {j["id"] for j in both["jobs"]} == {done, *waiting}
     assert ok(node, "GET", "/api/v1/jobs?status=PENDING,SUCCEEDED") == both
     assert [j["id"] for j in ok(node, "GET", "/api/v1/jobs?name=done")["jobs"]] == [done]
+    assert ok(node, "GET", "/api/v1/jobs?created_after=2000-01-01T00:00:00Z") == ok(
+        node, "GET", "/api/v1/jobs")
+    assert ok(node, "GET", "/api/v1/jobs?created_before=2000-01-01T00:00:00Z")["jobs"] == []
+    refused(node, 400, "INVALID_ARGUMENT", "GET", "/api/v1/jobs?created_after=yesterday")
+    refused(node, 400, "INVALID_ARGUMENT", "GET", "/api/v1/jobs?dead_lettered=yes")
     page = ok(node, "GET", "/api/v1/jobs?queue=idle&limit=2")
     assert [j["id"] for j in page["jobs"]] == waiting[:0:-1] and page["next_page_token"]
     rest = ok(node, "GET", f"/api/v1/jobs?queue=idle&limit=2&page_token={page['next_page_token']}")
