@@ -13,9 +13,9 @@ are always printed, so a client sees `"created": false` rather than nothing. Req
 bodies and query strings are parsed into the request message with unknown fields refused,
 so a typo is a 400 naming the field.
 
-The route table `ROUTES` is the single description of the API: the handlers, the
-OpenAPI document at /api/v1/openapi.json (schemas generated from the descriptors) and the
-README's table all come from it.
+The route table `ROUTES` is the single description of the API: the handlers and the
+OpenAPI document at /api/v1/openapi.json (schemas generated from the descriptors) both
+come from it, and a test checks that every RPC of the service has a route.
 
 Browser rules: responses are JSON only, with `Cache-Control: no-store` and
 `X-Content-Type-Options: nosniff`; a state change wants `Content-Type: application/json`
