@@ -230,15 +230,14 @@ def local_sockets(runtime_dir: str) -> list[str] | None:
     if not os.path.exists(os.path.join(runtime_dir, identity.IDENT_SOCKET)):
         return None
     try:
-        names = sorted(name for name in os.listdir(runtime_dir)
-                       if name.startswith(identity.API_SOCKET_PREFIX) and name.endswith(".sock"))
+        paths = identity.api_sockets(runtime_dir)
     except OSError as exc:
         raise CliError(f"cannot list {runtime_dir}: {exc.strerror}", Exit.UNREACHABLE) from None
-    if not names:
+    if not paths:
         raise CliError(f"dtsd runs on this host ({runtime_dir}) but serves no local API socket "
                        "yet: is it starting, or has it [server] processes = 0? (or name "
                        "servers with --servers)", Exit.UNREACHABLE)
-    return [f"unix:{os.path.join(runtime_dir, name)}" for name in names]
+    return [f"unix:{path}" for path in paths]
 
 
 def resolve_servers(servers: Sequence[str] | None = None,

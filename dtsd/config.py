@@ -482,12 +482,14 @@ def _options() -> list[Option]:
         *_process_options("worker"),
 
         o("web", "processes", "1", integer(0, 16),
-          "HTTP children serving /healthz, /readyz and /metrics on `listen` "
-          "(SO_REUSEPORT). 0: none."),
+          "HTTP children serving /healthz, /readyz, /metrics and the HTTP JSON API "
+          "(/api/v1/, a client of this node's API sockets) on `listen` (SO_REUSEPORT). "
+          "0: none."),
         o("web", "listen", "127.0.0.1:8080", host_port,
           "Address of the HTTP listener. Not on a loopback address only with [server] "
-          "tokens_file and TLS ([server] tls_cert and tls_key serve both), as the gRPC port; "
-          "with a tokens file, /metrics wants a bearer token of any role."),
+          "tokens_file and TLS ([server] tls_cert and tls_key serve both) and without "
+          "[server] anonymous_role, as the gRPC port; with a tokens file, /metrics wants a "
+          "bearer token of any role, and /api/v1/ passes the caller's token to the API."),
         o("web", "stopwaitsecs", "5s", duration,
           "On stop, how long in-flight HTTP requests may take before they are cut."),
         *_process_options("web"),
@@ -849,7 +851,8 @@ def exposure(host: str, port: int, *, tokens_file: str, tls_cert: str, tls_key: 
 def server_exposure(config: Config) -> tuple[str | None, str | None]:
     """`exposure()` for the configured `[server] listen` and `[web] listen`: what the
     master checks at start and reload, and `dtsd --check-config` reports. A role without
-    processes exposes nothing."""
+    processes exposes nothing. The web child relays its HTTP callers to the API, so an
+    `anonymous_role` counts against its address as against the gRPC port's."""
     server = config.values["server"]
     errors: list[str] = []
     warnings: list[str] = []
@@ -860,7 +863,7 @@ def server_exposure(config: Config) -> tuple[str | None, str | None]:
         error, warning = exposure(
             host, port, tokens_file=server["tokens_file"], tls_cert=server["tls_cert"],
             tls_key=server["tls_key"], insecure=server["insecure"],
-            anonymous_role=server["anonymous_role"] if section == "server" else "")
+            anonymous_role=server["anonymous_role"])
         if error:
             errors.append(error.replace("[server] listen", f"[{section}] listen", 1))
         if warning:

@@ -83,6 +83,13 @@ def api_socket(runtime_dir: str, pid: int) -> str:
     return os.path.join(runtime_dir, f"{API_SOCKET_PREFIX}{pid}.sock")
 
 
+def api_sockets(runtime_dir: str) -> list[str]:
+    """The paths of the API sockets served in `runtime_dir` now, sorted (OSError if it
+    cannot be listed): what dtsctl and the web child call on this host."""
+    return sorted(os.path.join(runtime_dir, name) for name in os.listdir(runtime_dir)
+                  if name.startswith(API_SOCKET_PREFIX) and name.endswith(".sock"))
+
+
 # --- [server] local_roles -----------------------------------------------------------------
 
 _ACCOUNT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?\Z")

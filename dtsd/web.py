@@ -1,11 +1,11 @@
 """The web child: dtsd over HTTP, on `[web] listen`.
 
-Today it serves what monitoring needs:
-
     GET /healthz   200 while this process answers (liveness)
     GET /readyz    200 when this node reaches PostgreSQL, Redis and (in a cluster) etcd;
                    503 naming what it does not reach (readiness)
     GET /metrics   the node's Prometheus metrics (dtsd/metrics.py), in the text format
+    /api/v1/...    the HTTP JSON API (dtsd/httpapi.py): a client of this node's gRPC API
+                   on its local sockets, with the caller's bearer token
 
 It follows the gRPC port's rules (README, Security): on a loopback address by default;
 anywhere else only with `[server] tokens_file` and TLS (`[server] tls_cert`/`tls_key`,
@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import __version__, auth, child, metrics
+from . import __version__, auth, child, httpapi, metrics
 from .config import Config
 from .queue import Queue, connect
 from .store import Store
@@ -204,6 +204,7 @@ class Web:
         tokens_file = cfg.get("server", "tokens_file")
         self.tokens = auth.TokenFile(tokens_file) if tokens_file else None
         self.pool = concurrent.futures.ThreadPoolExecutor(SCRAPES, thread_name_prefix="scrape")
+        self.api = httpapi.HttpApi(cfg)
         self.stopping = asyncio.Event()
 
     # --- handlers -------------------------------------------------------------------------
@@ -238,10 +239,13 @@ class Web:
                             headers={**HEADERS, "WWW-Authenticate": 'Bearer realm="dtsd"'})
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+        # Bodies up to the API's own limit: only the JSON API reads one.
+        app = web.Application(client_max_size=self.api.max_body,
+                              middlewares=[httpapi.json_errors])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        self.api.add_routes(app)
         return app
 
     # --- running --------------------------------------------------------------------------
@@ -274,7 +278,8 @@ class Web:
             log.error("cannot listen on %s:%d: %s", host, port, exc)
             await runner.cleanup()
             return child.EXIT_BOOT
-        log.info("serving /healthz, /readyz and /metrics on %s://%s:%d (%s)",
+        log.info("serving /healthz, /readyz, /metrics and %s/ on %s://%s:%d (%s)",
+                 httpapi.PREFIX,
                  "https" if tls else "http", host, port,
                  "bearer tokens for /metrics" if self.tokens else "no tokens")
         self.parent.ready()
