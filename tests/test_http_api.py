@@ -16,6 +16,7 @@ from aiohttp import web as aioweb
 
 from dtsd import config as configmod
 from dtsd import httpapi
+from dtsd.dtsdpb import pb
 from tests.helpers import wait_for
 from tests.test_auth import add_token
 from tests.test_pipeline import FAST, merged
@@ -306,9 +307,8 @@ def test_the_openapi_document_matches_the_routes(node):
             assert "no route" not in answer["error"]["message"], (method, path)
     # Every field of JobSpec is in its schema, with protobuf's names.
     spec = schemas["dtsd.v1.JobSpec"]["properties"]
-    assert set(spec) == {"id", "name", "command", "env", "cwd", "queue", "priority",
-                         "max_retries", "timeout_seconds", "run_at", "idempotency_key",
-                         "limits"}
+    assert set(spec) == {field.name for field in pb.JobSpec.DESCRIPTOR.fields}
+    assert {"command", "env", "run_at", "limits", "notify", "notify_on"} <= set(spec)
     assert spec["run_at"] == {"type": "string", "format": "date-time"}
     assert spec["env"]["additionalProperties"] == {"type": "string"}
 
