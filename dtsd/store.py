@@ -153,6 +153,7 @@ class Claimed:
     limits: dict[str, int]
     name: str
     waited: float = 0.0          # seconds from when it could run (created, run_at) to now
+    notified: bool = False       # names webhook targets: its end may fill the outbox
 
 
 @dataclass
@@ -173,6 +174,7 @@ class Outcome:
     priority: int = 0
     name: str = ""               # name and duration are for the log, not stored
     duration: float = 0.0
+    notified: bool = False       # the job names webhook targets (Claimed.notified)
 
 
 @dataclass
@@ -253,6 +255,12 @@ _NOTIFY_ENDED = """notified AS (
                              FROM ended WHERE cardinality(notify) > 0) e,
                             unnest(e.notify) AS t(target)
                        WHERE e.event = ANY(e.notify_on))"""
+# How `finish` ends: with the outbox when a job of the batch names targets, else without it.
+_ENDED = """    RETURNING j.id)
+                   SELECT id FROM ended"""
+_ENDED_NOTIFIED = """    RETURNING j.id, j.status, u.dead, j.notify, j.notify_on),
+                   """ + _NOTIFY_ENDED + """
+                   SELECT id FROM ended"""
 
 
 def _check_owner(job_id: str, actual: str, wanted: str | None, doing: str) -> None:
@@ -445,7 +453,8 @@ class Store:
                                  j.failures, j.max_retries, j.queue, j.priority, j.limits,
                                  j.name,
                                  extract(epoch FROM now() - greatest(j.created_at, j.run_at))
-                                     ::float8 AS waited),
+                                     ::float8 AS waited,
+                                 cardinality(j.notify) > 0 AS notified),
                    opened AS (
                        INSERT INTO job_attempts (job_id, attempt, worker)
                        SELECT id, attempts, %(worker)s FROM claimed)
@@ -460,7 +469,8 @@ class Store:
         that very attempt; a job cancelled meanwhile keeps its CANCELLED.
 
         A job that ends FAILED and dead-lettered, or SUCCEEDED, and asks for that event
-        (jobs.notify_on) gets a row in `notifications` per target, in the same statement.
+        (jobs.notify_on) gets a row in `notifications` per target, in the same statement;
+        a batch in which no job names a target (`Claimed.notified`) runs without that part.
 
         The LIMIT (the batch's own size) tells the planner how many rows the JSON holds: it
         guesses 100 for any set-returning function, and for that many it would hash-join a
@@ -470,6 +480,9 @@ class Store:
         if not outcomes:
             return set()
         o = outcomes
+        # The outbox's part only when a job of the batch names targets: most name none,
+        # and the worker's connections plan the whole statement at every run.
+        ended = _ENDED_NOTIFIED if any(x.notified for x in o) else _ENDED
         with self.pool.connection() as conn:
             rows = conn.execute(
                 """WITH u AS (
@@ -492,9 +505,7 @@ class Store:
                               updated_at = now()
                        FROM u
                        WHERE j.id = u.job_id AND j.attempts = u.attempt AND j.status = 'RUNNING'
-                       RETURNING j.id, j.status, u.dead, j.notify, j.notify_on),
-                   """ + _NOTIFY_ENDED + """
-                   SELECT id FROM ended""",
+                   """ + ended,
                 (_records([{
                     "job_id": x.job_id, "attempt": x.attempt, "exit_code": x.exit_code,
                     "output": "\\x" + x.output.hex(), "truncated": x.truncated,

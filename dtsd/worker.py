@@ -281,7 +281,7 @@ class Worker:
                           exit_code=exit_code, output=result.output,
                           truncated=result.truncated, error=result.error, failed=False,
                           queue=job.queue, priority=job.priority, name=job.name,
-                          duration=result.duration)
+                          duration=result.duration, notified=job.notified)
         if result.reason is EndReason.HANDED_BACK:
             outcome.status = JobStatus.PENDING
             outcome.error = str(EndReason.HANDED_BACK)
