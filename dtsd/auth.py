@@ -335,13 +335,19 @@ class Refused(Exception):
         self.message = message
 
 
+def bearer_secret(value: str) -> str:
+    """The secret of an `Authorization: Bearer SECRET` value ('' when malformed): for gRPC
+    metadata here, and for the web child's HTTP requests."""
+    scheme, _, secret = value.partition(" ")
+    return secret.strip() if scheme.lower() == "bearer" else ""
+
+
 def _bearer(metadata) -> str | None:
     """The token of `authorization: Bearer TOKEN`; '' when the header is there but
     malformed; None without the header."""
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
-            scheme, _, secret = value.partition(" ")
-            return secret.strip() if scheme.lower() == "bearer" else ""
+            return bearer_secret(value)
     return None
 
 

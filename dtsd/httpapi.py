@@ -40,7 +40,7 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from . import __version__, identity
+from . import __version__, auth, identity
 from .config import Config
 from .dtsdpb import pb, pb_grpc
 
@@ -54,6 +54,7 @@ MAX_RECEIVE_MESSAGE = 64 * 1024 * 1024   # what the API may answer (a page of jo
 KEEPALIVE = 15.0               # seconds between comments on a quiet event stream
 SERVICE = pb.DESCRIPTOR.services_by_name["Scheduler"]
 _TOKEN = re.compile(r"^[\x21-\x7e]+\Z")      # visible ASCII: what gRPC metadata carries
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="dtsd"'}     # with every 401
 
 
 class Code(str, enum.Enum):
@@ -94,7 +95,7 @@ class Refusal(Exception):
     @classmethod
     def from_rpc(cls, exc: grpc.RpcError) -> "Refusal":
         code = exc.code()
-        headers = ({"WWW-Authenticate": 'Bearer realm="dtsd"'}
+        headers = (CHALLENGE
                    if code == grpc.StatusCode.UNAUTHENTICATED else None)
         return cls(HTTP_STATUS.get(code, 500), code.name, exc.details() or code.name, headers)
 
@@ -306,17 +307,15 @@ def credentials(request: web.Request) -> tuple[tuple[str, str], ...] | None:
     header = request.headers.get("Authorization")
     if header is None:
         return None
-    scheme, _, token = header.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not _TOKEN.match(token):
+    token = auth.bearer_secret(header.strip())
+    if not _TOKEN.match(token):
         raise Refusal(401, Code.UNAUTHENTICATED.value,
                       "send 'Authorization: Bearer TOKEN' with a token from `dtsd token add`",
-                      {"WWW-Authenticate": 'Bearer realm="dtsd"'})
+                      CHALLENGE)
     if identity.is_local_token(token):
         raise Refusal(401, Code.UNAUTHENTICATED.value,
                       "a local token is accepted only on this host's local API sockets, "
-                      "never over HTTP: send a token of the tokens file",
-                      {"WWW-Authenticate": 'Bearer realm="dtsd"'})
+                      "never over HTTP: send a token of the tokens file", CHALLENGE)
     return (("authorization", f"Bearer {token}"),)
 
 

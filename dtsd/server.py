@@ -359,9 +359,9 @@ class CountCalls(grpc.ServerInterceptor):
     """dtsd_grpc_requests_total{method,code} for every call, and the time unary calls take.
 
     The outermost interceptor: a call that authentication or a stream cap refuses is
-    counted with its code too. The method label is the method's short name, and only for
-    the methods this server serves, as `service/Method` (anything else is `unknown`): a
-    client cannot grow the label set by calling made-up names.
+    counted with its code too. The method label is `service/Method`, and only for the
+    methods this server serves (anything else is `unknown`): a client cannot grow the label
+    set by calling made-up names.
     """
 
     def __init__(self, services: Sequence[str]):

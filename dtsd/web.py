@@ -232,11 +232,11 @@ class Web:
         """None when the caller may read; else the 401 to answer."""
         if self.tokens is None:
             return None
-        scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and secret.strip() and self.tokens.lookup(secret.strip()):
+        secret = auth.bearer_secret(request.headers.get("Authorization", ""))
+        if secret and self.tokens.lookup(secret):
             return None
         return web.Response(status=401, text="a bearer token of [server] tokens_file is needed\n",
-                            headers={**HEADERS, "WWW-Authenticate": 'Bearer realm="dtsd"'})
+                            headers={**HEADERS, **httpapi.CHALLENGE})
 
     def app(self) -> web.Application:
         # Bodies up to the API's own limit: only the JSON API reads one.
