@@ -209,6 +209,8 @@ ROUTES = [
     Route("POST", "/dead-letters/purge", "PurgeDeadLetters",
           "Remove jobs from the dead-letter queue (no ids: all, of queue if set)", body=""),
     Route("GET", "/cluster", "ClusterStatus", "Nodes, leader, workers, queue depths, counts"),
+    Route("GET", "/activity", "JobActivity",
+          "Jobs that ended per minute (succeeded, failed, cancelled), oldest first"),
     Route("GET", "/schedules", "ListSchedules", "List cron schedules"),
     Route("POST", "/schedules", "CreateSchedule", "Create a cron schedule", body="schedule"),
     Route("GET", "/schedules/{name}", "ListSchedules",

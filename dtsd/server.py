@@ -638,6 +638,10 @@ class ScheduleService:
         return response
 
 
+ACTIVITY_MINUTES = 60          # JobActivity's default span
+ACTIVITY_MAX = 120             # and its longest: what the store keeps (ACTIVITY_KEPT)
+
+
 def _owner_filter() -> str | None:
     """Whose jobs the caller may cancel and retry: its own (its principal), or any (admin)."""
     who = auth.caller()
@@ -692,10 +696,11 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                           name=request.name, created_after=request.created_after
                           if request.HasField("created_after") else None,
                           created_before=request.created_before
-                          if request.HasField("created_before") else None)
+                          if request.HasField("created_before") else None,
+                          schedule=request.schedule)
 
     def _list(self, request, *, dead_lettered: bool, statuses=(), name: str = "",
-              created_after=None, created_before=None):
+              created_after=None, created_before=None, schedule: str = ""):
         size = request.page_size or 100
         if not 0 < size <= MAX_PAGE:
             raise InvalidField("page_size", f"must be 1 to {MAX_PAGE}, not {request.page_size}")
@@ -711,10 +716,13 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                 raise InvalidField("page_token", "malformed; pass next_page_token back unchanged")
         after = to_datetime(created_after, "created_after") if created_after else None
         before = to_datetime(created_before, "created_before") if created_before else None
+        schedule_id = None
+        if schedule:
+            schedule_id = self.api.store.get_schedule(check_schedule_name(schedule))["id"]
         rows, token = self.api.store.list_jobs(
             statuses=statuses, queue=request.queue, name=name, created_after=after,
-            created_before=before, dead_lettered=dead_lettered, limit=size,
-            page_token=request.page_token)
+            created_before=before, dead_lettered=dead_lettered, schedule_id=schedule_id,
+            limit=size, page_token=request.page_token)
         viewer = auth.caller()
         response = pb.ListJobsResponse(next_page_token=token)
         for row in rows:
@@ -817,6 +825,19 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             return {}
 
     @rpc
+    def JobActivity(self, request, context):
+        minutes = request.minutes or ACTIVITY_MINUTES
+        if not 0 < minutes <= ACTIVITY_MAX:
+            raise InvalidField("minutes", f"must be 1 to {ACTIVITY_MAX}, not {request.minutes}")
+        response = pb.JobActivityResponse()
+        for minute, counts in self.api.store.activity(minutes):
+            item = response.minutes.add(succeeded=counts.get("SUCCEEDED", 0),
+                                        failed=counts.get("FAILED", 0),
+                                        cancelled=counts.get("CANCELLED", 0))
+            timestamp(_from_epoch(minute), item.minute)
+        return response
+
+    @rpc
     def ClusterStatus(self, request, context):
         by_status, dead, queues = self.api.store.counts()
         response = pb.ClusterStatusResponse(
@@ -825,8 +846,22 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             dead_lettered=dead, server_node=self.api.cfg.node_id)
         for status in JobStatus:
             response.job_counts[status.value] = by_status.get(status.value, 0)
+        try:
+            by_priority, _ = self.api.queue.depths()
+        except redis.RedisError as exc:
+            store_unavailable(exc)
+            by_priority = {}
+        depths = {}
         for name, ready, delayed, running in queues:
-            response.queues.add(queue=name, pending=ready, delayed=delayed, running=running)
+            depths[name] = response.queues.add(queue=name, pending=ready, delayed=delayed,
+                                               running=running)
+        for (name, priority), count in sorted(by_priority.items()):
+            if name not in depths:      # ids in Redis whose jobs are no longer PENDING
+                depths[name] = response.queues.add(queue=name)
+            depths[name].ready_by_priority[priority] = count
+        fence = self.api.store.fence_token(self.api.cfg.get("dtsd", "cluster"))
+        if fence is not None:
+            response.fencing_token = fence[0]
         for record in self._node_records():
             node = response.nodes.add(node_id=record.get("node_id", ""),
                                       version=record.get("version", ""),

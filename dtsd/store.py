@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import select
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from contextlib import contextmanager
@@ -71,6 +72,7 @@ OUTPUT_TAIL = 4096      # bytes of a job's output a webhook carries: its last on
 
 # job_counts' key for the dead-lettered count (the others are statuses): 0006_scale.sql.
 DEAD_LETTERED_KEY = "dead_lettered"
+ACTIVITY_KEPT = 2 * 3600       # seconds of per-minute activity kept (JobActivity)
 
 # The leader's prune: finished jobs older than the retention (bench/scale.py explains it).
 PRUNE_SELECT = """SELECT id FROM jobs WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
@@ -604,15 +606,16 @@ class Store:
 
     def list_jobs(self, *, statuses: Sequence[JobStatus] = (), queue: str = "", name: str = "",
                   created_after: datetime | None = None, created_before: datetime | None = None,
-                  dead_lettered: bool = False, limit: int = 100,
-                  page_token: str = "") -> tuple[list[dict[str, Any]], str]:
+                  dead_lettered: bool = False, schedule_id: int | None = None,
+                  limit: int = 100, page_token: str = "") -> tuple[list[dict[str, Any]], str]:
         """Newest first, keyset-paged. Returns (rows, next page token or '').
 
         Each status is its own branch with `status = %s`, each read newest first from its
         index and cut at the page, then merged: PostgreSQL 15 cannot keep an index's order
         under `status = ANY(...)`, and sorted every job of those statuses for one page. No
         status filter means every status (jobs has no index without the status, as each
-        costs every status change an entry: migration 0007), except for dead letters.
+        costs every status change an entry: migration 0007), except for dead letters and
+        a schedule's runs, which have their own partial indexes (0007, 0009).
         """
         clauses, params = [], []
         if queue:
@@ -629,14 +632,17 @@ class Store:
             params.append(created_before)
         if dead_lettered:
             clauses.append("dead_lettered_at IS NOT NULL")
+        if schedule_id is not None:
+            clauses.append("schedule_id = %s")
+            params.append(schedule_id)
         if page_token:
             created, last_id = decode_page_token(page_token)
             clauses.append("(created_at, id) < (%s, %s)")
             params.extend([created, last_id])
         order = "ORDER BY created_at DESC, id DESC LIMIT %s"
         values = sorted({s.value for s in statuses})
-        if dead_lettered and not values:
-            # Dead letters: newest first from their own partial index (migration 0007).
+        if (dead_lettered or schedule_id is not None) and not values:
+            # Dead letters, a schedule's runs: newest first from their own partial index.
             sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(clauses)} {order}"
             args = list(params)
         else:
@@ -1007,14 +1013,40 @@ class Store:
                    SELECT key, n FROM sums ORDER BY key
                    ON CONFLICT (key) DO UPDATE SET n = c.n + EXCLUDED.n""").rowcount
 
+    def forget_activity(self, keep: float = ACTIVITY_KEPT) -> int:
+        """Drop the per-minute activity keys (0009_job_activity.sql) older than `keep`
+        seconds from job_counts; the leader calls this after folding."""
+        with self.pool.connection() as conn:
+            return conn.execute(
+                """DELETE FROM job_counts
+                   WHERE key LIKE 'm:%%' AND split_part(key, ':', 2)::bigint < %s""",
+                (int(time.time() - keep),)).rowcount
+
     @staticmethod
     def _status_counts(conn: psycopg.Connection) -> tuple[dict[str, int], int]:
         by_status = dict(conn.execute(
             """SELECT key, sum(n)::bigint FROM (
-                   SELECT key, n FROM job_counts
-                   UNION ALL SELECT key, n FROM job_count_deltas) c
+                   SELECT key, n FROM job_counts WHERE key NOT LIKE 'm:%'
+                   UNION ALL SELECT key, n FROM job_count_deltas WHERE key NOT LIKE 'm:%') c
                GROUP BY key"""))
         return by_status, by_status.pop(DEAD_LETTERED_KEY, 0)
+
+    def activity(self, minutes: int) -> list[tuple[int, dict[str, int]]]:
+        """[(minute as epoch seconds, {final status: jobs that ended in it})] for the last
+        `minutes` minutes including the current one, oldest first, every minute present."""
+        now = int(time.time()) // 60 * 60
+        first = now - (minutes - 1) * 60
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                """SELECT split_part(key, ':', 2)::bigint, split_part(key, ':', 3), sum(n)::bigint
+                   FROM (SELECT key, n FROM job_counts WHERE key LIKE 'm:%%'
+                         UNION ALL SELECT key, n FROM job_count_deltas WHERE key LIKE 'm:%%') c
+                   WHERE split_part(key, ':', 2)::bigint >= %s
+                   GROUP BY 1, 2""", (first,)).fetchall()
+        found: dict[int, dict[str, int]] = {}
+        for minute, status, n in rows:
+            found.setdefault(minute, {})[status] = max(n, 0)
+        return [(minute, found.get(minute, {})) for minute in range(first, now + 60, 60)]
 
     def status_counts(self, timeout: float | None = None) -> tuple[dict[str, int], int]:
         """(jobs by status, dead-lettered count): a few rows, whatever the table holds."""
