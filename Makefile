@@ -22,11 +22,12 @@ DEB_PACKAGES := \
 	python3-click python3-aiohttp python3-prometheus-client python3-pytest \
 	python3-pytest-timeout python3-hypothesis python3-venv \
 	python3-setuptools protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
-	redis-server postgresql-15 etcd-server util-linux procps prometheus python3-yaml
+	redis-server postgresql-15 etcd-server util-linux procps prometheus python3-yaml \
+	python3-jinja2 python3-selenium chromium chromium-driver
 
 PYPI_PACKAGES := \
 	grpcio protobuf redis hiredis psycopg psycopg-pool croniter python-daemon sdnotify \
-	click etcd3 aiohttp prometheus-client pytest pytest-timeout hypothesis pyyaml
+	click etcd3 aiohttp prometheus-client jinja2 pytest pytest-timeout hypothesis pyyaml selenium
 
 PROTOS := \
 	proto/dtsd/v1/dtsd.proto proto/dtsd/seed/scheduler.proto \
@@ -121,7 +122,7 @@ $(VENV)/.stamp: pyproject.toml setup.cfg Makefile
 	"$(VENV)/bin/python" -m pip install -qq --upgrade pip wheel
 	"$(VENV)/bin/python" -m pip install -qq --upgrade $(PYPI_PACKAGES)
 	@"$(VENV)/bin/python" -m pip list --format=freeze 2>/dev/null | \
-		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|aiohttp|prometheus[-_]client|pytest|pytest-timeout|hypothesis|pyyaml)==' | \
+		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|aiohttp|prometheus[-_]client|jinja2|pytest|pytest-timeout|hypothesis|pyyaml|selenium)==' | \
 		tr '\n' ' '; echo
 	@touch "$@"
 

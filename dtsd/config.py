@@ -482,14 +482,15 @@ def _options() -> list[Option]:
         *_process_options("worker"),
 
         o("web", "processes", "1", integer(0, 16),
-          "HTTP children serving /healthz, /readyz, /metrics and the HTTP JSON API "
-          "(/api/v1/, a client of this node's API sockets) on `listen` (SO_REUSEPORT). "
-          "0: none."),
+          "HTTP children serving the web UI (/), /healthz, /readyz, /metrics and the HTTP "
+          "JSON API (/api/v1/); the UI and the API are clients of this node's API sockets. "
+          "On `listen` (SO_REUSEPORT). 0: none."),
         o("web", "listen", "127.0.0.1:8080", host_port,
           "Address of the HTTP listener. Not on a loopback address only with [server] "
           "tokens_file and TLS ([server] tls_cert and tls_key serve both) and without "
           "[server] anonymous_role, as the gRPC port; with a tokens file, /metrics wants a "
-          "bearer token of any role, and /api/v1/ passes the caller's token to the API."),
+          "bearer token of any role, /api/v1/ passes the caller's token to the API, and "
+          "the web UI asks for a token of the tokens file at login."),
         o("web", "stopwaitsecs", "5s", duration,
           "On stop, how long in-flight HTTP requests may take before they are cut."),
         *_process_options("web"),

@@ -6,6 +6,7 @@
     GET /metrics   the node's Prometheus metrics (dtsd/metrics.py), in the text format
     /api/v1/...    the HTTP JSON API (dtsd/httpapi.py): a client of this node's gRPC API
                    on its local sockets, with the caller's bearer token
+    /, /jobs, ...  the web UI (dtsd/webui.py): pages over the same API, with sessions
 
 It follows the gRPC port's rules (README, Security): on a loopback address by default;
 anywhere else only with `[server] tokens_file` and TLS (`[server] tls_cert`/`tls_key`,
@@ -34,7 +35,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import __version__, auth, child, httpapi, metrics
+from . import __version__, auth, child, httpapi, metrics, webui
 from .config import Config
 from .queue import Queue, connect
 from .store import Store
@@ -205,6 +206,8 @@ class Web:
         self.tokens = auth.TokenFile(tokens_file) if tokens_file else None
         self.pool = concurrent.futures.ThreadPoolExecutor(SCRAPES, thread_name_prefix="scrape")
         self.api = httpapi.HttpApi(cfg)
+        self.ui = webui.WebUI(cfg, self.api.channels,
+                              tls=bool(cfg.get("server", "tls_cert") and cfg.get("server", "tls_key")))
         self.stopping = asyncio.Event()
 
     # --- handlers -------------------------------------------------------------------------
@@ -246,6 +249,7 @@ class Web:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         self.api.add_routes(app)
+        self.ui.add_routes(app)
         return app
 
     # --- running --------------------------------------------------------------------------
