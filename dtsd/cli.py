@@ -25,8 +25,8 @@ unless its `[server] anonymous_role` says otherwise).
 TLS: `--tls-ca FILE` (else `[client] tls_ca`) turns it on; `--tls-cert`/`--tls-key` add a
 client certificate for servers that require mTLS. A TLS mismatch shows as exit code 3.
 The local sockets never use TLS (they do not leave the host).
-Any flag beats any environment variable. Calls go round-robin over the servers and move on
-to the next one when a server answers UNAVAILABLE. The deadline of each call is `--timeout`,
+Any flag beats any environment variable. Calls go round-robin over the servers, starting
+at a random one, and move on to the next one when a server answers UNAVAILABLE. The deadline of each call is `--timeout`,
 else `[client] timeout` of a config file that was read, else 10 s.
 
 Exit codes:

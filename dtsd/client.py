@@ -14,6 +14,7 @@ could not reach (`unreachable_store`), if any: that says more than "no connectio
 from __future__ import annotations
 
 import queue
+import random
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -32,14 +33,26 @@ STORE_METADATA = "dtsd-store"
 
 def unreachable_store(error: grpc.RpcError) -> str | None:
     """The backing store ("postgres", "redis") a server said it could not reach when it
-    answered `error`; None when no server said so (no connection, another error)."""
+    answered `error`; None when no server said so (no connection, another error).
+
+    The trailing metadata names it; where that was lost (a stream, a proxy), the server's
+    message does: it begins with the store's name ("Redis is unreachable from this
+    server: ...", "PostgreSQL failed the call: ..."), which no connection error does.
+    """
     if error.code() != grpc.StatusCode.UNAVAILABLE:
         return None
     try:
         metadata = error.trailing_metadata() or ()
     except Exception:  # noqa: BLE001 - an error raised before any call has none
-        return None
-    return next((value for key, value in metadata if key == STORE_METADATA), None)
+        metadata = ()
+    named = next((value for key, value in metadata if key == STORE_METADATA), None)
+    if named:
+        return named
+    from dtsd import backing    # here: it loads prometheus_client, which dtsctl rarely needs
+    details = error.details() or ""
+    return next((store.value for store in backing.BackingStore
+                 if details.startswith((f"{store.label} is unreachable",
+                                        f"{store.label} failed the call"))), None)
 
 
 def _telling(error: grpc.RpcError, best: grpc.RpcError | None) -> grpc.RpcError:
@@ -92,7 +105,8 @@ class Tls:
 
 
 class Client:
-    """One channel per server (TLS when `tls` is given), created on first use; calls go round-robin.
+    """One channel per server (TLS when `tls` is given), created on first use; calls go
+    round-robin, starting at a random server.
 
     A server is `host:port`, or `unix:PATH` for a server's local socket on this host (always
     plaintext: it never leaves the host). `timeout` is the deadline of each unary call in
@@ -117,7 +131,9 @@ class Client:
         self.last_tried: list[str] = []
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, dtsd_pb2_grpc.SchedulerStub] = {}
-        self._next = 0
+        # Each client starts at a random server, so that many short dtsctl runs spread
+        # over the servers instead of all landing on the first one.
+        self._next = random.randrange(len(self.servers))
         self._lock = threading.Lock()
 
     @property

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from dtsd import cli as dtsctl
 from dtsd import config
-from dtsd.client import Client, parse_servers
+from dtsd.client import Client, parse_servers, unreachable_store
 from dtsd.v1 import dtsd_pb2
 
 SERVER_VARIABLES = ("DTSD_SERVERS", "SERVERS", "SUBMIT_SERVER", "STATUS_SERVERS", "DTSD_CONFIG",
@@ -498,10 +498,58 @@ def test_parse_servers_rejects(text):
 
 def test_round_robin_starts_one_further_each_call():
     client = Client(["a:1", "b:2", "c:3"])
-    assert client._rotation() == ["a:1", "b:2", "c:3"]
-    assert client._rotation() == ["b:2", "c:3", "a:1"]
-    assert client._rotation() == ["c:3", "a:1", "b:2"]
-    assert client._rotation() == ["a:1", "b:2", "c:3"]
+    first = client._rotation()
+    assert sorted(first) == ["a:1", "b:2", "c:3"]
+    assert client._rotation() == first[1:] + first[:1]
+    assert client._rotation() == first[2:] + first[:2]
+    assert client._rotation() == first
+
+
+def test_round_robin_starts_at_a_random_server():
+    """Short dtsctl runs each make one client: they must not all start at the first server
+    (the chance that 60 random starts all pick one of three is 3 * 3**-60)."""
+    starts = {Client(["a:1", "b:2", "c:3"])._rotation()[0] for _ in range(60)}
+    assert starts == {"a:1", "b:2", "c:3"}
+
+
+class Answer(grpc.RpcError):
+    """An RPC error as grpc raises it, with the parts unreachable_store reads."""
+
+    def __init__(self, code, details, metadata=()):
+        self._code, self._details, self._metadata = code, details, metadata
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._metadata
+
+
+@pytest.mark.parametrize("code, details, metadata, store", [
+    (grpc.StatusCode.UNAVAILABLE, "retry later", (("dtsd-store", "redis"),), "redis"),
+    (grpc.StatusCode.UNAVAILABLE, "Redis is unreachable from this server: Error 111; retry "
+                                  "later", (), "redis"),
+    (grpc.StatusCode.UNAVAILABLE, "PostgreSQL failed the call: gone; retry later", (),
+     "postgres"),
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: "
+                                  "UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed", (), None),
+    (grpc.StatusCode.INTERNAL, "Redis is unreachable from this server", (), None),
+])
+def test_unreachable_store_from_metadata_or_the_server_s_words(code, details, metadata, store):
+    assert unreachable_store(Answer(code, details, metadata)) == store
+
+
+def test_a_store_outage_is_named_not_called_unreachable_servers():
+    client = Client(["a:1"])
+    client.last_tried, client.last_server = ["a:1"], "a:1"
+    error = dtsctl.rpc_failure(Answer(grpc.StatusCode.UNAVAILABLE, "Redis is unreachable from "
+                                      "this server: Error 111; retry later"), client)
+    assert error.exit_code == 3
+    assert error.message.startswith("a:1: Redis is unreachable")
+    assert "cannot reach any server" not in error.message
 
 
 def test_token_becomes_bearer_metadata():
