@@ -117,6 +117,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import difflib
 import enum
 import json
 import os
@@ -326,6 +327,15 @@ class Settings:
     @property
     def json(self) -> bool:
         return self.output == "json"
+
+    def set_option(self, name: str, value: Any) -> None:
+        """A global option, before the verb or after it (the later one wins)."""
+        setattr(self, name, value)
+        if self.token and self.token_file:
+            raise click.UsageError("give --token or --token-file, not both")
+        if name == "token":
+            warn("dtsctl: warning: --token shows the token to every user of this host "
+                 "(/proc/PID/cmdline); use --token-file FILE or $DTSD_TOKEN_FILE")
 
     def targets(self) -> Targets:
         if self._targets is None:
@@ -1153,6 +1163,9 @@ $SUBMIT_SERVER/$STATUS_SERVERS, $DTSD_SERVERS, $SERVERS, this host's dtsd
 (its local sockets in [dtsd] runtime_dir, /run/dtsd), [client] servers of the
 config file, 127.0.0.1:50051.
 \b
+Global options may stand before or after the verb (`dtsctl list --servers
+H:P`); after `submit` and `cron add`, --timeout is the job's timeout.
+\b
 Credentials, first match wins: --token, --token-file, $DTSD_TOKEN,
 $DTSD_TOKEN_FILE, [client] token_file; on this host's local sockets, who you
 are (the role [server] local_roles gives your user or group)."""
@@ -1163,40 +1176,88 @@ def _version() -> str:
     return getattr(dtsd, "__version__", "unknown")
 
 
-@click.group("dtsctl", epilog=_EPILOG,
+class Verbs(click.Group):
+    """A group of verbs that, for a mistyped verb, names the nearest one."""
+
+    group_class = type          # `dlq` and `cron` are Verbs too
+
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            near = difflib.get_close_matches(args[0] if args else "", self.list_commands(ctx),
+                                             n=1, cutoff=0.6)
+            if near and not args[0].startswith("-"):
+                exc.message = f"{exc.message.rstrip('.')}. Did you mean {near[0]!r}?"
+            raise
+
+
+# The global options, declared once: on `dtsctl` itself (before the verb) and, hidden, on
+# every verb (after it), except where a verb has an option of the same name: `--timeout`
+# of `submit` and `cron add` is the job's timeout.
+_GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--servers",), dict(type=SERVERS, metavar="HOST:PORT[,...]",
+     help="Servers for every call, tried round-robin with fail-over "
+          "(env DTSD_SERVERS, then SERVERS).")),
+    (("--submit-server",), dict(type=SERVERS, metavar="HOST:PORT[,...]",
+     help="Servers for writes: submit, cancel, retry, dlq requeue/purge (env SUBMIT_SERVER).")),
+    (("--status-servers",), dict(type=SERVERS, metavar="HOST:PORT[,...]",
+     help="Servers for reads: status, list, logs, dlq list, waiting (env STATUS_SERVERS).")),
+    (("-c", "--config", "config_path"), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Read [client] (servers, timeout, token_file, TLS) and [dtsd] runtime_dir (this "
+          f"host's dtsd) from FILE (env DTSD_CONFIG; default {config.DEFAULT_PATH} if "
+          "readable and no server is given).")),
+    (("--token",), dict(metavar="TOKEN",
+     help="Sent as 'authorization: Bearer TOKEN' (env DTSD_TOKEN). Every user of this host "
+          "can read a command line: prefer --token-file.")),
+    (("--token-file",), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Read the token from FILE, its first line (env DTSD_TOKEN_FILE; default: [client] "
+          "token_file; keep it 0600).")),
+    (("--tls-ca",), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Use TLS, trusting the servers' certificates signed by this PEM CA (default: "
+          "[client] tls_ca).")),
+    (("--tls-cert",), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Client certificate (PEM) for servers that require mTLS ([client] tls_cert).")),
+    (("--tls-key",), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Private key (PEM) of --tls-cert ([client] tls_key).")),
+    (("--tls-server-name",), dict(metavar="NAME",
+     help="Name to check the servers' certificates against (default: their host).")),
+    (("--timeout",), dict(type=DURATION, metavar="SECONDS",
+     help="Deadline of each call: 10, 2.5, 30s, 1m (default: [client] timeout of the config "
+          "file, else 10).")),
+)
+
+
+def global_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for decls, settings in reversed(_GLOBAL_OPTIONS):
+        function = click.option(*decls, **settings)(function)
+    return function
+
+
+def _late_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A global option given after the verb: it counts as if given before it."""
+    if value is not None and param.name is not None:
+        ctx.find_object(Settings).set_option(param.name, value)
+
+
+def accept_global_options_after_verbs(group: click.Group) -> None:
+    """Give every verb below `group` the global options it has no option of its own for."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            accept_global_options_after_verbs(command)
+            continue
+        taken = {name for param in command.params for name in getattr(param, "opts", ())}
+        for decls, settings in _GLOBAL_OPTIONS:
+            if not taken.intersection(decls):
+                command.params.append(click.Option(
+                    decls, hidden=True, expose_value=False, callback=_late_global, **settings))
+
+
+@click.group("dtsctl", cls=Verbs, epilog=_EPILOG,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--servers", type=SERVERS, metavar="HOST:PORT[,...]",
-              help="Servers for every call, tried round-robin with fail-over "
-                   "(env DTSD_SERVERS, then SERVERS).")
-@click.option("--submit-server", type=SERVERS, metavar="HOST:PORT[,...]",
-              help="Servers for writes: submit, cancel, retry, dlq requeue/purge "
-                   "(env SUBMIT_SERVER).")
-@click.option("--status-servers", type=SERVERS, metavar="HOST:PORT[,...]",
-              help="Servers for reads: status, list, logs, dlq list, waiting "
-                   "(env STATUS_SERVERS).")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Read [client] (servers, timeout, token_file, TLS) and [dtsd] "
-                   "runtime_dir (this host's dtsd) from FILE (env DTSD_CONFIG; default "
-                   f"{config.DEFAULT_PATH} if readable and no server is given).")
-@click.option("--token", metavar="TOKEN",
-              help="Sent as 'authorization: Bearer TOKEN' (env DTSD_TOKEN). Every user of "
-                   "this host can read a command line: prefer --token-file.")
-@click.option("--token-file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Read the token from FILE, its first line (env DTSD_TOKEN_FILE; default: "
-                   "[client] token_file; keep it 0600).")
-@click.option("--tls-ca", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Use TLS, trusting the servers' certificates signed by this PEM CA "
-                   "(default: [client] tls_ca).")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Client certificate (PEM) for servers that require mTLS ([client] tls_cert).")
-@click.option("--tls-key", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Private key (PEM) of --tls-cert ([client] tls_key).")
-@click.option("--tls-server-name", metavar="NAME",
-              help="Name to check the servers' certificates against (default: their host).")
+@global_options
 @option_output
-@click.option("--timeout", type=DURATION, metavar="SECONDS",
-              help="Deadline of each call: 10, 2.5, 30s, 1m (default: [client] timeout of "
-                   "the config file, else 10).")
 @click.version_option(_version(), "-V", "--version", prog_name="dtsctl")
 @click.pass_context
 def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] | None,
@@ -1208,16 +1269,14 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
     On a host that runs dtsd, dtsctl needs no option: it talks to the local sockets, and
     the master knows from the kernel which user you are.
     """
-    if token and token_file:
-        raise click.UsageError("give --token or --token-file, not both")
-    if token:
-        click.echo("dtsctl: warning: --token shows the token to every user of this host "
-                   "(/proc/PID/cmdline); use --token-file FILE or $DTSD_TOKEN_FILE", err=True)
     ctx.obj = Settings(servers=servers, submit_server=submit_server,
-                       status_servers=status_servers, config_path=config_path, token=token,
-                       token_file=token_file, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                       status_servers=status_servers, config_path=config_path,
+                       tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                        tls_server_name=tls_server_name,
                        output=ctx.meta.get(_OUTPUT_KEY, "table"), timeout=timeout)
+    for name, value in (("token", token), ("token_file", token_file)):
+        if value is not None:
+            ctx.obj.set_option(name, value)
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -1815,6 +1874,9 @@ def cron_next(settings: Settings, name_or_expression: str, count: int, zone: str
                       for t in reply.times]}
     render(settings.output, data, lambda d: format_table(
         ("UTC", "LOCAL", "NOTE"), [(t["at"], t["local"], t["note"] or "") for t in d["times"]]))
+
+
+accept_global_options_after_verbs(cli)
 
 
 def main() -> None:

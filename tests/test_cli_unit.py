@@ -84,6 +84,51 @@ def test_usage_errors_exit_2_before_any_call(nowhere, args, message):
     assert "cannot reach" not in result.stderr
 
 
+@pytest.mark.parametrize("args, nearest", [
+    (["stauts"], "status"),
+    (["lsit"], "list"),
+    (["dlq", "purj"], "purge"),
+    (["cron", "lst"], "list"),
+])
+def test_a_mistyped_verb_names_the_nearest(args, nearest):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert f"No such command {args[-1]!r}. Did you mean {nearest!r}?" in result.stderr
+
+
+def test_an_unlike_verb_gets_no_suggestion():
+    result = run("xyzzy")
+    assert result.exit_code == 2 and "Did you mean" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["list", "--servers", "{nowhere}", "--timeout", "2"],
+    ["list", "--token", "X", "--servers", "{nowhere}", "--timeout", "2"],
+    ["--servers", "127.0.0.1:1", "status", "--servers", "{nowhere}", "--timeout", "2"],
+    ["dlq", "list", "--status-servers", "{nowhere}", "--timeout", "2"],
+    ["submit", "--submit-server", "{nowhere}", "--timeout", "5", "--", "true"],
+])
+def test_global_options_after_the_verb(nowhere, args):
+    """`dtsctl list --token X` once said "Did you mean --page-token?"; after the verb a
+    global option counts as before it (the later one wins)."""
+    result = run(*(arg.format(nowhere=nowhere) for arg in args))
+    assert result.exit_code == 3, result.stderr
+    assert f"tried {nowhere})" in result.stderr
+
+
+def test_timeout_after_submit_is_the_job_s_timeout(nowhere):
+    """--timeout after `submit` stays the job's: `5 parsecs` is refused as its duration."""
+    result = run("--servers", nowhere, "submit", "--timeout", "5 parsecs", "--", "true")
+    assert result.exit_code == 2 and "not a duration" in result.stderr
+
+
+def test_token_and_token_file_are_refused_together_on_either_side(nowhere, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    result = run("--servers", nowhere, "--token-file", str(token), "list", "--token", "X")
+    assert result.exit_code == 2 and "not both" in result.stderr
+
+
 def test_bad_server_address_is_a_usage_error():
     result = run("--servers", "no-port-here", "status")
     assert result.exit_code == 2
@@ -563,10 +608,11 @@ def test_client_fails_over_and_raises_the_last_unavailable():
         with pytest.raises(grpc.RpcError) as caught:
             client.call("GetJob", dtsd_pb2.GetJobRequest(id="x"))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert client.last_tried == servers
+        tried = client.last_tried
+        assert sorted(tried) == sorted(servers)
         with pytest.raises(grpc.RpcError):
             list(client.stream("WatchJob", dtsd_pb2.WatchJobRequest(id="x")))
-        assert client.last_tried == servers[1:] + servers[:1]
+        assert client.last_tried == tried[1:] + tried[:1]
 
 
 # --- cannot reach ---------------------------------------------------------------------------
