@@ -122,6 +122,7 @@ import enum
 import json
 import os
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -135,6 +136,7 @@ import grpc
 
 from dtsd import config, identity, models
 from dtsd.client import DEFAULT_TIMEOUT, Client, Tls, parse_servers, unreachable_store
+from dtsd.executor import describe_signal
 from dtsd.v1 import dtsd_pb2
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -802,8 +804,43 @@ def seconds_text(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f}s"
 
 
+def signal_name(number: int) -> str:
+    """`SIGTERM` for 15; `signal 99` for a number with no name here."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _exit_text(code: int | None) -> str:
-    return "-" if code is None else str(code)
+    """The EXIT cell: the exit code, or the signal that ended the job (stored as -N)."""
+    if code is None:
+        return "-"
+    return signal_name(-code) if code < 0 else str(code)
+
+
+def ending(code: int | None) -> str | None:
+    """How a job's command ended, in words: `exit code 7`, `killed by SIGTERM`."""
+    if code is None:
+        return None
+    return f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
+
+
+def exit_field(code: int | None) -> str | None:
+    """The value of an `Exit code:` field: `7`, or `killed by SIGTERM`."""
+    if code is None:
+        return None
+    return ending(code) if code < 0 else str(code)
+
+
+def error_text(job: Mapping[str, Any]) -> str | None:
+    """The job's error, unless it only repeats how the command ended (the worker writes
+    `exit code 7` or `killed by signal 15 (SIGTERM)` when it knows nothing more)."""
+    code, error = job["exit_code"], job["error"]
+    if code is not None and error in (f"exit code {code}",
+                                      code < 0 and f"killed by {describe_signal(-code)}"):
+        return None
+    return error or None
 
 
 def env_text(env: Mapping[str, str], hidden: bool) -> str:
@@ -819,8 +856,8 @@ def job_table(job: dict[str, Any]) -> str:
         ("ID", job["id"]),
         ("Name", spec["name"]),
         ("Status", job["status"] + (" (dead-lettered)" if job["dead_lettered"] else "")),
-        ("Exit code", job["exit_code"]),
-        ("Error", job["error"]),
+        ("Exit code", exit_field(job["exit_code"])),
+        ("Error", error_text(job)),
         ("Command", spec["command"]),
         ("Queue", spec["queue"]),
         ("Priority", spec["priority"]),
@@ -845,7 +882,7 @@ def job_table(job: dict[str, Any]) -> str:
         lines.append(format_table(
             ("#", "WORKER", "STARTED", "FINISHED", "EXIT", "ERROR"),
             [(a["number"], a["worker"], local_time(a["started_at"]), local_time(a["finished_at"]),
-              _exit_text(a["exit_code"]), a["error"]) for a in job["attempt_history"]],
+              _exit_text(a["exit_code"]), error_text(a)) for a in job["attempt_history"]],
             indent="  "))
     lines.append("Output:" + ("" if job["output"] else " (none)"))
     if job["output"]:
@@ -933,11 +970,13 @@ def job_exit_code(status: str, exit_code: int | None) -> int:
 
 
 def _final_line(job: dict[str, Any]) -> str:
+    """`ID: FAILED, exit code 7`, `ID: FAILED, killed by SIGTERM (timeout after 5s)`."""
     text = f"{job['id']}: {job['status']}"
     if job["exit_code"] is not None:
-        text += f", exit code {job['exit_code']}"
-    if job["error"]:
-        text += f" ({cell(job['error'])})"
+        text += f", {ending(job['exit_code'])}"
+    error = error_text(job)
+    if error:
+        text += f" ({cell(error)})"
     return text
 
 
@@ -1448,9 +1487,9 @@ def _job_block(entry: Mapping[str, Any], job: dict[str, Any]) -> str:
     lines += [f"Command: {cell(job['spec']['command'])}", f"Job ID: {job['id']}",
               f"Status: {job['status']}"]
     if job["exit_code"] is not None:
-        lines.append(f"Exit Code: {job['exit_code']}")
-    if job["error"]:
-        lines.append(f"Error: {cell(job['error'])}")
+        lines.append(f"Exit Code: {exit_field(job['exit_code'])}")
+    if error_text(job):
+        lines.append(f"Error: {cell(error_text(job))}")
     lines.append("Output:")
     if job["output"]:
         lines.append(output_text(base64.b64decode(job["output_base64"])).rstrip("\n"))
@@ -1578,7 +1617,8 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw
     Without -f: the stored output of the last finished attempt.
     JSON: {id, attempt, output, output_base64, output_truncated}.
     With -f: output as it is written, each byte once (a retry starts its own output,
-    marked on stderr), until the job is final; exits with the job's result.
+    marked on stderr), until the job is final; then the final status line on stderr
+    (as `submit --follow` writes it); exits with the job's result.
     """
     if raw and settings.json:
         raise click.UsageError("--raw writes the output bytes: not with -o json")
@@ -1587,6 +1627,7 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw
             raise click.UsageError("-f writes the live output: no -o json or --attempt")
         live = OutputWriter(binary_stdout(), exact=exact_output(raw))
         job = job_dict(wait_for_job(settings, job_id, follow=live))
+        warn(_final_line(job))
         click.get_current_context().exit(int(job_exit_code(job["status"], job["exit_code"])))
     job = settings.call(Role.READ, "GetJob",
                         dtsd_pb2.GetJobRequest(id=job_id, include_attempts=bool(attempt)))
@@ -1692,20 +1733,30 @@ def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, qu
 
 
 @dlq.command("purge")
+@click.option("--all", "all_jobs", is_flag=True,
+              help="Every dead-lettered job (of --queue); asks first on a terminal.")
 @click.option("--queue", default="", help="Only jobs of this queue.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before purging everything.")
 @option_output
-@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)")
 @pass_settings
-def dlq_purge(settings: Settings, job_ids: tuple[str, ...], queue: str, yes: bool) -> None:
+def dlq_purge(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, queue: str,
+              yes: bool) -> None:
     """Remove jobs from the dead-letter queue; their FAILED record stays.
 
-    Without JOB_IDs purges every dead-lettered job (of --queue); that asks first unless
-    --yes is given or stdin is not a terminal. Prints the count. JSON: {purged}.
+    Without JOB_IDs purges every dead-lettered job (of --queue). On a terminal that asks
+    first unless --yes is given; elsewhere (a script) it needs --all or --yes, so that a
+    list of ids that came out empty purges nothing. Prints the count. JSON: {purged}.
     """
-    if not job_ids and not yes and sys.stdin.isatty():
+    if job_ids and all_jobs:
+        raise click.UsageError("give job ids or --all (not both)")
+    if not job_ids and not yes:
         scope = f"of queue {queue!r}" if queue else "of every queue"
-        click.confirm(f"Purge every dead-lettered job {scope}?", abort=True)
+        if is_terminal(sys.stdin):
+            click.confirm(f"Purge every dead-lettered job {scope}?", abort=True)
+        elif not all_jobs:
+            raise click.UsageError(f"no job ids: to purge every dead-lettered job {scope} "
+                                   "give --all (or --yes)")
     reply = settings.call(Role.WRITE, "PurgeDeadLetters", dtsd_pb2.PurgeDeadLettersRequest(
         ids=list(job_ids), queue=queue))
     render(settings.output, {"purged": reply.purged}, lambda data: f"purged {data['purged']}")

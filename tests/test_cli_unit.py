@@ -74,6 +74,9 @@ def run(*args: str, env: dict[str, str] | None = None, input: str | None = None)
     (["dlq", "requeue"], "job ids or --all"),
     (["dlq", "requeue", "--all", "some-id"], "job ids or --all"),
     (["dlq", "requeue", "--queue", "q", "some-id"], "--queue goes with --all"),
+    (["dlq", "purge"], "give --all (or --yes)"),             # stdin is no terminal here
+    (["dlq", "purge", "--queue", "q"], "of queue 'q' give --all"),
+    (["dlq", "purge", "--all", "some-id"], "job ids or --all"),
     (["--timeout", "soon", "status"], "not a duration"),
     (["-o", "yaml", "status"], "yaml"),
 ])
@@ -374,6 +377,38 @@ def test_render_table_of_one_job(capsys):
     assert text.endswith("Output:\nmade\n\\xff\\xfe bytes\n")   # bytes that are not UTF-8
 
 
+def killed_job(error: str) -> dict:
+    job = dtsctl.job_dict(sample_job())
+    job["exit_code"], job["error"] = -15, error
+    return job
+
+
+@pytest.mark.parametrize("error, line", [
+    ("killed by signal 15 (SIGTERM)", "job-1: FAILED, killed by SIGTERM"),
+    ("timeout after 5s", "job-1: FAILED, killed by SIGTERM (timeout after 5s)"),
+    ("", "job-1: FAILED, killed by SIGTERM"),
+])
+def test_a_death_by_signal_is_said_in_words(error, line):
+    job = killed_job(error)
+    assert dtsctl._final_line(job) == line
+    table = dtsctl.job_table(job)
+    assert re.search(r"^Exit code:\s+killed by SIGTERM$", table, re.M)
+    assert "-15" not in table and "signal 15" not in table
+    assert ("Error:" in table) == (error == "timeout after 5s")
+    assert "Exit Code: killed by SIGTERM" in dtsctl._job_block({"name": "x"}, job)
+    row = dtsctl.jobs_table({"jobs": [job]}).splitlines()[1]
+    assert row.split()[5] == "SIGTERM"
+
+
+def test_an_exit_code_is_not_repeated_by_its_error():
+    job = dtsctl.job_dict(sample_job())
+    job["error"] = "exit code 3"
+    assert dtsctl._final_line(job) == "job-1: FAILED, exit code 3"
+    assert "Error:" not in dtsctl.job_table(job)
+    job["error"] = "exit code 3 and more"
+    assert dtsctl._final_line(job) == "job-1: FAILED, exit code 3 (exit code 3 and more)"
+
+
 def test_render_table_bytes_go_out_unchanged():
     @click.command()
     def show():
@@ -631,6 +666,8 @@ def test_exit_3_when_no_server_listens():
     ["logs", "some-job"],
     ["cancel", "a", "b"],
     ["dlq", "purge", "--yes"],
+    ["dlq", "purge", "--all"],
+    ["dlq", "purge", "some-id"],
     ["submit", "--env", "A=1", "--", "echo", "hi there"],
 ])
 def test_exit_3_from_each_verb(nowhere, args):

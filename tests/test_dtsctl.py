@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pwd
+import re
 import subprocess
 import sys
 import time
@@ -151,3 +152,40 @@ def test_bad_input_is_a_clear_error(dtsd):
     assert result.returncode == 2 and "priority" in result.stderr
     result = dtsd.dtsctl("status", "no-such-job")
     assert result.returncode == 1 and "not found" in result.stderr
+
+
+def test_a_death_by_signal_reads_killed_by_sigterm_everywhere(dtsd):
+    """It read `Exit code: -15` in status and 143 with --wait; and an exit code was said
+    twice: `FAILED, exit code 7 (exit code 7)`."""
+    waited = dtsd.dtsctl("submit", "--wait", "--max-retries", "0", "--", "kill -TERM $$")
+    assert waited.returncode == 143, (waited.stdout, waited.stderr)
+    line = waited.stderr.splitlines()[-1]
+    assert line.endswith(": FAILED, killed by SIGTERM"), waited.stderr
+    job_id = line.split(":")[0]
+    shown = ok(dtsd.dtsctl("status", job_id))
+    assert re.search(r"^Exit code:\s+killed by SIGTERM$", shown, re.M), shown
+    assert "-15" not in shown and "signal 15" not in shown
+    assert "SIGTERM" in ok(dtsd.dtsctl("list")).splitlines()[1].split()
+    assert json.loads(ok(dtsd.dtsctl("-o", "json", "status", job_id)))["jobs"][0][
+        "exit_code"] == -15
+    seven = dtsd.dtsctl("submit", "--wait", "--max-retries", "0", "--", "exit 7")
+    assert seven.returncode == 7
+    assert seven.stderr.splitlines()[-1].endswith(": FAILED, exit code 7"), seven.stderr
+
+
+def test_logs_follow_ends_with_the_final_status_line(dtsd):
+    job_id = ok(dtsd.dtsctl("submit", "--max-retries", "0", "--", "echo out; exit 4")).strip()
+    followed = dtsd.dtsctl("logs", "-f", job_id)
+    assert followed.returncode == 4
+    assert followed.stdout == "out\n"
+    assert followed.stderr.splitlines()[-1] == f"{job_id}: FAILED, exit code 4"
+
+
+def test_dlq_purge_without_ids_off_a_terminal_needs_all_or_yes(dtsd):
+    job_id = ok(dtsd.dtsctl("submit", "--max-retries", "0", "--", "false")).strip()
+    wait_for(lambda: job_id in dtsd.dtsctl("dlq", "list").stdout)
+    refused = dtsd.dtsctl("dlq", "purge")          # stdin is /dev/null: a script
+    assert refused.returncode == 2 and "give --all (or --yes)" in refused.stderr
+    assert job_id in ok(dtsd.dtsctl("dlq", "list"))
+    assert ok(dtsd.dtsctl("dlq", "purge", "--all")).strip() == "purged 1"
+    assert job_id not in ok(dtsd.dtsctl("dlq", "list"))
