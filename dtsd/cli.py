@@ -126,9 +126,10 @@ import signal
 import sys
 import threading
 import time
+import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
 import click
@@ -621,12 +622,47 @@ def iso_utc(moment: datetime | None) -> str | None:
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def local_time(iso: str | None) -> str:
-    """An ISO UTC string from the JSON form -> local ISO time without microseconds."""
+def _moment(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def exact_time(iso: str | None, zone: tzinfo | None = None) -> str:
+    """An ISO UTC string from the JSON form -> ISO time in `zone` (default: local) with
+    its offset and without microseconds: `2024-05-01T14:00:00+02:00`."""
     if not iso:
         return "-"
-    moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    return moment.astimezone().replace(microsecond=0, tzinfo=None).isoformat()
+    return _moment(iso).astimezone(zone).replace(microsecond=0).isoformat()
+
+
+def ago(iso: str | None, now: datetime | None = None) -> str:
+    """How long before `now` that was, for a table: `12 s ago`, `3 min ago`, `in 5 min`."""
+    if not iso:
+        return "-"
+    seconds = ((now or datetime.now(timezone.utc)) - _moment(iso)).total_seconds()
+    amount = abs(seconds)
+    for unit, size, below in (("s", 1, 90), ("min", 60, 90 * 60), ("h", 3600, 36 * 3600),
+                              ("d", 86400, float("inf"))):
+        if amount < below:
+            text = f"{int(amount // size)} {unit}"
+            break
+    return f"in {text}" if seconds < -1 else f"{text} ago"
+
+
+def duration(start: str | None, end: str | None, now: datetime | None = None) -> str | None:
+    """How long from `start` to `end` (to `now` while there is no end): `8s`, `1h02m`."""
+    if not start:
+        return None
+    until = _moment(end) if end else (now or datetime.now(timezone.utc))
+    return seconds_text(max(0.0, (until - _moment(start)).total_seconds()))
+
+
+def schedule_zone(name: str) -> tzinfo | None:
+    """The schedule's IANA zone (empty: UTC); None (local time) when this host has no
+    such zone in its tz database."""
+    try:
+        return zoneinfo.ZoneInfo(name or "UTC")
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return None
 
 
 def to_timestamp(moment: datetime) -> Any:
@@ -871,17 +907,19 @@ def job_table(job: dict[str, Any]) -> str:
         ("Notify", spec["notify"] and f"{', '.join(spec['notify'])} on "
                                       f"{', '.join(spec['notify_on']) or 'nothing'}"),
         ("Schedule", job["schedule_id"] or None),
-        ("Fire time", job["fire_time"] and local_time(job["fire_time"])),
-        ("Run at", spec["run_at"] and local_time(spec["run_at"])),
-        ("Created", local_time(job["created_at"])),
-        ("Started", job["started_at"] and local_time(job["started_at"])),
-        ("Finished", job["finished_at"] and local_time(job["finished_at"])),
+        ("Fire time", job["fire_time"] and exact_time(job["fire_time"])),
+        ("Run at", spec["run_at"] and f"{exact_time(spec['run_at'])} ({ago(spec['run_at'])})"),
+        ("Created", f"{exact_time(job['created_at'])} ({ago(job['created_at'])})"),
+        ("Started", job["started_at"] and exact_time(job["started_at"])),
+        ("Finished", job["finished_at"] and exact_time(job["finished_at"])),
+        ("Duration", _job_duration(job)),
     ])]
     if job["attempt_history"]:
         lines.append("Attempt history:")
         lines.append(format_table(
-            ("#", "WORKER", "STARTED", "FINISHED", "EXIT", "ERROR"),
-            [(a["number"], a["worker"], local_time(a["started_at"]), local_time(a["finished_at"]),
+            ("#", "WORKER", "STARTED", "DURATION", "EXIT", "ERROR"),
+            [(a["number"], a["worker"], ago(a["started_at"]),
+              duration(a["started_at"], a["finished_at"]) if a["finished_at"] else "-",
               _exit_text(a["exit_code"]), error_text(a)) for a in job["attempt_history"]],
             indent="  "))
     lines.append("Output:" + ("" if job["output"] else " (none)"))
@@ -894,9 +932,18 @@ def job_table(job: dict[str, Any]) -> str:
 
 def jobs_table(data: dict[str, Any]) -> str:
     return format_table(
-        ("ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED"),
+        ("ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED", "DURATION"),
         [(job["id"], job["spec"]["name"], job["status"], job["spec"]["queue"], job["attempts"],
-          _exit_text(job["exit_code"]), local_time(job["created_at"])) for job in data["jobs"]])
+          _exit_text(job["exit_code"]), ago(job["created_at"]), _job_duration(job))
+         for job in data["jobs"]])
+
+
+def _job_duration(job: Mapping[str, Any]) -> str | None:
+    """Its run time when it ran: finished, or running until now."""
+    running = job["status"] == models.JobStatus.RUNNING.value
+    if job["finished_at"] or running:
+        return duration(job["started_at"], job["finished_at"] if not running else None)
+    return None
 
 
 def cluster_table(data: dict[str, Any]) -> str:
@@ -906,7 +953,7 @@ def cluster_table(data: dict[str, Any]) -> str:
     parts.append(format_table(
         ("NODE", "LEADER", "STATE", "VERSION", "STARTED", "SEEN"),
         [(node["node_id"], "*" if node["leader"] else "", node["state"], node["version"],
-          local_time(node["started_at"]), local_time(node["seen_at"])) for node in data["nodes"]]))
+          ago(node["started_at"]), ago(node["seen_at"])) for node in data["nodes"]]))
     outages = [f"{node['node_id']}: {outage['store']} unreachable for "
                f"{seconds_text(outage['seconds'])}"
                for node in data["nodes"] for outage in node.get("unreachable", ())]
@@ -920,7 +967,7 @@ def cluster_table(data: dict[str, Any]) -> str:
     parts.append(format_table(
         ("WORKER", "NODE", "PID", "QUEUES", "RUNNING", "SEEN"),
         [(worker["id"], worker["node_id"], worker["pid"], ",".join(worker["queues"]),
-          f"{worker['running']}/{worker['concurrency']}", local_time(worker["seen_at"]))
+          f"{worker['running']}/{worker['concurrency']}", ago(worker["seen_at"]))
          for worker in data["workers"]]))
     parts.append(format_table(
         ("QUEUE", "PENDING", "DELAYED", "RUNNING"),
@@ -1583,7 +1630,8 @@ option_all = click.option("--all", "all_pages", is_flag=True,
 def list_jobs(settings: Settings, statuses: tuple[str, ...], queue: str, name: str,
               since: datetime | None, until: datetime | None, limit: int | None,
               page_token: str, all_pages: bool) -> None:
-    """Jobs, newest first: ID, NAME, STATUS, QUEUE, ATTEMPTS, EXIT, CREATED.
+    """Jobs, newest first: ID, NAME, STATUS, QUEUE, ATTEMPTS, EXIT (its code, or the
+    signal that killed it), CREATED (how long ago), DURATION (how long it ran).
 
     When more pages exist (and no --all) the next page token goes to stderr.
     JSON: {jobs: [<job object>, output empty], next_page_token}.
@@ -1786,7 +1834,8 @@ def schedules_table(data: dict[str, Any]) -> str:
     return format_table(
         ("NAME", "EXPRESSION", "ZONE", "OVERLAP", "MISFIRE", "STATE", "NEXT", "LAST JOB", "COMMAND"),
         [(s["name"], s["expression"], s["timezone"], s["overlap"], s["misfire"],
-          "paused" if s["paused"] else "active", local_time(s["next_fire_time"]) or "-",
+          "paused" if s["paused"] else "active",
+          exact_time(s["next_fire_time"], schedule_zone(s["timezone"])),
           s["last_job_id"] or "-", s["job"]["command"]) for s in data["schedules"]])
 
 

@@ -371,9 +371,13 @@ def test_render_table_of_one_job(capsys):
     assert re.search(r"^Exit code:\s+3$", text, re.M)
     assert re.search(r"^Attempts:\s+2 \(max retries 2\)$", text, re.M)
     assert re.search(r"^Env:\s+A=1 B=2$", text, re.M)
-    assert re.search(rf"^Created:\s+{created.replace(tzinfo=None).isoformat()}$", text, re.M)
-    assert ".250000" not in text and "Z\n" not in text    # local, no microseconds
-    assert re.search(r"^\s+2\s+w-2\s+\S+\s+-\s+-\s+timeout$", text, re.M)
+    # Exact times are local with their offset, without microseconds, and say how long ago.
+    assert re.search(rf"^Created:\s+{re.escape(created.isoformat())} \(\d+ d ago\)$", text,
+                     re.M), text
+    assert ".250000" not in text and "Z\n" not in text
+    assert re.search(r"^Duration:\s+8s$", text, re.M)
+    assert re.search(r"^\s+1\s+w-1\s+\d+ d ago\s+1s\s+3\s+-$", text, re.M)
+    assert re.search(r"^\s+2\s+w-2\s+\d+ d ago\s+-\s+-\s+timeout$", text, re.M)
     assert text.endswith("Output:\nmade\n\\xff\\xfe bytes\n")   # bytes that are not UTF-8
 
 
@@ -420,8 +424,52 @@ def test_render_table_bytes_go_out_unchanged():
 def test_jobs_table_columns():
     text = dtsctl.jobs_table({"jobs": [dtsctl.job_dict(sample_job())]})
     header, row = text.splitlines()
-    assert header.split() == ["ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED"]
+    assert header.split() == ["ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED",
+                              "DURATION"]
     assert row.split()[:6] == ["job-1", "build", "FAILED", "default", "2", "3"]
+    assert re.search(r"\s\d+ d ago\s+8s$", row)
+
+
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("iso, shown", [
+    ("2024-05-01T12:00:00Z", "0 s ago"),
+    ("2024-05-01T11:59:48.500000Z", "11 s ago"),
+    ("2024-05-01T11:57:00Z", "3 min ago"),
+    ("2024-05-01T10:00:00Z", "2 h ago"),
+    ("2024-04-28T12:00:00Z", "3 d ago"),
+    ("2024-05-01T12:05:00Z", "in 5 min"),
+    (None, "-"),
+])
+def test_ago(iso, shown):
+    assert dtsctl.ago(iso, NOW) == shown
+
+
+def test_duration_runs_to_now_while_there_is_no_end():
+    assert dtsctl.duration("2024-05-01T11:58:55Z", "2024-05-01T11:59:00Z") == "5s"
+    assert dtsctl.duration("2024-05-01T10:58:00Z", None, NOW) == "1h02m"
+    assert dtsctl.duration(None, None, NOW) is None
+
+
+def test_exact_time_carries_its_offset():
+    assert dtsctl.exact_time("2024-05-01T12:00:00.250000Z", timezone.utc) == \
+        "2024-05-01T12:00:00+00:00"
+    local = dtsctl.exact_time("2024-05-01T12:00:00Z")
+    assert datetime.fromisoformat(local) == NOW          # aware: the offset is there
+
+
+def test_cron_list_shows_next_in_the_schedule_s_own_zone():
+    schedule = dtsd_pb2.Schedule(name="backup", expression="0 2 * * *",
+                                 timezone="Europe/Berlin", job=dtsd_pb2.JobSpec(command="true"),
+                                 next_fire_time=stamp("2024-05-02T00:00:00+00:00"))
+    utc = dtsd_pb2.Schedule(name="utc", expression="0 2 * * *", timezone="",
+                            job=dtsd_pb2.JobSpec(command="true"),
+                            next_fire_time=stamp("2024-05-02T02:00:00+00:00"))
+    text = dtsctl.schedules_table({"schedules": [dtsctl.schedule_dict(schedule),
+                                                 dtsctl.schedule_dict(utc)]})
+    assert re.search(r"^backup .* 2024-05-02T02:00:00\+02:00 ", text, re.M), text
+    assert re.search(r"^utc .* 2024-05-02T02:00:00\+00:00 ", text, re.M), text
 
 
 def sample_cluster():
