@@ -85,8 +85,11 @@ A job object has:
 List and dlq list leave output empty (the server omits it there).
 
 Per verb:
-  submit                  {id, created}; with --wait also job: <job>
-  submit --file           {jobs: [{id, created, name}]}; with --wait each also job: <job>
+  submit                  {id, created, queue_unserved (true: no live worker serves its
+                           queue: it waits until one does; also warned on stderr)};
+                           with --wait also job: <job>
+  submit --file           {jobs: [{id, created, queue_unserved, name}]}; with --wait each
+                           also job: <job>
   status                  {cluster, single_node, leader, server_node, dead_lettered,
                            job_counts {STATUS: n},
                            nodes: [{node_id, version, leader, state, started_at, seen_at,
@@ -95,7 +98,9 @@ Per verb:
                                     unreachable: [{store, since, seconds}]}],
                            workers: [{id, node_id, pid, queues, concurrency, running,
                                       seen_at}],
-                           queues: [{queue, pending, delayed, running}]}
+                           queues: [{queue, pending, delayed, running}],
+                           unserved_queues: [queues with jobs waiting that no live
+                                             worker serves]}
   status JOB_ID...        {jobs: [<job>], errors: [{id, code, message}]}
   list, dlq list          {jobs: [<job>], next_page_token}
   logs JOB_ID             {id, attempt, output, output_base64, output_truncated}
@@ -808,7 +813,16 @@ def cluster_dict(status: Any) -> dict[str, Any]:
         "queues": [{"queue": depth.queue, "pending": depth.pending,
                     "delayed": depth.delayed, "running": depth.running}
                    for depth in status.queues],
+        "unserved_queues": unserved_queues(status),
     }
+
+
+def unserved_queues(status: Any) -> list[str]:
+    """The queues with jobs waiting that no live worker serves: they wait forever unless
+    a worker that names them in [worker] queues starts."""
+    served = {queue for worker in status.workers for queue in worker.queues}
+    return [depth.queue for depth in status.queues
+            if depth.pending + depth.delayed and depth.queue not in served]
 
 
 def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "") -> str:
@@ -970,8 +984,13 @@ def cluster_table(data: dict[str, Any]) -> str:
           f"{worker['running']}/{worker['concurrency']}", ago(worker["seen_at"]))
          for worker in data["workers"]]))
     parts.append(format_table(
-        ("QUEUE", "PENDING", "DELAYED", "RUNNING"),
-        [(q["queue"], q["pending"], q["delayed"], q["running"]) for q in data["queues"]]))
+        ("QUEUE", "PENDING", "DELAYED", "RUNNING", "WORKERS"),
+        [(q["queue"], q["pending"], q["delayed"], q["running"],
+          sum(q["queue"] in worker["queues"] for worker in data["workers"]))
+         for q in data["queues"]]))
+    if data["unserved_queues"]:
+        parts.append(f"No live worker serves {', '.join(map(repr, data['unserved_queues']))}: "
+                     "their jobs wait until a worker whose [worker] queues names them runs.")
     counts = "  ".join(f"{name} {count}" for name, count in data["job_counts"].items())
     parts.append(format_fields([("Jobs", counts), ("Dead-lettered", str(data["dead_lettered"]))]))
     return "\n\n".join(parts)
@@ -1423,13 +1442,16 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     word is used as is, so `dtsctl submit -- 'echo hi | wc -c'` runs a pipeline.
     Options must come before CMD: everything from the first word on is the command.
 
-    Prints the job id (JSON: {id, created}). With --wait or --follow the id goes to
-    standard error, the job's output to standard output (at the end, or live), and a
-    final status line to standard error (JSON: {id, created, job: <job object>}).
-    The output is written as its exact bytes to a pipe or a file, and with control
-    characters escaped to a terminal unless --raw is given.
-    With --file: one line `<id>  <name>` per job (JSON: {jobs: [{id, created, name}]});
-    with --wait a block per job and exit 1 if any job did not succeed.
+    Prints the job id (JSON: {id, created, queue_unserved}). With --wait or --follow
+    the id goes to standard error, the job's output to standard output (at the end, or
+    live), and a final status line to standard error (JSON: {id, created,
+    queue_unserved, job: <job object>}). The output is written as its exact bytes to a
+    pipe or a file, and with control characters escaped to a terminal unless --raw is
+    given. A job sent to a queue no live worker serves is accepted, with a warning on
+    standard error: it waits until such a worker runs.
+    With --file: one line `<id>  <name>` per job (JSON: {jobs: [{id, created,
+    queue_unserved, name}]}); with --wait a block per job and exit 1 if any job did not
+    succeed.
     """
     if jobs_file is not None:
         if command:
@@ -1459,9 +1481,12 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
                     run_at=run_at, id=job_id, idempotency_key=idempotency_key,
                     limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on))
     reply = settings.call(Role.WRITE, "SubmitJob", dtsd_pb2.SubmitJobRequest(job=spec))
-    result: dict[str, Any] = {"id": reply.id, "created": reply.created}
+    result: dict[str, Any] = {"id": reply.id, "created": reply.created,
+                              "queue_unserved": reply.queue_unserved}
     if not reply.created and not settings.json:
         warn(f"{reply.id}: already submitted with this idempotency key")
+    if reply.queue_unserved:
+        warn_unserved([spec.queue])
     if not (wait or follow):
         render(settings.output, result, lambda data: data["id"])
         return
@@ -1479,6 +1504,14 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     click.get_current_context().exit(job_exit_code(job["status"], job["exit_code"]))
 
 
+def warn_unserved(queues: Sequence[str]) -> None:
+    """Say that jobs went to queues no live worker serves: they wait until one does."""
+    for queue in dict.fromkeys(queue or models.DEFAULT_QUEUE for queue in queues):
+        warn(f"dtsctl: warning: no live worker serves queue {queue!r}: its jobs wait until "
+             "a worker whose [worker] queues names it runs (dtsctl status shows the queues "
+             "each worker serves)")
+
+
 def _merge(limits: tuple[dict[str, int], ...]) -> dict[str, int]:
     """Repeated --limit options, the last one winning per name."""
     return {name: value for given in limits for name, value in given.items()}
@@ -1494,8 +1527,11 @@ def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wai
         where = f"jobs file {path}: job {number}"
         specs.append(job_spec(where=where, **fields))
     reply = settings.call(Role.WRITE, "SubmitJobs", dtsd_pb2.SubmitJobsRequest(jobs=specs))
-    results = [{"id": answer.id, "created": answer.created, "name": entry.get("name", "")}
+    results = [{"id": answer.id, "created": answer.created,
+                "queue_unserved": answer.queue_unserved, "name": entry.get("name", "")}
                for answer, entry in zip(reply.jobs, entries)]
+    warn_unserved([spec.queue for spec, answer in zip(specs, reply.jobs)
+                   if answer.queue_unserved])
     table = lambda data: "\n".join(f"{r['id']}  {cell(r['name'])}".rstrip()  # noqa: E731
                                    for r in data["jobs"])
     if not wait:

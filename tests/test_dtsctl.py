@@ -189,3 +189,25 @@ def test_dlq_purge_without_ids_off_a_terminal_needs_all_or_yes(dtsd):
     assert job_id in ok(dtsd.dtsctl("dlq", "list"))
     assert ok(dtsd.dtsctl("dlq", "purge", "--all")).strip() == "purged 1"
     assert job_id not in ok(dtsd.dtsctl("dlq", "list"))
+
+
+def test_a_job_for_a_queue_no_worker_serves_is_warned_about(dtsd, tmp_path):
+    """It was accepted silently and waited forever: the submit warns, status names it."""
+    wait_for(lambda: json.loads(ok(dtsd.dtsctl("-o", "json", "status")))["workers"],
+             message="the workers' heartbeats")
+    served = dtsd.dtsctl("submit", "--", "true")
+    assert ok(served) and "no live worker" not in served.stderr
+    lonely = dtsd.dtsctl("submit", "--queue", "gpu", "--", "true")
+    assert lonely.returncode == 0
+    assert "warning: no live worker serves queue 'gpu'" in lonely.stderr
+    reply = json.loads(ok(dtsd.dtsctl("-o", "json", "submit", "--queue", "gpu", "--", "true")))
+    assert reply["queue_unserved"] is True
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"jobs": [{"command": "true", "queue": "gpu"},
+                                         {"command": "true", "queue": "gpu"},
+                                         {"command": "true"}]}))
+    batch = dtsd.dtsctl("submit", "--file", str(jobs))
+    assert ok(batch) and batch.stderr.count("no live worker serves queue 'gpu'") == 1
+    status = json.loads(ok(dtsd.dtsctl("-o", "json", "status")))
+    assert status["unserved_queues"] == ["gpu"]
+    assert "No live worker serves 'gpu'" in ok(dtsd.dtsctl("status"))
