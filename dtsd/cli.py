@@ -23,7 +23,9 @@ master, which knows from the kernel which user runs dtsctl (its role: the server
 `[server] local_roles`), renewed as needed; else none (a server then refuses calls over TCP
 unless its `[server] anonymous_role` says otherwise).
 TLS: `--tls-ca FILE` (else `[client] tls_ca`) turns it on; `--tls-cert`/`--tls-key` add a
-client certificate for servers that require mTLS. A TLS mismatch shows as exit code 3.
+client certificate for servers that require mTLS. A TLS mismatch shows as exit code 3,
+with what is wrong: plaintext to a TLS port or TLS to a plaintext one, no client
+certificate for an mTLS server, a server certificate the CA does not vouch for.
 The local sockets never use TLS (they do not leave the host).
 Any flag beats any environment variable. Calls go round-robin over the servers, starting
 at a random one, and move on to the next one when a server answers UNAVAILABLE. The deadline of each call is `--timeout`,
@@ -141,7 +143,8 @@ import click
 import grpc
 
 from dtsd import config, identity, models
-from dtsd.client import DEFAULT_TIMEOUT, Client, Tls, parse_servers, unreachable_store
+from dtsd.client import (DEFAULT_TIMEOUT, Client, Tls, parse_servers, tls_mismatch,
+                         unreachable_store)
 from dtsd.executor import describe_signal
 from dtsd.v1 import dtsd_pb2
 
@@ -189,7 +192,8 @@ def rpc_failure(error: grpc.RpcError, client: Client) -> CliError:
         if unreachable_store(error):      # a server answered: it cannot reach a store
             return CliError(f"{client.store_told_by or client.last_server}: {details} "
                             f"(tried {tried})", Exit.UNREACHABLE, code)
-        return CliError(f"cannot reach any server (tried {tried}): {details}",
+        return CliError(tls_diagnosis(client, details) or
+                        f"cannot reach any server (tried {tried}): {details}",
                         Exit.UNREACHABLE, code)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         if not client.connected():
@@ -197,9 +201,21 @@ def rpc_failure(error: grpc.RpcError, client: Client) -> CliError:
                             f"within {client.timeout:g}s", Exit.UNREACHABLE, code)
         return CliError(f"{client.last_server} did not answer within {client.timeout:g}s "
                         "(raise --timeout?)", Exit.FAILED, code)
+    if code == grpc.StatusCode.UNKNOWN and client.last_tried:   # a TLS handshake that failed
+        found = tls_diagnosis(client, details)
+        if found:
+            return CliError(found, Exit.UNREACHABLE, code)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return CliError(f"not authorised ({code.name}): {details}", Exit.UNAUTHORISED, code)
     return CliError(f"{code.name}: {details}", Exit.FAILED, code)
+
+
+def tls_diagnosis(client: Client, details: str) -> str | None:
+    """When TLS is why no server would talk: what is wrong and what to give, for each
+    server tried, with gRPC's own words after it."""
+    found = [text for server in dict.fromkeys(client.last_tried)
+             if (text := tls_mismatch(server, client.tls, details))]
+    return "; ".join(found) + f" (gRPC: {details})" if found else None
 
 
 # --- where the servers are ----------------------------------------------------------------
