@@ -35,7 +35,8 @@ Exit codes:
   0  success
   1  the job or the operation failed (not found, wrong state, rejected input, ...);
      the server's message is printed on standard error
-  2  usage error: bad option or argument, malformed jobs file, bad config file
+  2  usage error: bad option or argument, malformed jobs file, bad [client] section (or
+     [dtsd] runtime_dir) of the config file (an error elsewhere in it is only warned about)
   3  cannot reach any server (every server UNAVAILABLE, or no connection within the deadline);
      a server that answered that it cannot reach PostgreSQL or Redis is quoted instead
   4  not authorised (UNAUTHENTICATED, PERMISSION_DENIED, or this host's master gives
@@ -236,8 +237,18 @@ class Targets:
     token_file: str = ""      # [client] token_file of the config file that was read
 
 
+# What dtsctl reads of a config file: [client], and where this host's dtsd keeps its sockets.
+CLIENT_KEYS = (*((option.section, option.key) for option in config.OPTIONS
+                 if option.section == "client"), ("dtsd", "runtime_dir"))
+
+
 def read_client_config(config_path: str | None, env: Mapping[str, str]) -> config.Config | None:
-    """The named config file (`-c`, else $DTSD_CONFIG), else /etc/dtsd/dtsd.ini if readable."""
+    """The named config file (`-c`, else $DTSD_CONFIG), else /etc/dtsd/dtsd.ini if readable.
+
+    An error in a part dtsctl does not read (the server's sections) is warned about, not
+    fatal: the client still works while the server's file is being fixed. An error in
+    CLIENT_KEYS is a usage error.
+    """
     path = config_path or env.get("DTSD_CONFIG") or None
     if path is None:
         if not os.access(config.DEFAULT_PATH, os.R_OK):
@@ -246,7 +257,14 @@ def read_client_config(config_path: str | None, env: Mapping[str, str]) -> confi
     try:
         return config.load(path, env={})
     except config.ConfigError as exc:
+        whole = exc
+    try:
+        partial = config.load_keys(path, CLIENT_KEYS)
+    except config.ConfigError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
+    warn(f"dtsctl: warning: {whole} (dtsctl reads only [client] and [dtsd] runtime_dir of "
+         "it, which are fine)")
+    return partial
 
 
 def local_sockets(runtime_dir: str) -> list[str] | None:

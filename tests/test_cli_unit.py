@@ -623,6 +623,30 @@ def test_bad_config_file_is_a_usage_error(tmp_path):
     assert "[client] servers" in result.stderr
 
 
+@pytest.mark.parametrize("broken", [
+    "[worker]\nconcurrency = many\n",          # a bad value
+    "[server]\nlistn = :1\n",                  # an unknown key
+    "[nonsense]\nx = 1\n",                     # an unknown section
+])
+def test_an_error_outside_client_is_only_a_warning(tmp_path, nowhere, broken):
+    """dtsctl refused to run while the server's sections of dtsd.ini had an error."""
+    path = tmp_path / "dtsd.ini"
+    path.write_text(f"[client]\nservers = {nowhere}\ntimeout = 2s\n{broken}")
+    result = run("-c", str(path), "status")
+    assert result.exit_code == 3, result.stderr          # it went as far as the network
+    assert f"tried {nowhere}" in result.stderr
+    assert "dtsctl: warning:" in result.stderr and str(path) in result.stderr
+    assert "dtsctl reads only [client] and [dtsd] runtime_dir" in result.stderr
+
+
+def test_an_error_in_client_beside_one_elsewhere_is_still_a_usage_error(tmp_path):
+    path = tmp_path / "dtsd.ini"
+    path.write_text("[worker]\nconcurrency = many\n[client]\ntimeout = soon\n")
+    result = run("-c", str(path), "status")
+    assert result.exit_code == 2
+    assert "[client] timeout" in result.stderr
+
+
 # --- the client -----------------------------------------------------------------------------
 
 def test_parse_servers():
