@@ -1267,6 +1267,66 @@ def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = No
     return spec
 
 
+# --- shell completion ---------------------------------------------------------------------
+# Each <TAB> runs dtsctl (packaging/completion); these ask the cluster, with the global
+# options typed so far and a short deadline (unless --timeout is typed): a completion that
+# cannot ask offers nothing.
+
+COMPLETION_TIMEOUT = 2.0
+COMPLETION_JOBS = 100
+
+
+def _completion_settings(ctx: click.Context) -> Settings:
+    """Settings from the global options on the line so far (no callback has run)."""
+    given: dict[str, Any] = dict(ctx.meta.get(_LATE_KEY, {}))
+    while ctx is not None:
+        given = {**{k: v for k, v in ctx.params.items() if v is not None}, **given}
+        ctx = ctx.parent
+    names = {name for name in Settings.__dataclass_fields__ if not name.startswith("_")}
+    settings = Settings(**{k: v for k, v in given.items() if k in names and k != "output"})
+    settings.timeout = settings.timeout or COMPLETION_TIMEOUT     # --timeout on the line wins
+    return settings
+
+
+def _ask(ctx: click.Context, incomplete: str,
+         values: Callable[[Settings], Iterable[str]]) -> list[str]:
+    settings = _completion_settings(ctx)
+    try:
+        return [value for value in values(settings) if value.startswith(incomplete)]
+    except (click.ClickException, grpc.RpcError, OSError, ValueError):
+        return []
+    finally:
+        settings.close()
+
+
+def _job_ids(*statuses: models.JobStatus, dead: bool = False) -> Callable[..., list[str]]:
+    """Complete the ids of the newest jobs (in these statuses; dead-lettered ones)."""
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        def ids(settings: Settings) -> list[str]:
+            if dead:
+                request = dtsd_pb2.ListDeadLettersRequest(page_size=COMPLETION_JOBS)
+                reply = settings.call(Role.READ, "ListDeadLetters", request)
+            else:
+                request = dtsd_pb2.ListJobsRequest(
+                    statuses=[dtsd_pb2.JobStatus.Value(status.value) for status in statuses],
+                    page_size=COMPLETION_JOBS)
+                reply = settings.call(Role.READ, "ListJobs", request)
+            return [job.id for job in reply.jobs]
+        return _ask(ctx, incomplete, ids)
+    return complete
+
+
+def complete_schedules(ctx: click.Context, param: click.Parameter,
+                       incomplete: str) -> list[str]:
+    return _ask(ctx, incomplete, lambda settings: [schedule.name for schedule in settings.call(
+        Role.READ, "ListSchedules", dtsd_pb2.ListSchedulesRequest()).schedules])
+
+
+def complete_zones(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """IANA zones of this host's tz database (what the server takes may differ little)."""
+    return sorted(zone for zone in zoneinfo.available_timezones() if zone.startswith(incomplete))
+
+
 # --- the command line ---------------------------------------------------------------------
 
 _OUTPUT_KEY = "dtsctl.output"
@@ -1374,10 +1434,19 @@ def global_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+_LATE_KEY = "dtsctl.late"
+
+
 def _late_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
-    """A global option given after the verb: it counts as if given before it."""
-    if value is not None and param.name is not None:
-        ctx.find_object(Settings).set_option(param.name, value)
+    """A global option given after the verb: it counts as if given before it. (While
+    completing, no Settings exist: it is kept for _completion_settings.)"""
+    if value is None or param.name is None:
+        return
+    settings = ctx.find_object(Settings)
+    if settings is None:
+        ctx.meta.setdefault(_LATE_KEY, {})[param.name] = value
+    else:
+        settings.set_option(param.name, value)
 
 
 def accept_global_options_after_verbs(group: click.Group) -> None:
@@ -1632,7 +1701,7 @@ def _each(ids: Sequence[str], action: Callable[[str], Any]) -> tuple[list[Any], 
 
 @cli.command()
 @option_output
-@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...", shell_complete=_job_ids())
 @pass_settings
 def status(settings: Settings, job_ids: tuple[str, ...]) -> None:
     """The cluster, or the given jobs.
@@ -1723,7 +1792,7 @@ def list_jobs(settings: Settings, statuses: tuple[str, ...], queue: str, name: s
               help="The output of attempt N instead of the last finished one.")
 @option_raw
 @option_output
-@click.argument("job_id")
+@click.argument("job_id", shell_complete=_job_ids())
 @pass_settings
 def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw: bool) -> None:
     """A job's output (stdout and stderr together).
@@ -1765,7 +1834,8 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw
 
 @cli.command()
 @option_output
-@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...",
+                shell_complete=_job_ids(models.JobStatus.PENDING, models.JobStatus.RUNNING))
 @pass_settings
 def cancel(settings: Settings, job_ids: tuple[str, ...]) -> None:
     """Cancel jobs: pending ones never run, running ones are killed.
@@ -1788,7 +1858,8 @@ def cancel(settings: Settings, job_ids: tuple[str, ...]) -> None:
 
 @cli.command()
 @option_output
-@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...",
+                shell_complete=_job_ids(models.JobStatus.FAILED, models.JobStatus.CANCELLED))
 @pass_settings
 def retry(settings: Settings, job_ids: tuple[str, ...]) -> None:
     """Run FAILED or CANCELLED jobs again, with a fresh retry budget.
@@ -1828,7 +1899,8 @@ def dlq_list(settings: Settings, queue: str, limit: int | None, page_token: str,
 @click.option("--all", "all_jobs", is_flag=True, help="Every dead-lettered job (of --queue).")
 @click.option("--queue", default="", help="With --all: only jobs of this queue.")
 @option_output
-@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)")
+@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)",
+                shell_complete=_job_ids(dead=True))
 @pass_settings
 def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, queue: str) -> None:
     """Run dead-lettered jobs again (they leave the dead-letter queue).
@@ -1856,7 +1928,8 @@ def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, qu
 @click.option("--queue", default="", help="Only jobs of this queue.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before purging everything.")
 @option_output
-@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)")
+@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)",
+                shell_complete=_job_ids(dead=True))
 @pass_settings
 def dlq_purge(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, queue: str,
               yes: bool) -> None:
@@ -1924,7 +1997,8 @@ def cron() -> None:
 
 
 @cron.command("add")
-@click.option("--tz", "zone", default="", metavar="ZONE", help="IANA time zone (default UTC).")
+@click.option("--tz", "zone", default="", metavar="ZONE", shell_complete=complete_zones,
+              help="IANA time zone (default UTC).")
 @click.option("--overlap", type=click.Choice(OVERLAP_NAMES), default="allow", show_default=True,
               help="A slot while the previous run still runs: start anyway, skip it, or "
                    "cancel the running one. forbid holds across the whole cluster.")
@@ -1999,7 +2073,7 @@ def cron_list(settings: Settings) -> None:
 def _schedule_verb(method: str, verb: str, doc: str) -> None:
     @cron.command(verb, help=doc)
     @option_output
-    @click.argument("name")
+    @click.argument("name", shell_complete=complete_schedules)
     @pass_settings
     def command(settings: Settings, name: str) -> None:
         reply = settings.call(Role.WRITE, method, dtsd_pb2.ScheduleRef(name=name))
@@ -2027,10 +2101,10 @@ _schedule_verb("TriggerSchedule", "run", "Fire NAME now, outside its slots; prin
 @cron.command("next")
 @click.option("-n", "count", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="How many slots.")
-@click.option("--tz", "zone", default="", metavar="ZONE",
+@click.option("--tz", "zone", default="", metavar="ZONE", shell_complete=complete_zones,
               help="With an expression instead of NAME: its time zone.")
 @option_output
-@click.argument("name_or_expression")
+@click.argument("name_or_expression", shell_complete=complete_schedules)
 @pass_settings
 def cron_next(settings: Settings, name_or_expression: str, count: int, zone: str) -> None:
     """The next slots of a schedule (or of an expression), in UTC and local time, with

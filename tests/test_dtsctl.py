@@ -211,3 +211,37 @@ def test_a_job_for_a_queue_no_worker_serves_is_warned_about(dtsd, tmp_path):
     status = json.loads(ok(dtsd.dtsctl("-o", "json", "status")))
     assert status["unserved_queues"] == ["gpu"]
     assert "No live worker serves 'gpu'" in ok(dtsd.dtsctl("status"))
+
+
+def complete(dtsd, line: str) -> list[str]:
+    """What bash completion offers for the last word of `line` (click's protocol, which
+    packaging/completion/dtsctl speaks), asking the real dtsd."""
+    words = line.split(" ")
+    result = subprocess.run(
+        [sys.executable, "-m", "dtsd.cli"], capture_output=True, text=True, timeout=30,
+        cwd=REPO_ROOT, env=clean_env({"PYTHONPATH": str(REPO_ROOT), "COMP_WORDS": line,
+                                      "COMP_CWORD": str(len(words) - 1),
+                                      "_DTSCTL_COMPLETE": "bash_complete"}))
+    assert result.returncode == 0, result.stderr
+    return [item.split(",", 1)[1] for item in result.stdout.splitlines() if item]
+
+
+def test_completion_of_job_ids_schedule_names_and_zones(dtsd):
+    running = ok(dtsd.dtsctl("submit", "--", "sleep 300")).strip()
+    failed = ok(dtsd.dtsctl("submit", "--max-retries", "0", "--", "false")).strip()
+    wait_for(lambda: failed in dtsd.dtsctl("dlq", "list").stdout)
+    ok(dtsd.dtsctl("cron", "add", "nightly", "0 3 * * *", "--", "true"))
+    at = f"--servers {dtsd.address} --timeout 20"       # a loaded CI machine can be slow
+    assert {running, failed} <= set(complete(dtsd, f"dtsctl {at} status "))
+    assert complete(dtsd, f"dtsctl {at} cancel ") == [running]
+    assert complete(dtsd, f"dtsctl {at} retry ") == [failed]
+    assert complete(dtsd, f"dtsctl {at} dlq requeue ") == [failed]
+    assert complete(dtsd, f"dtsctl {at} logs {failed[:8]}") == [failed]
+    assert running in complete(dtsd, f"dtsctl status {at} ")   # options after the verb count
+    assert complete(dtsd, f"dtsctl {at} cron pause nig") == ["nightly"]
+    assert complete(dtsd, f"dtsctl {at} cron next ") == ["nightly"]
+    assert complete(dtsd, "dtsctl cron add x y --tz America/New_Y") == ["America/New_York"]
+    nowhere = f"127.0.0.1:{free_port()}"
+    assert complete(dtsd, f"dtsctl --servers {nowhere} status ") == []   # no server: nothing
+    assert complete(dtsd, f"dtsctl {at} cron pause zzz") == []
+    ok(dtsd.dtsctl("cancel", running))
