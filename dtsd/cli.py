@@ -1528,7 +1528,8 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
                    "--limit/--notify/--notify-on give defaults.")
 @click.option("--concurrent", is_flag=True,
               help="With --file --wait: print each job's block as soon as it ends, "
-                   "instead of in file order.")
+                   "instead of in file order. (On a terminal, a line on stderr counts "
+                   "the jobs that ended.)")
 @click.option("--raw", is_flag=True, help="With --wait or --follow: write " + RAW_HELP)
 @option_output
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] CMD...")
@@ -1644,25 +1645,63 @@ def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wai
         render(settings.output, {"jobs": results}, table)
     lock = threading.Lock()
     settings.client(Role.READ)   # made before the threads start, so they share it
+    progress = Progress(len(results))
 
     def finish(index: int) -> dict[str, Any]:
         job = job_dict(wait_for_job(settings, results[index]["id"]))
         results[index]["job"] = job
-        if not settings.json:
-            with lock:
+        with lock:
+            progress.clear()
+            if not settings.json:
                 render(settings.output, job, lambda data: _job_block(entries[index], data))
+            progress.advance(job["status"] == models.JobStatus.SUCCEEDED.value)
         return job
 
-    if concurrent:
-        with ThreadPoolExecutor(max_workers=min(32, len(results))) as pool:
-            finished = list(pool.map(finish, range(len(results))))
-    else:
-        finished = [finish(index) for index in range(len(results))]
+    progress.draw()
+    try:
+        if concurrent:
+            with ThreadPoolExecutor(max_workers=min(32, len(results))) as pool:
+                finished = list(pool.map(finish, range(len(results))))
+        else:
+            finished = [finish(index) for index in range(len(results))]
+    finally:
+        progress.clear()
     if settings.json:
         render(settings.output, {"jobs": results}, lambda data: None)
     failed = [job for job in finished if job["status"] != models.JobStatus.SUCCEEDED.value]
     if failed:
         raise CliError(f"{len(failed)} of {len(finished)} jobs did not succeed")
+
+
+class Progress:
+    """How many of the jobs waited for have ended, on one line of standard error that is
+    redrawn in place: only on a terminal, and only for more than one job. Whoever writes
+    a line meanwhile clears it first."""
+
+    def __init__(self, total: int, stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.shown = total > 1 and is_terminal(self.stream)
+        self.total = total
+        self.done = 0
+        self.failed = 0
+
+    def draw(self) -> None:
+        if self.shown:
+            failed = f", {self.failed} did not succeed" if self.failed else ""
+            self.stream.write(f"\r\x1b[Kwaiting: {self.done} of {self.total} jobs "
+                              f"ended{failed}")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def advance(self, succeeded: bool) -> None:
+        self.done += 1
+        self.failed += not succeeded
+        if self.done < self.total:
+            self.draw()
 
 
 def _job_block(entry: Mapping[str, Any], job: dict[str, Any]) -> str:

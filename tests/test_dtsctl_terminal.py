@@ -375,3 +375,42 @@ def test_cron_list_on_a_terminal_escapes_the_command(dtsd):
     code, written, _ = on_terminal(dtsd, "cron", "list")
     assert code == 0
     assert "echo \\x1b[2J\\u202e" in shown_text(written)
+
+
+def stderr_on_terminal(dtsd, *args: str) -> tuple[int, bytes, bytes]:
+    """Run dtsctl with standard error on a real pseudo-terminal, standard output a pipe:
+    (exit code, stdout, what reached the terminal)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dtsd.cli", "--servers", dtsd.address, *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, cwd=REPO_ROOT,
+            env=clean_env({"PYTHONPATH": str(REPO_ROOT)}))
+    finally:
+        os.close(slave)
+    try:
+        written = read_all(master)
+        return proc.wait(30), proc.stdout.read(), written
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_submit_file_wait_counts_the_ended_jobs_on_a_terminal_only(dtsd, tmp_path):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"jobs": [
+        {"name": "one", "command": "true"}, {"name": "two", "command": "sleep 0.3"},
+        {"name": "bad", "command": "exit 2", "max_retries": 0}]}))
+    code, out, err = stderr_on_terminal(dtsd, "submit", "--file", str(jobs), "--wait")
+    assert code == 1 and out.count(b"Job ID:") == 3
+    clear = "\r\x1b[K"      # back to the line's start, erase it: before each block on stdout
+    assert err.decode() == (f"{clear}waiting: 0 of 3 jobs ended{clear}"
+                            f"{clear}waiting: 1 of 3 jobs ended{clear}"
+                            f"{clear}waiting: 2 of 3 jobs ended{clear}"
+                            f"{clear}Error: 1 of 3 jobs did not succeed\n")   # a raw tty
+    piped_run = piped(dtsd, "submit", "--file", str(jobs), "--wait")
+    assert piped_run.returncode == 1
+    assert b"waiting:" not in piped_run.stderr and b"\x1b" not in piped_run.stderr
