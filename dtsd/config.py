@@ -24,7 +24,7 @@ import socket
 import stat as stat_module
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from .identity import ROLE_NAMES, parse_local_roles
 
@@ -769,6 +769,34 @@ def peek(path: str | None, section: str, key: str) -> Any:
         return option.convert(written if written is not None else option.default)
     except ValueError:
         return option.convert(option.default)
+
+
+def load_keys(path: str, keys: Sequence[tuple[str, str]]) -> Config:
+    """Only `keys` of the file at `path`, each checked; every other section and key is
+    left unread, so an error there does not count (dtsctl needs [client] of a file whose
+    server sections may be wrong). Raises ConfigError naming the file, section and key
+    of a wrong one of `keys`, or when the file cannot be read at all."""
+    chosen = os.path.abspath(path)
+    parser = configparser.ConfigParser(interpolation=None, strict=False,
+                                       inline_comment_prefixes=(";", "#"),
+                                       default_section="\0none")
+    try:
+        with open(chosen, encoding="utf-8") as handle:
+            parser.read_file(handle, source=chosen)
+    except FileNotFoundError:
+        raise ConfigError(f"{chosen}: no such file") from None
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise ConfigError(f"{chosen}: cannot read: {exc}") from None
+    config = Config(path=chosen)
+    for section, key in keys:
+        option = _BY_KEY[(section, key)]
+        text = parser.get(section, key, fallback=None)
+        try:
+            value = option.convert(option.default if text is None else text)
+        except ValueError as exc:
+            raise ConfigError(f"{chosen}: [{section}] {key}: {exc}") from None
+        config.values.setdefault(section, {})[key] = value
+    return config
 
 
 def reference_ini() -> str:

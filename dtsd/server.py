@@ -221,6 +221,7 @@ def epoch(value: datetime | None) -> int:
 # --- queue depths -------------------------------------------------------------------------
 
 DEPTH_FRESH = 0.1   # seconds a depth read from Redis may admit further submits
+SERVED_FRESH = 2.0  # seconds the queues the live workers serve are taken as still served
 
 
 class DepthCache:
@@ -252,6 +253,36 @@ class DepthCache:
             self.seen[key] = (time.monotonic(), value + adding if value + adding <= limit
                               else value)
         return value
+
+
+class ServedQueues:
+    """The queues some live worker serves, by the workers' heartbeats in Redis, read at
+    most every `fresh` seconds, so that a submit pays no round trip for it. None when
+    Redis cannot tell: then no queue is said to be unserved."""
+
+    def __init__(self, queue: Queue, fresh: float = SERVED_FRESH):
+        self.queue = queue
+        self.fresh = fresh
+        self.lock = threading.Lock()
+        self.read_at: float | None = None
+        self.served: frozenset[str] | None = None
+
+    def unserved(self, name: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            stale = self.read_at is None or now - self.read_at >= self.fresh
+            if stale:
+                self.read_at = now      # one reader per period; the others use the last set
+        if stale:
+            try:
+                beats = self.queue.workers().values()
+                served = frozenset(q for beat in beats if beat for q in beat.get("queues", ()))
+            except redis.RedisError:
+                served = None
+            with self.lock:
+                self.served = served
+        served = self.served
+        return served is not None and name not in served
 
 
 # --- error mapping ------------------------------------------------------------------------
@@ -438,6 +469,7 @@ class Api:
         self.max_pending_total = cfg.get("server", "max_pending_total")
         self.submits = Combiner(self._store_round, max_weight=cfg.get("server", "max_batch"))
         self.depths = DepthCache()
+        self.served = ServedQueues(queue)
 
     def submit(self, jobs: list[NewJob]) -> list[bool]:
         """Store `jobs` (all or none) and push them to Redis; per job, whether it is new.
@@ -665,7 +697,8 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                           targets=self.api.targets)
         created = self.api.submit([job])[0]
         auth.audit("submit", f"1 job: {job.id}{'' if created else ' (existed)'}")
-        return pb.SubmitJobResponse(id=job.id, created=created)
+        return pb.SubmitJobResponse(id=job.id, created=created,
+                                    queue_unserved=self.api.served.unserved(job.queue))
 
     @rpc
     def SubmitJobs(self, request, context):
@@ -680,8 +713,10 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                 for i, spec in enumerate(request.jobs)]
         created = self.api.submit(jobs)
         auth.audit("submit", f"{len(jobs)} jobs ({sum(created)} new): {_ids(jobs)}")
-        return pb.SubmitJobsResponse(jobs=[pb.SubmitJobResponse(id=job.id, created=new)
-                                           for job, new in zip(jobs, created)])
+        return pb.SubmitJobsResponse(jobs=[
+            pb.SubmitJobResponse(id=job.id, created=new,
+                                 queue_unserved=self.api.served.unserved(job.queue))
+            for job, new in zip(jobs, created)])
 
     @rpc
     def GetJob(self, request, context):

@@ -83,7 +83,7 @@ def test_submit_then_get_until_it_succeeds_with_its_output(node):
     again = ok(node, "POST", "/api/v1/jobs", {"command": "echo hello; echo $GREETING",
                                               "name": "greet", "env": {"GREETING": "hi"},
                                               "idempotency_key": "k1"})
-    assert again == {"id": submitted["id"], "created": False}
+    assert again == {"id": submitted["id"], "created": False, "queue_unserved": False}
     with_attempts = ok(node, "GET", f"/api/v1/jobs/{submitted['id']}?include_attempts=true")
     assert [a["number"] for a in with_attempts["attempt_history"]] == [1]
 

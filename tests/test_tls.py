@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -72,9 +73,16 @@ def test_tls_server_refuses_plaintext_and_serves_tls_clients(dtsd_factory, pki):
     assert "(TLS, no tokens)" in master.log()
     plain = master.dtsctl("--timeout", "3", "list")
     assert plain.returncode == 3, (plain.returncode, plain.stderr)
+    # It said only "Socket closed".
+    assert f"{master.address} speaks TLS, and dtsctl spoke plaintext: give --tls-ca" \
+        in plain.stderr, plain.stderr
+    assert "client certificate" not in plain.stderr
 
     wrong_ca = master.dtsctl("--timeout", "3", "list", tls=["--tls-ca", str(pki / "client.pem")])
     assert wrong_ca.returncode == 3, (wrong_ca.returncode, wrong_ca.stderr)
+    assert f"its certificate is not signed by the CA in {pki / 'client.pem'}" in wrong_ca.stderr
+    for result in (plain, wrong_ca):      # gRPC's C core keeps its own lines to itself
+        assert_no_grpc_core_lines(result.stderr)
 
     tls = ["--tls-ca", str(pki / "ca.pem")]
     job_id = ok(master.dtsctl("submit", "--wait", "--", "echo", "over tls", tls=tls)).strip()
@@ -88,9 +96,30 @@ def test_mtls_needs_a_client_certificate(dtsd_factory, pki):
     assert "(mTLS, no tokens)" in master.log()
     no_cert = master.dtsctl("--timeout", "3", "list", tls=["--tls-ca", str(pki / "ca.pem")])
     assert no_cert.returncode == 3, (no_cert.returncode, no_cert.stderr)
+    assert f"{master.address} requires a client certificate (mTLS): give --tls-cert" \
+        in no_cert.stderr, no_cert.stderr
+    plain = master.dtsctl("--timeout", "3", "list")
+    assert "speaks TLS" in plain.stderr and "requires a client certificate" in plain.stderr
+    assert_no_grpc_core_lines(no_cert.stderr + plain.stderr)
+    assert_no_grpc_core_lines(master.log())       # the journal, under systemd
     with_cert = ["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"),
                  "--tls-key", str(pki / "client.key")]
     ok(master.dtsctl("list", tls=with_cert))
+
+
+def test_tls_spoken_to_a_plaintext_server_is_named(dtsd_factory, pki):
+    master = dtsd_factory(FAST)
+    result = master.dtsctl("--timeout", "3", "list", tls=["--tls-ca", str(pki / "ca.pem")])
+    assert result.returncode == 3
+    assert f"{master.address} does not speak TLS (it answered in plaintext): drop --tls-ca" \
+        in result.stderr, result.stderr
+    assert_no_grpc_core_lines(result.stderr)
+
+
+def assert_no_grpc_core_lines(text: str) -> None:
+    """gRPC's C core writes `E1202 12:00:00.000 ... ssl_transport_security.cc:1501] ...`."""
+    assert "ssl_transport_security" not in text, text
+    assert not re.search(r"^[EWI]\d{4} \d\d:\d\d:\d\d", text, re.M), text
 
 
 def test_client_tls_settings_from_the_config_file(dtsd_factory, pki, tmp_path):

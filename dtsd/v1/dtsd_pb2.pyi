@@ -482,12 +482,14 @@ class SubmitJobRequest(_message.Message):
     def __init__(self, job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
-    __slots__ = ["created", "id"]
+    __slots__ = ["created", "id", "queue_unserved"]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_UNSERVED_FIELD_NUMBER: _ClassVar[int]
     created: bool
     id: str
-    def __init__(self, id: _Optional[str] = ..., created: bool = ...) -> None: ...
+    queue_unserved: bool
+    def __init__(self, id: _Optional[str] = ..., created: bool = ..., queue_unserved: bool = ...) -> None: ...
 
 class SubmitJobsRequest(_message.Message):
     __slots__ = ["jobs"]

@@ -229,9 +229,9 @@ def dtsctl_page() -> list[str]:
             "\\fBdtsctl\\fR [\\fIGLOBAL OPTIONS\\fR] \\fIVERB\\fR [\\fIOPTIONS\\fR] "
             "[\\fIARGS\\fR]",
             ".SH DESCRIPTION", esc(
-                "dtsctl talks to the gRPC API of dtsd servers. Global options come before the "
-                "verb; `-o json` may come before or after it. `dtsctl VERB --help` prints a "
-                "verb's help.")]
+                "dtsctl talks to the gRPC API of dtsd servers. Global options may come before "
+                "or after the verb (after `submit` and `cron add`, `--timeout` is the job's "
+                "timeout). `dtsctl VERB --help` prints a verb's help.")]
     # The module docstring: which servers, exit codes, the JSON fields. Its title, usage
     # line and list of verbs are what NAME, SYNOPSIS and COMMANDS show.
     sections = {"Which servers": "SERVERS", "Exit codes": "EXIT STATUS",
@@ -257,10 +257,19 @@ def dtsctl_page() -> list[str]:
     for name, text in (("DTSD_SERVERS", "As --servers."), ("SERVERS", "As --servers (the seed's name)."),
                        ("SUBMIT_SERVER", "As --submit-server."),
                        ("STATUS_SERVERS", "As --status-servers."),
-                       ("DTSD_CONFIG", f"As -c (default {config.DEFAULT_PATH}, when readable).")):
+                       ("DTSD_CONFIG", f"As -c (default {config.DEFAULT_PATH}, when readable)."),
+                       ("DTSD_TOKEN", "As --token."), ("DTSD_TOKEN_FILE", "As --token-file."),
+                       ("GRPC_VERBOSITY", "gRPC's own logging; dtsd sets NONE unless it is set.")):
         out += [".TP", f"\\fB{name}\\fR", opt(text)]
+    # What dtsctl reads of the file, from the code that reads it (dtsd.cli.CLIENT_KEYS).
+    read = ", ".join(f"[{section}] {key}" for section, key in dtsctl.CLIENT_KEYS)
     out += [".SH FILES", ".TP", esc(config.DEFAULT_PATH),
-            "Its [client] section: servers and timeout (see \\fBdtsd.ini\\fR(5)).",
+            esc(f"dtsctl reads {read} (see `dtsd.ini`(5)); an error elsewhere in the "
+                "file is only warned about."),
+            ".TP", esc("/usr/share/bash-completion/completions/dtsctl"),
+            esc("Completion for bash; zsh and fish get theirs in "
+                "/usr/share/zsh/vendor-completions/_dtsctl and "
+                "/usr/share/fish/vendor_completions.d/dtsctl.fish."),
             ".SH SEE ALSO", "\\fBdtsd\\fR(8), \\fBdtsd.ini\\fR(5)"]
     return out
 
