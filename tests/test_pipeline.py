@@ -176,6 +176,28 @@ def test_a_job_cancelled_while_running_can_be_retried(api, tmp_path):
     assert (job.status, job.output, job.attempts) == (pb.SUCCEEDED, b"again\n", 2)
 
 
+def test_a_cancelled_running_job_keeps_the_output_it_wrote(dtsd, api, tmp_path):
+    """As a job killed by its timeout does: the output of every ended attempt is kept
+    (it was `Output: (none)` after a cancel)."""
+    mark = tmp_path / "mark"
+    job_id = submit(api, f"echo before the cancel; touch {mark}; sleep 300")
+    wait_for(mark.exists, message="the job to write its output")
+    api.CancelJob(pb.CancelJobRequest(id=job_id))
+    job = wait_for(lambda: (j := api.GetJob(pb.GetJobRequest(id=job_id, include_attempts=True)))
+                   .attempt_history[0].finished_at.seconds and j,
+                   message="the cancelled attempt to be recorded")
+    assert job.status == pb.CANCELLED and "cancel" in job.error
+    assert job.output == b"before the cancel\n"
+    assert job.attempt_history[0].output == job.output
+    logs = dtsd.dtsctl("logs", job_id)
+    assert (logs.returncode, logs.stdout) == (0, "before the cancel\n"), logs
+    # A watch of it sends that output, then the final state.
+    events = list(api.WatchJob(pb.WatchJobRequest(id=job_id), timeout=10))
+    assert [(e.kind, e.output, e.status) for e in events] == [
+        (pb.JobEvent.OUTPUT, b"before the cancel\n", 0),
+        (pb.JobEvent.STATE, b"", pb.CANCELLED)]
+
+
 def test_a_job_killed_by_a_signal_records_minus_the_signal(api):
     job = wait_final(api, submit(api, "kill -9 $$", max_retries=0))
     assert (job.status, job.exit_code) == (pb.FAILED, -9)
