@@ -397,6 +397,22 @@ def test_watch_of_a_finished_job_sends_its_output_and_state(api):
     assert events[0].output == b"done\n" and events[1].status == pb.SUCCEEDED
 
 
+def test_watch_of_a_running_job_sends_its_state_first_and_the_final_state_last(api, tmp_path):
+    """What the proto, the README and the HTTP API say of WatchJob, for both kinds of job."""
+    mark = tmp_path / "mark"
+    job_id = submit(api, f"touch {mark}; sleep 0.5; echo late; exit 3", max_retries=0)
+    wait_for(mark.exists, message="the job to run")
+    events = list(api.WatchJob(pb.WatchJobRequest(id=job_id), timeout=30))
+    assert (events[0].kind, events[0].status) == (pb.JobEvent.STATE, pb.RUNNING), events[0]
+    assert (events[-1].kind, events[-1].status, events[-1].exit_code) == (
+        pb.JobEvent.STATE, pb.FAILED, 3), events[-1]
+    assert b"".join(e.output for e in events if e.kind == pb.JobEvent.OUTPUT) == b"late\n"
+    # Once final: the output, then the final state, and nothing after it.
+    again = list(api.WatchJob(pb.WatchJobRequest(id=job_id), timeout=10))
+    assert [(e.kind, e.status) for e in again] == [(pb.JobEvent.OUTPUT, 0),
+                                                  (pb.JobEvent.STATE, pb.FAILED)]
+
+
 def test_the_seed_surface_answers_on_the_same_port(dtsd):
     channel = grpc.insecure_channel(dtsd.address)
     jobs = seed_pb_grpc.JobServiceStub(channel)
