@@ -123,8 +123,10 @@ def seed_variables() -> list[tuple[str, str]]:
 
 
 def signal_table() -> list[tuple[str, str]]:
-    """The master docstring's table: `    TERM, INT   graceful stop ...`."""
-    rows = re.findall(r"^    ([A-Z0-9]+(?:, [A-Z0-9]+)*) {2,}(.+)$", master.__doc__ or "", re.M)
+    """The master docstring's table: `    TERM, INT   graceful stop ...`, a row's text
+    going on in the lines indented to it."""
+    rows = [(names, " ".join(text.split())) for names, text in re.findall(
+        r"^    ([A-Z0-9]+(?:, [A-Z0-9]+)*) {2,}(.+(?:\n {8,}\S.*)*)$", master.__doc__ or "", re.M)]
     if not rows:
         sys.exit("mkman: found no signal table in dtsd.master's docstring")
     return rows
