@@ -261,9 +261,13 @@ class Master:
         self.notifier.status("starting")
         for warning in self.preflight.warnings:
             log.warning("%s", warning)
-        if not self.address_is_free() or not self.open_broker() or not self.migrate():
+        if not self.address_is_free() or not self.open_broker():
             self.broker.close()
             return 1
+        migrated = self.migrate()
+        if migrated:
+            self.broker.close()
+            return migrated
         self.sweep_job_slots()       # what a master that died before us may have left
         if not self.job_slots_usable():
             self.broker.close()
@@ -887,14 +891,22 @@ class Master:
             return 0
         return len(result.stdout.split())
 
-    def migrate(self) -> bool:
-        """Bring the schema up to date in a child process (the master opens no connection)."""
+    def migrate(self) -> int:
+        """Bring the schema up to date in a child process (the master opens no connection).
+
+        0 when done, else the master's exit code: EXIT_CONFIG when `dtsd migrate` found no
+        such database or role (a restart would not create them; its error line names the
+        commands that do), 1 otherwise (the database may be back on the next try)."""
         result = subprocess.run([sys.executable, "-m", "dtsd", "migrate", *self.config_args()],
                                 stdin=subprocess.DEVNULL)
-        if result.returncode != 0:
-            log.error("schema migration failed (exit code %d); not starting", result.returncode)
-            return False
-        return True
+        if result.returncode == 0:
+            return 0
+        if result.returncode == child.EXIT_CONFIG:
+            log.error("schema migration failed: the database or its role does not exist (the "
+                      "line above says how to create them); not starting")
+            return child.EXIT_CONFIG
+        log.error("schema migration failed (exit code %d); not starting", result.returncode)
+        return 1
 
 
 def _part(cfg: Config, part: str):

@@ -205,10 +205,12 @@ def dtsd_page() -> list[str]:
         "0 after a requested stop (and for --check-config on a valid file, 1 on an error). "
         f"{child.EXIT_CONFIG} (EX_CONFIG) when the master refuses the configuration: it does "
         "not parse, or a start check fails (exposure, secrets, unreadable files, the job "
-        f"user), or a child exits {child.EXIT_CONFIG} before the node was first ready. "
-        "1 when it stops on its own for another reason: the listen address in use, a failed "
-        f"migration, a child exiting {child.EXIT_BOOT} (cannot start) before the node was "
-        "first ready.")]
+        f"user), or a child exits {child.EXIT_CONFIG} before the node was first ready; also "
+        "when the PostgreSQL database or role of `[postgres] dsn` does not exist (the log "
+        "names the createuser and createdb commands that create them). "
+        "1 when it stops on its own for another reason: the listen address in use, "
+        "PostgreSQL unreachable or another failed migration, a child exiting "
+        f"{child.EXIT_BOOT} (cannot start) before the node was first ready.")]
     out += [".SH ENVIRONMENT", ".TP", "\\fBDTSD_CONFIG\\fR",
             esc(f"The configuration file when -c is not given (default {config.DEFAULT_PATH})."),
             ".PP", "The seed's variables override the file when set and not empty:"]
