@@ -494,6 +494,9 @@ class Master:
             self.reloading = False
             log.info("reload complete")
             self.write_node_record(force=True)   # whoever acts on READY reads this
+            # STATUS= without "reloading; " before READY=1 and the verdict: `systemctl
+            # reload` returns on the verdict, and what it shows then must be the outcome.
+            self.notifier.status(self.status_line())
             self.notifier.send("READY=1")
             self.write_verdict(ReloadState.DONE, "reload complete")
             return
