@@ -263,8 +263,19 @@ note "container up: systemd pid $CT_PID on the host, $(ct systemctl is-system-ru
 
 # --- 1 ------------------------------------------------------------------------------------
 say "1. the install block: PostgreSQL, Redis, etcd and the .deb, offline from the fetched archive"
-quiet '^(Selecting|Preparing|Unpacking|Setting up|Processing|\(Reading|Get:|debconf: )' ct_sh "bash -eux install.sh" ||
+install_out=$(quiet '^(Selecting|Preparing|Unpacking|Setting up|Processing|\(Reading|Get:|debconf: )' ct_sh "bash -eux install.sh") ||
 	fail "the install block failed"
+printf '%s\n' "$install_out"
+grep -F "dtsd is installed and enabled, but not started" <<<"$install_out" >/dev/null &&
+	grep -F "/usr/share/doc/dtsd/README.Debian" <<<"$install_out" >/dev/null ||
+	fail "postinst did not say that dtsd is not started and where the first start is"
+# README.Debian gives the first-start block of the README, command for command.
+readme_debian=$(ct sh -c 'zcat -f /usr/share/doc/dtsd/README.Debian*')
+while IFS= read -r line; do
+	grep -F -- "${line#sudo }" <<<"$readme_debian" >/dev/null ||
+		fail "README.Debian lacks the first-start line: $line"
+done < <(block first-start)
+note "postinst says dtsd is not started; README.Debian holds every first-start command"
 ct_sh "dpkg-query -W -f='\${Package} \${Version} \${Status}\n' dtsd postgresql redis-server etcd-server"
 ct_sh "apt-cache policy dtsd"
 [ "$(ct systemctl is-active dtsd || true)" = inactive ] || fail "installing started dtsd"
@@ -526,7 +537,13 @@ ct_sh "mkdir -p /etc/systemd/system/dtsd.service.d
 	fail "dtsd does not run with relax-hardening.conf"
 
 # --- 6 ------------------------------------------------------------------------------------
-say "6. the purge block"
+say "6. the purge block, after \`dtsd token add\` made /etc/dtsd/tokens and /run/dtsd/tokens.lock"
+# As the README's Security section has it, with the service stopped: the lock in /run/dtsd
+# then outlives the service's runtime directory.
+ct systemctl stop dtsd
+printf '[server]\ntokens_file = /etc/dtsd/tokens\n' >"$WORK/root$CT_DIR/tokens.ini"
+ct dtsd token add purge-check --role read -c "$CT_DIR/tokens.ini" >/dev/null
+ct_sh "ls -l /etc/dtsd/tokens /run/dtsd/tokens.lock"
 quiet '^\(Reading' ct_sh "bash -eux purge.sh" || fail "the purge block failed"
 ct_sh "refute 'dpkg-query -W -f=\${db:Status-Abbrev} dtsd 2>/dev/null | grep -E ^i'
 	refute '[ -e /etc/dtsd ] || [ -e /var/lib/dtsd ] || [ -e /run/dtsd ]'
