@@ -349,6 +349,23 @@ def files_readable(checked: Checked) -> Iterator[Problem]:
                     f"{failed[log_file]}")
 
 
+@check
+def tls_pair_loads(checked: Checked) -> Iterator[Problem]:
+    """The API's certificate and key load as a pair, and the client CA as CAs (dtsd/tls.py):
+    a reload must not replace working servers with ones that cannot serve. Tried only when
+    the files' reader can read them all: else files_readable names the file and the reader."""
+    from . import tls                    # stdlib only: the master imports it already
+    paths = [path for key in tls.KEYS if (path := checked.cfg.get("server", key))]
+    try:
+        if not paths or checked.reader.failures(paths):
+            return
+    except OSError:
+        return                           # files_readable says why it could not check
+    problem = tls.load_problem(checked.cfg)
+    if problem:
+        yield error(problem)
+
+
 def _job_user_groups(cfg: Config) -> tuple[int | None, set[int]]:
     name = cfg.get("worker", "job_user")
     try:

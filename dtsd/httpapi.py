@@ -200,8 +200,9 @@ ROUTES = [
     Route("POST", "/jobs/{id}/cancel", "CancelJob", "Cancel a job", body=""),
     Route("POST", "/jobs/{id}/retry", "RetryJob",
           "Run a FAILED or CANCELLED job again with a fresh retry budget", body=""),
-    Route("GET", "/jobs/{id}/watch", "WatchJob", "Server-sent events: the job's state, "
-          "then output chunks and state changes until it is final", stream=True),
+    Route("GET", "/jobs/{id}/watch", "WatchJob", "Server-sent events: the job's state "
+          "(its output first when it is final already), then output chunks and state "
+          "changes, ending with the final state", stream=True),
     Route("GET", "/dead-letters", "ListDeadLetters", "List dead-lettered jobs",
           aliases={"limit": "page_size"}),
     Route("POST", "/dead-letters/requeue", "RequeueDeadLetters",

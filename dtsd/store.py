@@ -468,7 +468,10 @@ class Store:
         """Record a batch of finished attempts; returns the ids whose job row changed.
 
         The attempt row is always closed. The job row changes only if it is still RUNNING
-        that very attempt; a job cancelled meanwhile keeps its CANCELLED.
+        that very attempt; a job cancelled meanwhile keeps its CANCELLED (and its error) but
+        takes the output of the attempt the cancel ended, as a job killed by its timeout
+        keeps what it wrote (such a job is not among the ids returned: its row's state
+        did not change here).
 
         A job that ends FAILED and dead-lettered, or SUCCEEDED, and asks for that event
         (jobs.notify_on) gets a row in `notifications` per target, in the same statement;
@@ -498,6 +501,10 @@ class Store:
                               output = u.output, output_truncated = u.truncated, error = u.error
                        FROM u WHERE a.job_id = u.job_id AND a.attempt = u.attempt
                          AND a.finished_at IS NULL),
+                   kept AS (
+                       UPDATE jobs j SET output = u.output, output_truncated = u.truncated
+                       FROM u WHERE j.id = u.job_id AND j.attempts = u.attempt
+                         AND j.status = 'CANCELLED'),
                    ended AS (
                        UPDATE jobs j SET status = u.status, exit_code = u.exit_code,
                               output = u.output, output_truncated = u.truncated, error = u.error,

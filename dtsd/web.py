@@ -36,6 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__, auth, child, httpapi, metrics, webui
+from . import tls as tlsmod
 from .config import Config
 from .queue import Queue, connect
 from .store import Store
@@ -254,18 +255,6 @@ class Web:
 
     # --- running --------------------------------------------------------------------------
 
-    def _tls(self) -> ssl.SSLContext | None:
-        cert, key = self.cfg.get("server", "tls_cert"), self.cfg.get("server", "tls_key")
-        if not (cert and key):
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
-        client_ca = self.cfg.get("server", "tls_client_ca")
-        if client_ca:
-            context.load_verify_locations(client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGQUIT):
@@ -275,7 +264,7 @@ class Web:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            tls = self._tls()
+            tls = tlsmod.server_context(self.cfg)
             site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_port=True)
             await site.start()
         except (OSError, ssl.SSLError) as exc:

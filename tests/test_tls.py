@@ -131,3 +131,82 @@ def test_client_tls_settings_from_the_config_file(dtsd_factory, pki, tmp_path):
     ok(run_dtsctl("-c", str(ini), "list"))
     half = run_dtsctl("--servers", master.address, "--tls-cert", str(pki / "client.pem"), "list")
     assert half.returncode == 2 and "need --tls-ca" in half.stderr
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER certificate a TLS listener on 127.0.0.1:`port` presents (not verified)."""
+    import socket
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw) as conn:
+            return conn.getpeercert(binary_form=True)
+
+
+def der(pem: Path) -> bytes:
+    import ssl
+    return ssl.PEM_cert_to_DER_cert(pem.read_text())
+
+
+def test_a_reload_picks_up_a_certificate_renewed_in_place(dtsd_factory, pki, tmp_path):
+    """As nginx, Consul and Nomad do on HUP: the same file names, new contents. The servers
+    and the web child are replaced, the worker and its running job are not."""
+    from tests.helpers import free_port, wait_for
+    from tests.test_master import children, counts_are
+    from tests.test_reload import reload_command
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(pki / name, live / name)
+    web_port = free_port()
+    master = dtsd_factory(FAST, server={"tls_cert": str(live / "server.pem"),
+                                        "tls_key": str(live / "server.key"),
+                                        "startsecs": "0"},
+                          web={"processes": 1, "listen": f"127.0.0.1:{web_port}"}, start=False)
+    master.wait_serving = functools.partial(DtsdMaster.wait_serving, master,
+                                            credentials=credentials(pki, client_cert=False))
+    master.web_answers = lambda: bool(served_certificate(web_port))
+    master.start()
+    wait_for(lambda: counts_are(master, server=1, worker=1, web=1, coordinator=1))
+    old = der(pki / "server.pem")
+    assert served_certificate(master.port) == old == served_certificate(web_port)
+    tls = ["--tls-ca", str(pki / "ca.pem")]
+    job = ok(master.dtsctl("submit", "--", "sleep 4; echo kept", tls=tls)).strip()
+    wait_for(lambda: "RUNNING" in ok(master.dtsctl("status", job, tls=tls)),
+             message="the job to run")
+    worker = children(master, "worker")[0]["pid"]
+
+    # Renewed in place: a new key and certificate under the same names.
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy(pki / name, live / name)
+    issue(live, "server", "/CN=localhost renewed",
+          "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    new = der(live / "server.pem")
+    assert new != old
+    result = reload_command(master)
+    assert result.returncode == 0, result
+    assert served_certificate(master.port) == new
+    assert served_certificate(web_port) == new
+    assert "restarting server, web ([server] tls_cert, [server] tls_key changed on disk)" \
+        in master.log()
+    assert [c["pid"] for c in children(master, "worker")] == [worker]
+    done = wait_for(lambda: (out := ok(master.dtsctl("-o", "json", "status", job, tls=tls)))
+                    and json.loads(out)["jobs"][0]["status"] == "SUCCEEDED" and out,
+                    message="the running job to succeed")
+    record = json.loads(done)["jobs"][0]
+    assert (record["attempts"], record["output"]) == (1, "kept\n")
+
+    # A key that is not the certificate's: refused, and the renewed pair keeps serving.
+    shutil.copy(pki / "client.key", live / "server.key")
+    servers = [c["pid"] for c in children(master, "server")]
+    result = reload_command(master)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(
+        f"dtsd reload: refused: [server] tls_cert {live / 'server.pem'} with tls_key "
+        f"{live / 'server.key'} do not load: "), result.stderr
+    assert [c["pid"] for c in children(master, "server")] == servers
+    assert served_certificate(master.port) == new
+    ok(master.dtsctl("list", tls=tls))
