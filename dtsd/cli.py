@@ -3,7 +3,7 @@ r"""dtsctl: the command-line client of dtsd.
     dtsctl [GLOBAL OPTIONS] VERB [OPTIONS] [ARGS]      (`dtsctl VERB --help` for each verb)
 
 Verbs: submit, status, list, logs, cancel, retry, dlq list|requeue|purge,
-cron add|list|pause|resume|rm|run|next.
+cron add|list|pause|resume|rm|run|next, web-login.
 
 Which servers (first match wins; `--submit-server`/`SUBMIT_SERVER` pick the servers for
 writes: submit, cancel, retry, dlq requeue/purge; `--status-servers`/`STATUS_SERVERS` for
@@ -237,9 +237,10 @@ class Targets:
     token_file: str = ""      # [client] token_file of the config file that was read
 
 
-# What dtsctl reads of a config file: [client], and where this host's dtsd keeps its sockets.
+# What dtsctl reads of a config file: [client], where this host's dtsd keeps its sockets,
+# and (web-login) where its web child listens.
 CLIENT_KEYS = (*((option.section, option.key) for option in config.OPTIONS
-                 if option.section == "client"), ("dtsd", "runtime_dir"))
+                 if option.section == "client"), ("dtsd", "runtime_dir"), ("web", "listen"))
 
 
 def read_client_config(config_path: str | None, env: Mapping[str, str]) -> config.Config | None:
@@ -1912,6 +1913,59 @@ def retry(settings: Settings, job_ids: tuple[str, ...]) -> None:
         f"{job['id']} {job['status']}" for job in data["jobs"]))
     if errors:
         click.get_current_context().exit(Exit.FAILED)
+
+
+@cli.command("web-login")
+@click.option("--url", metavar="URL",
+              help="The web UI's address, e.g. https://host.example:8080 (default: http:// "
+                   "and [web] listen of the config file, else 127.0.0.1:8080).")
+@pass_settings
+def web_login(settings: Settings, url: str | None) -> None:
+    """Print a link that logs a browser into the web UI as you, this host's Unix user.
+
+    Your role is the one [server] local_roles gives your user, as for dtsctl's own calls.
+    The link holds a one-time code, good for two minutes, and asks to confirm before it
+    logs in; the session lasts an hour. Works only on the host dtsd runs on: the web UI
+    takes the request from a loopback address only.
+    """
+    import ssl                       # here: no other verb pays for loading them
+    import urllib.error
+    import urllib.request
+    cfg = read_client_config(settings.config_path, os.environ)
+    runtime_dir = (cfg.get("dtsd", "runtime_dir") if cfg is not None
+                   else config.default("dtsd", "runtime_dir"))
+    if url is None:
+        host, port = (cfg.get("web", "listen") if cfg is not None
+                      else config.default("web", "listen"))
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    url = url.rstrip("/")
+    token = LocalToken(runtime_dir)()
+    context = None
+    if url.startswith("https://"):
+        context = ssl.create_default_context(cafile=settings.tls_ca or None)
+    request = urllib.request.Request(url + "/login/local", method="POST",
+                                     data=json.dumps({"token": token}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=settings.timeout or DEFAULT_TIMEOUT,
+                                    context=context) as reply:
+            answer = json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            said = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            said = exc.reason
+        raise CliError(f"{url} refused the login: {said}",
+                       Exit.UNAUTHORISED if exc.code in (401, 403) else Exit.FAILED) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(f"cannot reach the web UI at {url}: {reason} (is [web] processes 0, or "
+                       "does it listen elsewhere? give --url)", Exit.UNREACHABLE) from None
+    click.echo(f"{url}{answer['path']}")
+    warn(f"dtsctl: open the link within {answer['expires_in']} s to log in as "
+         f"{answer['user']} (role {answer['role']}); it works once")
 
 
 @cli.group()

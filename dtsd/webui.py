@@ -21,6 +21,15 @@ SESSION_TTL seconds; a login replaces the id (no fixation), a logout removes the
 Without a login, a visitor has the role of `[server] anonymous_role` (none by default:
 then every page but /login says how to get a token).
 
+Local users log in without a token, as dtsctl knows them: `dtsctl web-login` fetches a
+local token from this host's master (the kernel says who runs it) and posts it, from
+loopback only, to /login/local; the web child checks it with the master's key and answers
+with a link holding a one-time code (good for LOCAL_LINK_TTL seconds, a file under
+`<runtime_dir>/web/`). Opening the link asks to confirm (a CSRF-protected form, so no other
+page can log a browser in as someone else); the session then calls the API with local
+tokens the web child signs for that user with the master's key, as the broker would, for
+LOCAL_SESSION_TTL seconds (the role is the one `[server] local_roles` gave at the link).
+
 CSRF. Every form carries a token: an HMAC of the session id under a key the web child
 keeps in `<runtime_dir>/web/key`; every POST must send it back and come from this origin
 (Origin, when the browser sends one, must name this host). Visitors without a session get
@@ -37,6 +46,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -55,7 +65,7 @@ import jinja2
 from aiohttp import web
 from google.protobuf import timestamp_pb2
 
-from . import auth
+from . import auth, identity
 from .config import Config
 from .dtsdpb import pb
 from .httpapi import Channels, Refusal
@@ -67,6 +77,9 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SESSION_COOKIE = "dtsd_session"
 FLASH_COOKIE = "dtsd_flash"
 SESSION_TTL = 8 * 3600          # seconds a login lasts
+LOCAL_SESSION_TTL = 3600        # seconds a local user's login lasts (its role is fixed then)
+LOCAL_LINK_TTL = 120            # seconds a `dtsctl web-login` link may wait to be opened
+LOCAL_RENEW = 60                # seconds before expiry a session's local token is renewed
 PAGE_SIZE = 50                  # jobs per page of a listing
 RECENT_FAILURES = 8             # on the overview
 SCHEDULE_RUNS = 20              # on a schedule's page
@@ -167,10 +180,11 @@ def job_duration(job) -> float | None:
 
 @dataclass
 class Session:
-    principal: str              # token:NAME, or anonymous
+    principal: str              # token:NAME, or user:NAME (a local user)
     role: Role | None
-    token: str | None
+    token: str | None           # the bearer token of a token session
     expires: float
+    uid: int | None = None      # a local user's, for the local tokens the web child signs
 
 
 class Sessions:
@@ -219,10 +233,53 @@ class Sessions:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"principal": session.principal, "token": session.token,
                        "role": session.role.value if session.role else None,
-                       "expires": session.expires}, f)
+                       "expires": session.expires, "uid": session.uid}, f)
         os.replace(temporary, path)
         self.sweep()
         return session_id
+
+    def _link_path(self, code: str) -> str:
+        return os.path.join(self.directory, "l-" + hashlib.sha256(code.encode()).hexdigest())
+
+    def create_link(self, claim: identity.LocalClaim) -> str:
+        """A one-time code for `claim`'s user, good for LOCAL_LINK_TTL seconds."""
+        code = self.new_id()
+        path = self._link_path(code)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"user": claim.user, "uid": claim.uid, "role": claim.role.value,
+                       "expires": time.time() + LOCAL_LINK_TTL}, f)
+        return code
+
+    def peek_link(self, code: str) -> dict | None:
+        if not _SESSION_ID.match(code):
+            return None
+        try:
+            with open(self._link_path(code), encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return record if record.get("expires", 0) >= time.time() else None
+
+    def use_link(self, code: str) -> dict | None:
+        """The link's record, once: it is moved aside before it is read, so two uses at
+        once cannot both succeed."""
+        if not _SESSION_ID.match(code):
+            return None
+        path = self._link_path(code)
+        taken = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.used"
+        try:
+            os.rename(path, taken)
+        except OSError:
+            return None
+        try:
+            with open(taken, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.unlink(taken)
+        return record if record.get("expires", 0) >= time.time() else None
 
     def get(self, session_id: str) -> Session | None:
         if not _SESSION_ID.match(session_id):
@@ -237,7 +294,7 @@ class Sessions:
             self.remove(session_id)
             return None
         return Session(record["principal"], Role(record["role"]) if record["role"] else None,
-                       record["token"], record["expires"])
+                       record["token"], record["expires"], record.get("uid"))
 
     def remove(self, session_id: str) -> None:
         try:
@@ -252,7 +309,7 @@ class Sessions:
         self._swept = time.monotonic()
         now = time.time()
         for name in os.listdir(self.directory):
-            if not name.startswith("s-"):
+            if not name.startswith(("s-", "l-")):
                 continue
             path = os.path.join(self.directory, name)
             try:
@@ -289,11 +346,12 @@ class Viewer:
     def may(self, role: str) -> bool:
         return self.role is not None and self.role.allows(Role(role))
 
+    local_token: str | None = None      # a session of a local user: signed per request
+
     @property
     def metadata(self):
-        if self.session and self.session.token:
-            return (("authorization", f"Bearer {self.session.token}"),)
-        return None
+        token = self.local_token or (self.session.token if self.session else None)
+        return (("authorization", f"Bearer {token}"),) if token else None
 
 
 class Redirect(Exception):
@@ -321,7 +379,11 @@ class WebUI:
         self.tokens = auth.TokenFile(tokens_file) if tokens_file else None
         anonymous = cfg.get("server", "anonymous_role")
         self.anonymous_role = Role(anonymous) if anonymous else None
-        self.sessions = Sessions(os.path.join(cfg.get("dtsd", "runtime_dir"), "web"))
+        runtime_dir = cfg.get("dtsd", "runtime_dir")
+        self.sessions = Sessions(os.path.join(runtime_dir, "web"))
+        self.local_key = identity.read_key(runtime_dir)   # the master's: local logins
+        self.node = cfg.node_id
+        self._signed: dict[str, tuple[float, str]] = {}    # session id -> (expiry, token)
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(os.path.join(ASSETS, "templates")),
             autoescape=True, undefined=jinja2.StrictUndefined,
@@ -342,6 +404,9 @@ class WebUI:
         get("/", self.overview)
         get("/login", self.login_page)
         post("/login", self.login)
+        post("/login/local", self.local_link)
+        get("/login/local/{code}", self.local_confirm)
+        post("/login/local/{code}", self.local_login)
         post("/logout", self.logout)
         get("/jobs", self.jobs)
         post("/jobs/bulk", self.bulk)
@@ -370,10 +435,10 @@ class WebUI:
         viewer = self._viewer(request)
         request["viewer"] = viewer
         try:
-            if request.method == "POST":
-                await self._check_post(request, viewer)
+            if request.method == "POST" and request.path != "/login/local":
+                await self._check_post(request, viewer)      # /login/local: a local token
             if (viewer.role is None and request.path not in ("/login", "/logout")
-                    and not request.path.startswith("/static/")):
+                    and not request.path.startswith(("/static/", "/login/local"))):
                 raise Redirect("/login?next=" + urllib.parse.quote(request.path_qs, safe=""))
             response = await handler(request)
         except Redirect as redirect:
@@ -401,8 +466,30 @@ class WebUI:
             found = self.tokens.lookup(session.token)       # removed or changed since?
             session = None if found is None else Session(
                 f"token:{found.name}", found.role, session.token, session.expires)
-        return Viewer(session_id, new, session, self.anonymous_role,
-                      self.sessions.csrf(session_id))
+        viewer = Viewer(session_id, new, session, self.anonymous_role,
+                        self.sessions.csrf(session_id))
+        if session is not None and session.uid is not None:
+            viewer.local_token = self._local_token(session_id, session)
+            if viewer.local_token is None:
+                viewer.session = None                    # the master's key is gone
+        return viewer
+
+    def _local_token(self, session_id: str, session: Session) -> str | None:
+        """A local token for a local user's session, signed as the master's broker signs
+        them, renewed LOCAL_RENEW seconds before it expires."""
+        if self.local_key is None or session.role is None:
+            return None
+        now = time.time()
+        expires, token = self._signed.get(session_id, (0.0, ""))
+        if expires - now < LOCAL_RENEW:
+            expires = int(now) + identity.LOCAL_TOKEN_TTL
+            token = identity.sign(self.local_key, identity.LocalClaim(
+                session.principal.removeprefix("user:"), session.uid, session.role,
+                self.node, expires))
+            if len(self._signed) > 10_000:
+                self._signed.clear()
+            self._signed[session_id] = (expires, token)
+        return token
 
     async def _check_post(self, request: web.Request, viewer: Viewer) -> None:
         origin = request.headers.get("Origin")
@@ -522,9 +609,66 @@ class WebUI:
         request["viewer"].new_id = False       # the guard must not put the old id back
         return response
 
+    async def local_link(self, request: web.Request) -> web.Response:
+        """From `dtsctl web-login`: a local token in, a one-time login link out. Only from
+        this host (a loopback peer), as JSON (a cross-site form cannot send that)."""
+        try:
+            loopback = ipaddress.ip_address(request.remote or "").is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return web.json_response({"error": "a local login is made on this host only "
+                                               "(from a loopback address)"}, status=403,
+                                     headers=HEADERS)
+        if request.content_type != "application/json":
+            return web.json_response({"error": "send the local token as JSON"}, status=415,
+                                     headers=HEADERS)
+        try:
+            secret = str((await request.json()).get("token", ""))
+        except (ValueError, AttributeError):
+            secret = ""
+        if self.local_key is None:
+            return web.json_response({"error": "this web child cannot read the master's "
+                                               "key: local logins are off"}, status=503,
+                                     headers=HEADERS)
+        try:
+            claim = identity.verify(self.local_key, secret, self.node)
+        except identity.LocalTokenError as exc:
+            return web.json_response({"error": str(exc)}, status=401, headers=HEADERS)
+        code = self.sessions.create_link(claim)
+        auth.audit("web login link", f"{claim.principal} ({claim.role.value})")
+        return web.json_response({"path": f"/login/local/{code}", "user": claim.principal,
+                                  "role": claim.role.value, "expires_in": LOCAL_LINK_TTL},
+                                 headers=HEADERS)
+
+    async def local_confirm(self, request: web.Request) -> web.Response:
+        record = self.sessions.peek_link(request.match_info["code"])
+        return self.page(request, "local_login.html", status=200 if record else 404,
+                         title="Log in as a local user", record=record,
+                         code=request.match_info["code"])
+
+    async def local_login(self, request: web.Request) -> web.StreamResponse:
+        record = self.sessions.use_link(request.match_info["code"])
+        if record is None:
+            return self.page(request, "local_login.html", status=404,
+                             title="Log in as a local user", record=None, code="")
+        old = request["viewer"]
+        if old.session:
+            self.sessions.remove(old.session_id)
+        session_id = self.sessions.create(Session(
+            f"user:{record['user']}", Role(record["role"]), None,
+            time.time() + LOCAL_SESSION_TTL, int(record["uid"])))
+        auth.audit("web login", f"user:{record['user']} ({record['role']}) from "
+                                f"{request.remote}")
+        response = web.HTTPSeeOther("/")
+        self._set_session(response, session_id)
+        request["viewer"].new_id = False
+        return response
+
     async def logout(self, request: web.Request) -> web.StreamResponse:
         viewer: Viewer = request["viewer"]
         self.sessions.remove(viewer.session_id)
+        self._signed.pop(viewer.session_id, None)
         response = web.HTTPSeeOther("/login")
         self._set_session(response, Sessions.new_id())
         viewer.new_id = False

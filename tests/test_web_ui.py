@@ -12,6 +12,7 @@ Every page is saved as a screenshot at a desktop and a narrow width under
 from __future__ import annotations
 
 import http.cookiejar
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import run_dtsctl, wait_for
 from tests.test_auth import add_token, dtsd_cli
 from tests.test_pipeline import FAST, merged
 
@@ -465,3 +466,58 @@ def test_without_a_tokens_file_the_login_page_says_how_to_get_in(dtsd_factory):
     status, body, _ = visitor.request("GET", "/login")
     assert "tokens_file = /etc/dtsd/tokens" in body and "dtsd token add" in body
     assert 'name="token"' not in body                   # no form to fill in vain
+
+
+def test_a_local_user_logs_in_with_a_link_from_dtsctl_web_login(node, browser):
+    """`dtsctl web-login` as root (admin by `[server] local_roles`): a one-time link that
+    asks to confirm, then a session as user:root whose calls are the user's own."""
+    result = run_dtsctl("-c", str(node.ini_path), "web-login")
+    link = ok(result).strip()
+    assert link.startswith(node.web_url + "/login/local/"), link
+    assert "user:root" in result.stderr and "admin" in result.stderr
+
+    browser.delete_all_cookies()
+    browser.get(link)
+    assert "user:root" in one(browser, "main").text
+    shoot(browser, "login-local")
+    press(browser, "form[action^='/login/local/'] button")
+    assert "user:root" in one(browser, ".who").text
+    submit_form(browser, node, command="id -u", name="from-the-web")
+    job = job_id_from(browser)
+    listed = json.loads(ok(node.dtsctl("list", "-o", "json", "--name", "from-the-web",
+                                       token=web_token(node, "admin", "admin"))))
+    assert [(j["id"], j["submitted_by"]) for j in listed["jobs"]] == [(job, "user:root")]
+
+    # The link works once; a used, made-up or expired code gets nowhere.
+    visitor = Visitor(node.web_url)
+    path = link[len(node.web_url):]
+    status, body, _ = visitor.request("GET", path)
+    assert status == 404 and "used, expired or unknown" in body
+    status, _, _ = visitor.request("POST", path, {"csrf": visitor.csrf()})
+    assert status == 404
+    # Only a token the master signed makes a link; a bearer token or a forgery does not.
+    for secret in ("dtsdl_eyJ1c2VyIjoicm9vdCJ9.AAAA", "not-a-local-token"):
+        request = urllib.request.Request(node.web_url + "/login/local", method="POST",
+                                         data=json.dumps({"token": secret}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+    # A form post (what a cross-site page could send) is refused before any check.
+    status, _, _ = visitor.request("POST", "/login/local", {"token": "x"})
+    assert status == 415
+
+
+def test_a_local_link_needs_the_confirming_form(node):
+    """Opening a link does not log in by itself: the POST wants this session's CSRF token,
+    so a page that embeds someone's link cannot log a browser in as that someone."""
+    link = ok(run_dtsctl("-c", str(node.ini_path), "web-login")).strip()
+    path = link[len(node.web_url):]
+    visitor = Visitor(node.web_url)
+    status, body, _ = visitor.request("GET", path)
+    assert status == 200 and "Log in as root" in body
+    assert visitor.request("POST", path, {})[0] == 403
+    status, _, headers = visitor.request("POST", path, {"csrf": visitor.csrf(path)})
+    assert status == 303
+    status, body, _ = visitor.request("GET", "/jobs")
+    assert status == 200 and "user:root" in body
