@@ -108,6 +108,11 @@ def visible(data: bytes | str) -> str:
                                    else f"\\u{ord(m.group()):04x}"), text)
 
 
+def refusal_of(exc: Exception) -> Refusal:
+    """The API's refusal (a grpc.RpcError) or the HTTP side's, as one Refusal."""
+    return exc if isinstance(exc, Refusal) else Refusal.from_rpc(exc)
+
+
 # --- formatting -----------------------------------------------------------------------------
 
 def when(message) -> datetime | None:
@@ -561,7 +566,7 @@ class WebUI:
 
     def failure(self, request: web.Request, exc: Exception) -> web.Response:
         """An answer for an API refusal on a page load."""
-        refusal = exc if isinstance(exc, Refusal) else Refusal.from_rpc(exc)
+        refusal = refusal_of(exc)
         return self.page(request, "error.html", status=refusal.status, title=refusal.code,
                          message=refusal.message)
 
@@ -765,7 +770,7 @@ class WebUI:
             call, first = await self.channels.stream(
                 "WatchJob", pb.WatchJobRequest(id=request.match_info["id"]), viewer.metadata)
         except (grpc.RpcError, Refusal) as exc:
-            refusal = exc if isinstance(exc, Refusal) else Refusal.from_rpc(exc)
+            refusal = refusal_of(exc)
             return web.json_response({"error": refusal.message}, status=refusal.status)
         response = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -811,7 +816,7 @@ class WebUI:
         try:
             await self.call(request, rpc, message_class(id=job_id))
         except (grpc.RpcError, Refusal) as exc:
-            refusal = exc if isinstance(exc, Refusal) else Refusal.from_rpc(exc)
+            refusal = refusal_of(exc)
             raise self.done(request, f"/jobs/{job_id}", f"Not {verb}: {refusal.message}")
         raise self.done(request, f"/jobs/{job_id}", f"Job {job_id} {verb}.")
 
@@ -829,7 +834,7 @@ class WebUI:
                 await self.call(request, rpc, message_class(id=job_id))
                 changed += 1
             except (grpc.RpcError, Refusal) as exc:
-                refusal = exc if isinstance(exc, Refusal) else Refusal.from_rpc(exc)
+                refusal = refusal_of(exc)
                 refused.append(f"{job_id}: {refusal.message}")
         verb = "cancelled" if action == "cancel" else "queued again"
         text = f"{changed} of {len(ids)} {verb}."
@@ -923,7 +928,7 @@ class WebUI:
         try:
             answer = await self.call(request, rpc, pb.ScheduleRef(name=name))
         except (grpc.RpcError, Refusal) as exc:
-            refusal = exc if isinstance(exc, Refusal) else Refusal.from_rpc(exc)
+            refusal = refusal_of(exc)
             raise self.done(request, here, f"Not done ({action}): {refusal.message}")
         said = {"pause": f"Schedule {name} paused: it fires no slot until resumed.",
                 "resume": f"Schedule {name} resumed.",
@@ -971,7 +976,7 @@ class WebUI:
                 said = f"{answer.purged} purged from the dead-letter queue (their FAILED " \
                        "records are kept)."
         except (grpc.RpcError, Refusal) as exc:
-            refusal = exc if isinstance(exc, Refusal) else Refusal.from_rpc(exc)
+            refusal = refusal_of(exc)
             raise Redirect("/dead-letters", f"Not done ({action}): {refusal.message}")
         raise Redirect("/dead-letters", said)
 
@@ -1085,7 +1090,7 @@ _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.+)\Z", re.S)
 def api_errors(exc: Exception, *prefixes: str) -> tuple[dict[str, str], str]:
     """The API's refusal as ({form field: problem}, message): the API names the field
     (`job.timeout_seconds: must be ...`), and the form puts it beside that field."""
-    refusal = exc if isinstance(exc, Refusal) else Refusal.from_rpc(exc)
+    refusal = refusal_of(exc)
     match = _FIELD.match(refusal.message)
     if refusal.code == "INVALID_ARGUMENT" and match:
         field_name = match.group(1)
@@ -1104,7 +1109,7 @@ def api_errors(exc: Exception, *prefixes: str) -> tuple[dict[str, str], str]:
 
 
 def _status_of(exc: Exception) -> int:
-    return (exc if isinstance(exc, Refusal) else Refusal.from_rpc(exc)).status
+    return refusal_of(exc).status
 
 
 def _limits(limits) -> list[tuple[str, str]]:
