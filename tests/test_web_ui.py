@@ -521,3 +521,59 @@ def test_a_local_link_needs_the_confirming_form(node):
     assert status == 303
     status, body, _ = visitor.request("GET", "/jobs")
     assert status == 200 and "user:root" in body
+
+
+def test_under_tls_the_cookie_is_secure(dtsd_factory, tmp_path):
+    """With [server] tls_cert and tls_key the web UI speaks HTTPS only, and its cookie
+    says Secure, so a browser never sends the session over plain HTTP."""
+    import functools
+    import ssl
+
+    from tests.helpers import DtsdMaster, free_port
+    from tests.test_tls import credentials, issue, openssl
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-days", "2",
+            "-subj", "/CN=dtsd test CA", "-out", "ca.pem", cwd=pki)
+    issue(pki, "server", "/CN=localhost",
+          "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    web_port = free_port()
+    config = node_config(tmp_path, tls_cert=str(pki / "server.pem"),
+                         tls_key=str(pki / "server.key"))
+    config["web"]["listen"] = f"127.0.0.1:{web_port}"
+    node = dtsd_factory(config, start=False)
+    node.wait_serving = functools.partial(DtsdMaster.wait_serving, node,
+                                          credentials=credentials(pki, client_cert=False))
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    url = f"https://127.0.0.1:{web_port}"
+    node.web_answers = lambda: urllib.request.urlopen(url + "/healthz", timeout=1,
+                                                      context=context).status == 200
+    node.start()
+    with urllib.request.urlopen(url + "/login", timeout=10, context=context) as reply:
+        cookie = reply.headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{web_port}/login", timeout=5)
+
+
+def test_the_job_list_pages_newest_first(node):
+    admin = web_token(node, "admin", "admin")
+    body = json.dumps({"jobs": [{"command": "true", "name": f"page-{n:02d}",
+                                 "run_at": "2099-01-01T00:00:00Z"} for n in range(55)]})
+    request = urllib.request.Request(node.web_url + "/api/v1/jobs", data=body.encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {admin}"})
+    with urllib.request.urlopen(request, timeout=15) as reply:
+        assert reply.status == 200
+    visitor = Visitor(node.web_url)
+    visitor.login(admin)
+    _, first, _ = visitor.request("GET", "/jobs?status=PENDING")
+    names = re.findall(r"<td>(page-\d\d)</td>", first)
+    assert len(names) == 50
+    older = re.search(r'<a href="(/jobs\?[^"]+)">Older jobs', first).group(1)
+    assert "status=PENDING" in older                   # the filter goes along
+    _, second, _ = visitor.request("GET", older.replace("&amp;", "&"))
+    rest = re.findall(r"<td>(page-\d\d)</td>", second)
+    assert len(rest) == 5 and not set(rest) & set(names)
+    assert set(names) | set(rest) == {f"page-{n:02d}" for n in range(55)}
+    assert "Older jobs" not in second and "First page" in second
