@@ -42,6 +42,7 @@ buttons; the API refuses such calls anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import binascii
 import hashlib
@@ -68,7 +69,7 @@ from google.protobuf import timestamp_pb2
 from . import auth, identity
 from .config import Config
 from .dtsdpb import pb
-from .httpapi import Channels, Refusal
+from .httpapi import Channels, Refusal, relay
 from .identity import Role
 
 log = logging.getLogger("dtsd.webui")
@@ -773,36 +774,28 @@ class WebUI:
             refusal = refusal_of(exc)
             return web.json_response({"error": refusal.message}, status=refusal.status)
         response = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream"})
-        await response.prepare(request)
         try:
-            event = first
-            while event is not grpc.aio.EOF:
-                item = {"kind": pb.JobEvent.Kind.Name(event.kind),
-                        "status": pb.JobStatus.Name(event.status), "attempt": event.attempt}
-                if event.kind == pb.JobEvent.OUTPUT:
-                    item.update(offset=event.offset, text=visible(event.output))
-                elif event.HasField("exit_code") or event.error:
-                    item["ended"] = ended(event)
-                await response.write(f"data: {json.dumps(item)}\n\n".encode())
-                try:
-                    event = await asyncio.wait_for(call.read(), LIVE_KEEPALIVE)
-                except asyncio.TimeoutError:
-                    await response.write(b": keepalive\n\n")
-                    event = None
-                    while event is None:
-                        try:
-                            event = await asyncio.wait_for(call.read(), LIVE_KEEPALIVE)
-                        except asyncio.TimeoutError:
-                            await response.write(b": keepalive\n\n")
+            await response.prepare(request)
+            async with contextlib.aclosing(relay(call, first, LIVE_KEEPALIVE)) as events:
+                async for kind, event in events:
+                    if kind == "keepalive":
+                        await response.write(b": keepalive\n\n")
+                        continue
+                    if kind == "error":
+                        await response.write(f"event: failure\ndata: "
+                                             f"{json.dumps(event.details())}\n\n".encode())
+                        return response
+                    item = {"kind": pb.JobEvent.Kind.Name(event.kind),
+                            "status": pb.JobStatus.Name(event.status),
+                            "attempt": event.attempt}
+                    if event.kind == pb.JobEvent.OUTPUT:
+                        item.update(offset=event.offset, text=visible(event.output))
+                    elif event.HasField("exit_code") or event.error:
+                        item["ended"] = ended(event)
+                    await response.write(f"data: {json.dumps(item)}\n\n".encode())
             await response.write(b"event: end\ndata: {}\n\n")
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                await response.write(f"event: failure\ndata: {json.dumps(exc.details())}\n\n"
-                                     .encode())
         except ConnectionResetError:
-            pass
-        finally:
-            call.cancel()
+            pass                                    # the page went away: stop watching
         return response
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
