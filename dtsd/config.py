@@ -819,7 +819,8 @@ def reference_ini() -> str:
 
 
 def reference_table() -> list[str]:
-    """The rows of README.md's option table (a test keeps the README's equal to these)."""
+    """The rows of docs/configuration.md's option table (a test keeps the page's equal to
+    these)."""
     rows = []
     for opt in OPTIONS:
         default = f"`{opt.default}`" if opt.default else "*(empty)*"
