@@ -384,7 +384,7 @@ def redis_reachable_by_jobs(checked: Checked) -> Iterator[Problem]:
         return
     url = urllib.parse.urlsplit(cfg.get("redis", "url"))
     fix = ("use Redis on a unix socket only the group redis may open, or an ACL user with a "
-           "password (README, Security)")
+           "password (docs/security.md)")
     if url.scheme in ("redis", "rediss"):
         if not url.password:
             yield warning(f"[redis] url {url.hostname}:{url.port or 6379} takes no password: "
@@ -418,7 +418,7 @@ def etcd_reachable_by_jobs(checked: Checked) -> Iterator[Problem]:
     where = f"on this host ({', '.join(local)})" if local else "it"
     yield warning(f"[etcd] endpoints: neither [etcd] user nor a client certificate is set, so "
                   f"jobs on this host can reach etcd {where} and write the leader key; enable "
-                  "etcd authentication (README, Security)")
+                  "etcd authentication (docs/security.md)")
 
 
 def address_in_use(host: str, port: int) -> str | None:

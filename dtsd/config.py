@@ -508,7 +508,7 @@ def _options() -> list[Option]:
         o("redis", "url", "unix:///run/redis/redis-server.sock?db=0", nonempty,
           "unix://PATH?db=N, redis:// or rediss:// (TLS) URL (env REDIS_ADDR, as host:port). "
           "The default is Debian's redis-server on its unix socket, which only members of "
-          "the group redis may open (jobs cannot; README, Security). An ACL user: "
+          "the group redis may open (jobs cannot; docs/security.md). An ACL user: "
           "redis://USER:PASSWORD@host:port/0 (percent-encoded; keep this file 0640). TLS: "
           "rediss://host:port/0?ssl_ca_certs=FILE, a client certificate with "
           "&ssl_certfile=FILE&ssl_keyfile=FILE."),
@@ -819,7 +819,8 @@ def reference_ini() -> str:
 
 
 def reference_table() -> list[str]:
-    """The rows of README.md's option table (a test keeps the README's equal to these)."""
+    """The rows of docs/configuration.md's option table (a test keeps the page's equal to
+    these)."""
     rows = []
     for opt in OPTIONS:
         default = f"`{opt.default}`" if opt.default else "*(empty)*"

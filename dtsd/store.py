@@ -243,7 +243,7 @@ def _job_records(jobs: Sequence[NewJob]) -> str:
         "notify": list(j.notify), "notify_on": list(j.notify_on)} for j in jobs])
 
 
-# The notifications a final state asks for (README, "Failure notifications"): one outbox
+# The notifications a final state asks for (docs/notifications.md): one outbox
 # row per target of a job that ended FAILED and dead-lettered, or SUCCEEDED, when it asks
 # for that event. Read from a data-modifying CTE's RETURNING (`ended`), in the transaction
 # that records the state; a job without targets costs a look at an empty array.

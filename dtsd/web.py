@@ -8,7 +8,7 @@
                    on its local sockets, with the caller's bearer token
     /, /jobs, ...  the web UI (dtsd/webui.py): pages over the same API, with sessions
 
-It follows the gRPC port's rules (README, Security): on a loopback address by default;
+It follows the gRPC port's rules (docs/security.md): on a loopback address by default;
 anywhere else only with `[server] tokens_file` and TLS (`[server] tls_cert`/`tls_key`,
 the same certificate), unless `[server] insecure = true`. With a tokens file, /metrics
 wants `Authorization: Bearer <token>` of any role; /healthz and /readyz answer anyone and

@@ -398,7 +398,7 @@ def test_watch_of_a_finished_job_sends_its_output_and_state(api):
 
 
 def test_watch_of_a_running_job_sends_its_state_first_and_the_final_state_last(api, tmp_path):
-    """What the proto, the README and the HTTP API say of WatchJob, for both kinds of job."""
+    """What the proto and docs/api.md (gRPC and HTTP) say of WatchJob, for both kinds of job."""
     mark = tmp_path / "mark"
     job_id = submit(api, f"touch {mark}; sleep 0.5; echo late; exit 3", max_retries=0)
     wait_for(mark.exists, message="the job to run")
