@@ -577,3 +577,24 @@ def test_the_job_list_pages_newest_first(node):
     assert len(rest) == 5 and not set(rest) & set(names)
     assert set(names) | set(rest) == {f"page-{n:02d}" for n in range(55)}
     assert "Older jobs" not in second and "First page" in second
+
+
+def test_live_output_outlasts_a_quiet_spell_longer_than_the_keepalive(node):
+    """A job silent for longer than the keepalive (15 s) still streams its next line: the
+    keepalive must not end the watch (it once did, cancelling the call with its read)."""
+    admin = web_token(node, "admin", "admin")
+    job = ok(node.dtsctl("submit", "--", "echo before; sleep 17; echo after",
+                         token=admin)).strip()
+    visitor = Visitor(node.web_url)
+    visitor.login(admin)
+    seen = []
+    with visitor.opener.open(f"{node.web_url}/jobs/{job}/events", timeout=40) as stream:
+        for raw in stream:
+            line = raw.decode().strip()
+            seen.append(line)
+            if line.startswith("event: end"):
+                break
+    text = "".join(json.loads(line[6:]).get("text", "") for line in seen
+                   if line.startswith("data: "))
+    assert text == "before\nafter\n", seen
+    assert ": keepalive" in seen
