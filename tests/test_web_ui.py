@@ -62,7 +62,7 @@ def node(dtsd_factory, tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")  # make deps installs it
+    from selenium import webdriver          # make deps installs it: never a skip
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
