@@ -86,6 +86,7 @@ RECENT_FAILURES = 8             # on the overview
 SCHEDULE_RUNS = 20              # on a schedule's page
 SWEEP_EVERY = 600.0             # seconds between removals of expired session files
 LIVE_KEEPALIVE = 15.0           # seconds between comments on a quiet event stream
+REFRESH = 10                    # seconds between the overview's (and jobs') own reloads
 STATUSES = [s for s in pb.JobStatus.keys() if s != "JOB_STATUS_UNSPECIFIED"]
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -696,6 +697,7 @@ class WebUI:
             for queue in worker.queues:
                 served[queue] = served.get(queue, 0) + 1
         return self.page(request, "overview.html", title="Overview", state=status,
+                         refresh=REFRESH,
                          served=served,
                          chart=chart(activity), failures=failures.jobs,
                          totals=_totals(activity))
@@ -733,7 +735,8 @@ class WebUI:
                          query=request.query_string,
                          query_without_page=urllib.parse.urlencode(kept),
                          next_page=f"/jobs?{following}" if answer.next_page_token else "",
-                         first_page=bool(shown["page"]))
+                         first_page=bool(shown["page"]),
+                         refresh=0 if shown["page"] else REFRESH)
 
     async def job(self, request: web.Request) -> web.Response:
         job_id = request.match_info["id"]

@@ -598,3 +598,24 @@ def test_live_output_outlasts_a_quiet_spell_longer_than_the_keepalive(node):
                    if line.startswith("data: "))
     assert text == "before\nafter\n", seen
     assert ": keepalive" in seen
+
+
+def test_the_overview_refreshes_itself(node, browser):
+    """An operator leaves the overview open: it fetches itself again every 10 s and shows
+    what changed, without a reload (the page object stays the same)."""
+    admin = web_token(node, "admin", "admin")
+    login(browser, node, admin)
+    browser.get(node.web_url + "/")
+    browser.execute_script("window.marker = 'same page'")
+
+    def succeeded() -> int:
+        for item in css(browser, ".counts li"):
+            if "SUCCEEDED" in item.text:
+                return int(item.text.split()[-1].replace(",", ""))
+        raise AssertionError("no SUCCEEDED count")
+    before = succeeded()
+    ok(node.dtsctl("submit", "--wait", "--", "true", token=admin))
+    wait_for(lambda: succeeded() == before + 1, timeout=25, interval=0.5,
+             message="the overview to show the new job")
+    assert browser.execute_script("return window.marker") == "same page"
+    no_console_errors(browser)

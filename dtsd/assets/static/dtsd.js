@@ -111,6 +111,33 @@ function watch(output) {
   });
 }
 
+function autoRefresh(main) {
+  // Pages an operator keeps open (the overview, the first page of jobs) fetch themselves
+  // again every data-refresh seconds and swap in the new content, unless the tab is hidden
+  // or the person is busy with it (a field focused, a box ticked, a button pressed).
+  const seconds = Number(main.getAttribute("data-refresh"));
+  if (!(seconds > 0)) return;
+  setInterval(async () => {
+    if (document.hidden) return;
+    const active = document.activeElement;
+    if (active && active !== document.body && main.contains(active)) return;
+    if (main.querySelector("input[type=checkbox]:checked")) return;
+    try {
+      const reply = await fetch(location.href, { credentials: "same-origin", redirect: "error" });
+      if (!reply.ok) return;
+      const page = new DOMParser().parseFromString(await reply.text(), "text/html");
+      const fresh = page.querySelector("main");
+      if (!fresh) return;
+      fresh.querySelector(".flash")?.remove();
+      main.replaceChildren(...fresh.childNodes);
+      refreshTimes();
+      selectAll();
+    } catch (error) {
+      // The server is away for a moment: keep what is shown, try again next time.
+    }
+  }, seconds * 1000);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   refreshTimes();
   setInterval(refreshTimes, 10000);
@@ -119,4 +146,6 @@ document.addEventListener("DOMContentLoaded", () => {
   confirmations();
   const output = document.querySelector("[data-watch]");
   if (output) watch(output);
+  const main = document.querySelector("main[data-refresh]");
+  if (main) autoRefresh(main);
 });
