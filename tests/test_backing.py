@@ -160,8 +160,10 @@ def test_the_master_shows_the_earliest_outage_and_forgets_a_child_that_exits(tmp
 # --- the client's side --------------------------------------------------------------------
 
 class Answer(grpc.RpcError):
-    def __init__(self, code, metadata=()):
-        self._code, self._metadata = code, metadata
+    """What a failed call raises: a code, trailing metadata, details (as grpc's do)."""
+
+    def __init__(self, code, metadata=(), details=""):
+        self._code, self._metadata, self._details = code, metadata, details
 
     def code(self):
         return self._code
@@ -169,12 +171,21 @@ class Answer(grpc.RpcError):
     def trailing_metadata(self):
         return self._metadata
 
+    def details(self):
+        return self._details
+
 
 def test_the_client_reports_the_server_that_named_a_store_over_a_later_refused_connection():
     named = Answer(grpc.StatusCode.UNAVAILABLE, (("dtsd-store", "postgres"),))
     no_connection = Answer(grpc.StatusCode.UNAVAILABLE)
     assert unreachable_store(named) == "postgres"
     assert unreachable_store(no_connection) is None
+    # Metadata lost on the way (a proxy, a stream): the server's own words still name it.
+    worded = Answer(grpc.StatusCode.UNAVAILABLE, details="Redis is unreachable from this "
+                                                         "server: Connection refused")
+    assert unreachable_store(worded) == "redis"
+    assert unreachable_store(Answer(grpc.StatusCode.UNAVAILABLE,
+                                    details="failed to connect to all addresses")) is None
     assert _telling(no_connection, named) is named
     assert _telling(named, no_connection) is named
     assert _telling(no_connection, None) is no_connection

@@ -533,7 +533,9 @@ def test_raw_and_mutated_bytes_to_every_method(target):
 def test_undecodable_requests_are_invalid_argument(target):
     """Bytes that are no message at all (a string that is not UTF-8) name the problem."""
     for path, _, kind in METHODS:
-        if path.endswith(("/ClusterStatus", "/ListSchedules")) or "Reflection" in path:
+        # Requests whose field 1 is no string read those bytes as an unknown field.
+        if path.endswith(("/ClusterStatus", "/ListSchedules", "/JobActivity")) \
+                or "Reflection" in path:
             continue
         code = raw_answer(target.channel, path, kind, b"\x0a\x02\xff\xfe")
         assert code is grpc.StatusCode.INVALID_ARGUMENT, path
