@@ -3,10 +3,10 @@ r"""dtsctl: the command-line client of dtsd.
     dtsctl [GLOBAL OPTIONS] VERB [OPTIONS] [ARGS]      (`dtsctl VERB --help` for each verb)
 
 Verbs: submit, status, list, logs, cancel, retry, dlq list|requeue|purge,
-cron add|list|pause|resume|rm|run|next, web-login.
+cron add|list|pause|resume|rm|run|next, queue list|pause|resume, web-login.
 
 Which servers (first match wins; `--submit-server`/`SUBMIT_SERVER` pick the servers for
-writes: submit, cancel, retry, dlq requeue/purge; `--status-servers`/`STATUS_SERVERS` for
+writes: submit, cancel, retry, dlq requeue/purge, queue pause/resume; `--status-servers`/`STATUS_SERVERS` for
 reads: status, list, logs, dlq list, waiting):
   1. the role's own flag, then `--servers`;
   2. the role's own variable, then `DTSD_SERVERS`, then the seed's `SERVERS`;
@@ -101,7 +101,7 @@ Per verb:
                                     unreachable: [{store, since, seconds}]}],
                            workers: [{id, node_id, pid, queues, concurrency, running,
                                       seen_at}],
-                           queues: [{queue, pending, delayed, running}],
+                           queues: [{queue, pending, delayed, running, paused}],
                            unserved_queues: [queues with jobs waiting that no live
                                              worker serves]}
   status JOB_ID...        {jobs: [<job>], errors: [{id, code, message}]}
@@ -119,6 +119,8 @@ Per verb:
   cron rm                 {name, deleted}
   cron run                {id, created}
   cron next               {times: [{at, local, note}]}
+  queue pause|resume      <queue>: {name, paused, paused_by, paused_at}
+  queue list              {queues: [<queue>]}
 """
 
 from __future__ import annotations
@@ -846,7 +848,8 @@ def cluster_dict(status: Any) -> dict[str, Any]:
             "seen_at": _time(worker, "seen_at"),
         } for worker in status.workers],
         "queues": [{"queue": depth.queue, "pending": depth.pending,
-                    "delayed": depth.delayed, "running": depth.running}
+                    "delayed": depth.delayed, "running": depth.running,
+                    "paused": depth.paused}
                    for depth in status.queues],
         "unserved_queues": unserved_queues(status),
     }
@@ -1019,9 +1022,9 @@ def cluster_table(data: dict[str, Any]) -> str:
           f"{worker['running']}/{worker['concurrency']}", ago(worker["seen_at"]))
          for worker in data["workers"]]))
     parts.append(format_table(
-        ("QUEUE", "PENDING", "DELAYED", "RUNNING", "WORKERS"),
-        [(q["queue"], q["pending"], q["delayed"], q["running"],
-          sum(q["queue"] in worker["queues"] for worker in data["workers"]))
+        ("QUEUE", "STATE", "PENDING", "DELAYED", "RUNNING", "WORKERS"),
+        [(q["queue"], "paused" if q["paused"] else "active", q["pending"], q["delayed"],
+          q["running"], sum(q["queue"] in worker["queues"] for worker in data["workers"]))
          for q in data["queues"]]))
     if data["unserved_queues"]:
         parts.append(f"No live worker serves {', '.join(map(repr, data['unserved_queues']))}: "
@@ -2213,6 +2216,61 @@ def cron_next(settings: Settings, name_or_expression: str, count: int, zone: str
         ("UTC", "LOCAL", "NOTE"), [(t["at"], t["local"], t["note"] or "") for t in d["times"]]))
 
 
+# --- queue controls -----------------------------------------------------------------------
+
+def queue_dict(info: Any) -> dict[str, Any]:
+    return {"name": info.name, "paused": info.paused, "paused_by": info.paused_by or None,
+            "paused_at": _time(info, "paused_at")}
+
+
+def queues_table(data: dict[str, Any]) -> str:
+    return format_table(("QUEUE", "STATE", "PAUSED BY", "PAUSED"),
+                        [(q["name"], "paused" if q["paused"] else "active",
+                          q["paused_by"] or "-", ago(q["paused_at"]) if q["paused_at"] else "-")
+                         for q in data["queues"]])
+
+
+@cli.group("queue")
+def queue_group() -> None:
+    """Queue controls: pause a queue (workers take no new job of it; submits are still
+    accepted and wait), resume it, list the queues."""
+
+
+@queue_group.command("list")
+@option_output
+@pass_settings
+def queue_list(settings: Settings) -> None:
+    """Queues that are paused, hold jobs not final, or are served by a live worker:
+    QUEUE, STATE (active or paused), PAUSED BY, PAUSED (how long ago).
+    JSON: {queues: [{name, paused, paused_by, paused_at}]}."""
+    reply = settings.call(Role.READ, "ListQueues", dtsd_pb2.ListQueuesRequest())
+    render(settings.output, {"queues": [queue_dict(q) for q in reply.queues]}, queues_table)
+
+
+def _queue_verb(method: str, verb: str, doc: str) -> None:
+    @queue_group.command(verb, help=doc)
+    @option_output
+    @click.argument("name")
+    @pass_settings
+    def command(settings: Settings, name: str) -> None:
+        try:
+            models.check_queue(name, "NAME")
+        except models.InvalidField as exc:
+            raise click.UsageError(str(exc)) from None
+        reply = settings.call(Role.WRITE, method, dtsd_pb2.QueueRef(name=name))
+        render(settings.output, queue_dict(reply),
+               lambda data: queues_table({"queues": [data]}))
+
+
+_queue_verb("PauseQueue", "pause",
+            "Pause queue NAME (role admin): workers take no new job of it; submits are still "
+            "accepted and wait; jobs already taken run on. Held in PostgreSQL: a restart "
+            "keeps it. JSON: {name, paused, paused_by, paused_at}.")
+_queue_verb("ResumeQueue", "resume",
+            "Resume queue NAME (role admin): workers take its jobs again at once. "
+            "JSON: {name, paused, paused_by, paused_at}.")
+
+
 accept_global_options_after_verbs(cli)
 
 
@@ -2222,3 +2280,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -16,6 +16,8 @@ Keys, all under `dtsd:<cluster>:`:
   live:<id>            string output of the running attempt so far (for watchers who join late)
   cancel               pubsub ids of jobs to kill wherever they run
   schedules            pubsub a schedule was created or resumed: the leader looks at once
+  paused               set    paused queues: the fetch takes nothing from them (a mirror of
+                              PostgreSQL's paused_queues, rebuilt by the leader's reconcile)
   node:<node>          string a master's node record (children, leader flag), JSON, with a TTL
   nodes                set    node ids seen
 
@@ -43,14 +45,25 @@ from .models import MAX_PRIORITY, JobStatus
 PRIORITIES = tuple(range(MAX_PRIORITY, -1, -1))  # fetch order: 9 first
 WAKE_TOKENS_MAX = 10000
 
+# KEYS: the processing list, the paused set, then each queue's priority lists (ARGV[2]
+# of them per queue, in ARGV order from ARGV[3] on). A paused queue's lists are skipped,
+# checked in the same call that takes ids, so no id of a queue is taken once its pause
+# is in Redis.
 _FETCH = """
 local out = {}
 local want = tonumber(ARGV[1])
-for i = 2, #KEYS do
-  while #out < want do
-    local id = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
-    if not id then break end
-    out[#out + 1] = id
+local per = tonumber(ARGV[2])
+for q = 3, #ARGV do
+  if redis.call('SISMEMBER', KEYS[2], ARGV[q]) == 0 then
+    local first = 3 + (q - 3) * per
+    for i = first, first + per - 1 do
+      while #out < want do
+        local id = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
+        if not id then break end
+        out[#out + 1] = id
+      end
+      if #out >= want then break end
+    end
   end
   if #out >= want then break end
 end
@@ -130,6 +143,7 @@ class Keys:
         self.cancel = prefix + "cancel"
         self.nodes = prefix + "nodes"
         self.schedules = prefix + "schedules"
+        self.paused = prefix + "paused"
 
     def queue(self, queue: str, priority: int) -> str:
         return f"{self.prefix}queue:{queue}:{priority}"
@@ -309,14 +323,52 @@ class Queue:
         return int(self._promote(keys=[self.keys.delayed],
                                  args=[now, limit, self.keys.prefix]))
 
+    # --- queue controls -------------------------------------------------------------------
+
+    def pause(self, queue: str) -> None:
+        self.redis.sadd(self.keys.paused, queue)
+
+    def resume(self, queue: str) -> None:
+        """Take the pause off, and wake as many idle workers as the queue holds ready ids
+        (the wake tokens of its jobs may have been taken by workers that found it paused)."""
+        ready = sum(self._lengths([queue]).values())
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.srem(self.keys.paused, queue)
+        if ready:
+            key = self.keys.wake(queue)
+            pipe.rpush(key, *([b"1"] * min(ready, WAKE_TOKENS_MAX)))
+            pipe.ltrim(key, -WAKE_TOKENS_MAX, -1)
+        pipe.execute()
+
+    def _lengths(self, queues: Sequence[str]) -> dict[tuple[str, int], int]:
+        pipe = self.redis.pipeline(transaction=False)
+        keys = [(q, p) for q in queues for p in PRIORITIES]
+        for queue, priority in keys:
+            pipe.llen(self.keys.queue(queue, priority))
+        return dict(zip(keys, pipe.execute()))
+
+    def paused(self) -> set[str]:
+        return {name.decode() for name in self.redis.smembers(self.keys.paused)}
+
+    def set_paused(self, queues: Iterable[str]) -> None:
+        """Make the mirror hold exactly `queues` (PostgreSQL's paused set), atomically."""
+        queues = list(queues)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.paused)
+        if queues:
+            pipe.sadd(self.keys.paused, *queues)
+        pipe.execute()
+
     # --- consumers ------------------------------------------------------------------------
 
     def fetch(self, worker: str, queues: Sequence[str], count: int) -> list[str]:
-        """Move up to `count` ids into the worker's processing list; highest priority first."""
-        keys = [self.keys.processing(worker)]
+        """Move up to `count` ids into the worker's processing list; highest priority first
+        within a queue, queues in the given order; nothing from a paused queue."""
+        keys = [self.keys.processing(worker), self.keys.paused]
         for queue in queues:
             keys.extend(self.keys.queue(queue, p) for p in PRIORITIES)
-        return [i.decode() for i in self._fetch(keys=keys, args=[count])]
+        return [i.decode() for i in self._fetch(keys=keys,
+                                                args=[count, len(PRIORITIES), *queues])]
 
     def wait_for_work(self, queues: Sequence[str], timeout: float) -> bool:
         """Block until some job may be ready on `queues` (or the timeout passes)."""

@@ -872,6 +872,36 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             timestamp(_from_epoch(minute), item.minute)
         return response
 
+    # --- queue controls -----------------------------------------------------------------
+
+    @rpc
+    def PauseQueue(self, request, context):
+        """Recorded in PostgreSQL first (the truth, which the leader mirrors into Redis at
+        every reconcile), then put in Redis, where the workers' fetch sees it at once."""
+        name = check_queue(request.name, "name")
+        row = self.api.store.pause_queue(name, auth.caller().submitted_by)
+        self.api.queue.pause(name)
+        auth.audit("queue pause", name)
+        return _queue_info(row)
+
+    @rpc
+    def ResumeQueue(self, request, context):
+        name = check_queue(request.name, "name")
+        self.api.store.resume_queue(name)
+        self.api.queue.resume(name)
+        auth.audit("queue resume", name)
+        return pb.QueueInfo(name=name)
+
+    @rpc
+    def ListQueues(self, request, context):
+        paused = {row["queue"]: row for row in self.api.store.paused_queues()}
+        _, _, queues = self.api.store.counts()
+        names = set(paused) | {row[0] for row in queues}
+        names |= {q for beat in self._workers().values() if beat for q in beat.get("queues", ())}
+        return pb.ListQueuesResponse(queues=[
+            _queue_info(paused[name]) if name in paused else pb.QueueInfo(name=name)
+            for name in sorted(names)])
+
     @rpc
     def ClusterStatus(self, request, context):
         by_status, dead, queues = self.api.store.counts()
@@ -894,6 +924,10 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             if name not in depths:      # ids in Redis whose jobs are no longer PENDING
                 depths[name] = response.queues.add(queue=name)
             depths[name].ready_by_priority[priority] = count
+        for row in self.api.store.paused_queues():     # a paused queue shows, even empty
+            if row["queue"] not in depths:
+                depths[row["queue"]] = response.queues.add(queue=row["queue"])
+            depths[row["queue"]].paused = True
         fence = self.api.store.fence_token(self.api.cfg.get("dtsd", "cluster"))
         if fence is not None:
             response.fencing_token = fence[0]
@@ -921,6 +955,12 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                                         running=beat["running"])
             timestamp(_from_epoch(beat.get("seen")), info.seen_at)
         return response
+
+
+def _queue_info(row: dict[str, Any]) -> pb.QueueInfo:
+    info = pb.QueueInfo(name=row["queue"], paused=True, paused_by=row["paused_by"])
+    timestamp(row["paused_at"], info.paused_at)
+    return info
 
 
 def _ids(jobs, shown: int = 20) -> str:

@@ -1002,6 +1002,29 @@ class Store:
                 conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,))
             return len(ids)
 
+    # --- queue controls -------------------------------------------------------------------
+
+    def pause_queue(self, queue: str, by: str) -> dict[str, Any]:
+        """Record `queue` as paused (a queue paused already keeps who and when)."""
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            cur.execute("""INSERT INTO paused_queues (queue, paused_by) VALUES (%s, %s)
+                           ON CONFLICT (queue) DO NOTHING""", (queue, by))
+            return cur.execute("SELECT queue, paused_by, paused_at FROM paused_queues "
+                               "WHERE queue = %s", (queue,)).fetchone()
+
+    def resume_queue(self, queue: str) -> bool:
+        """Forget the pause of `queue`; False when it was not paused."""
+        with self.pool.connection() as conn:
+            return conn.execute("DELETE FROM paused_queues WHERE queue = %s",
+                                (queue,)).rowcount == 1
+
+    def paused_queues(self) -> list[dict[str, Any]]:
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            return cur.execute("SELECT queue, paused_by, paused_at FROM paused_queues "
+                               "ORDER BY queue").fetchall()
+
     # --- cluster status -------------------------------------------------------------------
 
     def fold_counts(self) -> int:

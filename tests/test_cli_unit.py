@@ -496,9 +496,17 @@ def test_cluster_json_and_table():
     assert "prod (leader node-b)" in text
     assert re.search(r"^node-b\s+worker\s+1\s+4242\s+BACKOFF\s+1h02m\s+3$", text, re.M)
     assert re.search(r"^node-b/1\s+node-b\s+4242\s+default,io\s+2/4", text, re.M)
-    assert re.search(r"^default\s+7\s+1\s+2\s+1$", text, re.M)     # WORKERS: 1 serves it
+    assert re.search(r"^default\s+active\s+7\s+1\s+2\s+1$", text, re.M)  # WORKERS: 1 serves it
     assert data["unserved_queues"] == [] and "No live worker" not in text
     assert re.search(r"^Dead-lettered:\s+4$", text, re.M)
+
+
+def test_status_shows_a_paused_queue():
+    reply = sample_cluster()
+    reply.queues.add(queue="io", pending=2, paused=True)
+    data = dtsctl.cluster_dict(reply)
+    assert [(q["queue"], q["paused"]) for q in data["queues"]] == [("default", False), ("io", True)]
+    assert re.search(r"^io\s+paused\s+2\s+0\s+0\s+1$", dtsctl.cluster_table(data), re.M)
 
 
 def test_status_names_the_queues_no_live_worker_serves():
@@ -509,7 +517,7 @@ def test_status_names_the_queues_no_live_worker_serves():
     data = dtsctl.cluster_dict(reply)
     assert data["unserved_queues"] == ["gpu", "later"]
     text = dtsctl.cluster_table(data)
-    assert re.search(r"^gpu\s+3\s+0\s+0\s+0$", text, re.M)
+    assert re.search(r"^gpu\s+active\s+3\s+0\s+0\s+0$", text, re.M)
     assert "No live worker serves 'gpu', 'later': their jobs wait" in text
 
 
