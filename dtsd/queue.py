@@ -389,6 +389,28 @@ class Queue:
             pipe.publish(self.keys.job(job_id), event.encode())
         pipe.execute()
 
+    def cancelled(self, *, pending: Sequence[tuple[str, str, int]],
+                  running: Sequence[tuple[str, int]],
+                  events: Sequence[tuple[str, Event]]) -> None:
+        """A batch of jobs was cancelled: forget the PENDING ones' ids (id, queue, priority),
+        ask the workers to kill the RUNNING ones (id, attempt), publish the events; one
+        round trip.
+
+        Unlike `forget`, the ids stay in their ready lists: an LREM walks the whole list,
+        and a batch of them on a long queue would stall Redis. A worker drops each such id
+        when its claim fails, so until the workers reach them they count in `depth` (not
+        in `total`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, queue, priority in pending:
+            pipe.zrem(self.keys.delayed, f"{queue}|{priority}|{job_id}")
+        if pending:
+            pipe.srem(self.keys.queued, *[job_id for job_id, _, _ in pending])
+        for job_id, attempt in running:
+            pipe.publish(self.keys.cancel, f"{job_id} {attempt}")
+        for job_id, event in events:
+            pipe.publish(self.keys.job(job_id), event.encode())
+        pipe.execute()
+
     def publish(self, events: Sequence[tuple[str, Event]]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for job_id, event in events:

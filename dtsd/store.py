@@ -33,7 +33,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from .models import FINAL_STATES, EndReason, JobStatus, NewJob
+from .models import FINAL_STATES, EndReason, JobStatus, NewJob, Requirement, SelectorOp
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process
 _JOB_COLUMNS = """id, name, command, env, cwd, queue, priority, max_retries, timeout, run_at,
     idempotency_key, schedule_id, fire_time, submitted_by, owner, status, attempts, failures,
     worker, exit_code, output_truncated, error, dead_lettered_at, created_at, updated_at,
-    started_at, finished_at, limits, notify, notify_on"""
+    started_at, finished_at, limits, notify, notify_on, labels"""
 
 _FINAL = tuple(s.value for s in FINAL_STATES)
 OUTPUT_TAIL = 4096      # bytes of a job's output a webhook carries: its last ones
@@ -221,13 +221,13 @@ def _instant(moment: datetime | None) -> str | None:
 
 _INSERT_JOBS = """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
                       timeout, run_at, idempotency_key, fingerprint, submitted_by, owner,
-                      schedule_id, fire_time, limits, notify, notify_on)
+                      schedule_id, fire_time, limits, notify, notify_on, labels)
                   SELECT * FROM jsonb_to_recordset(%s::jsonb) AS u(id text, name text,
                       command text, env jsonb, cwd text, queue text, priority smallint,
                       max_retries int, timeout float8, run_at timestamptz,
                       idempotency_key text, fingerprint text, submitted_by text, owner text,
                       schedule_id bigint, fire_time timestamptz, limits jsonb,
-                      notify text[], notify_on text[])
+                      notify text[], notify_on text[], labels jsonb)
                   {conflict}
                   RETURNING id"""
 
@@ -240,7 +240,8 @@ def _job_records(jobs: Sequence[NewJob]) -> str:
         "idempotency_key": j.idempotency_key, "fingerprint": j.fingerprint(),
         "submitted_by": j.submitted_by, "owner": j.owner, "schedule_id": j.schedule_id,
         "fire_time": _instant(j.fire_time), "limits": j.limits,
-        "notify": list(j.notify), "notify_on": list(j.notify_on)} for j in jobs])
+        "notify": list(j.notify), "notify_on": list(j.notify_on),
+        "labels": j.labels or None} for j in jobs])   # NULL: no entry in jobs_labels (0011)
 
 
 # The notifications a final state asks for (README, "Failure notifications"): one outbox
@@ -269,6 +270,88 @@ def _check_owner(job_id: str, actual: str, wanted: str | None, doing: str) -> No
     if wanted is not None and actual != wanted:
         raise Forbidden(f"job {job_id} belongs to {actual or 'nobody'}, not to {wanted}: "
                         f"{doing} another's job needs role admin")
+
+
+def selector_clauses(requirements: Sequence[Requirement]) -> tuple[list[str], list[Any]]:
+    """SQL conditions (and their parameters) for a label selector.
+
+    `k=v` and `k in (...)` are containment tests (`labels @> '{"k":"v"}'`), which the GIN
+    index jobs_labels (0011) serves; being strict, they also let the planner use that
+    partial index (WHERE labels IS NOT NULL). The negations hold for unlabelled jobs
+    (labels NULL), as Kubernetes' do for objects without the key."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for req in requirements:
+        if req.op is SelectorOp.EQUALS:
+            clauses.append("labels @> %s::jsonb")
+            params.append(json.dumps({req.key: req.values[0]}))
+        elif req.op is SelectorOp.IN:
+            clauses.append("(" + " OR ".join(["labels @> %s::jsonb"] * len(req.values)) + ")")
+            params.extend(json.dumps({req.key: value}) for value in req.values)
+        elif req.op is SelectorOp.NOT_EQUALS:
+            clauses.append("NOT coalesce(labels @> %s::jsonb, false)")
+            params.append(json.dumps({req.key: req.values[0]}))
+        elif req.op is SelectorOp.NOT_IN:
+            clauses.append("NOT coalesce(labels ->> %s = ANY(%s), false)")
+            params.extend([req.key, list(req.values)])
+        elif req.op is SelectorOp.EXISTS:
+            clauses.append("labels ? %s")
+            params.append(req.key)
+        else:
+            clauses.append("NOT coalesce(labels ? %s, false)")
+            params.append(req.key)
+    return clauses, params
+
+
+@dataclass
+class Selection:
+    """Which jobs a listing or a bulk action takes (every given condition holds)."""
+
+    selector: Sequence[Requirement] = ()
+    statuses: Sequence[JobStatus] = ()
+    queue: str = ""
+    name: str = ""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    dead_lettered: bool = False
+    schedule_id: int | None = None
+
+    def clauses(self) -> tuple[list[str], list[Any]]:
+        """The conditions other than the statuses, and their parameters."""
+        clauses, params = [], []
+        if self.queue:
+            clauses.append("queue = %s")
+            params.append(self.queue)
+        if self.name:
+            clauses.append("name = %s")
+            params.append(self.name)
+        if self.created_after:
+            clauses.append("created_at >= %s")
+            params.append(self.created_after)
+        if self.created_before:
+            clauses.append("created_at < %s")
+            params.append(self.created_before)
+        if self.dead_lettered:
+            clauses.append("dead_lettered_at IS NOT NULL")
+        if self.schedule_id is not None:
+            clauses.append("schedule_id = %s")
+            params.append(self.schedule_id)
+        more, more_params = selector_clauses(self.selector)
+        return clauses + more, params + more_params
+
+
+@dataclass
+class Cancelled:
+    """A job a bulk cancel ended, for the caller to kill, forget in Redis and announce."""
+
+    id: str
+    previous: JobStatus
+    attempt: int
+    queue: str
+    priority: int
+
+
+BULK_BATCH = 500       # jobs per transaction of a bulk cancel or retry
 
 
 def encode_page_token(created_at: datetime, job_id: str) -> str:
@@ -614,6 +697,7 @@ class Store:
     def list_jobs(self, *, statuses: Sequence[JobStatus] = (), queue: str = "", name: str = "",
                   created_after: datetime | None = None, created_before: datetime | None = None,
                   dead_lettered: bool = False, schedule_id: int | None = None,
+                  selector: Sequence[Requirement] = (),
                   limit: int = 100, page_token: str = "") -> tuple[list[dict[str, Any]], str]:
         """Newest first, keyset-paged. Returns (rows, next page token or '').
 
@@ -624,24 +708,10 @@ class Store:
         costs every status change an entry: migration 0007), except for dead letters and
         a schedule's runs, which have their own partial indexes (0007, 0009).
         """
-        clauses, params = [], []
-        if queue:
-            clauses.append("queue = %s")
-            params.append(queue)
-        if name:
-            clauses.append("name = %s")
-            params.append(name)
-        if created_after:
-            clauses.append("created_at >= %s")
-            params.append(created_after)
-        if created_before:
-            clauses.append("created_at < %s")
-            params.append(created_before)
-        if dead_lettered:
-            clauses.append("dead_lettered_at IS NOT NULL")
-        if schedule_id is not None:
-            clauses.append("schedule_id = %s")
-            params.append(schedule_id)
+        clauses, params = Selection(
+            selector=selector, queue=queue, name=name, created_after=created_after,
+            created_before=created_before, dead_lettered=dead_lettered,
+            schedule_id=schedule_id).clauses()
         if page_token:
             created, last_id = decode_page_token(page_token)
             clauses.append("(created_at, id) < (%s, %s)")
@@ -667,6 +737,70 @@ class Store:
             rows = rows[:limit]
             token = encode_page_token(rows[-1]["created_at"], rows[-1]["id"])
         return rows, token
+
+    # --- bulk actions ---------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        with self.pool.connection() as conn:
+            return conn.execute("SELECT now()").fetchone()[0]
+
+    @staticmethod
+    def _bulk_where(selection: Selection, statuses: Sequence[JobStatus], owner: str | None,
+                    cutoff: tuple[str, datetime] | None) -> tuple[str, list[Any]]:
+        clauses, params = selection.clauses()
+        clauses.insert(0, "status = ANY(%s)")
+        params.insert(0, sorted(s.value for s in statuses))
+        if owner is not None:
+            clauses.append("owner = %s")
+            params.append(owner)
+        if cutoff is not None:
+            clauses.append(f"{cutoff[0]} <= %s")
+            params.append(cutoff[1])
+        return " AND ".join(clauses), params
+
+    def count_selected(self, selection: Selection, statuses: Sequence[JobStatus], *,
+                       owner: str | None = None) -> int:
+        where, params = self._bulk_where(selection, statuses, owner, None)
+        with self.pool.connection() as conn:
+            return conn.execute(f"SELECT count(*) FROM jobs WHERE {where}", params).fetchone()[0]
+
+    def any_selected(self, selection: Selection, statuses: Sequence[JobStatus], *,
+                     owner: str | None = None) -> bool:
+        where, params = self._bulk_where(selection, statuses, owner, None)
+        with self.pool.connection() as conn:
+            return conn.execute(f"SELECT EXISTS (SELECT 1 FROM jobs WHERE {where})",
+                                params).fetchone()[0]
+
+    def cancel_batch(self, selection: Selection, statuses: Sequence[JobStatus], *,
+                     owner: str | None, created_by: datetime, limit: int) -> list[Cancelled]:
+        """Cancel up to `limit` jobs of the selection in one statement, oldest first.
+
+        Only jobs created by `created_by` (the bulk action's start): what is submitted while
+        it runs is not its business. A job that changed under the row lock (a worker's
+        claim, its end) is judged again by its new state: still PENDING or RUNNING, it is
+        cancelled; else it is left alone."""
+        where, params = self._bulk_where(selection, statuses, owner, ("created_at", created_by))
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f"""UPDATE jobs j SET status = 'CANCELLED', finished_at = now(),
+                           updated_at = now(), error = %s, run_at = NULL
+                    FROM (SELECT id, status FROM jobs WHERE {where}
+                          ORDER BY created_at, id LIMIT %s FOR UPDATE) AS old
+                    WHERE j.id = old.id AND old.status IN ('PENDING', 'RUNNING')
+                    RETURNING j.id, old.status, j.attempts, j.queue, j.priority""",
+                (str(EndReason.CANCELLED), *params, limit)).fetchall()
+        return [Cancelled(r[0], JobStatus(r[1]), r[2], r[3], r[4]) for r in rows]
+
+    def retry_batch(self, selection: Selection, statuses: Sequence[JobStatus], *,
+                    owner: str | None, updated_by: datetime, limit: int) -> list[Requeued]:
+        """Put up to `limit` jobs of the selection back to PENDING, as `retry` does.
+
+        Only jobs last changed by `updated_by` (the bulk action's start): a job it retried
+        that failed again meanwhile is not retried a second time."""
+        where, params = self._bulk_where(selection, statuses, owner, ("updated_at", updated_by))
+        return self._requeue(f"id IN (SELECT id FROM jobs WHERE {where} "
+                             f"ORDER BY created_at, id LIMIT %s FOR UPDATE) "
+                             f"AND status IN ('FAILED', 'CANCELLED')", [*params, limit])
 
     # --- the dead-letter queue ------------------------------------------------------------
 

@@ -71,9 +71,16 @@ def run(*args: str, env: dict[str, str] | None = None, input: str | None = None)
     (["logs"], "JOB_ID"),
     (["logs", "-f", "-o", "json", "some-id"], "-f"),
     (["cancel"], "JOB_ID"),
-    (["dlq", "requeue"], "job ids or --all"),
-    (["dlq", "requeue", "--all", "some-id"], "job ids or --all"),
-    (["dlq", "requeue", "--queue", "q", "some-id"], "--queue goes with --all"),
+    (["dlq", "requeue"], "give job ids, --all or a selection"),
+    (["dlq", "requeue", "--all", "some-id"], "give job ids, --all or a selection"),
+    (["dlq", "requeue", "--queue", "q", "some-id"], "job ids or a selection (--selector"),
+    (["dlq", "requeue", "--all", "-l", "a=b"], "--all takes every dead letter"),
+    (["cancel", "--selector", "team=data"], "give --yes"),           # stdin is no terminal
+    (["cancel", "--dry-run", "some-id"], "go with a selection, not ids"),
+    (["retry", "--selector", "a in (b"], "unbalanced parentheses"),
+    (["retry", "--status", "pending", "-l", "a=b", "--yes"], "'pending' is not one of"),
+    (["submit", "--label", "team", "--", "true"], "expected KEY=VALUE"),
+    (["queue", "pause", "Bad Name"], "NAME: bad queue name"),
     (["dlq", "purge"], "give --all (or --yes)"),             # stdin is no terminal here
     (["dlq", "purge", "--queue", "q"], "of queue 'q' give --all"),
     (["dlq", "purge", "--all", "some-id"], "job ids or --all"),
@@ -291,7 +298,8 @@ JOB_KEYS = {"id", "status", "attempts", "exit_code", "output", "output_base64",
             "created_at", "updated_at", "started_at", "finished_at", "schedule_id",
             "fire_time", "env_hidden", "spec", "attempt_history"}
 SPEC_KEYS = {"id", "name", "command", "env", "cwd", "queue", "priority", "max_retries",
-             "timeout_seconds", "run_at", "idempotency_key", "limits", "notify", "notify_on"}
+             "timeout_seconds", "run_at", "idempotency_key", "limits", "notify", "notify_on",
+             "labels"}
 ATTEMPT_KEYS = {"number", "worker", "started_at", "finished_at", "exit_code", "output",
                 "output_base64", "output_truncated", "error"}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
