@@ -1992,6 +1992,18 @@ def run_bulk(settings: Settings, method: str, selection: Any, *, doing: str, don
         warn(f"--limit reached: more jobs match; run it again to {doing.split()[0]} them")
 
 
+def by_selection(settings: Settings, method: str, job_ids: Sequence[str], *, doing: str,
+                 done: str, selection: Any | None, dry_run: bool, yes: bool,
+                 limit: int | None) -> bool:
+    """Run a bulk verb's selection (True), or say that the verb goes by ids (False)."""
+    _ids_or_selection(job_ids, selection, dry_run, yes, limit)
+    if selection is None:
+        return False
+    run_bulk(settings, method, selection, doing=doing, done=done, dry_run=dry_run, yes=yes,
+             limit=limit)
+    return True
+
+
 def _ids_or_selection(job_ids: Sequence[str], selection: Any | None, dry_run: bool,
                       yes: bool, limit: int | None) -> None:
     if job_ids and selection is not None:
@@ -2026,12 +2038,10 @@ def cancel(settings: Settings, job_ids: tuple[str, ...], selector: str,
     asks first, saying how many; elsewhere (a script) it needs --yes. Without role admin
     only your own jobs are taken.
     """
-    selection = job_selection(selector=selector, statuses=statuses, queue=queue, name=name,
-                              since=since, until=until)
-    _ids_or_selection(job_ids, selection, dry_run, yes, limit)
-    if selection is not None:
-        run_bulk(settings, "CancelJobs", selection, doing="cancel", done="cancelled",
-                 dry_run=dry_run, yes=yes, limit=limit)
+    if by_selection(settings, "CancelJobs", job_ids, doing="cancel", done="cancelled",
+                    selection=job_selection(selector=selector, statuses=statuses, queue=queue,
+                                            name=name, since=since, until=until),
+                    dry_run=dry_run, yes=yes, limit=limit):
         return
     def one(job_id: str) -> dict[str, str]:
         reply = settings.call(Role.WRITE, "CancelJob", dtsd_pb2.CancelJobRequest(id=job_id))
@@ -2065,12 +2075,10 @@ def retry(settings: Settings, job_ids: tuple[str, ...], selector: str,
     dry_run}). --dry-run only counts them. On a terminal it asks first; elsewhere it
     needs --yes. Without role admin only your own jobs are taken.
     """
-    selection = job_selection(selector=selector, statuses=statuses, queue=queue, name=name,
-                              since=since, until=until)
-    _ids_or_selection(job_ids, selection, dry_run, yes, limit)
-    if selection is not None:
-        run_bulk(settings, "RetryJobs", selection, doing="retry", done="retried",
-                 dry_run=dry_run, yes=yes, limit=limit)
+    if by_selection(settings, "RetryJobs", job_ids, doing="retry", done="retried",
+                    selection=job_selection(selector=selector, statuses=statuses, queue=queue,
+                                            name=name, since=since, until=until),
+                    dry_run=dry_run, yes=yes, limit=limit):
         return
     done, errors = _each(job_ids, lambda job_id: job_dict(settings.call(
         Role.WRITE, "RetryJob", dtsd_pb2.RetryJobRequest(id=job_id)).job))
@@ -2179,10 +2187,9 @@ def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, qu
     elif selector or name or since or until:
         raise click.UsageError("--all takes every dead letter (of --queue): no --selector, "
                                "--name, --since or --until")
-    if selection is not None or dry_run or yes or limit:
-        _ids_or_selection(job_ids, selection, dry_run, yes, limit)
-        run_bulk(settings, "RetryJobs", selection, doing="requeue", done="requeued",
-                 dry_run=dry_run, yes=yes, limit=limit)
+    if (selection is not None or dry_run or yes or limit) and by_selection(
+            settings, "RetryJobs", job_ids, doing="requeue", done="requeued",
+            selection=selection, dry_run=dry_run, yes=yes, limit=limit):
         return
     if bool(job_ids) == all_jobs:
         raise click.UsageError("give job ids, --all or a selection (--selector, ...)")

@@ -4,20 +4,15 @@ dry-run count, confirmation and a limit."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import grpc
 import pytest
 
 from dtsd import models
-from dtsd.dtsdpb import pb, pb_grpc
+from dtsd.dtsdpb import pb
 from dtsd.models import InvalidField, Requirement, SelectorOp, parse_selector
 from tests.helpers import wait_for
-
-FAST = {"worker": {"retry_backoff": "50ms", "retry_backoff_max": "200ms", "kill_grace": "1s",
-                   "processes": 2, "concurrency": 2, "queues": "default,held"},
-        "dtsd": {"housekeeping_interval": "200ms", "reconcile_interval": "1s"}}
+# A dtsd with two workers serving queues default and batch, and the API to it.
+from tests.test_queues import api, as_json, dtsd, ok  # noqa: F401 (fixtures)
 
 
 # --- the syntax ----------------------------------------------------------------------------
@@ -64,27 +59,6 @@ def test_labels_are_bounded_and_checked():
 
 # --- against a real dtsd --------------------------------------------------------------------
 
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
-
-
-def as_json(result: subprocess.CompletedProcess):
-    return json.loads(ok(result))
-
-
-@pytest.fixture
-def dtsd(dtsd_factory):
-    return dtsd_factory(FAST)
-
-
-@pytest.fixture
-def api(dtsd):
-    channel = grpc.insecure_channel(dtsd.address)
-    yield pb_grpc.SchedulerStub(channel)
-    channel.close()
-
-
 def submit(dtsd, *args):
     return ok(dtsd.dtsctl("submit", *args)).strip()
 
@@ -99,13 +73,13 @@ def status_of(api, job_id):
 
 
 def test_labels_select_jobs_in_list(dtsd, api):
-    ok(dtsd.dtsctl("queue", "pause", "held"))      # so that the jobs stay as they are
-    data_prod = submit(dtsd, "--queue", "held", "--label", "team=data", "--label", "env=prod",
+    ok(dtsd.dtsctl("queue", "pause", "batch"))      # so that the jobs stay as they are
+    data_prod = submit(dtsd, "--queue", "batch", "--label", "team=data", "--label", "env=prod",
                        "--", "true")
-    data_dev = submit(dtsd, "--queue", "held", "--label", "team=data", "--label", "env=dev",
+    data_dev = submit(dtsd, "--queue", "batch", "--label", "team=data", "--label", "env=dev",
                       "--", "true")
-    web = submit(dtsd, "--queue", "held", "--label", "team=web", "--", "true")
-    plain = submit(dtsd, "--queue", "held", "--", "true")
+    web = submit(dtsd, "--queue", "batch", "--label", "team=web", "--", "true")
+    plain = submit(dtsd, "--queue", "batch", "--", "true")
     assert listed(dtsd, "--selector", "team=data") == sorted([data_prod, data_dev])
     assert listed(dtsd, "--selector", "team=data,env!=prod") == [data_dev]
     # != and notin hold for jobs without the key, as in Kubernetes.
@@ -136,10 +110,10 @@ def test_labels_select_jobs_in_list(dtsd, api):
 
 
 def test_bulk_cancel_counts_asks_and_cancels_in_batches(dtsd, api):
-    ok(dtsd.dtsctl("queue", "pause", "held"))
-    data = [submit(dtsd, "--queue", "held", "--label", "team=data", "--", "true")
+    ok(dtsd.dtsctl("queue", "pause", "batch"))
+    data = [submit(dtsd, "--queue", "batch", "--label", "team=data", "--", "true")
             for _ in range(5)]
-    web = [submit(dtsd, "--queue", "held", "--label", "team=web", "--", "true")
+    web = [submit(dtsd, "--queue", "batch", "--label", "team=web", "--", "true")
            for _ in range(3)]
     running = submit(dtsd, "--label", "team=data", "--", "sleep 60")
     wait_for(lambda: status_of(api, running) == "RUNNING", timeout=20)
