@@ -13,6 +13,9 @@ from dtsd.models import InvalidField, Requirement, SelectorOp, parse_selector
 from tests.helpers import wait_for
 # A dtsd with two workers serving queues default and batch, and the API to it.
 from tests.test_queues import api, as_json, dtsd, ok  # noqa: F401 (fixtures)
+from tests.test_queues import FAST
+
+FAST_ONE = {**FAST, "worker": {**FAST["worker"], "processes": 1}}
 
 
 # --- the syntax ----------------------------------------------------------------------------
@@ -194,3 +197,25 @@ def test_a_schedule_s_labels_go_to_its_runs(dtsd, api):
     assert job_id in listed(dtsd, "--selector", "team=data")
     bad = dtsd.dtsctl("cron", "add", "other", "@daily", "--label", "x=-", "--", "true")
     assert bad.returncode == 2 and "--label" in bad.stderr, bad.stderr
+
+
+def test_without_admin_a_selection_takes_only_the_caller_s_own_jobs(dtsd_factory, tmp_path):
+    from tests.test_auth import add_token
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# none yet\n")
+    master = dtsd_factory({**FAST_ONE, "server": {"tokens_file": str(tokens), "processes": 1}})
+    admin, alice, bob = (add_token(master, name, role) for name, role in
+                         (("ops", "admin"), ("alice", "submit"), ("bob", "submit")))
+    ok(master.dtsctl("queue", "pause", "batch", token=admin))
+    mine = {who: [ok(master.dtsctl("submit", "--queue", "batch", "--label", "team=data", "--",
+                                   "true", token=token)).strip() for _ in range(2)]
+            for who, token in (("alice", alice), ("bob", bob))}
+    assert ok(master.dtsctl("cancel", "-l", "team=data", "--yes", token=bob)).strip() == \
+        "cancelled 2"
+    counted = as_json(master.dtsctl("-o", "json", "cancel", "-l", "team=data", "--dry-run",
+                                    token=admin))
+    assert counted["matched"] == 2
+    states = {job["id"]: job["status"] for job in as_json(master.dtsctl(
+        "-o", "json", "list", "-l", "team=data", token=admin))["jobs"]}
+    assert [states[i] for i in mine["alice"]] == ["PENDING", "PENDING"]
+    assert [states[i] for i in mine["bob"]] == ["CANCELLED", "CANCELLED"]
