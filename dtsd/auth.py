@@ -83,6 +83,7 @@ METHODS: dict[str, Role | None] = {
     _V1 + "PauseQueue": Role.ADMIN,
     _V1 + "ResumeQueue": Role.ADMIN,
     _V1 + "ListQueues": Role.READ,
+    _V1 + "SetQueueLimit": Role.ADMIN,
     _V1 + "CancelJobs": Role.SUBMIT,
     _V1 + "RetryJobs": Role.SUBMIT,
     "/scheduler.JobService/SubmitJob": Role.SUBMIT,

@@ -3,10 +3,10 @@ r"""dtsctl: the command-line client of dtsd.
     dtsctl [GLOBAL OPTIONS] VERB [OPTIONS] [ARGS]      (`dtsctl VERB --help` for each verb)
 
 Verbs: submit, status, list, logs, cancel, retry, dlq list|requeue|purge,
-cron add|list|pause|resume|rm|run|next, queue list|pause|resume, web-login.
+cron add|list|pause|resume|rm|run|next, queue list|pause|resume|limit, web-login.
 
 Which servers (first match wins; `--submit-server`/`SUBMIT_SERVER` pick the servers for
-writes: submit, cancel, retry, dlq requeue/purge, queue pause/resume; `--status-servers`/`STATUS_SERVERS` for
+writes: submit, cancel, retry, dlq requeue/purge, queue pause/resume/limit; `--status-servers`/`STATUS_SERVERS` for
 reads: status, list, logs, dlq list, waiting):
   1. the role's own flag, then `--servers`;
   2. the role's own variable, then `DTSD_SERVERS`, then the seed's `SERVERS`;
@@ -102,7 +102,8 @@ Per verb:
                                     unreachable: [{store, since, seconds}]}],
                            workers: [{id, node_id, pid, queues, concurrency, running,
                                       seen_at}],
-                           queues: [{queue, pending, delayed, running, paused}],
+                           queues: [{queue, pending, delayed, running, paused,
+                                     max_running (null: no limit)}],
                            unserved_queues: [queues with jobs waiting that no live
                                              worker serves]}
   status JOB_ID...        {jobs: [<job>], errors: [{id, code, message}]}
@@ -123,7 +124,9 @@ Per verb:
   cron rm                 {name, deleted}
   cron run                {id, created}
   cron next               {times: [{at, local, note}]}
-  queue pause|resume      <queue>: {name, paused, paused_by, paused_at}
+  queue pause|resume|limit
+                          <queue>: {name, paused, paused_by, paused_at, max_running
+                           (null: no limit)}
   queue list              {queues: [<queue>]}
 """
 
@@ -881,7 +884,7 @@ def cluster_dict(status: Any) -> dict[str, Any]:
         } for worker in status.workers],
         "queues": [{"queue": depth.queue, "pending": depth.pending,
                     "delayed": depth.delayed, "running": depth.running,
-                    "paused": depth.paused}
+                    "paused": depth.paused, "max_running": depth.max_running or None}
                    for depth in status.queues],
         "unserved_queues": unserved_queues(status),
     }
@@ -2410,29 +2413,31 @@ def cron_next(settings: Settings, name_or_expression: str, count: int, zone: str
 
 def queue_dict(info: Any) -> dict[str, Any]:
     return {"name": info.name, "paused": info.paused, "paused_by": info.paused_by or None,
-            "paused_at": _time(info, "paused_at")}
+            "paused_at": _time(info, "paused_at"), "max_running": info.max_running or None}
 
 
 def queues_table(data: dict[str, Any]) -> str:
-    return format_table(("QUEUE", "STATE", "PAUSED BY", "PAUSED"),
+    return format_table(("QUEUE", "STATE", "MAX RUNNING", "PAUSED BY", "PAUSED"),
                         [(q["name"], "paused" if q["paused"] else "active",
-                          q["paused_by"] or "-", ago(q["paused_at"]) if q["paused_at"] else "-")
+                          q["max_running"] or "-", q["paused_by"] or "-",
+                          ago(q["paused_at"]) if q["paused_at"] else "-")
                          for q in data["queues"]])
 
 
 @cli.group("queue")
 def queue_group() -> None:
     """Queue controls: pause a queue (workers take no new job of it; submits are still
-    accepted and wait), resume it, list the queues."""
+    accepted and wait), resume it, limit its running jobs across the cluster, list the
+    queues."""
 
 
 @queue_group.command("list")
 @option_output
 @pass_settings
 def queue_list(settings: Settings) -> None:
-    """Queues that are paused, hold jobs not final, or are served by a live worker:
-    QUEUE, STATE (active or paused), PAUSED BY, PAUSED (how long ago).
-    JSON: {queues: [{name, paused, paused_by, paused_at}]}."""
+    """Queues that are paused or limited, hold jobs not final, or are served by a live
+    worker: QUEUE, STATE (active or paused), MAX RUNNING, PAUSED BY, PAUSED (how long ago).
+    JSON: {queues: [{name, paused, paused_by, paused_at, max_running}]}."""
     reply = settings.call(Role.READ, "ListQueues", dtsd_pb2.ListQueuesRequest())
     render(settings.output, {"queues": [queue_dict(q) for q in reply.queues]}, queues_table)
 
@@ -2456,6 +2461,24 @@ _queue_verb("PauseQueue", "pause",
             "Pause queue NAME (role admin): workers take no new job of it; submits are still "
             "accepted and wait; jobs already taken run on. Held in PostgreSQL: a restart "
             "keeps it. JSON: {name, paused, paused_by, paused_at}.")
+@queue_group.command("limit")
+@option_output
+@click.argument("name")
+@click.argument("max_running", type=click.IntRange(0, 1_000_000))
+@pass_settings
+def queue_limit(settings: Settings, name: str, max_running: int) -> None:
+    """At most MAX_RUNNING jobs of queue NAME run at once across the cluster (role admin);
+    0 lifts the limit. Checked in PostgreSQL at every claim; jobs running beyond a lowered
+    limit run on. JSON: {name, paused, paused_by, paused_at, max_running}."""
+    try:
+        models.check_queue(name, "NAME")
+    except models.InvalidField as exc:
+        raise click.UsageError(str(exc)) from None
+    reply = settings.call(Role.WRITE, "SetQueueLimit",
+                          dtsd_pb2.QueueLimit(name=name, max_running=max_running))
+    render(settings.output, queue_dict(reply), lambda data: queues_table({"queues": [data]}))
+
+
 _queue_verb("ResumeQueue", "resume",
             "Resume queue NAME (role admin): workers take its jobs again at once. "
             "JSON: {name, paused, paused_by, paused_at}.")

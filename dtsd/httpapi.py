@@ -229,6 +229,8 @@ ROUTES = [
     Route("POST", "/queues/{name}/pause", "PauseQueue",
           "Pause a queue: workers take no new job of it; submits still wait in it", body=""),
     Route("POST", "/queues/{name}/resume", "ResumeQueue", "Resume a paused queue", body=""),
+    Route("POST", "/queues/{name}/limit", "SetQueueLimit",
+          "Set a queue's max_running across the cluster (0: no limit)", body=""),
     Route("POST", "/jobs/cancel", "CancelJobs", "Cancel the PENDING and RUNNING jobs of a "
           "selection (labels, status, queue, name, time), in bounded batches; dry_run counts",
           body=""),

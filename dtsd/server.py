@@ -989,7 +989,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         row = self.api.store.pause_queue(name, auth.caller().submitted_by)
         self.api.queue.pause(name)
         auth.audit("queue pause", name)
-        return _queue_info(row)
+        return self._queue_info(name, row)
 
     @rpc
     def ResumeQueue(self, request, context):
@@ -997,17 +997,35 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         self.api.store.resume_queue(name)
         self.api.queue.resume(name)
         auth.audit("queue resume", name)
-        return pb.QueueInfo(name=name)
+        return self._queue_info(name)
+
+    @rpc
+    def SetQueueLimit(self, request, context):
+        """PostgreSQL holds the limit (claims check it there); Redis's mirror only routes
+        the queue's ids to the limited claim, and the leader rebuilds it."""
+        name = check_queue(request.name, "name")
+        if not 0 <= request.max_running <= MAX_RUNNING_LIMIT:
+            raise InvalidField("max_running", f"must be 0 (no limit) to {MAX_RUNNING_LIMIT}, "
+                                              f"not {request.max_running}")
+        self.api.store.set_queue_limit(name, request.max_running)
+        self.api.queue.set_limit(name, request.max_running)
+        auth.audit("queue limit", f"{name}: max_running {request.max_running or 'none'}")
+        return self._queue_info(name)
+
+    def _queue_info(self, name: str, paused: dict[str, Any] | None = None) -> pb.QueueInfo:
+        if paused is None:
+            paused = next((r for r in self.api.store.paused_queues() if r["queue"] == name), None)
+        return _queue_info(name, paused, self.api.store.queue_limits().get(name, 0))
 
     @rpc
     def ListQueues(self, request, context):
         paused = {row["queue"]: row for row in self.api.store.paused_queues()}
+        limits = self.api.store.queue_limits()
         _, _, queues = self.api.store.counts()
-        names = set(paused) | {row[0] for row in queues}
+        names = set(paused) | set(limits) | {row[0] for row in queues}
         names |= {q for beat in self._workers().values() if beat for q in beat.get("queues", ())}
         return pb.ListQueuesResponse(queues=[
-            _queue_info(paused[name]) if name in paused else pb.QueueInfo(name=name)
-            for name in sorted(names)])
+            _queue_info(name, paused.get(name), limits.get(name, 0)) for name in sorted(names)])
 
     @rpc
     def ClusterStatus(self, request, context):
@@ -1035,6 +1053,10 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             if row["queue"] not in depths:
                 depths[row["queue"]] = response.queues.add(queue=row["queue"])
             depths[row["queue"]].paused = True
+        for name, limit in sorted(self.api.store.queue_limits().items()):    # and a limited one
+            if name not in depths:
+                depths[name] = response.queues.add(queue=name)
+            depths[name].max_running = limit
         fence = self.api.store.fence_token(self.api.cfg.get("dtsd", "cluster"))
         if fence is not None:
             response.fencing_token = fence[0]
@@ -1064,9 +1086,14 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         return response
 
 
-def _queue_info(row: dict[str, Any]) -> pb.QueueInfo:
-    info = pb.QueueInfo(name=row["queue"], paused=True, paused_by=row["paused_by"])
-    timestamp(row["paused_at"], info.paused_at)
+MAX_RUNNING_LIMIT = 1_000_000
+
+
+def _queue_info(name: str, paused: dict[str, Any] | None, max_running: int) -> pb.QueueInfo:
+    info = pb.QueueInfo(name=name, max_running=max_running)
+    if paused is not None:
+        info.paused, info.paused_by = True, paused["paused_by"]
+        timestamp(paused["paused_at"], info.paused_at)
     return info
 
 

@@ -266,6 +266,35 @@ _ENDED_NOTIFIED = """    RETURNING j.id, j.status, u.dead, j.notify, j.notify_on
                    SELECT id FROM ended"""
 
 
+# The claim: PENDING -> RUNNING for the ids `{ids}` yields (a FROM item `u(id)`), opening an
+# attempt for each; only while the worker's lease holds. `{limited}`: the plain claim takes
+# no job of a queue with a max_running (_NOT_LIMITED: a look-up in a table of a few rows),
+# so a limit holds even when Redis's mirror of the limits lags; those go to claim_limited.
+_CLAIM = """WITH claimed AS (
+                UPDATE jobs j SET status = 'RUNNING', attempts = j.attempts + 1,
+                       worker = %(worker)s, started_at = now(), updated_at = now(),
+                       finished_at = NULL, error = ''
+                FROM {ids}
+                WHERE j.id = u.id AND j.status = 'PENDING'
+                  AND (j.run_at IS NULL OR j.run_at <= now())
+                  AND EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker)s
+                              AND w.lease_until > now())
+                  {limited}
+                RETURNING j.id, j.command, j.env, j.cwd, j.timeout, j.attempts,
+                          j.failures, j.max_retries, j.queue, j.priority, j.limits,
+                          j.name,
+                          extract(epoch FROM now() - greatest(j.created_at, j.run_at))
+                              ::float8 AS waited,
+                          cardinality(j.notify) > 0 AS notified),
+            opened AS (
+                INSERT INTO job_attempts (job_id, attempt, worker)
+                SELECT id, attempts, %(worker)s FROM claimed)
+            SELECT * FROM claimed"""
+
+
+_NOT_LIMITED = "AND NOT EXISTS (SELECT 1 FROM queue_limits l WHERE l.queue = j.queue)"
+
+
 def _check_owner(job_id: str, actual: str, wanted: str | None, doing: str) -> None:
     if wanted is not None and actual != wanted:
         raise Forbidden(f"job {job_id} belongs to {actual or 'nobody'}, not to {wanted}: "
@@ -524,28 +553,60 @@ class Store:
         if not ids:
             return []
         with self.pool.connection() as conn:
-            rows = conn.execute(
-                """WITH claimed AS (
-                       UPDATE jobs j SET status = 'RUNNING', attempts = j.attempts + 1,
-                              worker = %(worker)s, started_at = now(), updated_at = now(),
-                              finished_at = NULL, error = ''
-                       FROM unnest(%(ids)s::text[]) AS u(id)
-                       WHERE j.id = u.id AND j.status = 'PENDING'
-                         AND (j.run_at IS NULL OR j.run_at <= now())
-                         AND EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker)s
-                                     AND w.lease_until > now())
-                       RETURNING j.id, j.command, j.env, j.cwd, j.timeout, j.attempts,
-                                 j.failures, j.max_retries, j.queue, j.priority, j.limits,
-                                 j.name,
-                                 extract(epoch FROM now() - greatest(j.created_at, j.run_at))
-                                     ::float8 AS waited,
-                                 cardinality(j.notify) > 0 AS notified),
-                   opened AS (
-                       INSERT INTO job_attempts (job_id, attempt, worker)
-                       SELECT id, attempts, %(worker)s FROM claimed)
-                   SELECT * FROM claimed""",
-                {"ids": list(ids), "worker": worker}).fetchall()
+            rows = conn.execute(_CLAIM.format(ids="unnest(%(ids)s::text[]) AS u(id)",
+                                              limited=_NOT_LIMITED),
+                                {"ids": list(ids), "worker": worker}).fetchall()
         return [Claimed(*row) for row in rows]
+
+    def limited(self, ids: Sequence[str]) -> dict[str, list[str]]:
+        """Of `ids` that `claim` left, those due and PENDING in a queue with a max_running,
+        by queue: Redis did not route them to `claim_limited` (its mirror of the limits
+        lags PostgreSQL's), so the caller does now."""
+        if not ids:
+            return {}
+        found: dict[str, list[str]] = {}
+        with self.pool.connection() as conn:
+            for job_id, queue in conn.execute(
+                    """SELECT j.id, j.queue FROM unnest(%s::text[]) WITH ORDINALITY AS x(id, n)
+                       JOIN jobs j ON j.id = x.id
+                       WHERE j.status = 'PENDING' AND (j.run_at IS NULL OR j.run_at <= now())
+                         AND j.queue IN (SELECT queue FROM queue_limits)
+                       ORDER BY x.n""", (list(ids),)):
+                found.setdefault(queue, []).append(job_id)
+        return found
+
+    def claim_limited(self, ids: Sequence[str], queue: str,
+                      worker: str) -> tuple[list[Claimed], list[str]]:
+        """`claim` for ids of a queue with a max_running: (claimed, ids it had no room for).
+
+        One transaction locks the queue's queue_limits row (so claims of the queue,
+        wherever they run, take turns), counts its RUNNING jobs and claims, in the given
+        order, only as many of the claimable ids as fit. The ids left over that are still
+        claimable are the caller's to give back to Redis; the rest (done, cancelled) it
+        lets go, as after `claim`. A queue without a limit (lifted meanwhile) claims all."""
+        if not ids:
+            return [], []
+        with self.pool.connection() as conn, conn.transaction():
+            row = conn.execute("SELECT max_running FROM queue_limits WHERE queue = %s "
+                               "FOR UPDATE", (queue,)).fetchone()
+            room = len(ids)
+            if row is not None:
+                running = conn.execute("SELECT count(*) FROM jobs WHERE queue = %s "
+                                       "AND status = 'RUNNING'", (queue,)).fetchone()[0]
+                room = max(0, row[0] - running)
+            rows = conn.execute(_CLAIM.format(ids="""(
+                SELECT c.id FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS x(id, n)
+                JOIN jobs c ON c.id = x.id
+                WHERE c.status = 'PENDING' AND (c.run_at IS NULL OR c.run_at <= now())
+                ORDER BY x.n LIMIT %(room)s) AS u(id)""", limited=""),
+                {"ids": list(ids), "worker": worker, "room": room}).fetchall() if room else []
+            claimed = [Claimed(*r) for r in rows]
+            mine = {job.id for job in claimed}
+            left = [job_id for job_id in ids if job_id not in mine]
+            waiting = {r[0] for r in conn.execute(
+                """SELECT id FROM jobs WHERE id = ANY(%s) AND status = 'PENDING'
+                   AND (run_at IS NULL OR run_at <= now())""", (left,))} if left else set()
+        return claimed, [job_id for job_id in left if job_id in waiting]
 
     def finish(self, outcomes: Sequence[Outcome]) -> set[str]:
         """Record a batch of finished attempts; returns the ids whose job row changed.
@@ -1152,6 +1213,21 @@ class Store:
         with self.pool.connection() as conn:
             return conn.execute("DELETE FROM paused_queues WHERE queue = %s",
                                 (queue,)).rowcount == 1
+
+    def set_queue_limit(self, queue: str, max_running: int) -> None:
+        """At most `max_running` RUNNING jobs of `queue` (0: no limit)."""
+        with self.pool.connection() as conn:
+            if max_running:
+                conn.execute("""INSERT INTO queue_limits (queue, max_running) VALUES (%s, %s)
+                                ON CONFLICT (queue) DO UPDATE
+                                    SET max_running = EXCLUDED.max_running, updated_at = now()""",
+                             (queue, max_running))
+            else:
+                conn.execute("DELETE FROM queue_limits WHERE queue = %s", (queue,))
+
+    def queue_limits(self) -> dict[str, int]:
+        with self.pool.connection() as conn:
+            return dict(conn.execute("SELECT queue, max_running FROM queue_limits"))
 
     def paused_queues(self) -> list[dict[str, Any]]:
         with self.pool.connection() as conn:

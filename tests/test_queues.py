@@ -66,14 +66,14 @@ def test_the_fetch_takes_nothing_from_a_paused_queue_and_resume_wakes_workers(re
     queue.push([Ready("a1", "a", 0), Ready("a2", "a", 9), Ready("b1", "b", 0)])
     queue.pause("a")
     assert queue.paused() == {"a"}
-    assert queue.fetch("w1", ["a", "b"], 10) == ["b1"]
+    assert [t.id for t in queue.fetch("w1", ["a", "b"], 10)] == ["b1"]
     assert queue.fetch("w1", ["a", "b"], 10) == []
     # The wake tokens of a's ids are gone (an idle worker took them and found a paused).
     queue.redis.delete(queue.keys.wake("a"))
     queue.resume("a")
     assert queue.paused() == set()
     assert queue.wait_for_work(["a"], timeout=0.1)      # resume left a token per ready id
-    assert queue.fetch("w1", ["a", "b"], 10) == ["a2", "a1"]    # priority 9 first
+    assert [(t.id, t.priority) for t in queue.fetch("w1", ["a", "b"], 10)] == [("a2", 9), ("a1", 0)]
     queue.set_paused(["x", "y"])
     assert queue.paused() == {"x", "y"}
     queue.set_paused([])
@@ -107,7 +107,8 @@ def test_a_paused_queue_takes_no_new_job_while_others_run_and_resume_runs_them(d
     assert {q["name"]: q["paused"] for q in listed} == {"batch": True, "default": False}
 
     resumed = as_json(dtsd.dtsctl("-o", "json", "queue", "resume", "batch"))
-    assert resumed == {"name": "batch", "paused": False, "paused_by": None, "paused_at": None}
+    assert resumed == {"name": "batch", "paused": False, "paused_by": None, "paused_at": None,
+                       "max_running": None}
     for job_id in waiting:
         wait_status(api, job_id, pb.SUCCEEDED, timeout=10)
     assert queue_row(dtsd, "batch") is None or queue_row(dtsd, "batch")["paused"] is False
@@ -153,3 +154,64 @@ def test_pausing_a_queue_needs_role_admin(dtsd_factory):
     assert denied.returncode == 4 and "PERMISSION_DENIED" in denied.stderr + denied.stdout, denied
     assert "admin" in denied.stderr
     assert as_json(submitter.dtsctl("-o", "json", "queue", "list"))["queues"] is not None
+
+
+# --- max_running across the cluster -------------------------------------------------------------
+
+def most_at_once(api, ids):
+    """The most attempts of `ids` that ran at the same time, by their recorded times."""
+    edges = []
+    for job_id in ids:
+        for attempt in api.GetJob(pb.GetJobRequest(id=job_id, include_attempts=True)
+                                  ).attempt_history:
+            start = attempt.started_at.ToNanoseconds()
+            end = attempt.finished_at.ToNanoseconds()
+            edges += [(start, 1), (end, -1)]
+    running = most = 0
+    for _, step in sorted(edges):       # an end at the same instant as a start goes first
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_max_running_holds_across_nodes_and_workers(dtsd_factory, etcd):
+    cluster = {**FAST, "etcd": {"endpoints": etcd.endpoints, "lease_ttl": "2s"},
+               "worker": {**FAST["worker"], "concurrency": 3}}
+    nodes = [dtsd_factory(cluster) for _ in range(2)]      # 4 workers, 12 job slots
+    channel = grpc.insecure_channel(nodes[1].address)
+    api = pb_grpc.SchedulerStub(channel)
+    limited = as_json(nodes[0].dtsctl("-o", "json", "queue", "limit", "batch", "2"))
+    assert limited["max_running"] == 2
+    shown = as_json(nodes[1].dtsctl("-o", "json", "queue", "list"))["queues"]
+    assert {q["name"]: q["max_running"] for q in shown}["batch"] == 2
+    ids = [submit(api, "sleep 0.4", queue="batch") for _ in range(10)]
+    others = [submit(api, "sleep 0.4") for _ in range(8)]
+    for job_id in ids + others:
+        wait_status(api, job_id, pb.SUCCEEDED, timeout=60)
+    assert most_at_once(api, ids) == 2
+    assert most_at_once(api, others) > 2        # the default queue is not held back
+    assert queue_row(nodes[0], "batch")["max_running"] == 2
+
+    # Lifted: the queue fills the free slots again.
+    ok(nodes[0].dtsctl("queue", "limit", "batch", "0"))
+    ids = [submit(api, "sleep 0.4", queue="batch") for _ in range(8)]
+    for job_id in ids:
+        wait_status(api, job_id, pb.SUCCEEDED, timeout=60)
+    assert most_at_once(api, ids) > 2
+    bad = api.SetQueueLimit
+    with pytest.raises(grpc.RpcError) as caught:
+        bad(pb.QueueLimit(name="batch", max_running=-1))
+    assert caught.value.details().startswith("max_running:")
+    channel.close()
+
+
+def test_a_limit_holds_while_redis_has_lost_its_mirror(dtsd, api, redis):
+    """The plain claim takes no job of a limited queue: with the mirror gone (a flushed
+    Redis, before the leader rebuilds it) the ids still go through the limited claim."""
+    ok(dtsd.dtsctl("queue", "limit", "batch", "1"))
+    client = redis.client()
+    client.hdel("dtsd:default:limits", "batch")
+    ids = [submit(api, "sleep 0.3", queue="batch") for _ in range(5)]
+    for job_id in ids:
+        wait_status(api, job_id, pb.SUCCEEDED, timeout=60)
+    assert most_at_once(api, ids) == 1

@@ -424,7 +424,7 @@ class PurgeDeadLettersResponse(_message.Message):
     def __init__(self, purged: _Optional[int] = ...) -> None: ...
 
 class QueueDepth(_message.Message):
-    __slots__ = ["delayed", "paused", "pending", "queue", "ready_by_priority", "running"]
+    __slots__ = ["delayed", "max_running", "paused", "pending", "queue", "ready_by_priority", "running"]
     class ReadyByPriorityEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -433,30 +433,42 @@ class QueueDepth(_message.Message):
         value: int
         def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     DELAYED_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     READY_BY_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     delayed: int
+    max_running: int
     paused: bool
     pending: int
     queue: str
     ready_by_priority: _containers.ScalarMap[int, int]
     running: int
-    def __init__(self, queue: _Optional[str] = ..., pending: _Optional[int] = ..., delayed: _Optional[int] = ..., running: _Optional[int] = ..., ready_by_priority: _Optional[_Mapping[int, int]] = ..., paused: bool = ...) -> None: ...
+    def __init__(self, queue: _Optional[str] = ..., pending: _Optional[int] = ..., delayed: _Optional[int] = ..., running: _Optional[int] = ..., ready_by_priority: _Optional[_Mapping[int, int]] = ..., paused: bool = ..., max_running: _Optional[int] = ...) -> None: ...
 
 class QueueInfo(_message.Message):
-    __slots__ = ["name", "paused", "paused_at", "paused_by"]
+    __slots__ = ["max_running", "name", "paused", "paused_at", "paused_by"]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
     PAUSED_BY_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
+    max_running: int
     name: str
     paused: bool
     paused_at: _timestamp_pb2.Timestamp
     paused_by: str
-    def __init__(self, name: _Optional[str] = ..., paused: bool = ..., paused_by: _Optional[str] = ..., paused_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., paused: bool = ..., paused_by: _Optional[str] = ..., paused_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., max_running: _Optional[int] = ...) -> None: ...
+
+class QueueLimit(_message.Message):
+    __slots__ = ["max_running", "name"]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    max_running: int
+    name: str
+    def __init__(self, name: _Optional[str] = ..., max_running: _Optional[int] = ...) -> None: ...
 
 class QueueRef(_message.Message):
     __slots__ = ["name"]

@@ -124,6 +124,11 @@ class SchedulerStub(object):
                 request_serializer=dtsd_dot_v1_dot_dtsd__pb2.ListQueuesRequest.SerializeToString,
                 response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ListQueuesResponse.FromString,
                 )
+        self.SetQueueLimit = channel.unary_unary(
+                '/dtsd.v1.Scheduler/SetQueueLimit',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.QueueLimit.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.FromString,
+                )
         self.CancelJobs = channel.unary_unary(
                 '/dtsd.v1.Scheduler/CancelJobs',
                 request_serializer=dtsd_dot_v1_dot_dtsd__pb2.BulkJobsRequest.SerializeToString,
@@ -278,6 +283,14 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQueueLimit(self, request, context):
+        """At most max_running jobs of the queue RUNNING at once across the cluster, checked in
+        PostgreSQL at every claim; jobs running beyond a lowered limit run on. Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelJobs(self, request, context):
         """Cancel the PENDING and RUNNING jobs of a selection, in bounded batches (statuses: a
         subset of those two). Without role admin, only the caller's own jobs are taken.
@@ -406,6 +419,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListQueues,
                     request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ListQueuesRequest.FromString,
                     response_serializer=dtsd_dot_v1_dot_dtsd__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'SetQueueLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQueueLimit,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.QueueLimit.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.SerializeToString,
             ),
             'CancelJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJobs,
@@ -798,6 +816,23 @@ class Scheduler(object):
         return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/ListQueues',
             dtsd_dot_v1_dot_dtsd__pb2.ListQueuesRequest.SerializeToString,
             dtsd_dot_v1_dot_dtsd__pb2.ListQueuesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def SetQueueLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/SetQueueLimit',
+            dtsd_dot_v1_dot_dtsd__pb2.QueueLimit.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
