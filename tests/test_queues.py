@@ -13,6 +13,7 @@ import pytest
 from dtsd.dtsdpb import pb, pb_grpc
 from dtsd.queue import Queue, Ready, connect
 from tests.helpers import wait_for
+from tests.test_pipeline import api, submit  # noqa: F401 (api: a fixture, over `dtsd` below)
 
 FAST = {"worker": {"retry_backoff": "50ms", "retry_backoff_max": "200ms", "kill_grace": "1s",
                    "processes": 2, "concurrency": 2, "queues": "default,batch"},
@@ -31,17 +32,6 @@ def as_json(result: subprocess.CompletedProcess):
 @pytest.fixture
 def dtsd(dtsd_factory):
     return dtsd_factory(FAST)
-
-
-@pytest.fixture
-def api(dtsd):
-    channel = grpc.insecure_channel(dtsd.address)
-    yield pb_grpc.SchedulerStub(channel)
-    channel.close()
-
-
-def submit(api, command, **spec):
-    return api.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(command=command, **spec))).id
 
 
 def status_of(api, job_id):
