@@ -3,10 +3,10 @@ r"""dtsctl: the command-line client of dtsd.
     dtsctl [GLOBAL OPTIONS] VERB [OPTIONS] [ARGS]      (`dtsctl VERB --help` for each verb)
 
 Verbs: submit, status, list, logs, cancel, retry, dlq list|requeue|purge,
-cron add|list|pause|resume|rm|run|next, web-login.
+cron add|list|pause|resume|rm|run|next, queue list|pause|resume|limit, web-login.
 
 Which servers (first match wins; `--submit-server`/`SUBMIT_SERVER` pick the servers for
-writes: submit, cancel, retry, dlq requeue/purge; `--status-servers`/`STATUS_SERVERS` for
+writes: submit, cancel, retry, dlq requeue/purge, queue pause/resume/limit; `--status-servers`/`STATUS_SERVERS` for
 reads: status, list, logs, dlq list, waiting):
   1. the role's own flag, then `--servers`;
   2. the role's own variable, then `DTSD_SERVERS`, then the seed's `SERVERS`;
@@ -82,7 +82,8 @@ A job object has:
   spec: {id, name, command, env {name: value}, cwd, queue, priority,
          max_retries (null: server default), timeout_seconds, run_at, idempotency_key,
          limits {name: value, only those set: processes, open_files, file_size, memory,
-         cpu_time}, notify [target names], notify_on [events: failed, succeeded]},
+         cpu_time}, notify [target names], notify_on [events: failed, succeeded],
+         labels {key: value}},
   attempt_history: [{number, worker, started_at, finished_at, exit_code, output,
                      output_base64, output_truncated, error}]  (filled by `status JOB_ID`)
 List and dlq list leave output empty (the server omits it there).
@@ -101,7 +102,8 @@ Per verb:
                                     unreachable: [{store, since, seconds}]}],
                            workers: [{id, node_id, pid, queues, concurrency, running,
                                       seen_at}],
-                           queues: [{queue, pending, delayed, running}],
+                           queues: [{queue, pending, delayed, running, paused,
+                                     max_running (null: no limit)}],
                            unserved_queues: [queues with jobs waiting that no live
                                              worker serves]}
   status JOB_ID...        {jobs: [<job>], errors: [{id, code, message}]}
@@ -109,6 +111,9 @@ Per verb:
   logs JOB_ID             {id, attempt, output, output_base64, output_truncated}
   cancel                  {jobs: [{id, previous_status, status}], errors: [...]}
   retry                   {jobs: [<job>], errors: [...]}
+  cancel, retry, dlq requeue with a selection (--selector, --status, ...)
+                          {matched (jobs changed; with --dry-run: jobs that would be),
+                           changed (0 with --dry-run), more (--limit stopped it), dry_run}
   dlq requeue             {ids: [...]}
   dlq purge               {purged}
   cron add|pause|resume   <schedule>: {id, name, expression, timezone, overlap, misfire,
@@ -119,6 +124,10 @@ Per verb:
   cron rm                 {name, deleted}
   cron run                {id, created}
   cron next               {times: [{at, local, note}]}
+  queue pause|resume|limit
+                          <queue>: {name, paused, paused_by, paused_at, max_running
+                           (null: no limit)}
+  queue list              {queues: [<queue>]}
 """
 
 from __future__ import annotations
@@ -525,6 +534,26 @@ def parse_env(text: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_label(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` -> (KEY, VALUE), both in the label syntax (models.check_labels)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return models.check_label_key(key), models.check_label_value(value)
+    except models.InvalidField as exc:
+        raise ValueError(exc.problem) from None
+
+
+def parse_selector(text: str) -> str:
+    """A label selector, checked as the server will (models.parse_selector)."""
+    try:
+        models.parse_selector(text)
+    except models.InvalidField as exc:
+        raise ValueError(exc.problem) from None
+    return text
+
+
 def _param_type(name: str, convert: Callable[[str], Any]) -> click.ParamType:
     class _Type(click.ParamType):
         def convert(self, value: Any, param: click.Parameter | None,
@@ -543,6 +572,13 @@ DURATION = _param_type("duration", config.duration)
 WHEN = _param_type("when", parse_when)
 ENV = _param_type("key=value", parse_env)
 LIMIT = _param_type("name=value", config.limit_list)
+LABEL = _param_type("key=value", parse_label)
+SELECTOR = _param_type("selector", parse_selector)
+LABEL_HELP = ("A label for selection (repeatable): KEY=VALUE as Kubernetes' (KEY: "
+              "[prefix/]name; name and VALUE at most 63 of letters, digits, '.', '_', '-'); "
+              f"at most {models.MAX_LABELS}.")
+SELECTOR_HELP = ("Label selector: k=v, k!=v, 'k in (a,b)', 'k notin (a,b)', k (has k), "
+                 "!k (has no k), joined by ',' (all must hold).")
 LIMIT_HELP = ("A resource limit for the job (repeatable): processes=N, open_files=N, "
               "file_size=SIZE, memory=SIZE, cpu_time=DUR; at most the server's "
               "[worker] limits_max.")
@@ -756,6 +792,7 @@ def spec_dict(spec: Any) -> dict[str, Any]:
                    if getattr(spec.limits, field)},
         "notify": list(spec.notify),
         "notify_on": list(spec.notify_on),
+        "labels": dict(sorted(spec.labels.items())),
     }
 
 
@@ -846,7 +883,8 @@ def cluster_dict(status: Any) -> dict[str, Any]:
             "seen_at": _time(worker, "seen_at"),
         } for worker in status.workers],
         "queues": [{"queue": depth.queue, "pending": depth.pending,
-                    "delayed": depth.delayed, "running": depth.running}
+                    "delayed": depth.delayed, "running": depth.running,
+                    "paused": depth.paused, "max_running": depth.max_running or None}
                    for depth in status.queues],
         "unserved_queues": unserved_queues(status),
     }
@@ -950,6 +988,7 @@ def job_table(job: dict[str, Any]) -> str:
         ("Timeout", seconds_text(spec["timeout_seconds"]) if spec["timeout_seconds"] else None),
         ("Env", env_text(spec["env"], job["env_hidden"])),
         ("Cwd", spec["cwd"]),
+        ("Labels", ",".join(f"{k}={v}" for k, v in spec["labels"].items()) or None),
         ("Worker", job["worker"]),
         ("Submitted by", job["submitted_by"]),
         ("Idempotency key", spec["idempotency_key"]),
@@ -1019,9 +1058,9 @@ def cluster_table(data: dict[str, Any]) -> str:
           f"{worker['running']}/{worker['concurrency']}", ago(worker["seen_at"]))
          for worker in data["workers"]]))
     parts.append(format_table(
-        ("QUEUE", "PENDING", "DELAYED", "RUNNING", "WORKERS"),
-        [(q["queue"], q["pending"], q["delayed"], q["running"],
-          sum(q["queue"] in worker["queues"] for worker in data["workers"]))
+        ("QUEUE", "STATE", "PENDING", "DELAYED", "RUNNING", "WORKERS"),
+        [(q["queue"], "paused" if q["paused"] else "active", q["pending"], q["delayed"],
+          q["running"], sum(q["queue"] in worker["queues"] for worker in data["workers"]))
          for q in data["queues"]]))
     if data["unserved_queues"]:
         parts.append(f"No live worker serves {', '.join(map(repr, data['unserved_queues']))}: "
@@ -1162,14 +1201,15 @@ def wait_for_job(settings: Settings, job_id: str, *, follow: OutputWriter | None
 _FILE_FIELDS = {"name": str, "command": str, "description": str, "id": str, "env": dict,
                 "cwd": str, "queue": str, "priority": int, "max_retries": int,
                 "timeout": (int, float, str), "idempotency_key": str, "notify": list,
-                "notify_on": list}
+                "notify_on": list, "labels": dict}
 
 
 def load_jobs_file(path: str) -> list[dict[str, Any]]:
     """Read the seed's `{"jobs": [{"name", "command", "description"}]}` format.
 
     Each job may also set id, env, cwd, queue, priority, max_retries, timeout (seconds or
-    a duration like "5m"), idempotency_key, and notify and notify_on (lists of names).
+    a duration like "5m"), idempotency_key, notify and notify_on (lists of names), and
+    labels (an object of strings, added to --label's).
     Raises click.UsageError naming the problem.
     """
     def bad(problem: str) -> click.UsageError:
@@ -1211,8 +1251,9 @@ def load_jobs_file(path: str) -> list[dict[str, Any]]:
         for key, kind in _FILE_FIELDS.items():
             if key in job and (not isinstance(job[key], kind) or isinstance(job[key], bool)):
                 raise bad(f"{where}: {key!r} has the wrong type ({type(job[key]).__name__})")
-        if any(not isinstance(value, str) for value in job.get("env", {}).values()):
-            raise bad(f"{where}: every value in 'env' must be a string")
+        for key in ("env", "labels"):
+            if any(not isinstance(value, str) for value in job.get(key, {}).values()):
+                raise bad(f"{where}: every value in {key!r} must be a string")
         for key in ("notify", "notify_on"):
             if any(not isinstance(value, str) for value in job.get(key, ())):
                 raise bad(f"{where}: every item of {key!r} must be a string")
@@ -1230,7 +1271,7 @@ _OPTION_OF_FIELD = {"command": "CMD", "name": "--name", "env": "--env", "cwd": "
                     "queue": "--queue", "priority": "--priority",
                     "max_retries": "--max-retries", "timeout_seconds": "--timeout",
                     "id": "--id", "idempotency_key": "--idempotency-key", "limits": "--limit",
-                    "notify": "--notify", "notify_on": "--notify-on"}
+                    "notify": "--notify", "notify_on": "--notify-on", "labels": "--label"}
 
 
 def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = None,
@@ -1238,7 +1279,7 @@ def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = No
              timeout: float | None = None, run_at: datetime | None = None, id: str = "",
              idempotency_key: str = "", limits: Mapping[str, int] | None = None,
              notify: Sequence[str] = (), notify_on: Sequence[str] = (),
-             where: str | None = None) -> Any:
+             labels: Mapping[str, str] | None = None, where: str | None = None) -> Any:
     """Check the fields as the server will (models.validate_spec) and build a JobSpec.
 
     A bad field is a usage error (exit 2), raised before anything is sent. `where` names
@@ -1249,7 +1290,8 @@ def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = No
                              queue=queue, priority=priority, max_retries=max_retries,
                              timeout=timeout or 0.0, run_at=run_at,
                              idempotency_key=idempotency_key, limits=dict(limits or {}),
-                             notify=list(notify), notify_on=list(notify_on))
+                             notify=list(notify), notify_on=list(notify_on),
+                             labels=dict(labels or {}))
     except models.InvalidField as exc:
         if where is not None:
             raise click.UsageError(f"{where}: {exc.field}: {exc.problem}") from None
@@ -1258,7 +1300,8 @@ def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = No
     spec = dtsd_pb2.JobSpec(id=id, name=name, command=command, env=dict(env or {}), cwd=cwd,
                             queue=queue, priority=priority,
                             timeout_seconds=timeout or 0.0, idempotency_key=idempotency_key,
-                            notify=list(notify), notify_on=list(notify_on))
+                            notify=list(notify), notify_on=list(notify_on),
+                            labels=dict(labels or {}))
     for name, value in (limits or {}).items():
         setattr(spec.limits, models.LIMIT_PROTO_FIELDS[name], value)
     if max_retries is not None:
@@ -1512,6 +1555,8 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
               help=NOTIFY_HELP)
 @click.option("--notify-on", "notify_on", type=EVENTS, multiple=True, metavar="EVENT[,EVENT]",
               help=NOTIFY_ON_HELP)
+@click.option("--label", "labels", type=LABEL, multiple=True, metavar="KEY=VALUE",
+              help=LABEL_HELP)
 @click.option("--id", "job_id", default="", help="Choose the job id ([A-Za-z0-9._:-], <= 128).")
 @click.option("--idempotency-key", default="",
               help="Submitting the same key again returns the existing job (created: false).")
@@ -1540,7 +1585,8 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
            job_timeout: float | None, run_at: datetime | None, job_id: str,
            limits: tuple[dict[str, int], ...], notify: tuple[tuple[str, ...], ...],
            notify_on: tuple[tuple[str, ...], ...], idempotency_key: str, wait: bool,
-           follow: bool, jobs_file: str | None, concurrent: bool, raw: bool) -> None:
+           follow: bool, jobs_file: str | None, concurrent: bool, raw: bool,
+           labels: tuple[tuple[str, str], ...] = ()) -> None:
     """Submit a job: dtsctl submit [OPTIONS] -- CMD...
 
     CMD runs under /bin/sh -c. Several words are quoted and joined (shlex.join); one
@@ -1569,7 +1615,7 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
         defaults = dict(env=dict(env), cwd=cwd, queue=queue, priority=priority,
                         max_retries=max_retries, timeout=job_timeout, run_at=run_at,
                         limits=_merge(limits), notify=_names(notify),
-                        notify_on=_names(notify_on))
+                        notify_on=_names(notify_on), labels=dict(labels))
         _submit_file(settings, jobs_file, defaults, wait=wait, concurrent=concurrent)
         return
     if concurrent:
@@ -1584,7 +1630,8 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     spec = job_spec(command=text, name=name, env=dict(env), cwd=cwd, queue=queue,
                     priority=priority, max_retries=max_retries, timeout=job_timeout,
                     run_at=run_at, id=job_id, idempotency_key=idempotency_key,
-                    limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on))
+                    limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on),
+                    labels=dict(labels))
     reply = settings.call(Role.WRITE, "SubmitJob", dtsd_pb2.SubmitJobRequest(job=spec))
     result: dict[str, Any] = {"id": reply.id, "created": reply.created,
                               "queue_unserved": reply.queue_unserved}
@@ -1629,6 +1676,7 @@ def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wai
     for number, entry in enumerate(entries, 1):
         fields = {**defaults, **{k: v for k, v in entry.items() if k != "description"}}
         fields["env"] = {**defaults["env"], **entry.get("env", {})}
+        fields["labels"] = {**defaults["labels"], **entry.get("labels", {})}
         where = f"jobs file {path}: job {number}"
         specs.append(job_spec(where=where, **fields))
     reply = settings.call(Role.WRITE, "SubmitJobs", dtsd_pb2.SubmitJobsRequest(jobs=specs))
@@ -1801,6 +1849,8 @@ option_all = click.option("--all", "all_pages", is_flag=True,
 @click.option("--since", type=WHEN, metavar="WHEN",
               help="Only jobs created at or after WHEN (ISO 8601, +DUR or -DUR, e.g. -1h).")
 @click.option("--until", type=WHEN, metavar="WHEN", help="Only jobs created before WHEN.")
+@click.option("--selector", "-l", default="", type=SELECTOR, metavar="SELECTOR",
+              help=SELECTOR_HELP)
 @option_limit
 @option_page_token
 @option_all
@@ -1808,7 +1858,7 @@ option_all = click.option("--all", "all_pages", is_flag=True,
 @pass_settings
 def list_jobs(settings: Settings, statuses: tuple[str, ...], queue: str, name: str,
               since: datetime | None, until: datetime | None, limit: int | None,
-              page_token: str, all_pages: bool) -> None:
+              page_token: str, all_pages: bool, selector: str) -> None:
     """Jobs, newest first: ID, NAME, STATUS, QUEUE, ATTEMPTS, EXIT (its code, or the
     signal that killed it), CREATED (how long ago), DURATION (how long it ran).
 
@@ -1817,7 +1867,7 @@ def list_jobs(settings: Settings, statuses: tuple[str, ...], queue: str, name: s
     """
     request = dtsd_pb2.ListJobsRequest(
         statuses=[dtsd_pb2.JobStatus.Value(s.upper()) for s in statuses], queue=queue,
-        name=name, page_size=limit or 0, page_token=page_token)
+        name=name, page_size=limit or 0, page_token=page_token, selector=selector)
     if since is not None:
         request.created_after.CopyFrom(to_timestamp(since))
     if until is not None:
@@ -1872,18 +1922,130 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw
                              "output_truncated": truncated}, lambda _: data, raw=raw)
 
 
+# --- bulk actions: a selection instead of ids ----------------------------------------------
+
+def selection_options(statuses: Sequence[models.JobStatus]) -> Callable[..., Any]:
+    """The options of a bulk verb (cancel, retry, dlq requeue)."""
+    names = [status.value for status in statuses]
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed([
+            click.option("--selector", "-l", default="", type=SELECTOR, metavar="SELECTOR",
+                         help=SELECTOR_HELP),
+            *([click.option("--status", "statuses", multiple=True,
+                            type=click.Choice(names, case_sensitive=False),
+                            help=f"Only jobs in this status (repeatable; default: "
+                                 f"{' and '.join(names)}).")] if len(names) > 1 else []),
+            click.option("--queue", default="", help="Only jobs of this queue."),
+            click.option("--name", default="", help="Only jobs with this name."),
+            click.option("--since", type=WHEN, metavar="WHEN",
+                         help="Only jobs created at or after WHEN."),
+            click.option("--until", type=WHEN, metavar="WHEN",
+                         help="Only jobs created before WHEN."),
+            click.option("--dry-run", is_flag=True,
+                         help="Count the jobs the selection takes; change nothing."),
+            click.option("--yes", "-y", is_flag=True, help="Do not ask first."),
+            click.option("--limit", type=click.IntRange(1, 1_000_000), default=None,
+                         help="Change at most this many jobs (server default 100000)."),
+        ]):
+            function = option(function)
+        return function
+    return decorate
+
+
+def job_selection(*, selector: str = "", statuses: Sequence[str] = (), queue: str = "",
+                  name: str = "", since: datetime | None = None, until: datetime | None = None,
+                  dead_lettered: bool = False) -> Any | None:
+    """A JobSelection, or None when no option selects anything."""
+    if not (selector or statuses or queue or name or since or until):
+        return None
+    selection = dtsd_pb2.JobSelection(
+        selector=selector, statuses=[dtsd_pb2.JobStatus.Value(s.upper()) for s in statuses],
+        queue=queue, name=name, dead_lettered=dead_lettered)
+    if since is not None:
+        selection.created_after.CopyFrom(to_timestamp(since))
+    if until is not None:
+        selection.created_before.CopyFrom(to_timestamp(until))
+    return selection
+
+
+def run_bulk(settings: Settings, method: str, selection: Any, *, doing: str, done: str,
+             dry_run: bool, yes: bool, limit: int | None) -> None:
+    """Count, confirm and run a bulk action; print how many jobs it changed."""
+    request = dtsd_pb2.BulkJobsRequest(selection=selection, limit=limit or 0)
+    if not (dry_run or yes):
+        if not is_terminal(sys.stdin):
+            raise click.UsageError(f"a selection {doing} every job it matches: give --yes "
+                                   "(or --dry-run to count them)")
+        counted = settings.call(Role.WRITE, method, dtsd_pb2.BulkJobsRequest(
+            selection=selection, dry_run=True))
+        if not counted.matched:
+            render(settings.output, {"matched": 0, "changed": 0, "more": False,
+                                     "dry_run": False}, lambda data: f"{done} 0")
+            return
+        click.confirm(f"{doing.capitalize()} {counted.matched} job(s)?", abort=True,
+                      err=True)
+    request.dry_run = dry_run
+    reply = settings.call(Role.WRITE, method, request)
+    data = {"matched": reply.matched, "changed": reply.changed, "more": reply.more,
+            "dry_run": dry_run}
+    render(settings.output, data, lambda d: (f"{d['matched']} job(s) match" if dry_run
+                                             else f"{done} {d['changed']}"))
+    if reply.more and not settings.json:
+        warn(f"--limit reached: more jobs match; run it again to {doing.split()[0]} them")
+
+
+def by_selection(settings: Settings, method: str, job_ids: Sequence[str], *, doing: str,
+                 done: str, selection: Any | None, dry_run: bool, yes: bool,
+                 limit: int | None) -> bool:
+    """Run a bulk verb's selection (True), or say that the verb goes by ids (False)."""
+    _ids_or_selection(job_ids, selection, dry_run, yes, limit)
+    if selection is None:
+        return False
+    run_bulk(settings, method, selection, doing=doing, done=done, dry_run=dry_run, yes=yes,
+             limit=limit)
+    return True
+
+
+def _ids_or_selection(job_ids: Sequence[str], selection: Any | None, dry_run: bool,
+                      yes: bool, limit: int | None) -> None:
+    if job_ids and selection is not None:
+        raise click.UsageError("give job ids or a selection (--selector, --status, ...), "
+                               "not both")
+    if not job_ids and selection is None:
+        raise click.UsageError("give job ids, or a selection: --selector, --status, "
+                               "--queue, --name, --since, --until")
+    if job_ids and (dry_run or yes or limit):
+        raise click.UsageError("--dry-run, --yes and --limit go with a selection, not ids")
+
+
 @cli.command()
+@selection_options([models.JobStatus.PENDING, models.JobStatus.RUNNING])
 @option_output
-@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...",
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...",
                 shell_complete=_job_ids(models.JobStatus.PENDING, models.JobStatus.RUNNING))
 @pass_settings
-def cancel(settings: Settings, job_ids: tuple[str, ...]) -> None:
+def cancel(settings: Settings, job_ids: tuple[str, ...], selector: str,
+           statuses: tuple[str, ...], queue: str, name: str, since: datetime | None,
+           until: datetime | None, dry_run: bool, yes: bool, limit: int | None) -> None:
     """Cancel jobs: pending ones never run, running ones are killed.
 
     Prints `<id> <previous status> -> <status>` per job.
     JSON: {jobs: [{id, previous_status, status}], errors: [{id, code, message}]}.
     Exits 1 if any job could not be cancelled (not found, already final).
+
+    With a selection instead of JOB_IDs (--selector, --status, --queue, --name, --since,
+    --until: all must hold) the server cancels every matching PENDING and RUNNING job in
+    bounded batches and reports how many: `cancelled N` (JSON: {matched, changed, more,
+    dry_run}; more: --limit stopped it). --dry-run only counts them. On a terminal it
+    asks first, saying how many; elsewhere (a script) it needs --yes. Without role admin
+    only your own jobs are taken.
     """
+    if by_selection(settings, "CancelJobs", job_ids, doing="cancel", done="cancelled",
+                    selection=job_selection(selector=selector, statuses=statuses, queue=queue,
+                                            name=name, since=since, until=until),
+                    dry_run=dry_run, yes=yes, limit=limit):
+        return
     def one(job_id: str) -> dict[str, str]:
         reply = settings.call(Role.WRITE, "CancelJob", dtsd_pb2.CancelJobRequest(id=job_id))
         return {"id": job_id, "previous_status": status_name(reply.previous_status),
@@ -1897,16 +2059,30 @@ def cancel(settings: Settings, job_ids: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@selection_options([models.JobStatus.FAILED, models.JobStatus.CANCELLED])
 @option_output
-@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...",
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...",
                 shell_complete=_job_ids(models.JobStatus.FAILED, models.JobStatus.CANCELLED))
 @pass_settings
-def retry(settings: Settings, job_ids: tuple[str, ...]) -> None:
+def retry(settings: Settings, job_ids: tuple[str, ...], selector: str,
+          statuses: tuple[str, ...], queue: str, name: str, since: datetime | None,
+          until: datetime | None, dry_run: bool, yes: bool, limit: int | None) -> None:
     """Run FAILED or CANCELLED jobs again, with a fresh retry budget.
 
     Prints `<id> <new status>` per job.
     JSON: {jobs: [<job object>], errors: [{id, code, message}]}. Exits 1 on any error.
+
+    With a selection instead of JOB_IDs (--selector, --status, --queue, --name, --since,
+    --until: all must hold) the server retries every matching FAILED and CANCELLED job in
+    bounded batches and reports how many: `retried N` (JSON: {matched, changed, more,
+    dry_run}). --dry-run only counts them. On a terminal it asks first; elsewhere it
+    needs --yes. Without role admin only your own jobs are taken.
     """
+    if by_selection(settings, "RetryJobs", job_ids, doing="retry", done="retried",
+                    selection=job_selection(selector=selector, statuses=statuses, queue=queue,
+                                            name=name, since=since, until=until),
+                    dry_run=dry_run, yes=yes, limit=limit):
+        return
     done, errors = _each(job_ids, lambda job_id: job_dict(settings.call(
         Role.WRITE, "RetryJob", dtsd_pb2.RetryJobRequest(id=job_id)).job))
     render(settings.output, {"jobs": done, "errors": errors}, lambda data: "\n".join(
@@ -1990,20 +2166,36 @@ def dlq_list(settings: Settings, queue: str, limit: int | None, page_token: str,
 
 @dlq.command("requeue")
 @click.option("--all", "all_jobs", is_flag=True, help="Every dead-lettered job (of --queue).")
-@click.option("--queue", default="", help="With --all: only jobs of this queue.")
+@selection_options([models.JobStatus.FAILED])
 @option_output
-@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)",
+@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all | SELECTION)",
                 shell_complete=_job_ids(dead=True))
 @pass_settings
-def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, queue: str) -> None:
+def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, queue: str,
+                selector: str, name: str, since: datetime | None, until: datetime | None,
+                dry_run: bool, yes: bool, limit: int | None) -> None:
     """Run dead-lettered jobs again (they leave the dead-letter queue).
 
     Prints each requeued id. JSON: {ids: [...]}. Exits 1 if a given id was not requeued.
+
+    With a selection (--selector, --name, --since, --until, and --queue without --all)
+    the server requeues the matching dead letters in bounded batches and reports how
+    many: `requeued N` (JSON: {matched, changed, more, dry_run}). --dry-run only counts
+    them. On a terminal it asks first; elsewhere it needs --yes.
     """
+    selection = None
+    if not all_jobs:
+        selection = job_selection(selector=selector, queue=queue, name=name, since=since,
+                                  until=until, dead_lettered=True)
+    elif selector or name or since or until:
+        raise click.UsageError("--all takes every dead letter (of --queue): no --selector, "
+                               "--name, --since or --until")
+    if (selection is not None or dry_run or yes or limit) and by_selection(
+            settings, "RetryJobs", job_ids, doing="requeue", done="requeued",
+            selection=selection, dry_run=dry_run, yes=yes, limit=limit):
+        return
     if bool(job_ids) == all_jobs:
-        raise click.UsageError("give job ids or --all (not both)")
-    if queue and not all_jobs:
-        raise click.UsageError("--queue goes with --all")
+        raise click.UsageError("give job ids, --all or a selection (--selector, ...)")
     reply = settings.call(Role.WRITE, "RequeueDeadLetters", dtsd_pb2.RequeueDeadLettersRequest(
         ids=list(job_ids), all=all_jobs, queue=queue))
     ids = list(reply.ids)
@@ -2118,6 +2310,8 @@ def cron() -> None:
               help=NOTIFY_HELP.replace("the job ends", "a run ends"))
 @click.option("--notify-on", "notify_on", type=EVENTS, multiple=True, metavar="EVENT[,EVENT]",
               help=NOTIFY_ON_HELP)
+@click.option("--label", "labels", type=LABEL, multiple=True, metavar="KEY=VALUE",
+              help=LABEL_HELP.replace("for selection", "of each run"))
 @option_output
 @click.argument("name")
 @click.argument("expression")
@@ -2128,7 +2322,8 @@ def cron_add(settings: Settings, name: str, expression: str, command: tuple[str,
              env: tuple[tuple[str, str], ...], cwd: str, queue: str, priority: int,
              max_retries: int | None, job_timeout: float | None,
              limits: tuple[dict[str, int], ...], notify: tuple[tuple[str, ...], ...],
-             notify_on: tuple[tuple[str, ...], ...]) -> None:
+             notify_on: tuple[tuple[str, ...], ...],
+             labels: tuple[tuple[str, str], ...] = ()) -> None:
     """Add a schedule: dtsctl cron add NAME 'EXPR' [OPTIONS] -- CMD...
 
     Options may stand anywhere before `--`; everything after it is the command.
@@ -2141,7 +2336,8 @@ def cron_add(settings: Settings, name: str, expression: str, command: tuple[str,
     text = command[0] if len(command) == 1 else shlex.join(command)
     spec = job_spec(command=text, name=job_name, env=dict(env), cwd=cwd, queue=queue,
                     priority=priority, max_retries=max_retries, timeout=job_timeout,
-                    limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on))
+                    limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on),
+                    labels=dict(labels))
     schedule = dtsd_pb2.Schedule(
         name=name, expression=expression, timezone=zone, job=spec,
         overlap=dtsd_pb2.OverlapPolicy.Value(overlap.upper()),
@@ -2213,6 +2409,81 @@ def cron_next(settings: Settings, name_or_expression: str, count: int, zone: str
         ("UTC", "LOCAL", "NOTE"), [(t["at"], t["local"], t["note"] or "") for t in d["times"]]))
 
 
+# --- queue controls -----------------------------------------------------------------------
+
+def queue_dict(info: Any) -> dict[str, Any]:
+    return {"name": info.name, "paused": info.paused, "paused_by": info.paused_by or None,
+            "paused_at": _time(info, "paused_at"), "max_running": info.max_running or None}
+
+
+def queues_table(data: dict[str, Any]) -> str:
+    return format_table(("QUEUE", "STATE", "MAX RUNNING", "PAUSED BY", "PAUSED"),
+                        [(q["name"], "paused" if q["paused"] else "active",
+                          q["max_running"] or "-", q["paused_by"] or "-",
+                          ago(q["paused_at"]) if q["paused_at"] else "-")
+                         for q in data["queues"]])
+
+
+@cli.group("queue")
+def queue_group() -> None:
+    """Queue controls: pause a queue (workers take no new job of it; submits are still
+    accepted and wait), resume it, limit its running jobs across the cluster, list the
+    queues."""
+
+
+@queue_group.command("list")
+@option_output
+@pass_settings
+def queue_list(settings: Settings) -> None:
+    """Queues that are paused or limited, hold jobs not final, or are served by a live
+    worker: QUEUE, STATE (active or paused), MAX RUNNING, PAUSED BY, PAUSED (how long ago).
+    JSON: {queues: [{name, paused, paused_by, paused_at, max_running}]}."""
+    reply = settings.call(Role.READ, "ListQueues", dtsd_pb2.ListQueuesRequest())
+    render(settings.output, {"queues": [queue_dict(q) for q in reply.queues]}, queues_table)
+
+
+def _queue_verb(method: str, verb: str, doc: str) -> None:
+    @queue_group.command(verb, help=doc)
+    @option_output
+    @click.argument("name")
+    @pass_settings
+    def command(settings: Settings, name: str) -> None:
+        try:
+            models.check_queue(name, "NAME")
+        except models.InvalidField as exc:
+            raise click.UsageError(str(exc)) from None
+        reply = settings.call(Role.WRITE, method, dtsd_pb2.QueueRef(name=name))
+        render(settings.output, queue_dict(reply),
+               lambda data: queues_table({"queues": [data]}))
+
+
+_queue_verb("PauseQueue", "pause",
+            "Pause queue NAME (role admin): workers take no new job of it; submits are still "
+            "accepted and wait; jobs already taken run on. Held in PostgreSQL: a restart "
+            "keeps it. JSON: {name, paused, paused_by, paused_at}.")
+@queue_group.command("limit")
+@option_output
+@click.argument("name")
+@click.argument("max_running", type=click.IntRange(0, 1_000_000))
+@pass_settings
+def queue_limit(settings: Settings, name: str, max_running: int) -> None:
+    """At most MAX_RUNNING jobs of queue NAME run at once across the cluster (role admin);
+    0 lifts the limit. Checked in PostgreSQL at every claim; jobs running beyond a lowered
+    limit run on. JSON: {name, paused, paused_by, paused_at, max_running}."""
+    try:
+        models.check_queue(name, "NAME")
+    except models.InvalidField as exc:
+        raise click.UsageError(str(exc)) from None
+    reply = settings.call(Role.WRITE, "SetQueueLimit",
+                          dtsd_pb2.QueueLimit(name=name, max_running=max_running))
+    render(settings.output, queue_dict(reply), lambda data: queues_table({"queues": [data]}))
+
+
+_queue_verb("ResumeQueue", "resume",
+            "Resume queue NAME (role admin): workers take its jobs again at once. "
+            "JSON: {name, paused, paused_by, paused_at}.")
+
+
 accept_global_options_after_verbs(cli)
 
 
@@ -2222,3 +2493,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

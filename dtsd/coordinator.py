@@ -283,7 +283,11 @@ class Coordinator:
                         job.max_retries, max(0.0, wait))
 
     def reconcile(self) -> None:
-        """Walk PENDING jobs in batches; push again those Redis holds nowhere."""
+        """Rebuild Redis's mirrors of the paused and limited queues from PostgreSQL (first: a flushed
+        Redis must not run a paused queue's jobs pushed again below), then walk PENDING
+        jobs in batches and push again those Redis holds nowhere."""
+        self.queue.set_paused(row["queue"] for row in self.store.paused_queues())
+        self.queue.set_limits(self.store.queue_limits())
         rows = self.store.pending_since(self.cfg.get("dtsd", "reconcile_interval"),
                                         self.reconcile_cursor, RECONCILE_BATCH)
         if len(rows) < RECONCILE_BATCH:

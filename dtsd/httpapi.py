@@ -226,6 +226,17 @@ ROUTES = [
           "The next fire times of a schedule, with DST notes"),
     Route("GET", "/schedule-preview", "PreviewSchedule",
           "The next fire times of an expression in a time zone, with DST notes"),
+    Route("GET", "/queues", "ListQueues", "Queues: paused or not, by whom, since when"),
+    Route("POST", "/queues/{name}/pause", "PauseQueue",
+          "Pause a queue: workers take no new job of it; submits still wait in it", body=""),
+    Route("POST", "/queues/{name}/resume", "ResumeQueue", "Resume a paused queue", body=""),
+    Route("POST", "/queues/{name}/limit", "SetQueueLimit",
+          "Set a queue's max_running across the cluster (0: no limit)", body=""),
+    Route("POST", "/jobs/cancel", "CancelJobs", "Cancel the PENDING and RUNNING jobs of a "
+          "selection (labels, status, queue, name, time), in bounded batches; dry_run counts",
+          body=""),
+    Route("POST", "/jobs/retry", "RetryJobs", "Retry the FAILED and CANCELLED jobs of a "
+          "selection (dead_lettered: requeue dead letters); dry_run counts", body=""),
 ]
 
 

@@ -76,6 +76,15 @@ ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 QUEUE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
 RESERVED_ENV = frozenset({"DTSD_JOB_ID", "DTSD_ATTEMPT"})
 
+# Labels, as Kubernetes spells them: a key is an optional DNS-subdomain prefix and "/",
+# then a name; a value is empty or like a name.
+MAX_LABELS = 32
+MAX_LABEL_NAME = 63
+MAX_LABEL_PREFIX = 253
+MAX_SELECTOR = 4096
+LABEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?\Z")
+LABEL_PREFIX = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z")
+
 
 def check_limits(limits: Mapping[str, int], ceiling: Mapping[str, int] | None,
                  field_name: str = "limits") -> dict[str, int]:
@@ -100,6 +109,109 @@ def check_limits(limits: Mapping[str, int], ceiling: Mapping[str, int] | None,
                                f"{limits_text({name: top})} ([worker] limits_max)")
         checked[name] = value
     return checked
+
+
+def check_label_key(key: str, field_name: str = "labels") -> str:
+    prefix, slash, name = key.rpartition("/")
+    if (not LABEL_NAME.match(name) or (slash and not prefix)
+            or (prefix and (len(prefix) > MAX_LABEL_PREFIX or not LABEL_PREFIX.match(prefix)))):
+        raise InvalidField(field_name, f"bad label key {key[:80]!r} (an optional DNS-subdomain "
+                                       "prefix and '/', then a name: at most 63 of letters, "
+                                       "digits, '.', '_', '-', starting and ending with a "
+                                       "letter or digit)")
+    return key
+
+
+def check_label_value(value: str, field_name: str = "labels") -> str:
+    if value and not LABEL_NAME.match(value):
+        raise InvalidField(field_name, f"bad label value {value[:80]!r} (empty, or at most 63 "
+                                       "of letters, digits, '.', '_', '-', starting and "
+                                       "ending with a letter or digit)")
+    return value
+
+
+def check_labels(labels: Mapping[str, str], field_name: str = "labels") -> dict[str, str]:
+    """A job's labels: at most MAX_LABELS, each key and value in Kubernetes' syntax."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidField(field_name, f"has {len(labels)} labels; at most {MAX_LABELS}")
+    for key, value in labels.items():
+        check_label_key(key, field_name)
+        check_label_value(value, f"{field_name}[{key}]")
+    return dict(sorted(labels.items()))
+
+
+class SelectorOp(str, enum.Enum):
+    """The operators of a label selector requirement."""
+
+    EQUALS = "="
+    NOT_EQUALS = "!="
+    IN = "in"
+    NOT_IN = "notin"
+    EXISTS = "exists"
+    NOT_EXISTS = "!exists"
+
+
+@dataclass(frozen=True)
+class Requirement:
+    key: str
+    op: SelectorOp
+    values: tuple[str, ...] = ()
+
+
+_SET_REQUIREMENT = re.compile(r"^(\S+)\s+(in|notin)\s*\((.*)\)\Z", re.S)
+_EQUALITY = re.compile(r"^([^=!\s]+)\s*(==|=|!=)\s*(.*?)\Z", re.S)
+
+
+def _split_requirements(text: str) -> list[str]:
+    """Split at the commas outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts]
+
+
+def parse_selector(text: str, field_name: str = "selector") -> list[Requirement]:
+    """A Kubernetes label selector: requirements joined by "," that must all hold.
+
+    `k=v` (or `k==v`), `k!=v` (true for jobs without k), `k in (a,b)`, `k notin (a,b)`
+    (true for jobs without k), `k` (k is set), `!k` (k is not set). Empty: no condition."""
+    check_text(field_name, text, MAX_SELECTOR)
+    if not text.strip():
+        return []
+    if text.count("(") != text.count(")"):
+        raise InvalidField(field_name, "unbalanced parentheses")
+    found = []
+    for part in _split_requirements(text):
+        if not part:
+            raise InvalidField(field_name, f"an empty requirement in {text[:200]!r}")
+        if match := _SET_REQUIREMENT.match(part):
+            key, op, inner = match.groups()
+            values = tuple(v.strip() for v in inner.split(","))
+            for value in values:
+                check_label_value(value, field_name)
+            found.append(Requirement(check_label_key(key, field_name),
+                                     SelectorOp.IN if op == "in" else SelectorOp.NOT_IN, values))
+        elif match := _EQUALITY.match(part):
+            key, op, value = match.groups()
+            found.append(Requirement(check_label_key(key, field_name),
+                                     SelectorOp.NOT_EQUALS if op == "!=" else SelectorOp.EQUALS,
+                                     (check_label_value(value.strip(), field_name),)))
+        elif part.startswith("!"):
+            found.append(Requirement(check_label_key(part[1:].strip(), field_name),
+                                     SelectorOp.NOT_EXISTS))
+        elif " " not in part and "(" not in part:
+            found.append(Requirement(check_label_key(part, field_name), SelectorOp.EXISTS))
+        else:
+            raise InvalidField(field_name, f"cannot read {part[:80]!r} (k=v, k!=v, "
+                                           "k in (a,b), k notin (a,b), k, !k)")
+    return found
 
 
 class InvalidField(ValueError):
@@ -133,6 +245,7 @@ class NewJob:
     limits: dict[str, int] = field(default_factory=dict)
     notify: tuple[str, ...] = ()     # webhook target names ([notify] targets); see resolve_notify
     notify_on: tuple[str, ...] = ()  # NotifyEvent values
+    labels: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """What an idempotent repeat must match: the spec, not the id or submitter (the
@@ -143,6 +256,8 @@ class NewJob:
             spec.append(sorted(self.limits.items()))
         if self.notify or self.notify_on:   # the same: fingerprints from before still hold
             spec.append([list(self.notify), list(self.notify_on)])
+        if self.labels:     # the same
+            spec.append(["labels", sorted(self.labels.items())])
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
@@ -183,7 +298,8 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
                   limits: Mapping[str, int] | None = None,
                   ceiling: Mapping[str, int] | None = None,
                   notify: Sequence[str] = (), notify_on: Sequence[str] = (),
-                  targets: Collection[str] | None = None) -> NewJob:
+                  targets: Collection[str] | None = None,
+                  labels: Mapping[str, str] | None = None) -> NewJob:
     """Check every field of a submitted job; `prefix` qualifies field names (`jobs[3].`).
 
     `ceiling` is the admin's highest allowed value per limit ([worker] limits_max);
@@ -233,7 +349,8 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
                   idempotency_key=idempotency_key or None, submitted_by=submitted_by,
                   owner=owner, limits=checked_limits,
                   notify=check_notify(notify, targets, f("notify")),
-                  notify_on=check_notify_on(notify_on, f("notify_on")))
+                  notify_on=check_notify_on(notify_on, f("notify_on")),
+                  labels=check_labels(labels or {}, f("labels")))
 
 
 def check_notify(names: Sequence[str], targets: Collection[str] | None,
@@ -287,6 +404,7 @@ def schedule_job(schedule: dict, slot: datetime | None) -> NewJob:
                   timeout=template.get("timeout", 0.0), limits=template.get("limits", {}),
                   notify=tuple(template.get("notify", ())),
                   notify_on=tuple(template.get("notify_on", ())),
+                  labels=dict(template.get("labels", {})),
                   submitted_by=f"schedule:{schedule['name']}",
                   owner=f"schedule:{schedule['name']}", schedule_id=schedule["id"],
                   fire_time=slot)

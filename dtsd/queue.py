@@ -16,6 +16,12 @@ Keys, all under `dtsd:<cluster>:`:
   live:<id>            string output of the running attempt so far (for watchers who join late)
   cancel               pubsub ids of jobs to kill wherever they run
   schedules            pubsub a schedule was created or resumed: the leader looks at once
+  paused               set    paused queues: the fetch takes nothing from them (a mirror of
+                              PostgreSQL's paused_queues, rebuilt by the leader's reconcile)
+  limits               hash   queue -> max_running (a mirror of queue_limits, rebuilt the same
+                              way): ids of these go to the worker's limited claim
+  full:<q>             string a limited queue had no room at a claim: fetches skip it until
+                              it expires (FULL_HOLD) or a job of it ends
   node:<node>          string a master's node record (children, leader flag), JSON, with a TTL
   nodes                set    node ids seen
 
@@ -43,14 +49,33 @@ from .models import MAX_PRIORITY, JobStatus
 PRIORITIES = tuple(range(MAX_PRIORITY, -1, -1))  # fetch order: 9 first
 WAKE_TOKENS_MAX = 10000
 
+# KEYS: the processing list, the paused set, the limits hash, then each queue's priority
+# lists (ARGV[2] of them per queue, in ARGV order from ARGV[4] on; ARGV[3] is the key
+# prefix). A paused queue's lists are skipped, checked in the same call that takes ids, so
+# no id of a queue is taken once its pause is in Redis; so is a limited queue marked full,
+# and of a limited one at most its limit is taken. Returns {id, queue index, priority
+# index, limit (0: none)} per id.
 _FETCH = """
 local out = {}
 local want = tonumber(ARGV[1])
-for i = 2, #KEYS do
-  while #out < want do
-    local id = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
-    if not id then break end
-    out[#out + 1] = id
+local per = tonumber(ARGV[2])
+local prefix = ARGV[3]
+for q = 4, #ARGV do
+  local name = ARGV[q]
+  if redis.call('SISMEMBER', KEYS[2], name) == 0
+      and redis.call('EXISTS', prefix .. 'full:' .. name) == 0 then
+    local limit = tonumber(redis.call('HGET', KEYS[3], name) or 0)
+    local cap = want
+    if limit > 0 then cap = math.min(want, #out + limit) end
+    local first = 4 + (q - 4) * per
+    for i = first, first + per - 1 do
+      while #out < cap do
+        local id = redis.call('LMOVE', KEYS[i], KEYS[1], 'LEFT', 'RIGHT')
+        if not id then break end
+        out[#out + 1] = {id, q - 4, i - first, limit}
+      end
+      if #out >= cap then break end
+    end
   end
   if #out >= want then break end
 end
@@ -130,6 +155,8 @@ class Keys:
         self.cancel = prefix + "cancel"
         self.nodes = prefix + "nodes"
         self.schedules = prefix + "schedules"
+        self.paused = prefix + "paused"
+        self.limits = prefix + "limits"
 
     def queue(self, queue: str, priority: int) -> str:
         return f"{self.prefix}queue:{queue}:{priority}"
@@ -151,6 +178,22 @@ class Keys:
 
     def node(self, node_id: str) -> str:
         return f"{self.prefix}node:{node_id}"
+
+    def full(self, queue: str) -> str:
+        return f"{self.prefix}full:{queue}"
+
+
+@dataclass(frozen=True)
+class Taken:
+    """An id a worker's fetch took, with where it came from and its queue's limit."""
+
+    id: str
+    queue: str
+    priority: int
+    limit: int = 0               # max_running of the queue, by Redis's mirror (0: none)
+
+
+FULL_HOLD = 0.5   # seconds fetches skip a limited queue that had no room (or until one ends)
 
 
 @dataclass
@@ -309,23 +352,99 @@ class Queue:
         return int(self._promote(keys=[self.keys.delayed],
                                  args=[now, limit, self.keys.prefix]))
 
+    # --- queue controls -------------------------------------------------------------------
+
+    def pause(self, queue: str) -> None:
+        self.redis.sadd(self.keys.paused, queue)
+
+    def resume(self, queue: str) -> None:
+        """Take the pause off, and wake as many idle workers as the queue holds ready ids
+        (the wake tokens of its jobs may have been taken by workers that found it paused)."""
+        ready = sum(self._lengths([queue]).values())
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.srem(self.keys.paused, queue)
+        if ready:
+            key = self.keys.wake(queue)
+            pipe.rpush(key, *([b"1"] * min(ready, WAKE_TOKENS_MAX)))
+            pipe.ltrim(key, -WAKE_TOKENS_MAX, -1)
+        pipe.execute()
+
+    def _lengths(self, queues: Sequence[str]) -> dict[tuple[str, int], int]:
+        pipe = self.redis.pipeline(transaction=False)
+        keys = [(q, p) for q in queues for p in PRIORITIES]
+        for queue, priority in keys:
+            pipe.llen(self.keys.queue(queue, priority))
+        return dict(zip(keys, pipe.execute()))
+
+    def paused(self) -> set[str]:
+        return {name.decode() for name in self.redis.smembers(self.keys.paused)}
+
+    def set_limit(self, queue: str, max_running: int) -> None:
+        """Mirror a queue's limit (0: none), and let fetches try it at once."""
+        pipe = self.redis.pipeline(transaction=False)
+        if max_running:
+            pipe.hset(self.keys.limits, queue, max_running)
+        else:
+            pipe.hdel(self.keys.limits, queue)
+        pipe.delete(self.keys.full(queue))
+        pipe.rpush(self.keys.wake(queue), b"1")
+        pipe.execute()
+
+    def set_limits(self, limits: dict[str, int]) -> None:
+        """Make the mirror hold exactly `limits` (PostgreSQL's queue_limits), atomically."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.limits)
+        if limits:
+            pipe.hset(self.keys.limits, mapping=limits)
+        pipe.execute()
+
+    def set_paused(self, queues: Iterable[str]) -> None:
+        """Make the mirror hold exactly `queues` (PostgreSQL's paused set), atomically."""
+        queues = list(queues)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.paused)
+        if queues:
+            pipe.sadd(self.keys.paused, *queues)
+        pipe.execute()
+
     # --- consumers ------------------------------------------------------------------------
 
-    def fetch(self, worker: str, queues: Sequence[str], count: int) -> list[str]:
-        """Move up to `count` ids into the worker's processing list; highest priority first."""
-        keys = [self.keys.processing(worker)]
+    def fetch(self, worker: str, queues: Sequence[str], count: int) -> list[Taken]:
+        """Move up to `count` ids into the worker's processing list; highest priority first
+        within a queue, queues in the given order; nothing from a paused queue or from a
+        limited one marked full, and at most its limit from a limited one."""
+        keys = [self.keys.processing(worker), self.keys.paused, self.keys.limits]
         for queue in queues:
             keys.extend(self.keys.queue(queue, p) for p in PRIORITIES)
-        return [i.decode() for i in self._fetch(keys=keys, args=[count])]
+        found = self._fetch(keys=keys, args=[count, len(PRIORITIES), self.keys.prefix, *queues])
+        return [Taken(raw.decode(), queues[q], PRIORITIES[p], int(limit))
+                for raw, q, p, limit in found]
+
+    def give_back(self, worker: str, taken: Sequence[Taken], hold: float = FULL_HOLD) -> None:
+        """Ids a limited queue had no room for go back to the head of their lists, in their
+        order, and the queue is marked full for `hold` seconds (fetches skip it)."""
+        pipe = self.redis.pipeline(transaction=False)
+        processing = self.keys.processing(worker)
+        for item in reversed(taken):
+            pipe.lrem(processing, 1, item.id)
+            pipe.lpush(self.keys.queue(item.queue, item.priority), item.id)
+        for queue in {item.queue for item in taken}:
+            pipe.set(self.keys.full(queue), b"1", px=max(1, int(hold * 1000)))
+        pipe.execute()
 
     def wait_for_work(self, queues: Sequence[str], timeout: float) -> bool:
         """Block until some job may be ready on `queues` (or the timeout passes)."""
         return self.redis.blpop([self.keys.wake(q) for q in queues], timeout=timeout) is not None
 
     def ack(self, worker: str, ids: Sequence[str], *, events: Sequence[tuple[str, Event]] = (),
-            retries: Sequence[Ready] = ()) -> None:
-        """Forget acknowledged ids, queue retries again and publish events, in one round trip."""
+            retries: Sequence[Ready] = (), freed: Iterable[str] = ()) -> None:
+        """Forget acknowledged ids, queue retries again and publish events, in one round trip.
+        `freed`: limited queues a job of which ended: no longer full, and an idle worker is
+        woken to claim in the place."""
         pipe = self.redis.pipeline(transaction=False)
+        for queue in freed:
+            pipe.delete(self.keys.full(queue))
+            pipe.rpush(self.keys.wake(queue), b"1")
         processing = self.keys.processing(worker)
         for job_id in ids:
             pipe.lrem(processing, 1, job_id)
@@ -333,6 +452,28 @@ class Queue:
         if ids:
             pipe.srem(self.keys.queued, *ids)
         self._stage(pipe, retries)
+        for job_id, event in events:
+            pipe.publish(self.keys.job(job_id), event.encode())
+        pipe.execute()
+
+    def cancelled(self, *, pending: Sequence[tuple[str, str, int]],
+                  running: Sequence[tuple[str, int]],
+                  events: Sequence[tuple[str, Event]]) -> None:
+        """A batch of jobs was cancelled: forget the PENDING ones' ids (id, queue, priority),
+        ask the workers to kill the RUNNING ones (id, attempt), publish the events; one
+        round trip.
+
+        Unlike `forget`, the ids stay in their ready lists: an LREM walks the whole list,
+        and a batch of them on a long queue would stall Redis. A worker drops each such id
+        when its claim fails, so until the workers reach them they count in `depth` (not
+        in `total`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, queue, priority in pending:
+            pipe.zrem(self.keys.delayed, f"{queue}|{priority}|{job_id}")
+        if pending:
+            pipe.srem(self.keys.queued, *[job_id for job_id, _, _ in pending])
+        for job_id, attempt in running:
+            pipe.publish(self.keys.cancel, f"{job_id} {attempt}")
         for job_id, event in events:
             pipe.publish(self.keys.job(job_id), event.encode())
         pipe.execute()

@@ -43,9 +43,10 @@ from .config import Config, limit_ceiling
 from .dtsdpb import pb, pb_grpc, seed_pb, seed_pb_grpc
 from .models import (DEFAULT_QUEUE, LIMIT_PROTO_FIELDS, MAX_NAME, QUEUE_NAME,
                      InvalidField, JobStatus, NewJob, check_job_id, check_queue, check_text,
-                     resolve_notify, schedule_job, validate_spec)
+                     parse_selector, resolve_notify, schedule_job, validate_spec)
 from .queue import Event, Queue, Ready, connect
-from .store import Conflict, Forbidden, NotFound, Precondition, Store, decode_page_token
+from .store import (BULK_BATCH, Conflict, Forbidden, NotFound, Precondition, Selection, Store,
+                    decode_page_token)
 from .watch import Watch, WatchHub
 
 log = logging.getLogger("dtsd.server")
@@ -113,6 +114,8 @@ def job_message(row: dict[str, Any], viewer: auth.Caller, job: pb.Job | None = N
     limits_message(row["limits"], spec.limits)
     spec.notify.extend(row["notify"])
     spec.notify_on.extend(row["notify_on"])
+    if row["labels"]:
+        spec.labels.update(row["labels"])
     timestamp(row["run_at"], spec.run_at)
     if row["exit_code"] is not None:
         job.exit_code = row["exit_code"]
@@ -154,7 +157,8 @@ def spec_to_job(spec: pb.JobSpec, who: auth.Caller, prefix: str = "",
         run_at=to_datetime(spec.run_at, prefix + "run_at") if spec.HasField("run_at") else None,
         idempotency_key=spec.idempotency_key, submitted_by=who.submitted_by,
         owner=who.principal, prefix=prefix, limits=spec_limits(spec), ceiling=ceiling,
-        notify=list(spec.notify), notify_on=list(spec.notify_on), targets=targets)
+        notify=list(spec.notify), notify_on=list(spec.notify_on), targets=targets,
+        labels=dict(spec.labels))
 
 
 OVERLAP = {pb.OVERLAP_UNSPECIFIED: cronmod.Overlap.ALLOW, pb.ALLOW: cronmod.Overlap.ALLOW,
@@ -195,6 +199,7 @@ def schedule_message(row: dict[str, Any], viewer: auth.Caller) -> pb.Schedule:
     limits_message(template.get("limits", {}), job.limits)
     job.notify.extend(template.get("notify", ()))
     job.notify_on.extend(template.get("notify_on", ()))
+    job.labels.update(template.get("labels", {}))
     timestamp(row["next_fire_time"], message.next_fire_time)
     timestamp(row["last_fire_time"], message.last_fire_time)
     timestamp(row["created_at"], message.created_at)
@@ -601,7 +606,7 @@ class ScheduleService:
                     "queue": job.queue, "priority": job.priority,
                     "max_retries": job.max_retries, "timeout": job.timeout,
                     "limits": job.limits, "notify": list(job.notify),
-                    "notify_on": list(job.notify_on)}
+                    "notify_on": list(job.notify_on), "labels": job.labels}
         row = self.api.store.create_schedule(
             name=name, expression=cron.expression, timezone=cron.timezone,
             overlap=OVERLAP[given.overlap].value, misfire=MISFIRE[given.misfire].value,
@@ -670,6 +675,18 @@ class ScheduleService:
         return response
 
 
+BULK_LIMIT = 100_000           # jobs a CancelJobs or RetryJobs changes at most, by default
+BULK_LIMIT_MAX = 1_000_000
+CANCELLABLE = frozenset({JobStatus.PENDING, JobStatus.RUNNING})
+RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+def _selection_text(selection) -> str:
+    """A bulk request's selection, for the audit log: its fields that are set."""
+    return "{" + ", ".join(f"{field.name}: {value!r}" for field, value in selection.ListFields()
+                           if field.name not in ("created_after", "created_before")) + "}"
+
+
 ACTIVITY_MINUTES = 60          # JobActivity's default span
 ACTIVITY_MAX = 120             # and its longest: what the store keeps (ACTIVITY_KEPT)
 
@@ -732,10 +749,10 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                           if request.HasField("created_after") else None,
                           created_before=request.created_before
                           if request.HasField("created_before") else None,
-                          schedule=request.schedule)
+                          schedule=request.schedule, selector=request.selector)
 
     def _list(self, request, *, dead_lettered: bool, statuses=(), name: str = "",
-              created_after=None, created_before=None, schedule: str = ""):
+              created_after=None, created_before=None, schedule: str = "", selector: str = ""):
         size = request.page_size or 100
         if not 0 < size <= MAX_PAGE:
             raise InvalidField("page_size", f"must be 1 to {MAX_PAGE}, not {request.page_size}")
@@ -757,7 +774,7 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         rows, token = self.api.store.list_jobs(
             statuses=statuses, queue=request.queue, name=name, created_after=after,
             created_before=before, dead_lettered=dead_lettered, schedule_id=schedule_id,
-            limit=size, page_token=request.page_token)
+            selector=parse_selector(selector), limit=size, page_token=request.page_token)
         viewer = auth.caller()
         response = pb.ListJobsResponse(next_page_token=token)
         for row in rows:
@@ -765,9 +782,9 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         return response
 
     @staticmethod
-    def _status(value: int) -> JobStatus:
+    def _status(value: int, field_name: str = "statuses") -> JobStatus:
         if value == pb.JOB_STATUS_UNSPECIFIED or value not in pb.JobStatus.values():
-            raise InvalidField("statuses", f"unknown status {value}")
+            raise InvalidField(field_name, f"unknown status {value}")
         return JobStatus(pb.JobStatus.Name(value))
 
     def WatchJob(self, request, context) -> Iterator[pb.JobEvent]:
@@ -803,6 +820,96 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
         self.api.publish_state(request.id, JobStatus.PENDING)
         auth.audit("retry", request.id)
         return pb.RetryJobResponse(job=job_message(job, auth.caller()))
+
+    # --- bulk actions -------------------------------------------------------------------
+
+    def _selection(self, request, allowed: frozenset[JobStatus]) -> tuple[Selection, list[JobStatus], int]:
+        """The validated selection of a bulk request, its statuses (default: every one in
+        `allowed`) and its limit."""
+        given = request.selection
+        statuses = [self._status(value, "selection.statuses") for value in given.statuses]
+        wrong = sorted(s.value for s in set(statuses) - allowed)
+        if wrong:
+            raise InvalidField("selection.statuses", f"{', '.join(wrong)}: this action takes "
+                                                     f"only {', '.join(sorted(allowed))} jobs")
+        if given.queue:
+            check_queue(given.queue, "selection.queue")
+        check_text("selection.name", given.name, MAX_NAME)
+        selection = Selection(
+            selector=parse_selector(given.selector, "selection.selector"),
+            queue=given.queue, name=given.name,
+            created_after=to_datetime(given.created_after, "selection.created_after")
+            if given.HasField("created_after") else None,
+            created_before=to_datetime(given.created_before, "selection.created_before")
+            if given.HasField("created_before") else None,
+            dead_lettered=given.dead_lettered)
+        if not (selection.selector or statuses or selection.queue or selection.name
+                or selection.created_after or selection.created_before
+                or selection.dead_lettered):
+            raise InvalidField("selection", "selects every job: give a selector, statuses, "
+                                            "a queue, a name or a time")
+        limit = request.limit or BULK_LIMIT
+        if not 0 < limit <= BULK_LIMIT_MAX:
+            raise InvalidField("limit", f"must be 1 to {BULK_LIMIT_MAX}, not {request.limit}")
+        return selection, statuses or sorted(allowed), limit
+
+    def _bulk(self, request, allowed, action: Callable[[Selection, list[JobStatus], str | None,
+                                                       datetime, int], int], verb: str):
+        """Count (dry run), or run `action` in batches of BULK_BATCH until it changes
+        nothing more or the limit is reached."""
+        selection, statuses, limit = self._selection(request, allowed)
+        owner = _owner_filter()
+        if request.dry_run:
+            return pb.BulkJobsResponse(matched=self.api.store.count_selected(
+                selection, statuses, owner=owner))
+        started = self.api.store.now()
+        changed = 0
+        while changed < limit:
+            done = action(selection, statuses, owner, started, min(BULK_BATCH, limit - changed))
+            if not done:
+                break
+            changed += done
+        more = changed >= limit and self.api.store.any_selected(selection, statuses, owner=owner)
+        auth.audit(verb, f"{changed} jobs by selection {_selection_text(request.selection)}"
+                         f"{' (limit reached)' if more else ''}")
+        return pb.BulkJobsResponse(matched=changed, changed=changed, more=more)
+
+    def _cancel_batch(self, selection, statuses, owner, started, limit) -> int:
+        ended = self.api.store.cancel_batch(selection, statuses, owner=owner,
+                                            created_by=started, limit=limit)
+        try:
+            self.api.queue.cancelled(
+                pending=[(job.id, job.queue, job.priority) for job in ended
+                         if job.previous is JobStatus.PENDING],
+                running=[(job.id, job.attempt) for job in ended
+                         if job.previous is JobStatus.RUNNING],
+                events=[(job.id, Event("state", status=JobStatus.CANCELLED)) for job in ended])
+        except redis.RedisError as exc:
+            # Committed is committed: a worker drops a cancelled id when its claim fails,
+            # and checks PostgreSQL while it runs a job (watchers poll it too).
+            log.warning("%d cancelled job(s) not announced in Redis: %s", len(ended), exc)
+        return len(ended)
+
+    def _retry_batch(self, selection, statuses, owner, started, limit) -> int:
+        requeued = self.api.store.retry_batch(selection, statuses, owner=owner,
+                                              updated_by=started, limit=limit)
+        self.api.queue.push([Ready(r.id, r.queue, r.priority) for r in requeued])
+        try:
+            self.api.queue.publish([(r.id, Event("state", status=JobStatus.PENDING))
+                                    for r in requeued])
+        except redis.RedisError as exc:
+            log.debug("state events of %d retried jobs not published: %s", len(requeued), exc)
+        return len(requeued)
+
+    @rpc
+    def CancelJobs(self, request, context):
+        return self._bulk(request, CANCELLABLE, self._cancel_batch, "bulk cancel")
+
+    @rpc
+    def RetryJobs(self, request, context):
+        allowed = (frozenset({JobStatus.FAILED}) if request.selection.dead_lettered
+                   else RETRYABLE)
+        return self._bulk(request, allowed, self._retry_batch, "bulk retry")
 
     @rpc
     def ListDeadLetters(self, request, context):
@@ -872,6 +979,54 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             timestamp(_from_epoch(minute), item.minute)
         return response
 
+    # --- queue controls -----------------------------------------------------------------
+
+    @rpc
+    def PauseQueue(self, request, context):
+        """Recorded in PostgreSQL first (the truth, which the leader mirrors into Redis at
+        every reconcile), then put in Redis, where the workers' fetch sees it at once."""
+        name = check_queue(request.name, "name")
+        row = self.api.store.pause_queue(name, auth.caller().submitted_by)
+        self.api.queue.pause(name)
+        auth.audit("queue pause", name)
+        return self._queue_info(name, row)
+
+    @rpc
+    def ResumeQueue(self, request, context):
+        name = check_queue(request.name, "name")
+        self.api.store.resume_queue(name)
+        self.api.queue.resume(name)
+        auth.audit("queue resume", name)
+        return self._queue_info(name)
+
+    @rpc
+    def SetQueueLimit(self, request, context):
+        """PostgreSQL holds the limit (claims check it there); Redis's mirror only routes
+        the queue's ids to the limited claim, and the leader rebuilds it."""
+        name = check_queue(request.name, "name")
+        if not 0 <= request.max_running <= MAX_RUNNING_LIMIT:
+            raise InvalidField("max_running", f"must be 0 (no limit) to {MAX_RUNNING_LIMIT}, "
+                                              f"not {request.max_running}")
+        self.api.store.set_queue_limit(name, request.max_running)
+        self.api.queue.set_limit(name, request.max_running)
+        auth.audit("queue limit", f"{name}: max_running {request.max_running or 'none'}")
+        return self._queue_info(name)
+
+    def _queue_info(self, name: str, paused: dict[str, Any] | None = None) -> pb.QueueInfo:
+        if paused is None:
+            paused = next((r for r in self.api.store.paused_queues() if r["queue"] == name), None)
+        return _queue_info(name, paused, self.api.store.queue_limits().get(name, 0))
+
+    @rpc
+    def ListQueues(self, request, context):
+        paused = {row["queue"]: row for row in self.api.store.paused_queues()}
+        limits = self.api.store.queue_limits()
+        _, _, queues = self.api.store.counts()
+        names = set(paused) | set(limits) | {row[0] for row in queues}
+        names |= {q for beat in self._workers().values() if beat for q in beat.get("queues", ())}
+        return pb.ListQueuesResponse(queues=[
+            _queue_info(name, paused.get(name), limits.get(name, 0)) for name in sorted(names)])
+
     @rpc
     def ClusterStatus(self, request, context):
         by_status, dead, queues = self.api.store.counts()
@@ -894,6 +1049,14 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             if name not in depths:      # ids in Redis whose jobs are no longer PENDING
                 depths[name] = response.queues.add(queue=name)
             depths[name].ready_by_priority[priority] = count
+        for row in self.api.store.paused_queues():     # a paused queue shows, even empty
+            if row["queue"] not in depths:
+                depths[row["queue"]] = response.queues.add(queue=row["queue"])
+            depths[row["queue"]].paused = True
+        for name, limit in sorted(self.api.store.queue_limits().items()):    # and a limited one
+            if name not in depths:
+                depths[name] = response.queues.add(queue=name)
+            depths[name].max_running = limit
         fence = self.api.store.fence_token(self.api.cfg.get("dtsd", "cluster"))
         if fence is not None:
             response.fencing_token = fence[0]
@@ -921,6 +1084,17 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                                         running=beat["running"])
             timestamp(_from_epoch(beat.get("seen")), info.seen_at)
         return response
+
+
+MAX_RUNNING_LIMIT = 1_000_000
+
+
+def _queue_info(name: str, paused: dict[str, Any] | None, max_running: int) -> pb.QueueInfo:
+    info = pb.QueueInfo(name=name, max_running=max_running)
+    if paused is not None:
+        info.paused, info.paused_by = True, paused["paused_by"]
+        timestamp(paused["paused_at"], info.paused_at)
+    return info
 
 
 def _ids(jobs, shown: int = 20) -> str:

@@ -33,7 +33,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from .models import FINAL_STATES, EndReason, JobStatus, NewJob
+from .models import FINAL_STATES, EndReason, JobStatus, NewJob, Requirement, SelectorOp
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process
 _JOB_COLUMNS = """id, name, command, env, cwd, queue, priority, max_retries, timeout, run_at,
     idempotency_key, schedule_id, fire_time, submitted_by, owner, status, attempts, failures,
     worker, exit_code, output_truncated, error, dead_lettered_at, created_at, updated_at,
-    started_at, finished_at, limits, notify, notify_on"""
+    started_at, finished_at, limits, notify, notify_on, labels"""
 
 _FINAL = tuple(s.value for s in FINAL_STATES)
 OUTPUT_TAIL = 4096      # bytes of a job's output a webhook carries: its last ones
@@ -221,13 +221,13 @@ def _instant(moment: datetime | None) -> str | None:
 
 _INSERT_JOBS = """INSERT INTO jobs (id, name, command, env, cwd, queue, priority, max_retries,
                       timeout, run_at, idempotency_key, fingerprint, submitted_by, owner,
-                      schedule_id, fire_time, limits, notify, notify_on)
+                      schedule_id, fire_time, limits, notify, notify_on, labels)
                   SELECT * FROM jsonb_to_recordset(%s::jsonb) AS u(id text, name text,
                       command text, env jsonb, cwd text, queue text, priority smallint,
                       max_retries int, timeout float8, run_at timestamptz,
                       idempotency_key text, fingerprint text, submitted_by text, owner text,
                       schedule_id bigint, fire_time timestamptz, limits jsonb,
-                      notify text[], notify_on text[])
+                      notify text[], notify_on text[], labels jsonb)
                   {conflict}
                   RETURNING id"""
 
@@ -240,7 +240,8 @@ def _job_records(jobs: Sequence[NewJob]) -> str:
         "idempotency_key": j.idempotency_key, "fingerprint": j.fingerprint(),
         "submitted_by": j.submitted_by, "owner": j.owner, "schedule_id": j.schedule_id,
         "fire_time": _instant(j.fire_time), "limits": j.limits,
-        "notify": list(j.notify), "notify_on": list(j.notify_on)} for j in jobs])
+        "notify": list(j.notify), "notify_on": list(j.notify_on),
+        "labels": j.labels or None} for j in jobs])   # NULL: no entry in jobs_labels (0011)
 
 
 # The notifications a final state asks for (docs/notifications.md): one outbox
@@ -265,10 +266,121 @@ _ENDED_NOTIFIED = """    RETURNING j.id, j.status, u.dead, j.notify, j.notify_on
                    SELECT id FROM ended"""
 
 
+# The claim: PENDING -> RUNNING for the ids `{ids}` yields (a FROM item `u(id)`), opening an
+# attempt for each; only while the worker's lease holds. `{limited}`: the plain claim takes
+# no job of a queue with a max_running (_NOT_LIMITED: a look-up in a table of a few rows),
+# so a limit holds even when Redis's mirror of the limits lags; those go to claim_limited.
+_CLAIM = """WITH claimed AS (
+                UPDATE jobs j SET status = 'RUNNING', attempts = j.attempts + 1,
+                       worker = %(worker)s, started_at = now(), updated_at = now(),
+                       finished_at = NULL, error = ''
+                FROM {ids}
+                WHERE j.id = u.id AND j.status = 'PENDING'
+                  AND (j.run_at IS NULL OR j.run_at <= now())
+                  AND EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker)s
+                              AND w.lease_until > now())
+                  {limited}
+                RETURNING j.id, j.command, j.env, j.cwd, j.timeout, j.attempts,
+                          j.failures, j.max_retries, j.queue, j.priority, j.limits,
+                          j.name,
+                          extract(epoch FROM now() - greatest(j.created_at, j.run_at))
+                              ::float8 AS waited,
+                          cardinality(j.notify) > 0 AS notified),
+            opened AS (
+                INSERT INTO job_attempts (job_id, attempt, worker)
+                SELECT id, attempts, %(worker)s FROM claimed)
+            SELECT * FROM claimed"""
+
+
+_NOT_LIMITED = "AND NOT EXISTS (SELECT 1 FROM queue_limits l WHERE l.queue = j.queue)"
+
+
 def _check_owner(job_id: str, actual: str, wanted: str | None, doing: str) -> None:
     if wanted is not None and actual != wanted:
         raise Forbidden(f"job {job_id} belongs to {actual or 'nobody'}, not to {wanted}: "
                         f"{doing} another's job needs role admin")
+
+
+def selector_clauses(requirements: Sequence[Requirement]) -> tuple[list[str], list[Any]]:
+    """SQL conditions (and their parameters) for a label selector.
+
+    `k=v` and `k in (...)` are containment tests (`labels @> '{"k":"v"}'`), which the GIN
+    index jobs_labels (0011) serves; being strict, they also let the planner use that
+    partial index (WHERE labels IS NOT NULL). The negations hold for unlabelled jobs
+    (labels NULL), as Kubernetes' do for objects without the key."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for req in requirements:
+        if req.op is SelectorOp.EQUALS:
+            clauses.append("labels @> %s::jsonb")
+            params.append(json.dumps({req.key: req.values[0]}))
+        elif req.op is SelectorOp.IN:
+            clauses.append("(" + " OR ".join(["labels @> %s::jsonb"] * len(req.values)) + ")")
+            params.extend(json.dumps({req.key: value}) for value in req.values)
+        elif req.op is SelectorOp.NOT_EQUALS:
+            clauses.append("NOT coalesce(labels @> %s::jsonb, false)")
+            params.append(json.dumps({req.key: req.values[0]}))
+        elif req.op is SelectorOp.NOT_IN:
+            clauses.append("NOT coalesce(labels ->> %s = ANY(%s), false)")
+            params.extend([req.key, list(req.values)])
+        elif req.op is SelectorOp.EXISTS:
+            clauses.append("labels ? %s")
+            params.append(req.key)
+        else:
+            clauses.append("NOT coalesce(labels ? %s, false)")
+            params.append(req.key)
+    return clauses, params
+
+
+@dataclass
+class Selection:
+    """Which jobs a listing or a bulk action takes (every given condition holds)."""
+
+    selector: Sequence[Requirement] = ()
+    statuses: Sequence[JobStatus] = ()
+    queue: str = ""
+    name: str = ""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    dead_lettered: bool = False
+    schedule_id: int | None = None
+
+    def clauses(self) -> tuple[list[str], list[Any]]:
+        """The conditions other than the statuses, and their parameters."""
+        clauses, params = [], []
+        if self.queue:
+            clauses.append("queue = %s")
+            params.append(self.queue)
+        if self.name:
+            clauses.append("name = %s")
+            params.append(self.name)
+        if self.created_after:
+            clauses.append("created_at >= %s")
+            params.append(self.created_after)
+        if self.created_before:
+            clauses.append("created_at < %s")
+            params.append(self.created_before)
+        if self.dead_lettered:
+            clauses.append("dead_lettered_at IS NOT NULL")
+        if self.schedule_id is not None:
+            clauses.append("schedule_id = %s")
+            params.append(self.schedule_id)
+        more, more_params = selector_clauses(self.selector)
+        return clauses + more, params + more_params
+
+
+@dataclass
+class Cancelled:
+    """A job a bulk cancel ended, for the caller to kill, forget in Redis and announce."""
+
+    id: str
+    previous: JobStatus
+    attempt: int
+    queue: str
+    priority: int
+
+
+BULK_BATCH = 500       # jobs per transaction of a bulk cancel or retry
 
 
 def encode_page_token(created_at: datetime, job_id: str) -> str:
@@ -441,28 +553,60 @@ class Store:
         if not ids:
             return []
         with self.pool.connection() as conn:
-            rows = conn.execute(
-                """WITH claimed AS (
-                       UPDATE jobs j SET status = 'RUNNING', attempts = j.attempts + 1,
-                              worker = %(worker)s, started_at = now(), updated_at = now(),
-                              finished_at = NULL, error = ''
-                       FROM unnest(%(ids)s::text[]) AS u(id)
-                       WHERE j.id = u.id AND j.status = 'PENDING'
-                         AND (j.run_at IS NULL OR j.run_at <= now())
-                         AND EXISTS (SELECT 1 FROM workers w WHERE w.id = %(worker)s
-                                     AND w.lease_until > now())
-                       RETURNING j.id, j.command, j.env, j.cwd, j.timeout, j.attempts,
-                                 j.failures, j.max_retries, j.queue, j.priority, j.limits,
-                                 j.name,
-                                 extract(epoch FROM now() - greatest(j.created_at, j.run_at))
-                                     ::float8 AS waited,
-                                 cardinality(j.notify) > 0 AS notified),
-                   opened AS (
-                       INSERT INTO job_attempts (job_id, attempt, worker)
-                       SELECT id, attempts, %(worker)s FROM claimed)
-                   SELECT * FROM claimed""",
-                {"ids": list(ids), "worker": worker}).fetchall()
+            rows = conn.execute(_CLAIM.format(ids="unnest(%(ids)s::text[]) AS u(id)",
+                                              limited=_NOT_LIMITED),
+                                {"ids": list(ids), "worker": worker}).fetchall()
         return [Claimed(*row) for row in rows]
+
+    def limited(self, ids: Sequence[str]) -> dict[str, list[str]]:
+        """Of `ids` that `claim` left, those due and PENDING in a queue with a max_running,
+        by queue: Redis did not route them to `claim_limited` (its mirror of the limits
+        lags PostgreSQL's), so the caller does now."""
+        if not ids:
+            return {}
+        found: dict[str, list[str]] = {}
+        with self.pool.connection() as conn:
+            for job_id, queue in conn.execute(
+                    """SELECT j.id, j.queue FROM unnest(%s::text[]) WITH ORDINALITY AS x(id, n)
+                       JOIN jobs j ON j.id = x.id
+                       WHERE j.status = 'PENDING' AND (j.run_at IS NULL OR j.run_at <= now())
+                         AND j.queue IN (SELECT queue FROM queue_limits)
+                       ORDER BY x.n""", (list(ids),)):
+                found.setdefault(queue, []).append(job_id)
+        return found
+
+    def claim_limited(self, ids: Sequence[str], queue: str,
+                      worker: str) -> tuple[list[Claimed], list[str]]:
+        """`claim` for ids of a queue with a max_running: (claimed, ids it had no room for).
+
+        One transaction locks the queue's queue_limits row (so claims of the queue,
+        wherever they run, take turns), counts its RUNNING jobs and claims, in the given
+        order, only as many of the claimable ids as fit. The ids left over that are still
+        claimable are the caller's to give back to Redis; the rest (done, cancelled) it
+        lets go, as after `claim`. A queue without a limit (lifted meanwhile) claims all."""
+        if not ids:
+            return [], []
+        with self.pool.connection() as conn, conn.transaction():
+            row = conn.execute("SELECT max_running FROM queue_limits WHERE queue = %s "
+                               "FOR UPDATE", (queue,)).fetchone()
+            room = len(ids)
+            if row is not None:
+                running = conn.execute("SELECT count(*) FROM jobs WHERE queue = %s "
+                                       "AND status = 'RUNNING'", (queue,)).fetchone()[0]
+                room = max(0, row[0] - running)
+            rows = conn.execute(_CLAIM.format(ids="""(
+                SELECT c.id FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS x(id, n)
+                JOIN jobs c ON c.id = x.id
+                WHERE c.status = 'PENDING' AND (c.run_at IS NULL OR c.run_at <= now())
+                ORDER BY x.n LIMIT %(room)s) AS u(id)""", limited=""),
+                {"ids": list(ids), "worker": worker, "room": room}).fetchall() if room else []
+            claimed = [Claimed(*r) for r in rows]
+            mine = {job.id for job in claimed}
+            left = [job_id for job_id in ids if job_id not in mine]
+            waiting = {r[0] for r in conn.execute(
+                """SELECT id FROM jobs WHERE id = ANY(%s) AND status = 'PENDING'
+                   AND (run_at IS NULL OR run_at <= now())""", (left,))} if left else set()
+        return claimed, [job_id for job_id in left if job_id in waiting]
 
     def finish(self, outcomes: Sequence[Outcome]) -> set[str]:
         """Record a batch of finished attempts; returns the ids whose job row changed.
@@ -614,6 +758,7 @@ class Store:
     def list_jobs(self, *, statuses: Sequence[JobStatus] = (), queue: str = "", name: str = "",
                   created_after: datetime | None = None, created_before: datetime | None = None,
                   dead_lettered: bool = False, schedule_id: int | None = None,
+                  selector: Sequence[Requirement] = (),
                   limit: int = 100, page_token: str = "") -> tuple[list[dict[str, Any]], str]:
         """Newest first, keyset-paged. Returns (rows, next page token or '').
 
@@ -624,24 +769,10 @@ class Store:
         costs every status change an entry: migration 0007), except for dead letters and
         a schedule's runs, which have their own partial indexes (0007, 0009).
         """
-        clauses, params = [], []
-        if queue:
-            clauses.append("queue = %s")
-            params.append(queue)
-        if name:
-            clauses.append("name = %s")
-            params.append(name)
-        if created_after:
-            clauses.append("created_at >= %s")
-            params.append(created_after)
-        if created_before:
-            clauses.append("created_at < %s")
-            params.append(created_before)
-        if dead_lettered:
-            clauses.append("dead_lettered_at IS NOT NULL")
-        if schedule_id is not None:
-            clauses.append("schedule_id = %s")
-            params.append(schedule_id)
+        clauses, params = Selection(
+            selector=selector, queue=queue, name=name, created_after=created_after,
+            created_before=created_before, dead_lettered=dead_lettered,
+            schedule_id=schedule_id).clauses()
         if page_token:
             created, last_id = decode_page_token(page_token)
             clauses.append("(created_at, id) < (%s, %s)")
@@ -667,6 +798,70 @@ class Store:
             rows = rows[:limit]
             token = encode_page_token(rows[-1]["created_at"], rows[-1]["id"])
         return rows, token
+
+    # --- bulk actions ---------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        with self.pool.connection() as conn:
+            return conn.execute("SELECT now()").fetchone()[0]
+
+    @staticmethod
+    def _bulk_where(selection: Selection, statuses: Sequence[JobStatus], owner: str | None,
+                    cutoff: tuple[str, datetime] | None) -> tuple[str, list[Any]]:
+        clauses, params = selection.clauses()
+        clauses.insert(0, "status = ANY(%s)")
+        params.insert(0, sorted(s.value for s in statuses))
+        if owner is not None:
+            clauses.append("owner = %s")
+            params.append(owner)
+        if cutoff is not None:
+            clauses.append(f"{cutoff[0]} <= %s")
+            params.append(cutoff[1])
+        return " AND ".join(clauses), params
+
+    def count_selected(self, selection: Selection, statuses: Sequence[JobStatus], *,
+                       owner: str | None = None) -> int:
+        where, params = self._bulk_where(selection, statuses, owner, None)
+        with self.pool.connection() as conn:
+            return conn.execute(f"SELECT count(*) FROM jobs WHERE {where}", params).fetchone()[0]
+
+    def any_selected(self, selection: Selection, statuses: Sequence[JobStatus], *,
+                     owner: str | None = None) -> bool:
+        where, params = self._bulk_where(selection, statuses, owner, None)
+        with self.pool.connection() as conn:
+            return conn.execute(f"SELECT EXISTS (SELECT 1 FROM jobs WHERE {where})",
+                                params).fetchone()[0]
+
+    def cancel_batch(self, selection: Selection, statuses: Sequence[JobStatus], *,
+                     owner: str | None, created_by: datetime, limit: int) -> list[Cancelled]:
+        """Cancel up to `limit` jobs of the selection in one statement, oldest first.
+
+        Only jobs created by `created_by` (the bulk action's start): what is submitted while
+        it runs is not its business. A job that changed under the row lock (a worker's
+        claim, its end) is judged again by its new state: still PENDING or RUNNING, it is
+        cancelled; else it is left alone."""
+        where, params = self._bulk_where(selection, statuses, owner, ("created_at", created_by))
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f"""UPDATE jobs j SET status = 'CANCELLED', finished_at = now(),
+                           updated_at = now(), error = %s, run_at = NULL
+                    FROM (SELECT id, status FROM jobs WHERE {where}
+                          ORDER BY created_at, id LIMIT %s FOR UPDATE) AS old
+                    WHERE j.id = old.id AND old.status IN ('PENDING', 'RUNNING')
+                    RETURNING j.id, old.status, j.attempts, j.queue, j.priority""",
+                (str(EndReason.CANCELLED), *params, limit)).fetchall()
+        return [Cancelled(r[0], JobStatus(r[1]), r[2], r[3], r[4]) for r in rows]
+
+    def retry_batch(self, selection: Selection, statuses: Sequence[JobStatus], *,
+                    owner: str | None, updated_by: datetime, limit: int) -> list[Requeued]:
+        """Put up to `limit` jobs of the selection back to PENDING, as `retry` does.
+
+        Only jobs last changed by `updated_by` (the bulk action's start): a job it retried
+        that failed again meanwhile is not retried a second time."""
+        where, params = self._bulk_where(selection, statuses, owner, ("updated_at", updated_by))
+        return self._requeue(f"id IN (SELECT id FROM jobs WHERE {where} "
+                             f"ORDER BY created_at, id LIMIT %s FOR UPDATE) "
+                             f"AND status IN ('FAILED', 'CANCELLED')", [*params, limit])
 
     # --- the dead-letter queue ------------------------------------------------------------
 
@@ -1001,6 +1196,44 @@ class Store:
                 conn.execute("DELETE FROM job_attempts WHERE job_id = ANY(%s)", (ids,))
                 conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,))
             return len(ids)
+
+    # --- queue controls -------------------------------------------------------------------
+
+    def pause_queue(self, queue: str, by: str) -> dict[str, Any]:
+        """Record `queue` as paused (a queue paused already keeps who and when)."""
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            cur.execute("""INSERT INTO paused_queues (queue, paused_by) VALUES (%s, %s)
+                           ON CONFLICT (queue) DO NOTHING""", (queue, by))
+            return cur.execute("SELECT queue, paused_by, paused_at FROM paused_queues "
+                               "WHERE queue = %s", (queue,)).fetchone()
+
+    def resume_queue(self, queue: str) -> bool:
+        """Forget the pause of `queue`; False when it was not paused."""
+        with self.pool.connection() as conn:
+            return conn.execute("DELETE FROM paused_queues WHERE queue = %s",
+                                (queue,)).rowcount == 1
+
+    def set_queue_limit(self, queue: str, max_running: int) -> None:
+        """At most `max_running` RUNNING jobs of `queue` (0: no limit)."""
+        with self.pool.connection() as conn:
+            if max_running:
+                conn.execute("""INSERT INTO queue_limits (queue, max_running) VALUES (%s, %s)
+                                ON CONFLICT (queue) DO UPDATE
+                                    SET max_running = EXCLUDED.max_running, updated_at = now()""",
+                             (queue, max_running))
+            else:
+                conn.execute("DELETE FROM queue_limits WHERE queue = %s", (queue,))
+
+    def queue_limits(self) -> dict[str, int]:
+        with self.pool.connection() as conn:
+            return dict(conn.execute("SELECT queue, max_running FROM queue_limits"))
+
+    def paused_queues(self) -> list[dict[str, Any]]:
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            return cur.execute("SELECT queue, paused_by, paused_at FROM paused_queues "
+                               "ORDER BY queue").fetchall()
 
     # --- cluster status -------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from .config import ConfigError
 from .executor import Execution, Result, build_env
 from .jobbox import JobBox, Launcher, LauncherError
 from .models import JOB_LOGGER, EndReason, JobStatus, job_label, retry_delay
-from .queue import Event, Queue, Ready, connect
+from .queue import Event, Queue, Ready, Taken, connect
 from .store import Claimed, Outcome, Store
 
 log = logging.getLogger("dtsd.worker")
@@ -84,6 +84,7 @@ class Worker:
         self.hand_back_now = threading.Event()    # QUIT, or the drain time is over
         self.done = threading.Event()             # threads may go
         self.todo: queuemod.SimpleQueue[Claimed | None] = queuemod.SimpleQueue()
+        self.limited: set[str] = set()            # queues it met with a max_running
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -165,11 +166,11 @@ class Worker:
             if self.stopping.is_set():
                 break
             try:
-                ids = self.queue.fetch(self.id, self.queues, free)
-                if not ids:
+                taken = self.queue.fetch(self.id, self.queues, free)
+                if not taken:
                     self.queue.wait_for_work(self.queues, timeout=1.0)
                     continue
-                self._claim_and_start(ids)
+                self._claim_and_start(taken)
                 backoff = 0.2
             except Exception as exc:
                 if backing.health.note(exc) is None:    # a store's absence is said once
@@ -177,13 +178,52 @@ class Worker:
                 self.stopping.wait(backoff)
                 backoff = min(5.0, backoff * 2)
 
-    def _claim_and_start(self, ids: list[str]) -> None:
+    def _claim(self, taken: list[Taken]) -> tuple[list[Claimed], list[Taken]]:
+        """Claim what was taken: (claimed, ids a limited queue had no room for).
+
+        Ids of queues with a max_running (by Redis's mirror, or found by the plain claim,
+        which takes none of them) go through `claim_limited`, one queue at a time."""
+        by_id = {item.id: item for item in taken}
+        limited: dict[str, list[str]] = {}
+        for item in taken:
+            if item.limit:
+                limited.setdefault(item.queue, []).append(item.id)
+        plain = [item.id for item in taken if not item.limit]
+        claimed = self.store.claim(plain, self.id)
+        if len(claimed) < len(plain):
+            mine = {job.id for job in claimed}
+            for queue, ids in self.store.limited([i for i in plain if i not in mine]).items():
+                limited.setdefault(queue, []).extend(ids)
+        no_room: list[Taken] = []
+        for queue, ids in limited.items():
+            self.limited.add(queue)
+            try:
+                got, left = self.store.claim_limited(ids, queue, self.id)
+            except Exception:
+                if not claimed:
+                    raise
+                # What it claimed already must start: these ids are let go (unclaimed).
+                log.warning("claiming ids of limited queue %s failed", queue, exc_info=True)
+                continue
+            claimed += got
+            no_room += [by_id[job_id] for job_id in left]
+        return claimed, no_room
+
+    def _claim_and_start(self, taken: list[Taken]) -> None:
+        ids = [item.id for item in taken]
         try:
-            claimed = self.store.claim(ids, self.id)
+            claimed, no_room = self._claim(taken)
         except Exception:
             # PostgreSQL refused: let go of the ids; the reconciler pushes them again.
             self.queue.ack(self.id, ids)
             raise
+        if no_room:
+            try:
+                self.queue.give_back(self.id, no_room)
+            except Exception as exc:     # let go of them below; the reconciler pushes them
+                log.debug("ids without room not given back: %s", exc)
+            else:
+                ids = [job_id for job_id in ids if job_id not in {t.id for t in no_room}]
         mine = {job.id for job in claimed}
         unclaimed = [job_id for job_id in ids if job_id not in mine]
         with self.lock:
@@ -340,9 +380,10 @@ class Worker:
             if outcome.status is JobStatus.PENDING:
                 retries.append(Ready(outcome.job_id, outcome.queue, outcome.priority,
                                      outcome.run_at))
+        freed = {o.queue for o in batch if o.queue in self.limited}
         child.retry_forever("acknowledging in Redis", lambda: self.queue.ack(
-            self.id, [o.job_id for o in batch], events=events, retries=retries), log,
-            threading.Event(), max_delay=2.0)
+            self.id, [o.job_id for o in batch], events=events, retries=retries, freed=freed),
+            log, threading.Event(), max_delay=2.0)
 
     def _log_end(self, outcome: Outcome, recorded: bool) -> None:
         """The job lines of a finished attempt, once its record is committed: the failure

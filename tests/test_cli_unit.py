@@ -71,9 +71,16 @@ def run(*args: str, env: dict[str, str] | None = None, input: str | None = None)
     (["logs"], "JOB_ID"),
     (["logs", "-f", "-o", "json", "some-id"], "-f"),
     (["cancel"], "JOB_ID"),
-    (["dlq", "requeue"], "job ids or --all"),
-    (["dlq", "requeue", "--all", "some-id"], "job ids or --all"),
-    (["dlq", "requeue", "--queue", "q", "some-id"], "--queue goes with --all"),
+    (["dlq", "requeue"], "give job ids, --all or a selection"),
+    (["dlq", "requeue", "--all", "some-id"], "give job ids, --all or a selection"),
+    (["dlq", "requeue", "--queue", "q", "some-id"], "job ids or a selection (--selector"),
+    (["dlq", "requeue", "--all", "-l", "a=b"], "--all takes every dead letter"),
+    (["cancel", "--selector", "team=data"], "give --yes"),           # stdin is no terminal
+    (["cancel", "--dry-run", "some-id"], "go with a selection, not ids"),
+    (["retry", "--selector", "a in (b"], "unbalanced parentheses"),
+    (["retry", "--status", "pending", "-l", "a=b", "--yes"], "'pending' is not one of"),
+    (["submit", "--label", "team", "--", "true"], "expected KEY=VALUE"),
+    (["queue", "pause", "Bad Name"], "NAME: bad queue name"),
     (["dlq", "purge"], "give --all (or --yes)"),             # stdin is no terminal here
     (["dlq", "purge", "--queue", "q"], "of queue 'q' give --all"),
     (["dlq", "purge", "--all", "some-id"], "job ids or --all"),
@@ -291,7 +298,8 @@ JOB_KEYS = {"id", "status", "attempts", "exit_code", "output", "output_base64",
             "created_at", "updated_at", "started_at", "finished_at", "schedule_id",
             "fire_time", "env_hidden", "spec", "attempt_history"}
 SPEC_KEYS = {"id", "name", "command", "env", "cwd", "queue", "priority", "max_retries",
-             "timeout_seconds", "run_at", "idempotency_key", "limits", "notify", "notify_on"}
+             "timeout_seconds", "run_at", "idempotency_key", "limits", "notify", "notify_on",
+             "labels"}
 ATTEMPT_KEYS = {"number", "worker", "started_at", "finished_at", "exit_code", "output",
                 "output_base64", "output_truncated", "error"}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -496,9 +504,17 @@ def test_cluster_json_and_table():
     assert "prod (leader node-b)" in text
     assert re.search(r"^node-b\s+worker\s+1\s+4242\s+BACKOFF\s+1h02m\s+3$", text, re.M)
     assert re.search(r"^node-b/1\s+node-b\s+4242\s+default,io\s+2/4", text, re.M)
-    assert re.search(r"^default\s+7\s+1\s+2\s+1$", text, re.M)     # WORKERS: 1 serves it
+    assert re.search(r"^default\s+active\s+7\s+1\s+2\s+1$", text, re.M)  # WORKERS: 1 serves it
     assert data["unserved_queues"] == [] and "No live worker" not in text
     assert re.search(r"^Dead-lettered:\s+4$", text, re.M)
+
+
+def test_status_shows_a_paused_queue():
+    reply = sample_cluster()
+    reply.queues.add(queue="io", pending=2, paused=True)
+    data = dtsctl.cluster_dict(reply)
+    assert [(q["queue"], q["paused"]) for q in data["queues"]] == [("default", False), ("io", True)]
+    assert re.search(r"^io\s+paused\s+2\s+0\s+0\s+1$", dtsctl.cluster_table(data), re.M)
 
 
 def test_status_names_the_queues_no_live_worker_serves():
@@ -509,7 +525,7 @@ def test_status_names_the_queues_no_live_worker_serves():
     data = dtsctl.cluster_dict(reply)
     assert data["unserved_queues"] == ["gpu", "later"]
     text = dtsctl.cluster_table(data)
-    assert re.search(r"^gpu\s+3\s+0\s+0\s+0$", text, re.M)
+    assert re.search(r"^gpu\s+active\s+3\s+0\s+0\s+0$", text, re.M)
     assert "No live worker serves 'gpu', 'later': their jobs wait" in text
 
 

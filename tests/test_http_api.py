@@ -380,3 +380,26 @@ def test_a_watch_holds_one_api_stream_and_gives_it_back_when_the_client_goes(dts
             return second.readline().startswith(b"data: ")
     assert wait_for(watch_again, timeout=httpapi.KEEPALIVE + 10, interval=0.5)
     assert ok(node, "POST", f"/api/v1/jobs/{job_id}/cancel")["status"] == "CANCELLED"
+
+
+def test_queue_controls_labels_and_bulk_actions_over_http(dtsd_factory):
+    node = dtsd_factory(merged(FAST, WEB, {"server": {"processes": 1},
+                                           "worker": {"processes": 1}}))
+    paused = ok(node, "POST", "/api/v1/queues/default/pause", {})
+    assert paused["name"] == "default" and paused["paused"] is True
+    assert ok(node, "GET", "/api/v1/queues")["queues"][0]["paused"] is True
+    ids = [ok(node, "POST", "/api/v1/jobs", {"command": "true", "labels": {"team": t}})["id"]
+           for t in ("data", "data", "web")]
+    listed = ok(node, "GET", "/api/v1/jobs?selector=team%3Ddata")["jobs"]
+    assert sorted(job["id"] for job in listed) == sorted(ids[:2])
+    assert listed[0]["spec"]["labels"] == {"team": "data"}
+    assert ok(node, "POST", "/api/v1/jobs/cancel",
+              {"selection": {"selector": "team=data"}, "dry_run": True})["matched"] == "2"
+    assert ok(node, "POST", "/api/v1/jobs/cancel",
+              {"selection": {"selector": "team=data"}})["changed"] == "2"
+    message = refused(node, 400, "INVALID_ARGUMENT", "POST", "/api/v1/jobs/retry",
+                      {"selection": {"selector": "team in ("}})
+    assert message.startswith("selection.selector:"), message
+    assert ok(node, "POST", "/api/v1/queues/default/resume", {})["paused"] is False
+    assert final(node, ids[2])["status"] == "SUCCEEDED"
+    assert ok(node, "GET", f"/api/v1/jobs/{ids[0]}")["status"] == "CANCELLED"

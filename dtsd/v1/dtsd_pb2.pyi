@@ -53,6 +53,26 @@ class Attempt(_message.Message):
     worker: str
     def __init__(self, number: _Optional[int] = ..., worker: _Optional[str] = ..., started_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., output: _Optional[bytes] = ..., output_truncated: bool = ..., error: _Optional[str] = ...) -> None: ...
 
+class BulkJobsRequest(_message.Message):
+    __slots__ = ["dry_run", "limit", "selection"]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    limit: int
+    selection: JobSelection
+    def __init__(self, selection: _Optional[_Union[JobSelection, _Mapping]] = ..., dry_run: bool = ..., limit: _Optional[int] = ...) -> None: ...
+
+class BulkJobsResponse(_message.Message):
+    __slots__ = ["changed", "matched", "more"]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    changed: int
+    matched: int
+    more: bool
+    def __init__(self, matched: _Optional[int] = ..., changed: _Optional[int] = ..., more: bool = ...) -> None: ...
+
 class CancelJobRequest(_message.Message):
     __slots__ = ["id"]
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -223,9 +243,34 @@ class JobEvent(_message.Message):
     status: JobStatus
     def __init__(self, kind: _Optional[_Union[JobEvent.Kind, str]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempt: _Optional[int] = ..., output: _Optional[bytes] = ..., offset: _Optional[int] = ..., exit_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
+class JobSelection(_message.Message):
+    __slots__ = ["created_after", "created_before", "dead_lettered", "name", "queue", "selector", "statuses"]
+    CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    created_after: _timestamp_pb2.Timestamp
+    created_before: _timestamp_pb2.Timestamp
+    dead_lettered: bool
+    name: str
+    queue: str
+    selector: str
+    statuses: _containers.RepeatedScalarFieldContainer[JobStatus]
+    def __init__(self, selector: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., queue: _Optional[str] = ..., name: _Optional[str] = ..., created_after: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., dead_lettered: bool = ...) -> None: ...
+
 class JobSpec(_message.Message):
-    __slots__ = ["command", "cwd", "env", "id", "idempotency_key", "limits", "max_retries", "name", "notify", "notify_on", "priority", "queue", "run_at", "timeout_seconds"]
+    __slots__ = ["command", "cwd", "env", "id", "idempotency_key", "labels", "limits", "max_retries", "name", "notify", "notify_on", "priority", "queue", "run_at", "timeout_seconds"]
     class EnvEntry(_message.Message):
+        __slots__ = ["key", "value"]
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class LabelsEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +282,7 @@ class JobSpec(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +297,7 @@ class JobSpec(_message.Message):
     env: _containers.ScalarMap[str, str]
     id: str
     idempotency_key: str
+    labels: _containers.ScalarMap[str, str]
     limits: ResourceLimits
     max_retries: int
     name: str
@@ -260,7 +307,7 @@ class JobSpec(_message.Message):
     queue: str
     run_at: _timestamp_pb2.Timestamp
     timeout_seconds: float
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., command: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., max_retries: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., run_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., notify: _Optional[_Iterable[str]] = ..., notify_on: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., command: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., max_retries: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., run_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., notify: _Optional[_Iterable[str]] = ..., notify_on: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListDeadLettersRequest(_message.Message):
     __slots__ = ["page_size", "page_token", "queue"]
@@ -273,7 +320,7 @@ class ListDeadLettersRequest(_message.Message):
     def __init__(self, queue: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ["created_after", "created_before", "dead_lettered", "name", "page_size", "page_token", "queue", "schedule", "statuses"]
+    __slots__ = ["created_after", "created_before", "dead_lettered", "name", "page_size", "page_token", "queue", "schedule", "selector", "statuses"]
     CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
     CREATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +329,7 @@ class ListJobsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     created_after: _timestamp_pb2.Timestamp
     created_before: _timestamp_pb2.Timestamp
@@ -291,8 +339,9 @@ class ListJobsRequest(_message.Message):
     page_token: str
     queue: str
     schedule: str
+    selector: str
     statuses: _containers.RepeatedScalarFieldContainer[JobStatus]
-    def __init__(self, statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., queue: _Optional[str] = ..., name: _Optional[str] = ..., created_after: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., dead_lettered: bool = ..., schedule: _Optional[str] = ...) -> None: ...
+    def __init__(self, statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., queue: _Optional[str] = ..., name: _Optional[str] = ..., created_after: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., dead_lettered: bool = ..., schedule: _Optional[str] = ..., selector: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ["jobs", "next_page_token"]
@@ -301,6 +350,16 @@ class ListJobsResponse(_message.Message):
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
     next_page_token: str
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListQueuesRequest(_message.Message):
+    __slots__ = []
+    def __init__(self) -> None: ...
+
+class ListQueuesResponse(_message.Message):
+    __slots__ = ["queues"]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    queues: _containers.RepeatedCompositeFieldContainer[QueueInfo]
+    def __init__(self, queues: _Optional[_Iterable[_Union[QueueInfo, _Mapping]]] = ...) -> None: ...
 
 class ListSchedulesRequest(_message.Message):
     __slots__ = []
@@ -365,7 +424,7 @@ class PurgeDeadLettersResponse(_message.Message):
     def __init__(self, purged: _Optional[int] = ...) -> None: ...
 
 class QueueDepth(_message.Message):
-    __slots__ = ["delayed", "pending", "queue", "ready_by_priority", "running"]
+    __slots__ = ["delayed", "max_running", "paused", "pending", "queue", "ready_by_priority", "running"]
     class ReadyByPriorityEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -374,16 +433,48 @@ class QueueDepth(_message.Message):
         value: int
         def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     DELAYED_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     READY_BY_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     delayed: int
+    max_running: int
+    paused: bool
     pending: int
     queue: str
     ready_by_priority: _containers.ScalarMap[int, int]
     running: int
-    def __init__(self, queue: _Optional[str] = ..., pending: _Optional[int] = ..., delayed: _Optional[int] = ..., running: _Optional[int] = ..., ready_by_priority: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    def __init__(self, queue: _Optional[str] = ..., pending: _Optional[int] = ..., delayed: _Optional[int] = ..., running: _Optional[int] = ..., ready_by_priority: _Optional[_Mapping[int, int]] = ..., paused: bool = ..., max_running: _Optional[int] = ...) -> None: ...
+
+class QueueInfo(_message.Message):
+    __slots__ = ["max_running", "name", "paused", "paused_at", "paused_by"]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_AT_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_BY_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    max_running: int
+    name: str
+    paused: bool
+    paused_at: _timestamp_pb2.Timestamp
+    paused_by: str
+    def __init__(self, name: _Optional[str] = ..., paused: bool = ..., paused_by: _Optional[str] = ..., paused_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., max_running: _Optional[int] = ...) -> None: ...
+
+class QueueLimit(_message.Message):
+    __slots__ = ["max_running", "name"]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    max_running: int
+    name: str
+    def __init__(self, name: _Optional[str] = ..., max_running: _Optional[int] = ...) -> None: ...
+
+class QueueRef(_message.Message):
+    __slots__ = ["name"]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class RequeueDeadLettersRequest(_message.Message):
     __slots__ = ["all", "ids", "queue"]

@@ -109,6 +109,36 @@ class SchedulerStub(object):
                 request_serializer=dtsd_dot_v1_dot_dtsd__pb2.JobActivityRequest.SerializeToString,
                 response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.JobActivityResponse.FromString,
                 )
+        self.PauseQueue = channel.unary_unary(
+                '/dtsd.v1.Scheduler/PauseQueue',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.QueueRef.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.FromString,
+                )
+        self.ResumeQueue = channel.unary_unary(
+                '/dtsd.v1.Scheduler/ResumeQueue',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.QueueRef.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.FromString,
+                )
+        self.ListQueues = channel.unary_unary(
+                '/dtsd.v1.Scheduler/ListQueues',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.ListQueuesRequest.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ListQueuesResponse.FromString,
+                )
+        self.SetQueueLimit = channel.unary_unary(
+                '/dtsd.v1.Scheduler/SetQueueLimit',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.QueueLimit.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.FromString,
+                )
+        self.CancelJobs = channel.unary_unary(
+                '/dtsd.v1.Scheduler/CancelJobs',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.BulkJobsRequest.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.BulkJobsResponse.FromString,
+                )
+        self.RetryJobs = channel.unary_unary(
+                '/dtsd.v1.Scheduler/RetryJobs',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.BulkJobsRequest.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.BulkJobsResponse.FromString,
+                )
 
 
 class SchedulerServicer(object):
@@ -233,6 +263,50 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseQueue(self, request, context):
+        """Workers take no new job of a paused queue; submits are still accepted and wait.
+        Jobs already taken keep running. Durable (PostgreSQL); admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeQueue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueues(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQueueLimit(self, request, context):
+        """At most max_running jobs of the queue RUNNING at once across the cluster, checked in
+        PostgreSQL at every claim; jobs running beyond a lowered limit run on. Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJobs(self, request, context):
+        """Cancel the PENDING and RUNNING jobs of a selection, in bounded batches (statuses: a
+        subset of those two). Without role admin, only the caller's own jobs are taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryJobs(self, request, context):
+        """Run the FAILED and CANCELLED jobs of a selection again, as RetryJob does; with
+        selection.dead_lettered, requeue dead letters. Owner rule as CancelJobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -330,6 +404,36 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.JobActivity,
                     request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.JobActivityRequest.FromString,
                     response_serializer=dtsd_dot_v1_dot_dtsd__pb2.JobActivityResponse.SerializeToString,
+            ),
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.QueueRef.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.SerializeToString,
+            ),
+            'ResumeQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeQueue,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.QueueRef.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.SerializeToString,
+            ),
+            'ListQueues': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueues,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.ListQueuesRequest.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'SetQueueLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQueueLimit,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.QueueLimit.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.SerializeToString,
+            ),
+            'CancelJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJobs,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.BulkJobsRequest.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.BulkJobsResponse.SerializeToString,
+            ),
+            'RetryJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJobs,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.BulkJobsRequest.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.BulkJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -661,5 +765,107 @@ class Scheduler(object):
         return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/JobActivity',
             dtsd_dot_v1_dot_dtsd__pb2.JobActivityRequest.SerializeToString,
             dtsd_dot_v1_dot_dtsd__pb2.JobActivityResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/PauseQueue',
+            dtsd_dot_v1_dot_dtsd__pb2.QueueRef.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ResumeQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/ResumeQueue',
+            dtsd_dot_v1_dot_dtsd__pb2.QueueRef.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListQueues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/ListQueues',
+            dtsd_dot_v1_dot_dtsd__pb2.ListQueuesRequest.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.ListQueuesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def SetQueueLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/SetQueueLimit',
+            dtsd_dot_v1_dot_dtsd__pb2.QueueLimit.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.QueueInfo.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CancelJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/CancelJobs',
+            dtsd_dot_v1_dot_dtsd__pb2.BulkJobsRequest.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.BulkJobsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RetryJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/RetryJobs',
+            dtsd_dot_v1_dot_dtsd__pb2.BulkJobsRequest.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.BulkJobsResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
