@@ -428,6 +428,7 @@ class WebUI:
         post("/schedules", self.create_schedule)
         get("/schedules/{name}", self.schedule)
         post("/schedules/{name}/{action:pause|resume|trigger|delete}", self.schedule_action)
+        post("/queues/{name}/{action:pause|resume}", self.queue_action)
         get("/dead-letters", self.dead_letters)
         post("/dead-letters/{action:requeue|purge}", self.dead_letter_action)
         get("/static/{name}", self.asset)
@@ -696,8 +697,12 @@ class WebUI:
         for worker in status.workers:
             for queue in worker.queues:
                 served[queue] = served.get(queue, 0) + 1
+        # Every queue a worker serves gets a row (to pause it, say), busy or not.
+        queues = list(status.queues)
+        listed = {q.queue for q in queues}
+        queues += [pb.QueueDepth(queue=name) for name in sorted(served) if name not in listed]
         return self.page(request, "overview.html", title="Overview", state=status,
-                         refresh=REFRESH,
+                         queues=queues, refresh=REFRESH,
                          served=served,
                          chart=chart(activity), failures=failures.jobs,
                          totals=_totals(activity))
@@ -707,10 +712,11 @@ class WebUI:
     def _filters(self, request: web.Request) -> tuple[pb.ListJobsRequest, dict[str, str]]:
         query = request.query
         shown = {key: query.get(key, "").strip() for key in
-                 ("status", "queue", "name", "schedule", "after", "before", "page")}
+                 ("status", "queue", "name", "schedule", "selector", "after", "before",
+                  "page")}
         message = pb.ListJobsRequest(page_size=PAGE_SIZE, queue=shown["queue"],
                                      name=shown["name"], schedule=shown["schedule"],
-                                     page_token=shown["page"])
+                                     selector=shown["selector"], page_token=shown["page"])
         for status in query.getall("status", []):
             if status:
                 if status not in STATUSES:
@@ -932,6 +938,19 @@ class WebUI:
                 "delete": f"Schedule {name} deleted."}[action]
         raise self.done(request, "/schedules" if action == "delete" else here, said)
 
+    # --- queues ----------------------------------------------------------------------------
+
+    async def queue_action(self, request: web.Request) -> web.StreamResponse:
+        name, action = request.match_info["name"], request.match_info["action"]
+        rpc = "PauseQueue" if action == "pause" else "ResumeQueue"
+        try:
+            await self.call(request, rpc, pb.QueueRef(name=name))
+        except (grpc.RpcError, Refusal) as exc:
+            raise self.done(request, "/", f"Not done ({action} {name}): {refusal_of(exc).message}")
+        raise self.done(request, "/", f"Queue {name} paused: workers take no new job of it; "
+                                      "submits still wait in it." if action == "pause"
+                        else f"Queue {name} resumed.")
+
     # --- dead letters ----------------------------------------------------------------------
 
     async def dead_letters(self, request: web.Request) -> web.Response:
@@ -992,7 +1011,7 @@ class WebUI:
 # --- forms ------------------------------------------------------------------------------------
 
 SUBMIT_FIELDS = ("command", "name", "queue", "priority", "timeout_seconds", "max_retries",
-                 "env", "cwd", "run_at", "idempotency_key", "limits.memory_bytes",
+                 "env", "labels", "cwd", "run_at", "idempotency_key", "limits.memory_bytes",
                  "limits.cpu_seconds", "limits.processes", "limits.open_files",
                  "limits.file_size_bytes")
 SCHEDULE_FIELDS = ("schedule_name", "expression", "timezone", "overlap")
@@ -1070,6 +1089,14 @@ def job_spec(values: dict[str, str]) -> pb.JobSpec:
             errors["env"] = f"line {number}: NAME=value, not {line[:40]!r}"
             break
         spec.env[key.strip()] = value
+    for number, line in enumerate(values["labels"].replace(",", "\n").splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, value = line.strip().partition("=")
+        if not sep or not key.strip():
+            errors["labels"] = f"KEY=value, not {line.strip()[:40]!r}"
+            break
+        spec.labels[key.strip()] = value.strip()
     if values["run_at"].strip():
         try:
             spec.run_at.CopyFrom(timestamp(parse_time(values["run_at"], "run_at")))
@@ -1095,8 +1122,10 @@ def api_errors(exc: Exception, *prefixes: str) -> tuple[dict[str, str], str]:
                 field_name = field_name[len(prefix):]
                 break
         field_name = re.sub(r"\[\d+\]", "", field_name)
-        if field_name.startswith("env."):
+        if field_name.startswith(("env.", "env[")):
             field_name = "env"
+        if field_name.startswith(("labels.", "labels[")):
+            field_name = "labels"
         known = {*SUBMIT_FIELDS, *SCHEDULE_FIELDS, "name", "expression", "timezone",
                  "overlap"}
         if field_name in known:

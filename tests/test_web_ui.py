@@ -619,3 +619,30 @@ def test_the_overview_refreshes_itself(node, browser):
              message="the overview to show the new job")
     assert browser.execute_script("return window.marker") == "same page"
     no_console_errors(browser)
+
+
+def test_labels_select_jobs_and_an_admin_pauses_a_queue_from_the_overview(node, browser):
+    admin = web_token(node, "admin", "admin")
+    login(browser, node, admin)
+    submit_form(browser, node, command="true", name="labelled", labels="team=data, env=prod")
+    labelled = job_id_from(browser)
+    assert "team=data" in one(browser, ".facts").text
+    submit_form(browser, node, command="true", name="plain")
+    submit_form(browser, node, command="true", labels="bad key=x")
+    assert one(browser, "#e-labels").text, problems(browser)       # the API's word
+    browser.get(node.web_url + "/jobs?selector=team%3Ddata")
+    assert [a.text for a in css(browser, "table.jobs a.id")] == [labelled]
+    browser.get(node.web_url + "/jobs?selector=env!%3Dprod")
+    assert labelled not in [a.text for a in css(browser, "table.jobs a.id")]
+
+    browser.get(node.web_url + "/")
+    press(browser, "form[action='/queues/default/pause'] button", confirm=True)
+    assert "paused" in flash(browser)
+    assert "paused" in ok(node.dtsctl("status", token=admin))
+    job = ok(node.dtsctl("submit", "--", "true", token=admin)).strip()
+    shoot(browser, "overview-paused-queue")
+    assert "PENDING" in ok(node.dtsctl("status", job, token=admin))
+    press(browser, "form[action='/queues/default/resume'] button")
+    assert "resumed" in flash(browser)
+    wait_for(lambda: "SUCCEEDED" in ok(node.dtsctl("status", job, token=admin)), timeout=20)
+    no_console_errors(browser)
