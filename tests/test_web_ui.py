@@ -106,11 +106,15 @@ def press(driver, selector: str, confirm: bool = False) -> None:
     the next page has replaced this one."""
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
+    def loaded(_driver) -> bool:
+        return driver.execute_script("return document.readyState") == "complete"
+    WebDriverWait(driver, 15).until(loaded)
     page = one(driver, "html")
     one(driver, selector).click()
     if confirm:
         driver.switch_to.alert.accept()
     WebDriverWait(driver, 15).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 15).until(loaded)
 
 
 def problems(driver) -> list[str]:
