@@ -75,7 +75,7 @@ define apt-install-missing
 	fi
 endef
 
-.PHONY: help deps proto proto-check test test-pypi run bench bench-peers bench-scale clean deb lint-deb test-deb
+.PHONY: help deps proto proto-check test test-pypi test-faults run bench bench-peers bench-scale clean deb lint-deb test-deb
 
 help: ## list the targets
 	@echo "dtsd make targets:"
@@ -109,8 +109,15 @@ proto-check: ## fail if regenerating the stubs would change the committed ones
 		exit 1; \
 	fi
 
+# The fault scenarios (tests/faults/) have a target of their own: `make test` and
+# `make test-pypi` leave them out when they run the whole of tests/.
+NO_FAULTS = $(if $(filter tests tests/,$(TESTS)),--ignore=tests/faults)
+
 test: deps proto-check ## run the suite on Debian's Python and packages
-	$(PYTHON) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(TESTS) $(NO_FAULTS) $(PYTEST_ARGS)
+
+test-faults: deps ## stores restarted, blackholed, slow; clock skew, OOM, failover, orphans (tests/faults)
+	$(PYTHON) -m pytest -q tests/faults $(PYTEST_ARGS)
 
 # The venv is (re)filled when pyproject.toml, setup.cfg or this Makefile change;
 # `rm -rf $(VENV)` (or `make clean`) fetches the newest releases again.
@@ -126,7 +133,7 @@ $(VENV)/.stamp: pyproject.toml setup.cfg Makefile
 	@touch "$@"
 
 test-pypi: deps $(VENV)/.stamp ## run the suite on the newest PyPI releases (venv .venv-pypi)
-	PYTHONPATH="$(CURDIR)" "$(VENV)/bin/python" -m pytest -q $(TESTS) $(PYTEST_ARGS)
+	PYTHONPATH="$(CURDIR)" "$(VENV)/bin/python" -m pytest -q $(TESTS) $(NO_FAULTS) $(PYTEST_ARGS)
 
 run: deps ## run a private PostgreSQL + Redis under .run/ and dtsd in the foreground
 	scripts/dev-run

@@ -79,9 +79,11 @@ ROLE_SECTIONS = {"server": ("dtsd", "server", "worker.limits", "worker.limits_ma
                  "web": ("dtsd", "web", "server", "postgres", "redis", "etcd")}
 # How the coordinator is supervised (it has no section of its own).
 COORDINATOR = {"startsecs": 0.0, "startretries": 5, "stopsignal": signal.SIGTERM,
-               "stopwaitsecs": 5.0, "autorestart": "true"}
+               "stopwaitsecs": child.COORDINATOR_STOPWAIT, "autorestart": "true"}
 BACKOFF_MAX = 30.0
-STOP_MARGIN = 5.0          # beyond the role's stopwaitsecs (+ kill_grace for workers)
+# Beyond the role's stopwaitsecs (+ kill_grace for workers): the child's own FINISH_GRACE,
+# and two seconds more before the master KILLs it.
+STOP_MARGIN = child.FINISH_GRACE + 2.0
 _PR_SET_PDEATHSIG = 1
 
 

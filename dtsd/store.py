@@ -331,8 +331,8 @@ class Store:
         self.pool.open(wait=wait, timeout=timeout)
         return self
 
-    def close(self) -> None:
-        self.pool.close()
+    def close(self, timeout: float = 5.0) -> None:
+        self.pool.close(timeout=timeout)
 
 
     # --- schema ---------------------------------------------------------------------------

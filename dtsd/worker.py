@@ -82,6 +82,7 @@ class Worker:
         self.results: queuemod.SimpleQueue[Outcome | None] = queuemod.SimpleQueue()
         self.stopping = threading.Event()         # take no new jobs
         self.hand_back_now = threading.Event()    # QUIT, or the drain time is over
+        self.give_up = threading.Event()          # stopping, and the stores had their time
         self.done = threading.Event()             # threads may go
         self.todo: queuemod.SimpleQueue[Claimed | None] = queuemod.SimpleQueue()
 
@@ -108,21 +109,30 @@ class Worker:
         self.parent.ready()
         self._fetch_loop()
         self._drain()
+        # The stores get FINISH_GRACE to take the last results, not more: a worker whose
+        # master is gone has nobody to KILL it, and a store that went too must not keep it.
+        timer = threading.Timer(max(0.0, child.FINISH_GRACE - 1.0), self.give_up.set)
+        timer.daemon = True
+        timer.start()
         for _ in range(self.concurrency):
             self.todo.put(None)
         self.results.put(None)
         writer.join()
         self.done.set()
         self.launcher.close()
-        try:
-            self.queue.retire(self.id)
-        except Exception as exc:
-            log.warning("could not retire from Redis: %s", exc)
-        try:
-            self.store.retire_worker(self.id)
-        except Exception as exc:
-            log.warning("could not end the lease in PostgreSQL (it runs out by itself): %s", exc)
-        self.store.close()
+        if self.give_up.is_set():
+            log.warning("not retiring worker %s: its lease runs out by itself", self.id)
+        else:
+            try:
+                self.queue.retire(self.id)
+            except Exception as exc:
+                log.warning("could not retire from Redis: %s", exc)
+            try:
+                self.store.retire_worker(self.id)
+            except Exception as exc:
+                log.warning("could not end the lease in PostgreSQL (it runs out by itself): %s",
+                            exc)
+        self.store.close(timeout=1.0)
         log.info("worker %s stopped", self.id)
         return self.exit_code
 
@@ -323,8 +333,26 @@ class Worker:
                     finished = True
                     break
                 batch.append(item)
-            child.retry_forever("recording results", lambda: self._record(batch), log,
-                                threading.Event())
+            # Retried as long as the worker runs (a PostgreSQL restart loses no result),
+            # until `give_up` once it stops.
+            if child.retry_forever("recording results", lambda: self._record(batch) or True,
+                                   log, self.give_up) is None:
+                self._unrecorded(batch, finished)
+                return
+
+    def _unrecorded(self, batch: list[Outcome], finished: bool) -> None:
+        """Say which attempts' ends a stopping worker could not record. Their jobs stay
+        RUNNING under this worker's lease; once it runs out, the leader recovers them and
+        they run again (README, Guarantees)."""
+        while not finished:
+            item = self.results.get()
+            if item is None:
+                break
+            batch.append(item)
+        log.error("stopping without recording the end of %d attempt(s) (PostgreSQL did not "
+                  "answer within %.0fs): %s; the leader recovers them when this worker's "
+                  "lease runs out", len(batch), child.FINISH_GRACE,
+                  ", ".join(f"{o.job_id} attempt {o.attempt}" for o in batch[:20]))
 
     def _record(self, batch: list[Outcome]) -> None:
         changed = self.store.finish(batch)
@@ -342,7 +370,7 @@ class Worker:
                                      outcome.run_at))
         child.retry_forever("acknowledging in Redis", lambda: self.queue.ack(
             self.id, [o.job_id for o in batch], events=events, retries=retries), log,
-            threading.Event(), max_delay=2.0)
+            self.give_up, max_delay=2.0)
 
     def _log_end(self, outcome: Outcome, recorded: bool) -> None:
         """The job lines of a finished attempt, once its record is committed: the failure
