@@ -39,7 +39,7 @@ from . import cron as cronmod
 from .config import Config
 from .models import JOB_LOGGER, job_label, resolve_notify, schedule_job
 from .queue import Queue, Ready, connect
-from .store import Deposed, Fence, FirePlan, Lost, Store
+from .store import LEADER_ANSWER_WITHIN, Deposed, Fence, FirePlan, Lost, Store
 
 log = logging.getLogger("dtsd.coordinator")
 job_log = logging.getLogger(JOB_LOGGER)
@@ -58,7 +58,8 @@ class Coordinator:
         # its lease: the next leader needs the fence row.
         window = max(1.0, cfg.get("etcd", "lease_ttl") / 2)
         self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=3,
-                           name="dtsd-coordinator", hold_limit=window)
+                           name="dtsd-coordinator", hold_limit=window,
+                           answer_within=LEADER_ANSWER_WITHIN)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.leadership = leadership
         self.stop = threading.Event()

@@ -45,7 +45,8 @@ from .models import (DEFAULT_QUEUE, LIMIT_PROTO_FIELDS, MAX_NAME, QUEUE_NAME,
                      InvalidField, JobStatus, NewJob, check_job_id, check_queue, check_text,
                      resolve_notify, schedule_job, validate_spec)
 from .queue import Event, Queue, Ready, connect
-from .store import Conflict, Forbidden, NotFound, Precondition, Store, decode_page_token
+from .store import (ANSWER_WITHIN, Conflict, Forbidden, NotFound, Precondition, Store,
+                    decode_page_token)
 from .watch import Watch, WatchHub
 
 log = logging.getLogger("dtsd.server")
@@ -942,7 +943,8 @@ class Server:
         threads = cfg.get("server", "threads")
         self.store = Store(cfg.get("postgres", "dsn"), min_size=cfg.get("postgres", "pool_min"),
                            max_size=max(2, min(cfg.get("postgres", "pool_max"), threads)),
-                           name=f"dtsd-server-{index}", timeout=POOL_WAIT)
+                           name=f"dtsd-server-{index}", timeout=POOL_WAIT,
+                           answer_within=ANSWER_WITHIN)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.stopping = threading.Event()
         self.fast = False

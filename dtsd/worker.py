@@ -43,7 +43,7 @@ from .executor import Execution, Result, build_env
 from .jobbox import JobBox, Launcher, LauncherError
 from .models import JOB_LOGGER, EndReason, JobStatus, job_label, retry_delay
 from .queue import Event, Queue, Ready, connect
-from .store import Claimed, Outcome, Store
+from .store import ANSWER_WITHIN, Claimed, Outcome, Store
 
 log = logging.getLogger("dtsd.worker")
 job_log = logging.getLogger(JOB_LOGGER)
@@ -67,7 +67,8 @@ class Worker:
         self.concurrency = self.settings.concurrency
         self.log_jobs = cfg.get("dtsd", "log_jobs")
         self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=3,
-                           name=f"dtsd-worker-{index}", custom_plans=True)
+                           name=f"dtsd-worker-{index}", custom_plans=True,
+                           answer_within=ANSWER_WITHIN)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.started = time.time()
 

@@ -64,8 +64,10 @@ def tally(dsn: str, ids: list[str], ledger: Path) -> Tally:
     states = statuses(dsn, ids)
     runs = ledger_runs(ledger)
     done = [i for i in ids if states.get(i) == "SUCCEEDED" and runs.get(i, 0) >= 1]
-    return Tally(submitted=len(ids), completed=len(done), lost=len(ids) - len(done),
-                 run_twice=sum(1 for i in ids if runs.get(i, 0) > 1))
+    lost = {i: (states.get(i), runs.get(i, 0)) for i in ids if i not in done}
+    return Tally(submitted=len(ids), completed=len(done), lost=len(lost),
+                 run_twice=sum(1 for i in ids if runs.get(i, 0) > 1),
+                 detail={"lost (state, runs)": lost} if lost else {})
 
 
 def all_ended(dsn: str, ids: list[str]) -> bool:
@@ -139,3 +141,30 @@ def measure(predicate, timeout: float, interval: float = 0.05) -> float | None:
             pass
         time.sleep(interval)
     return None
+
+
+def api(master):
+    """The gRPC stub of `master`'s server."""
+    import grpc
+    from dtsd.dtsdpb import pb_grpc
+    return pb_grpc.SchedulerStub(grpc.insecure_channel(master.address))
+
+
+def submit(stub, command: str, key: str, deadline: float = 60.0, **spec) -> tuple[str, int]:
+    """Submit like a careful client: retry UNAVAILABLE with the same idempotency key (so a
+    retried submit whose first try committed gives the same job). (job id, tries)."""
+    import grpc
+    from dtsd.dtsdpb import pb
+    end = time.monotonic() + deadline
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            reply = stub.SubmitJob(pb.SubmitJobRequest(job=pb.JobSpec(
+                command=command, idempotency_key=key, **spec)), timeout=10)
+            return reply.id, tries
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                  grpc.StatusCode.DEADLINE_EXCEEDED) or time.monotonic() > end:
+                raise
+            time.sleep(0.2)
