@@ -167,8 +167,13 @@ class Coordinator:
     # --- cron -----------------------------------------------------------------------------
 
     def fire(self, fence: Fence) -> float | None:
-        """Fire the due schedules; returns seconds until the next slot (None: none)."""
-        now = datetime.now(timezone.utc)
+        """Fire the due schedules; returns seconds until the next slot (None: none).
+
+        Slots fall due by PostgreSQL's clock, not this host's: a leader whose clock runs
+        ahead fired them early by as much, and each failover between hosts whose clocks
+        differ moved the firing back and forth."""
+        now = self.store.clock()
+        read_at = time.monotonic()
         self.missed = 0                 # counted by plan(), which a rollback may undo
         for fired in self.store.fire_due_schedules(fence, now, lambda row, runs:
                                                     self.plan(row, runs, now)):
@@ -186,7 +191,9 @@ class Coordinator:
             metrics.CRON_MISSED.inc(self.missed)
             self.missed = 0
         due = self.store.next_due()
-        return None if due is None else (due - datetime.now(timezone.utc)).total_seconds()
+        if due is None:
+            return None
+        return (due - now).total_seconds() - (time.monotonic() - read_at)
 
     def plan(self, row: dict[str, Any], open_runs: list[tuple[str, str, int]],
              now: datetime) -> FirePlan:

@@ -1017,6 +1017,12 @@ class Store:
             if not conn.execute("DELETE FROM schedules WHERE name = %s", (name,)).rowcount:
                 raise NotFound(f"schedule {name!r} not found")
 
+    def clock(self) -> datetime:
+        """PostgreSQL's time of day: the one clock every node shares, whatever its own
+        says (leases run out by it, and the leader fires cron slots by it)."""
+        with self.connection() as conn:
+            return conn.execute("SELECT clock_timestamp()").fetchone()[0]
+
     def next_due(self) -> datetime | None:
         """The earliest next_fire_time of all active schedules (the leader sleeps till then)."""
         with self.connection() as conn:

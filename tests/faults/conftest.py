@@ -64,13 +64,18 @@ class Rig:
         self.ledger.touch()
         self.ledger.chmod(0o666)         # each job slot is a uid of its own
 
-    def node(self, overrides: Mapping[str, Mapping[str, Any]] | None = None,
-             **sections: Mapping[str, Any]) -> DtsdMaster:
-        base = {"redis": {"url": self.node_redis}}
-        merged = {**base}
+    def node(self, overrides: Mapping[str, Mapping[str, Any]] | None = None, *,
+             env: Mapping[str, str] | None = None, **sections: Mapping[str, Any]
+             ) -> DtsdMaster:
+        """A master on the rig's links; `env` adds to its environment (LD_PRELOAD...)."""
+        merged: dict[str, dict[str, Any]] = {"redis": {"url": self.node_redis}}
         for section, values in {**(overrides or {}), **sections}.items():
             merged[section] = {**merged.get(section, {}), **values}
-        return self.factory(merged)
+        master = self.factory(merged, start=False)
+        if env:
+            plain = master.env
+            master.env = lambda: {**plain(), **env}
+        return master.start()
 
     def close(self, failed: bool) -> None:
         self.factory.stop_all()
