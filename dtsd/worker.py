@@ -40,7 +40,7 @@ from . import launcher as launchermod
 from .config import Config
 from .config import ConfigError
 from .executor import Execution, Result, build_env
-from .jobbox import JobBox, Launcher, LauncherError
+from .jobbox import JobBox, Launcher, LauncherError, OomCounter
 from .models import JOB_LOGGER, EndReason, JobStatus, job_label, retry_delay
 from .queue import Event, Queue, Ready, connect
 from .store import ANSWER_WITHIN, Claimed, Outcome, Store
@@ -71,6 +71,7 @@ class Worker:
                            answer_within=ANSWER_WITHIN)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.started = time.time()
+        self.ooms = OomCounter()
 
         self.lock = threading.Condition()
         self.running: dict[str, tuple[Execution, int]] = {}  # job id -> (execution, attempt)
@@ -269,7 +270,9 @@ class Worker:
         if self.launcher.dead.is_set():
             self._launcher_died()
         if result.reason is None and result.exit_code != 0:
-            why = self.box.explain(limits, result.exit_code, result.signal, result.output)
+            killed = result.signal == signal.SIGKILL or result.exit_code == 128 + signal.SIGKILL
+            why = self.box.explain(limits, result.exit_code, result.signal, result.output,
+                                   oom_killed=killed and self.ooms.claim())
             if why:
                 result.error = f"{result.error or f'exit code {result.exit_code}'}: {why}"
         self.results.put(self._outcome(job, result))
