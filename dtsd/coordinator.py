@@ -333,6 +333,9 @@ class Coordinator:
         record["single_node"] = self.leadership.single_node
         record["leader_id"] = self.leadership.leader()
         record["seen_at"] = time.time()
+        for item in record.get("children", ()):    # as of now, not of the file's writing
+            if item.get("running_since"):
+                item["uptime"] = round(max(0.0, record["seen_at"] - item["running_since"]), 1)
         self.queue.publish_node(self.cfg.node_id, record,
                                 ttl=max(5.0, 5 * self.cfg.get("dtsd", "housekeeping_interval")))
 

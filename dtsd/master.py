@@ -748,7 +748,11 @@ class Master:
         return "; ".join(parts)
 
     def node_record(self) -> dict:
+        """What node.json holds. Each RUNNING child's `running_since` is a unix time, from
+        which the coordinator computes the uptime it publishes: the file is rewritten only
+        every few seconds, and an uptime frozen in it read up to 5 s low."""
         now = time.monotonic()
+        wall = time.time()
         return {
             "node_id": self.cfg.node_id, "version": __version__, "pid": os.getpid(),
             "started_at": self.started,
@@ -758,6 +762,8 @@ class Master:
             "children": [{"role": c.role, "index": c.index, "pid": c.pid, "state": c.state.value,
                           "uptime": round(now - c.running_since, 1)
                           if c.state is ChildState.RUNNING else 0.0,
+                          "running_since": round(wall - (now - c.running_since), 3)
+                          if c.state is ChildState.RUNNING else None,
                           "restarts": c.restarts} for c in self.children],
         }
 

@@ -860,11 +860,18 @@ def _ids(jobs, shown: int = 20) -> str:
 
 
 def _local_node_record(cfg: Config) -> dict | None:
+    """The master's node.json, each RUNNING child's uptime as of now (the file is rewritten
+    every few seconds; `running_since` is a unix time of this host's clock)."""
     try:
         with open(os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json"), encoding="utf-8") as f:
-            return json.load(f)
+            record = json.load(f)
     except (OSError, ValueError):
         return None
+    now = time.time()
+    for item in record.get("children", ()):
+        if item.get("running_since"):
+            item["uptime"] = round(max(0.0, now - item["running_since"]), 1)
+    return record
 
 
 def _from_epoch(value: float | None) -> datetime | None:
