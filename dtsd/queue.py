@@ -318,6 +318,10 @@ class Queue:
             keys.extend(self.keys.queue(queue, p) for p in PRIORITIES)
         return [i.decode() for i in self._fetch(keys=keys, args=[count])]
 
+    def processing_ids(self, worker: str) -> list[str]:
+        """The ids in the worker's processing list (fetched, and not acknowledged yet)."""
+        return [i.decode() for i in self.redis.lrange(self.keys.processing(worker), 0, -1)]
+
     def wait_for_work(self, queues: Sequence[str], timeout: float) -> bool:
         """Block until some job may be ready on `queues` (or the timeout passes)."""
         return self.redis.blpop([self.keys.wake(q) for q in queues], timeout=timeout) is not None

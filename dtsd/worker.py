@@ -164,6 +164,7 @@ class Worker:
 
     def _fetch_loop(self) -> None:
         backoff = 0.2
+        strays = False      # a failed fetch may have moved ids without telling this worker
         while not self.stopping.is_set():
             if self.launcher.dead.is_set():
                 self._launcher_died()
@@ -177,6 +178,9 @@ class Worker:
             if self.stopping.is_set():
                 break
             try:
+                if strays:
+                    self._claim_strays()
+                    strays = False
                 ids = self.queue.fetch(self.id, self.queues, free)
                 if not ids:
                     self.queue.wait_for_work(self.queues, timeout=1.0)
@@ -184,10 +188,27 @@ class Worker:
                 self._claim_and_start(ids)
                 backoff = 0.2
             except Exception as exc:
+                strays = True
                 if backing.health.note(exc) is None:    # a store's absence is said once
                     log.warning("fetch failed: %s; retrying in %.1fs", exc, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(5.0, backoff * 2)
+
+    def _claim_strays(self) -> None:
+        """Take the ids a failed round left in this worker's processing list.
+
+        A connection cut after the fetch's script ran, before its reply came, leaves ids
+        there that this worker never saw: nobody else takes them while it lives (the
+        leader drops only dead workers' lists), and the reconciler counts them as held, so
+        their jobs stayed PENDING for good. They are claimed as a fetch's would be (only
+        PENDING jobs are; the others are let go)."""
+        held = self.queue.processing_ids(self.id)
+        with self.lock:
+            mine = set(self.running)
+        strays = [job_id for job_id in held if job_id not in mine]
+        if strays:
+            log.info("claiming %d id(s) a failed fetch left in this worker's list", len(strays))
+            self._claim_and_start(strays)
 
     def _claim_and_start(self, ids: list[str]) -> None:
         try:
