@@ -52,7 +52,8 @@ UNIT_EXPOSURE_MAX := 30
 DEB_VERSION       = $(shell dpkg-parsechangelog -l packaging/debian/changelog -S Version)
 
 # $(call apt-install-missing,PACKAGES): install those not installed yet, without letting
-# their maintainer scripts start daemons (as in `deps`).
+# their maintainer scripts start daemons (as in `deps`), and without leaving the services
+# they enabled to start at boot (the ones enabled by this install are disabled again).
 define apt-install-missing
 	@missing=""; \
 	for pkg in $(1); do \
@@ -69,9 +70,17 @@ define apt-install-missing
 			printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee "$$policy" >/dev/null && \
 			$(SUDO) chmod 755 "$$policy" || exit 1; \
 		fi; \
+		enabled() { command -v systemctl >/dev/null && systemctl list-unit-files \
+			--type=service --state=enabled --no-legend 2>/dev/null | awk '{print $$1}' | sort; }; \
+		before=$$(enabled); \
 		$(SUDO) apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y --no-install-recommends $$missing; \
+			apt-get install -y --no-install-recommends $$missing || exit 1; \
+		new=$$(comm -13 <(echo "$$before") <(enabled) | tr '\n' ' '); \
+		if [ -n "$${new// /}" ]; then \
+			echo "not starting at boot what this install enabled: $$new(systemctl enable NAME undoes it)"; \
+			$(SUDO) systemctl disable --quiet $$new 2>/dev/null || true; \
+		fi; \
 	fi
 endef
 
@@ -89,7 +98,9 @@ deps: ## install the Debian packages dtsd needs and tests use (only the missing 
 	@# Installing supervisor, prometheus, redis-server, postgresql-15 or etcd-server on a host
 	@# with a running init would start system daemons (a second supervisord, a Prometheus
 	@# on :9090, ...): a policy-rc.d that exits 101 forbids that for the install; it is
-	@# created only if absent and removed again afterwards.
+	@# created only if absent and removed again afterwards. Their packages also enable them
+	@# at boot: the services this install enabled are disabled again (`systemctl enable
+	@# --now NAME` if you want one as a system service).
 	$(call apt-install-missing,$(DEB_PACKAGES) supervisor)
 
 proto: ## regenerate the committed gRPC stubs from proto/ with Debian's compilers
@@ -206,14 +217,19 @@ test-deb: deb lint-deb ## install, run, reload, kill and purge the .deb on syste
 	$(SUDO) tests/deb/run-test.sh "$(DEB_DIR)/dtsd_$(DEB_VERSION)_all.deb"
 
 clean: ## remove .run/ (stopping its servers), the PyPI and peers venvs and caches
+	@# .run/pg may point to /var/tmp/dtsd-dev-HASH (scripts/dev-run, as root under /root).
 	@if [ -f .run/pg/postmaster.pid ]; then \
 		echo "clean: stopping the PostgreSQL of .run/"; \
+		data=$$(readlink -f .run/pg); \
 		if [ "$$(id -u)" = 0 ]; then \
-			runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$(CURDIR)/.run/pg" -m fast -w stop || true; \
+			(cd "$$(dirname "$$data")" && runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$$data" -m fast -w stop) || true; \
 		else \
-			/usr/lib/postgresql/15/bin/pg_ctl -D .run/pg -m fast -w stop || true; \
+			/usr/lib/postgresql/15/bin/pg_ctl -D "$$data" -m fast -w stop || true; \
 		fi; \
 	fi
 	@if [ -f .run/redis/redis.pid ]; then kill "$$(cat .run/redis/redis.pid)" 2>/dev/null || true; fi
+	@if [ -L .run/pg ]; then \
+		case "$$(readlink .run/pg)" in /var/tmp/dtsd-dev-*/pg) rm -rf "$$(dirname "$$(readlink .run/pg)")";; esac; \
+	fi
 	rm -rf .run "$(VENV)" "$(PEERS_VENV)" .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
