@@ -22,11 +22,12 @@ DEB_PACKAGES := \
 	python3-click python3-aiohttp python3-prometheus-client python3-pytest \
 	python3-pytest-timeout python3-hypothesis python3-venv \
 	python3-setuptools protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
-	redis-server postgresql-15 etcd-server util-linux procps prometheus python3-yaml
+	redis-server postgresql-15 etcd-server util-linux procps prometheus python3-yaml \
+	python3-jinja2 python3-selenium chromium chromium-driver
 
 PYPI_PACKAGES := \
 	grpcio protobuf redis hiredis psycopg psycopg-pool croniter python-daemon sdnotify \
-	click etcd3 aiohttp prometheus-client pytest pytest-timeout hypothesis pyyaml
+	click etcd3 aiohttp prometheus-client jinja2 pytest pytest-timeout hypothesis pyyaml selenium
 
 PROTOS := \
 	proto/dtsd/v1/dtsd.proto proto/dtsd/seed/scheduler.proto \
@@ -139,7 +140,7 @@ $(VENV)/.stamp: pyproject.toml setup.cfg Makefile
 	"$(VENV)/bin/python" -m pip install -qq --upgrade pip wheel
 	"$(VENV)/bin/python" -m pip install -qq --upgrade $(PYPI_PACKAGES)
 	@"$(VENV)/bin/python" -m pip list --format=freeze 2>/dev/null | \
-		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|aiohttp|prometheus[-_]client|pytest|pytest-timeout|hypothesis|pyyaml)==' | \
+		grep -iE '^(grpcio|protobuf|redis|hiredis|psycopg|psycopg-pool|croniter|python-daemon|sdnotify|click|etcd3|aiohttp|prometheus[-_]client|jinja2|pytest|pytest-timeout|hypothesis|pyyaml|selenium)==' | \
 		tr '\n' ' '; echo
 	@touch "$@"
 
@@ -194,7 +195,7 @@ deb: ## build build/deb/dtsd_<version>_all.deb from a clean export, then lintian
 	echo "deb: lintian passed"; \
 	ls -l "$$deb"; dpkg-deb -f "$$deb" Package Version Architecture Depends Recommends Suggests
 
-lint-deb: ## check the systemd unit (verify, security exposure) and the dtsctl completion
+lint-deb: ## check the systemd unit (verify, security exposure) and the dtsctl completions
 	$(call apt-install-missing,$(DEB_LINT_DEPS))
 	@set -euo pipefail; \
 	unit=packaging/systemd/dtsd.service; \
@@ -205,12 +206,16 @@ lint-deb: ## check the systemd unit (verify, security exposure) and the dtsctl c
 	out=$$(SYSTEMD_COLORS=0 systemd-analyze security --offline=yes --threshold=$(UNIT_EXPOSURE_MAX) "$$unit" 2>&1) || \
 		{ echo "$$out" >&2; echo "lint-deb: the unit's exposure is above $(UNIT_EXPOSURE_MAX)/10" >&2; exit 1; }; \
 	echo "$$out" | grep -E '^(✗|-) |Overall exposure'; \
-	expected=$$(_DTSCTL_COMPLETE=bash_source $(PYTHON) -c 'from dtsd.cli import main; main()'); \
-	if [ "$$expected" != "$$(grep -v '^#' packaging/completion/dtsctl)" ]; then \
-		echo "lint-deb: packaging/completion/dtsctl differs from click's; regenerate it:" >&2; \
-		echo "  _DTSCTL_COMPLETE=bash_source $(PYTHON) -c 'from dtsd.cli import main; main()'" >&2; exit 1; \
-	fi; \
-	echo "lint-deb: packaging/completion/dtsctl matches click's bash_source"
+	for pair in bash:dtsctl zsh:_dtsctl fish:dtsctl.fish; do \
+		shell=$${pair%%:*}; file=packaging/completion/$${pair#*:}; \
+		expected=$$(_DTSCTL_COMPLETE=$${shell}_source $(PYTHON) -c 'from dtsd.cli import main; main()'); \
+		if [ "$$shell" = bash ]; then actual=$$(grep -v '^#' "$$file"); else actual=$$(cat "$$file"); fi; \
+		if [ "$$expected" != "$$actual" ]; then \
+			echo "lint-deb: $$file differs from click's $${shell}_source; regenerate it (bash: below its comment):" >&2; \
+			echo "  _DTSCTL_COMPLETE=$${shell}_source $(PYTHON) -c 'from dtsd.cli import main; main()'" >&2; exit 1; \
+		fi; \
+		echo "lint-deb: $$file matches click's $${shell}_source"; \
+	done
 
 test-deb: deb lint-deb ## install, run, reload, kill and purge the .deb on systemd in a Debian 12 container
 	$(call apt-install-missing,$(DEB_TEST_DEPS))

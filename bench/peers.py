@@ -5,8 +5,9 @@
     /usr/bin/python3 bench/peers.py [--jobs 5000] [--runs 3] [--rate 50] [--latency-jobs 200]
                                     [--only redis-loop,dramatiq,celery,dtsd-batch,dtsd-single]
 
-The workload is research/performance.md's: `--jobs` jobs of `/bin/sh -c true` with output
-captured, 4 executors per system, one message per job (dtsd-batch: 500 jobs per
+The workload is the performance research's (research/performance.md of the project's
+design notes, which are not in this repository): `--jobs` jobs of `/bin/sh -c true` with
+output captured, 4 executors per system, one message per job (dtsd-batch: 500 jobs per
 SubmitJobs); throughput is jobs / (last finish - first submit). Then `--latency-jobs` jobs
 at `--rate` jobs/s, one at a time: submit->start p50 and p99 (a peer's start is its task
 body's first line; dtsd's is the claim, just before the job's process is spawned).

@@ -3,7 +3,7 @@
 
 Runs a real dtsd (2 servers, 2 workers x concurrency 4 unless told otherwise) over a
 private PostgreSQL with durable settings (fsync, synchronous_commit on: as production,
-and as the peers in research/performance.md were measured) and a private Redis.
+and as the peers in the performance research, outside this repository, were measured) and a private Redis.
 
     /usr/bin/python3 bench/pipeline.py [--jobs 5000] [--runs 3] [--rate 50] [--latency-jobs 200]
 

@@ -8,7 +8,10 @@ one call after another, `--calls` calls per measure: GetJob (with and without th
 history), a ListJobs page of 100 and of 20 for each filter ListJobs offers (none, one
 status, two statuses, queue, a rare queue, name, status + queue, status + the rare queue,
 dead-lettered, a creation-time window), walking on with `page_token`, and ClusterStatus.
-Then it runs the leader's prune query under EXPLAIN (ANALYZE, BUFFERS).
+Then it runs the leader's prune query under EXPLAIN (ANALYZE, BUFFERS). Last, the web UI
+over HTTP with a logged-in session: the overview, a job's page, the job list with and
+without filters (each the whole answer, HTML included), and how long a line a running job
+writes takes to reach the job page's live stream (/jobs/ID/events).
 
     /usr/bin/python3 bench/scale.py [--jobs 1000000] [--calls 300]
 
@@ -125,6 +128,67 @@ def report(name: str, call, calls: int) -> None:
     print(f"  {name:<46} p50 {p50:7.2f} ms   p99 {p99:7.2f} ms", flush=True)
 
 
+def web_pages(master: DtsdMaster, ids: list[str], calls: int) -> None:
+    """The web UI's pages, whole answers over HTTP with a session, and live output."""
+    import http.cookiejar
+    import re
+    import subprocess
+    import urllib.parse
+    import urllib.request
+    secret = subprocess.run([sys.executable, "-m", "dtsd", "token", "add", "bench", "--role",
+                             "admin", "-c", str(master.ini_path)], capture_output=True,
+                            text=True, check=True, cwd=ROOT).stdout.strip()
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def get(path: str) -> str:
+        with opener.open(master.web_url + path, timeout=30) as reply:
+            return reply.read().decode()
+    for _ in range(50):                      # the web child rereads the tokens file each second
+        csrf = re.search(r'name="csrf" value="(\w+)"', get("/login")).group(1)
+        form = urllib.parse.urlencode({"csrf": csrf, "token": secret}).encode()
+        with opener.open(master.web_url + "/login", data=form, timeout=30) as reply:
+            if "/login" not in reply.url:
+                break
+        time.sleep(0.2)
+    else:
+        raise RuntimeError("the web UI refused the bench's token")
+    print("web UI (a whole page over HTTP, logged in):")
+    report("overview /", lambda i: get("/"), calls)
+    report("job page /jobs/ID", lambda i: get(f"/jobs/{ids[i]}"), calls)
+    report("jobs /jobs (50 a page)", lambda i: get("/jobs"), calls)
+    report("jobs /jobs?status=FAILED&queue=rare", lambda i: get(
+        "/jobs?status=FAILED&queue=rare"), calls)
+
+    # Live output: a running job writes the time it writes each line; the page's stream
+    # (what the job page's EventSource reads) is read here as the line arrives.
+    import json
+    command = "for i in $(seq 40); do date +%s.%N; sleep 0.1; done"
+    csrf = re.search(r'name="csrf" value="(\w+)"', get("/submit")).group(1)
+    form = urllib.parse.urlencode({"csrf": csrf, "command": command}).encode()
+    with opener.open(master.web_url + "/submit", data=form, timeout=30) as reply:
+        job = reply.url.rsplit("/", 1)[1]
+    delays = []
+    with opener.open(master.web_url + f"/jobs/{job}/events", timeout=60) as stream:
+        for raw in stream:
+            line = raw.decode().strip()
+            if line.startswith("event: end"):
+                break
+            if not line.startswith("data: "):
+                continue
+            arrived = time.time()
+            event = json.loads(line[6:])
+            for written in event.get("text", "").split():
+                delays.append((arrived - float(written)) * 1000)
+    delays.sort()
+    if delays:
+        print(f"  live output, write -> event stream ({len(delays)} lines)  "
+              f"p50 {delays[len(delays) // 2]:7.2f} ms   "
+              f"p99 {delays[min(len(delays) - 1, int(len(delays) * 0.99))]:7.2f} ms")
+    else:
+        print("  live output: no line arrived")
+
+
 def list_filters() -> list[tuple[str, dict]]:
     S = pb.JobStatus
     week_ago = datetime.now(timezone.utc) - timedelta(days=DAYS)
@@ -175,11 +239,15 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dtsd-bench-"))
     (workdir / "run").mkdir(parents=True)
     dsn = pg.create_database("bench")
+    tokens = workdir / "tokens"
+    tokens.write_text("")
     master = DtsdMaster(workdir, "bench", {
         "dtsd": {"node_id": "bench", "runtime_dir": str(workdir / "run"),
                  "log_level": os.environ.get("BENCH_LOG", "warning")},
-        "server": {"listen": f"127.0.0.1:{free_port()}", "processes": args.servers},
+        "server": {"listen": f"127.0.0.1:{free_port()}", "processes": args.servers,
+                   "tokens_file": str(tokens), "anonymous_role": "admin"},
         "worker": {"processes": 1},
+        "web": {"processes": 1, "listen": f"127.0.0.1:{free_port()}"},
         "postgres": {"dsn": dsn},
         "redis": {"url": redis.url},
     })
@@ -234,6 +302,7 @@ def main() -> None:
         print(f"  {prune_plan(dsn, 30 * 86400.0)}")
         print("prune, retention 6 days (a day of jobs is that old; up to 5,000 per statement):")
         print(f"  {prune_plan(dsn, 6 * 86400.0)}")
+        web_pages(master, ids, args.calls)
     finally:
         channel.close()
         master.stop()

@@ -72,6 +72,7 @@ METHODS: dict[str, Role | None] = {
     _V1 + "RequeueDeadLetters": Role.ADMIN,
     _V1 + "PurgeDeadLetters": Role.ADMIN,
     _V1 + "ClusterStatus": Role.READ,
+    _V1 + "JobActivity": Role.READ,
     _V1 + "CreateSchedule": Role.ADMIN,
     _V1 + "ListSchedules": Role.READ,
     _V1 + "PauseSchedule": Role.ADMIN,

@@ -349,6 +349,23 @@ def files_readable(checked: Checked) -> Iterator[Problem]:
                     f"{failed[log_file]}")
 
 
+@check
+def tls_pair_loads(checked: Checked) -> Iterator[Problem]:
+    """The API's certificate and key load as a pair, and the client CA as CAs (dtsd/tls.py):
+    a reload must not replace working servers with ones that cannot serve. Tried only when
+    the files' reader can read them all: else files_readable names the file and the reader."""
+    from . import tls                    # stdlib only: the master imports it already
+    paths = [path for key in tls.KEYS if (path := checked.cfg.get("server", key))]
+    try:
+        if not paths or checked.reader.failures(paths):
+            return
+    except OSError:
+        return                           # files_readable says why it could not check
+    problem = tls.load_problem(checked.cfg)
+    if problem:
+        yield error(problem)
+
+
 def _job_user_groups(cfg: Config) -> tuple[int | None, set[int]]:
     name = cfg.get("worker", "job_user")
     try:
@@ -367,7 +384,7 @@ def redis_reachable_by_jobs(checked: Checked) -> Iterator[Problem]:
         return
     url = urllib.parse.urlsplit(cfg.get("redis", "url"))
     fix = ("use Redis on a unix socket only the group redis may open, or an ACL user with a "
-           "password (README, Security)")
+           "password (docs/security.md)")
     if url.scheme in ("redis", "rediss"):
         if not url.password:
             yield warning(f"[redis] url {url.hostname}:{url.port or 6379} takes no password: "
@@ -401,7 +418,7 @@ def etcd_reachable_by_jobs(checked: Checked) -> Iterator[Problem]:
     where = f"on this host ({', '.join(local)})" if local else "it"
     yield warning(f"[etcd] endpoints: neither [etcd] user nor a client certificate is set, so "
                   f"jobs on this host can reach etcd {where} and write the leader key; enable "
-                  "etcd authentication (README, Security)")
+                  "etcd authentication (docs/security.md)")
 
 
 def address_in_use(host: str, port: int) -> str | None:

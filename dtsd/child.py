@@ -25,7 +25,7 @@ from typing import Callable
 from . import backing
 from . import config as configmod
 
-# Exit codes of children, a documented contract (README, "Processes").
+# Exit codes of children, a documented contract (docs/processes.md).
 EXIT_OK = 0
 EXIT_CONFIG = 78      # EX_CONFIG: the configuration is unusable; restarting will not help
 EXIT_BOOT = 3         # could not start (e.g. cannot bind the port)

@@ -3,7 +3,7 @@ r"""dtsctl: the command-line client of dtsd.
     dtsctl [GLOBAL OPTIONS] VERB [OPTIONS] [ARGS]      (`dtsctl VERB --help` for each verb)
 
 Verbs: submit, status, list, logs, cancel, retry, dlq list|requeue|purge,
-cron add|list|pause|resume|rm|run|next.
+cron add|list|pause|resume|rm|run|next, web-login.
 
 Which servers (first match wins; `--submit-server`/`SUBMIT_SERVER` pick the servers for
 writes: submit, cancel, retry, dlq requeue/purge; `--status-servers`/`STATUS_SERVERS` for
@@ -23,17 +23,20 @@ master, which knows from the kernel which user runs dtsctl (its role: the server
 `[server] local_roles`), renewed as needed; else none (a server then refuses calls over TCP
 unless its `[server] anonymous_role` says otherwise).
 TLS: `--tls-ca FILE` (else `[client] tls_ca`) turns it on; `--tls-cert`/`--tls-key` add a
-client certificate for servers that require mTLS. A TLS mismatch shows as exit code 3.
+client certificate for servers that require mTLS. A TLS mismatch shows as exit code 3,
+with what is wrong: plaintext to a TLS port or TLS to a plaintext one, no client
+certificate for an mTLS server, a server certificate the CA does not vouch for.
 The local sockets never use TLS (they do not leave the host).
-Any flag beats any environment variable. Calls go round-robin over the servers and move on
-to the next one when a server answers UNAVAILABLE. The deadline of each call is `--timeout`,
+Any flag beats any environment variable. Calls go round-robin over the servers, starting
+at a random one, and move on to the next one when a server answers UNAVAILABLE. The deadline of each call is `--timeout`,
 else `[client] timeout` of a config file that was read, else 10 s.
 
 Exit codes:
   0  success
   1  the job or the operation failed (not found, wrong state, rejected input, ...);
      the server's message is printed on standard error
-  2  usage error: bad option or argument, malformed jobs file, bad config file
+  2  usage error: bad option or argument, malformed jobs file, bad [client] section (or
+     [dtsd] runtime_dir) of the config file (an error elsewhere in it is only warned about)
   3  cannot reach any server (every server UNAVAILABLE, or no connection within the deadline);
      a server that answered that it cannot reach PostgreSQL or Redis is quoted instead
   4  not authorised (UNAUTHENTICATED, PERMISSION_DENIED, or this host's master gives
@@ -85,8 +88,11 @@ A job object has:
 List and dlq list leave output empty (the server omits it there).
 
 Per verb:
-  submit                  {id, created}; with --wait also job: <job>
-  submit --file           {jobs: [{id, created, name}]}; with --wait each also job: <job>
+  submit                  {id, created, queue_unserved (true: no live worker serves its
+                           queue: it waits until one does; also warned on stderr)};
+                           with --wait also job: <job>
+  submit --file           {jobs: [{id, created, queue_unserved, name}]}; with --wait each
+                           also job: <job>
   status                  {cluster, single_node, leader, server_node, dead_lettered,
                            job_counts {STATUS: n},
                            nodes: [{node_id, version, leader, state, started_at, seen_at,
@@ -95,7 +101,9 @@ Per verb:
                                     unreachable: [{store, since, seconds}]}],
                            workers: [{id, node_id, pid, queues, concurrency, running,
                                       seen_at}],
-                           queues: [{queue, pending, delayed, running}]}
+                           queues: [{queue, pending, delayed, running}],
+                           unserved_queues: [queues with jobs waiting that no live
+                                             worker serves]}
   status JOB_ID...        {jobs: [<job>], errors: [{id, code, message}]}
   list, dlq list          {jobs: [<job>], next_page_token}
   logs JOB_ID             {id, attempt, output, output_base64, output_truncated}
@@ -117,23 +125,28 @@ from __future__ import annotations
 
 import base64
 import codecs
+import difflib
 import enum
 import json
 import os
 import shlex
+import signal
 import sys
 import threading
 import time
+import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
 import click
 import grpc
 
 from dtsd import config, identity, models
-from dtsd.client import DEFAULT_TIMEOUT, Client, Tls, parse_servers, unreachable_store
+from dtsd.client import (DEFAULT_TIMEOUT, Client, Tls, parse_servers, tls_mismatch,
+                         unreachable_store)
+from dtsd.executor import describe_signal
 from dtsd.v1 import dtsd_pb2
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -180,7 +193,8 @@ def rpc_failure(error: grpc.RpcError, client: Client) -> CliError:
         if unreachable_store(error):      # a server answered: it cannot reach a store
             return CliError(f"{client.store_told_by or client.last_server}: {details} "
                             f"(tried {tried})", Exit.UNREACHABLE, code)
-        return CliError(f"cannot reach any server (tried {tried}): {details}",
+        return CliError(tls_diagnosis(client, details) or
+                        f"cannot reach any server (tried {tried}): {details}",
                         Exit.UNREACHABLE, code)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         if not client.connected():
@@ -188,9 +202,21 @@ def rpc_failure(error: grpc.RpcError, client: Client) -> CliError:
                             f"within {client.timeout:g}s", Exit.UNREACHABLE, code)
         return CliError(f"{client.last_server} did not answer within {client.timeout:g}s "
                         "(raise --timeout?)", Exit.FAILED, code)
+    if code == grpc.StatusCode.UNKNOWN and client.last_tried:   # a TLS handshake that failed
+        found = tls_diagnosis(client, details)
+        if found:
+            return CliError(found, Exit.UNREACHABLE, code)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return CliError(f"not authorised ({code.name}): {details}", Exit.UNAUTHORISED, code)
     return CliError(f"{code.name}: {details}", Exit.FAILED, code)
+
+
+def tls_diagnosis(client: Client, details: str) -> str | None:
+    """When TLS is why no server would talk: what is wrong and what to give, for each
+    server tried, with gRPC's own words after it."""
+    found = [text for server in dict.fromkeys(client.last_tried)
+             if (text := tls_mismatch(server, client.tls, details))]
+    return "; ".join(found) + f" (gRPC: {details})" if found else None
 
 
 # --- where the servers are ----------------------------------------------------------------
@@ -211,8 +237,19 @@ class Targets:
     token_file: str = ""      # [client] token_file of the config file that was read
 
 
+# What dtsctl reads of a config file: [client], where this host's dtsd keeps its sockets,
+# and (web-login) where its web child listens.
+CLIENT_KEYS = (*((option.section, option.key) for option in config.OPTIONS
+                 if option.section == "client"), ("dtsd", "runtime_dir"), ("web", "listen"))
+
+
 def read_client_config(config_path: str | None, env: Mapping[str, str]) -> config.Config | None:
-    """The named config file (`-c`, else $DTSD_CONFIG), else /etc/dtsd/dtsd.ini if readable."""
+    """The named config file (`-c`, else $DTSD_CONFIG), else /etc/dtsd/dtsd.ini if readable.
+
+    An error in a part dtsctl does not read (the server's sections) is warned about, not
+    fatal: the client still works while the server's file is being fixed. An error in
+    CLIENT_KEYS is a usage error.
+    """
     path = config_path or env.get("DTSD_CONFIG") or None
     if path is None:
         if not os.access(config.DEFAULT_PATH, os.R_OK):
@@ -221,7 +258,14 @@ def read_client_config(config_path: str | None, env: Mapping[str, str]) -> confi
     try:
         return config.load(path, env={})
     except config.ConfigError as exc:
+        whole = exc
+    try:
+        partial = config.load_keys(path, CLIENT_KEYS)
+    except config.ConfigError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
+    warn(f"dtsctl: warning: {whole} (dtsctl reads only [client] and [dtsd] runtime_dir of "
+         "it, which are fine)")
+    return partial
 
 
 def local_sockets(runtime_dir: str) -> list[str] | None:
@@ -326,6 +370,15 @@ class Settings:
     @property
     def json(self) -> bool:
         return self.output == "json"
+
+    def set_option(self, name: str, value: Any) -> None:
+        """A global option, before the verb or after it (the later one wins)."""
+        setattr(self, name, value)
+        if self.token and self.token_file:
+            raise click.UsageError("give --token or --token-file, not both")
+        if name == "token":
+            warn("dtsctl: warning: --token shows the token to every user of this host "
+                 "(/proc/PID/cmdline); use --token-file FILE or $DTSD_TOKEN_FILE")
 
     def targets(self) -> Targets:
         if self._targets is None:
@@ -609,12 +662,47 @@ def iso_utc(moment: datetime | None) -> str | None:
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def local_time(iso: str | None) -> str:
-    """An ISO UTC string from the JSON form -> local ISO time without microseconds."""
+def _moment(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def exact_time(iso: str | None, zone: tzinfo | None = None) -> str:
+    """An ISO UTC string from the JSON form -> ISO time in `zone` (default: local) with
+    its offset and without microseconds: `2024-05-01T14:00:00+02:00`."""
     if not iso:
         return "-"
-    moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    return moment.astimezone().replace(microsecond=0, tzinfo=None).isoformat()
+    return _moment(iso).astimezone(zone).replace(microsecond=0).isoformat()
+
+
+def ago(iso: str | None, now: datetime | None = None) -> str:
+    """How long before `now` that was, for a table: `12 s ago`, `3 min ago`, `in 5 min`."""
+    if not iso:
+        return "-"
+    seconds = ((now or datetime.now(timezone.utc)) - _moment(iso)).total_seconds()
+    amount = abs(seconds)
+    for unit, size, below in (("s", 1, 90), ("min", 60, 90 * 60), ("h", 3600, 36 * 3600),
+                              ("d", 86400, float("inf"))):
+        if amount < below:
+            text = f"{int(amount // size)} {unit}"
+            break
+    return f"in {text}" if seconds < -1 else f"{text} ago"
+
+
+def duration(start: str | None, end: str | None, now: datetime | None = None) -> str | None:
+    """How long from `start` to `end` (to `now` while there is no end): `8s`, `1h02m`."""
+    if not start:
+        return None
+    until = _moment(end) if end else (now or datetime.now(timezone.utc))
+    return seconds_text(max(0.0, (until - _moment(start)).total_seconds()))
+
+
+def schedule_zone(name: str) -> tzinfo | None:
+    """The schedule's IANA zone (empty: UTC); None (local time) when this host has no
+    such zone in its tz database."""
+    try:
+        return zoneinfo.ZoneInfo(name or "UTC")
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return None
 
 
 def to_timestamp(moment: datetime) -> Any:
@@ -760,7 +848,16 @@ def cluster_dict(status: Any) -> dict[str, Any]:
         "queues": [{"queue": depth.queue, "pending": depth.pending,
                     "delayed": depth.delayed, "running": depth.running}
                    for depth in status.queues],
+        "unserved_queues": unserved_queues(status),
     }
+
+
+def unserved_queues(status: Any) -> list[str]:
+    """The queues with jobs waiting that no live worker serves: they wait forever unless
+    a worker that names them in [worker] queues starts."""
+    served = {queue for worker in status.workers for queue in worker.queues}
+    return [depth.queue for depth in status.queues
+            if depth.pending + depth.delayed and depth.queue not in served]
 
 
 def format_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "") -> str:
@@ -792,8 +889,43 @@ def seconds_text(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f}s"
 
 
+def signal_name(number: int) -> str:
+    """`SIGTERM` for 15; `signal 99` for a number with no name here."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _exit_text(code: int | None) -> str:
-    return "-" if code is None else str(code)
+    """The EXIT cell: the exit code, or the signal that ended the job (stored as -N)."""
+    if code is None:
+        return "-"
+    return signal_name(-code) if code < 0 else str(code)
+
+
+def ending(code: int | None) -> str | None:
+    """How a job's command ended, in words: `exit code 7`, `killed by SIGTERM`."""
+    if code is None:
+        return None
+    return f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
+
+
+def exit_field(code: int | None) -> str | None:
+    """The value of an `Exit code:` field: `7`, or `killed by SIGTERM`."""
+    if code is None:
+        return None
+    return ending(code) if code < 0 else str(code)
+
+
+def error_text(job: Mapping[str, Any]) -> str | None:
+    """The job's error, unless it only repeats how the command ended (the worker writes
+    `exit code 7` or `killed by signal 15 (SIGTERM)` when it knows nothing more)."""
+    code, error = job["exit_code"], job["error"]
+    if code is not None and error in (f"exit code {code}",
+                                      code < 0 and f"killed by {describe_signal(-code)}"):
+        return None
+    return error or None
 
 
 def env_text(env: Mapping[str, str], hidden: bool) -> str:
@@ -809,8 +941,8 @@ def job_table(job: dict[str, Any]) -> str:
         ("ID", job["id"]),
         ("Name", spec["name"]),
         ("Status", job["status"] + (" (dead-lettered)" if job["dead_lettered"] else "")),
-        ("Exit code", job["exit_code"]),
-        ("Error", job["error"]),
+        ("Exit code", exit_field(job["exit_code"])),
+        ("Error", error_text(job)),
         ("Command", spec["command"]),
         ("Queue", spec["queue"]),
         ("Priority", spec["priority"]),
@@ -824,18 +956,20 @@ def job_table(job: dict[str, Any]) -> str:
         ("Notify", spec["notify"] and f"{', '.join(spec['notify'])} on "
                                       f"{', '.join(spec['notify_on']) or 'nothing'}"),
         ("Schedule", job["schedule_id"] or None),
-        ("Fire time", job["fire_time"] and local_time(job["fire_time"])),
-        ("Run at", spec["run_at"] and local_time(spec["run_at"])),
-        ("Created", local_time(job["created_at"])),
-        ("Started", job["started_at"] and local_time(job["started_at"])),
-        ("Finished", job["finished_at"] and local_time(job["finished_at"])),
+        ("Fire time", job["fire_time"] and exact_time(job["fire_time"])),
+        ("Run at", spec["run_at"] and f"{exact_time(spec['run_at'])} ({ago(spec['run_at'])})"),
+        ("Created", f"{exact_time(job['created_at'])} ({ago(job['created_at'])})"),
+        ("Started", job["started_at"] and exact_time(job["started_at"])),
+        ("Finished", job["finished_at"] and exact_time(job["finished_at"])),
+        ("Duration", _job_duration(job)),
     ])]
     if job["attempt_history"]:
         lines.append("Attempt history:")
         lines.append(format_table(
-            ("#", "WORKER", "STARTED", "FINISHED", "EXIT", "ERROR"),
-            [(a["number"], a["worker"], local_time(a["started_at"]), local_time(a["finished_at"]),
-              _exit_text(a["exit_code"]), a["error"]) for a in job["attempt_history"]],
+            ("#", "WORKER", "STARTED", "DURATION", "EXIT", "ERROR"),
+            [(a["number"], a["worker"], ago(a["started_at"]),
+              duration(a["started_at"], a["finished_at"]) if a["finished_at"] else "-",
+              _exit_text(a["exit_code"]), error_text(a)) for a in job["attempt_history"]],
             indent="  "))
     lines.append("Output:" + ("" if job["output"] else " (none)"))
     if job["output"]:
@@ -847,9 +981,18 @@ def job_table(job: dict[str, Any]) -> str:
 
 def jobs_table(data: dict[str, Any]) -> str:
     return format_table(
-        ("ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED"),
+        ("ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED", "DURATION"),
         [(job["id"], job["spec"]["name"], job["status"], job["spec"]["queue"], job["attempts"],
-          _exit_text(job["exit_code"]), local_time(job["created_at"])) for job in data["jobs"]])
+          _exit_text(job["exit_code"]), ago(job["created_at"]), _job_duration(job))
+         for job in data["jobs"]])
+
+
+def _job_duration(job: Mapping[str, Any]) -> str | None:
+    """Its run time when it ran: finished, or running until now."""
+    running = job["status"] == models.JobStatus.RUNNING.value
+    if job["finished_at"] or running:
+        return duration(job["started_at"], job["finished_at"] if not running else None)
+    return None
 
 
 def cluster_table(data: dict[str, Any]) -> str:
@@ -859,7 +1002,7 @@ def cluster_table(data: dict[str, Any]) -> str:
     parts.append(format_table(
         ("NODE", "LEADER", "STATE", "VERSION", "STARTED", "SEEN"),
         [(node["node_id"], "*" if node["leader"] else "", node["state"], node["version"],
-          local_time(node["started_at"]), local_time(node["seen_at"])) for node in data["nodes"]]))
+          ago(node["started_at"]), ago(node["seen_at"])) for node in data["nodes"]]))
     outages = [f"{node['node_id']}: {outage['store']} unreachable for "
                f"{seconds_text(outage['seconds'])}"
                for node in data["nodes"] for outage in node.get("unreachable", ())]
@@ -873,11 +1016,16 @@ def cluster_table(data: dict[str, Any]) -> str:
     parts.append(format_table(
         ("WORKER", "NODE", "PID", "QUEUES", "RUNNING", "SEEN"),
         [(worker["id"], worker["node_id"], worker["pid"], ",".join(worker["queues"]),
-          f"{worker['running']}/{worker['concurrency']}", local_time(worker["seen_at"]))
+          f"{worker['running']}/{worker['concurrency']}", ago(worker["seen_at"]))
          for worker in data["workers"]]))
     parts.append(format_table(
-        ("QUEUE", "PENDING", "DELAYED", "RUNNING"),
-        [(q["queue"], q["pending"], q["delayed"], q["running"]) for q in data["queues"]]))
+        ("QUEUE", "PENDING", "DELAYED", "RUNNING", "WORKERS"),
+        [(q["queue"], q["pending"], q["delayed"], q["running"],
+          sum(q["queue"] in worker["queues"] for worker in data["workers"]))
+         for q in data["queues"]]))
+    if data["unserved_queues"]:
+        parts.append(f"No live worker serves {', '.join(map(repr, data['unserved_queues']))}: "
+                     "their jobs wait until a worker whose [worker] queues names them runs.")
     counts = "  ".join(f"{name} {count}" for name, count in data["job_counts"].items())
     parts.append(format_fields([("Jobs", counts), ("Dead-lettered", str(data["dead_lettered"]))]))
     return "\n\n".join(parts)
@@ -923,11 +1071,13 @@ def job_exit_code(status: str, exit_code: int | None) -> int:
 
 
 def _final_line(job: dict[str, Any]) -> str:
+    """`ID: FAILED, exit code 7`, `ID: FAILED, killed by SIGTERM (timeout after 5s)`."""
     text = f"{job['id']}: {job['status']}"
     if job["exit_code"] is not None:
-        text += f", exit code {job['exit_code']}"
-    if job["error"]:
-        text += f" ({cell(job['error'])})"
+        text += f", {ending(job['exit_code'])}"
+    error = error_text(job)
+    if error:
+        text += f" ({cell(error)})"
     return text
 
 
@@ -1118,6 +1268,66 @@ def job_spec(*, command: str, name: str = "", env: Mapping[str, str] | None = No
     return spec
 
 
+# --- shell completion ---------------------------------------------------------------------
+# Each <TAB> runs dtsctl (packaging/completion); these ask the cluster, with the global
+# options typed so far and a short deadline (unless --timeout is typed): a completion that
+# cannot ask offers nothing.
+
+COMPLETION_TIMEOUT = 2.0
+COMPLETION_JOBS = 100
+
+
+def _completion_settings(ctx: click.Context) -> Settings:
+    """Settings from the global options on the line so far (no callback has run)."""
+    given: dict[str, Any] = dict(ctx.meta.get(_LATE_KEY, {}))
+    while ctx is not None:
+        given = {**{k: v for k, v in ctx.params.items() if v is not None}, **given}
+        ctx = ctx.parent
+    names = {name for name in Settings.__dataclass_fields__ if not name.startswith("_")}
+    settings = Settings(**{k: v for k, v in given.items() if k in names and k != "output"})
+    settings.timeout = settings.timeout or COMPLETION_TIMEOUT     # --timeout on the line wins
+    return settings
+
+
+def _ask(ctx: click.Context, incomplete: str,
+         values: Callable[[Settings], Iterable[str]]) -> list[str]:
+    settings = _completion_settings(ctx)
+    try:
+        return [value for value in values(settings) if value.startswith(incomplete)]
+    except (click.ClickException, grpc.RpcError, OSError, ValueError):
+        return []
+    finally:
+        settings.close()
+
+
+def _job_ids(*statuses: models.JobStatus, dead: bool = False) -> Callable[..., list[str]]:
+    """Complete the ids of the newest jobs (in these statuses; dead-lettered ones)."""
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        def ids(settings: Settings) -> list[str]:
+            if dead:
+                request = dtsd_pb2.ListDeadLettersRequest(page_size=COMPLETION_JOBS)
+                reply = settings.call(Role.READ, "ListDeadLetters", request)
+            else:
+                request = dtsd_pb2.ListJobsRequest(
+                    statuses=[dtsd_pb2.JobStatus.Value(status.value) for status in statuses],
+                    page_size=COMPLETION_JOBS)
+                reply = settings.call(Role.READ, "ListJobs", request)
+            return [job.id for job in reply.jobs]
+        return _ask(ctx, incomplete, ids)
+    return complete
+
+
+def complete_schedules(ctx: click.Context, param: click.Parameter,
+                       incomplete: str) -> list[str]:
+    return _ask(ctx, incomplete, lambda settings: [schedule.name for schedule in settings.call(
+        Role.READ, "ListSchedules", dtsd_pb2.ListSchedulesRequest()).schedules])
+
+
+def complete_zones(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """IANA zones of this host's tz database (what the server takes may differ little)."""
+    return sorted(zone for zone in zoneinfo.available_timezones() if zone.startswith(incomplete))
+
+
 # --- the command line ---------------------------------------------------------------------
 
 _OUTPUT_KEY = "dtsctl.output"
@@ -1153,6 +1363,9 @@ $SUBMIT_SERVER/$STATUS_SERVERS, $DTSD_SERVERS, $SERVERS, this host's dtsd
 (its local sockets in [dtsd] runtime_dir, /run/dtsd), [client] servers of the
 config file, 127.0.0.1:50051.
 \b
+Global options may stand before or after the verb (`dtsctl list --servers
+H:P`); after `submit` and `cron add`, --timeout is the job's timeout.
+\b
 Credentials, first match wins: --token, --token-file, $DTSD_TOKEN,
 $DTSD_TOKEN_FILE, [client] token_file; on this host's local sockets, who you
 are (the role [server] local_roles gives your user or group)."""
@@ -1163,40 +1376,97 @@ def _version() -> str:
     return getattr(dtsd, "__version__", "unknown")
 
 
-@click.group("dtsctl", epilog=_EPILOG,
+class Verbs(click.Group):
+    """A group of verbs that, for a mistyped verb, names the nearest one."""
+
+    group_class = type          # `dlq` and `cron` are Verbs too
+
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            near = difflib.get_close_matches(args[0] if args else "", self.list_commands(ctx),
+                                             n=1, cutoff=0.6)
+            if near and not args[0].startswith("-"):
+                exc.message = f"{exc.message.rstrip('.')}. Did you mean {near[0]!r}?"
+            raise
+
+
+# The global options, declared once: on `dtsctl` itself (before the verb) and, hidden, on
+# every verb (after it), except where a verb has an option of the same name: `--timeout`
+# of `submit` and `cron add` is the job's timeout.
+_GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--servers",), dict(type=SERVERS, metavar="HOST:PORT[,...]",
+     help="Servers for every call, tried round-robin with fail-over "
+          "(env DTSD_SERVERS, then SERVERS).")),
+    (("--submit-server",), dict(type=SERVERS, metavar="HOST:PORT[,...]",
+     help="Servers for writes: submit, cancel, retry, dlq requeue/purge (env SUBMIT_SERVER).")),
+    (("--status-servers",), dict(type=SERVERS, metavar="HOST:PORT[,...]",
+     help="Servers for reads: status, list, logs, dlq list, waiting (env STATUS_SERVERS).")),
+    (("-c", "--config", "config_path"), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Read [client] (servers, timeout, token_file, TLS) and [dtsd] runtime_dir (this "
+          f"host's dtsd) from FILE (env DTSD_CONFIG; default {config.DEFAULT_PATH} if "
+          "readable and no server is given).")),
+    (("--token",), dict(metavar="TOKEN",
+     help="Sent as 'authorization: Bearer TOKEN' (env DTSD_TOKEN). Every user of this host "
+          "can read a command line: prefer --token-file.")),
+    (("--token-file",), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Read the token from FILE, its first line (env DTSD_TOKEN_FILE; default: [client] "
+          "token_file; keep it 0600).")),
+    (("--tls-ca",), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Use TLS, trusting the servers' certificates signed by this PEM CA (default: "
+          "[client] tls_ca).")),
+    (("--tls-cert",), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Client certificate (PEM) for servers that require mTLS ([client] tls_cert).")),
+    (("--tls-key",), dict(type=click.Path(dir_okay=False), metavar="FILE",
+     help="Private key (PEM) of --tls-cert ([client] tls_key).")),
+    (("--tls-server-name",), dict(metavar="NAME",
+     help="Name to check the servers' certificates against (default: their host).")),
+    (("--timeout",), dict(type=DURATION, metavar="SECONDS",
+     help="Deadline of each call: 10, 2.5, 30s, 1m (default: [client] timeout of the config "
+          "file, else 10).")),
+)
+
+
+def global_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    for decls, settings in reversed(_GLOBAL_OPTIONS):
+        function = click.option(*decls, **settings)(function)
+    return function
+
+
+_LATE_KEY = "dtsctl.late"
+
+
+def _late_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A global option given after the verb: it counts as if given before it. (While
+    completing, no Settings exist: it is kept for _completion_settings.)"""
+    if value is None or param.name is None:
+        return
+    settings = ctx.find_object(Settings)
+    if settings is None:
+        ctx.meta.setdefault(_LATE_KEY, {})[param.name] = value
+    else:
+        settings.set_option(param.name, value)
+
+
+def accept_global_options_after_verbs(group: click.Group) -> None:
+    """Give every verb below `group` the global options it has no option of its own for."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            accept_global_options_after_verbs(command)
+            continue
+        taken = {name for param in command.params for name in getattr(param, "opts", ())}
+        for decls, settings in _GLOBAL_OPTIONS:
+            if not taken.intersection(decls):
+                command.params.append(click.Option(
+                    decls, hidden=True, expose_value=False, callback=_late_global, **settings))
+
+
+@click.group("dtsctl", cls=Verbs, epilog=_EPILOG,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--servers", type=SERVERS, metavar="HOST:PORT[,...]",
-              help="Servers for every call, tried round-robin with fail-over "
-                   "(env DTSD_SERVERS, then SERVERS).")
-@click.option("--submit-server", type=SERVERS, metavar="HOST:PORT[,...]",
-              help="Servers for writes: submit, cancel, retry, dlq requeue/purge "
-                   "(env SUBMIT_SERVER).")
-@click.option("--status-servers", type=SERVERS, metavar="HOST:PORT[,...]",
-              help="Servers for reads: status, list, logs, dlq list, waiting "
-                   "(env STATUS_SERVERS).")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Read [client] (servers, timeout, token_file, TLS) and [dtsd] "
-                   "runtime_dir (this host's dtsd) from FILE (env DTSD_CONFIG; default "
-                   f"{config.DEFAULT_PATH} if readable and no server is given).")
-@click.option("--token", metavar="TOKEN",
-              help="Sent as 'authorization: Bearer TOKEN' (env DTSD_TOKEN). Every user of "
-                   "this host can read a command line: prefer --token-file.")
-@click.option("--token-file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Read the token from FILE, its first line (env DTSD_TOKEN_FILE; default: "
-                   "[client] token_file; keep it 0600).")
-@click.option("--tls-ca", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Use TLS, trusting the servers' certificates signed by this PEM CA "
-                   "(default: [client] tls_ca).")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Client certificate (PEM) for servers that require mTLS ([client] tls_cert).")
-@click.option("--tls-key", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Private key (PEM) of --tls-cert ([client] tls_key).")
-@click.option("--tls-server-name", metavar="NAME",
-              help="Name to check the servers' certificates against (default: their host).")
+@global_options
 @option_output
-@click.option("--timeout", type=DURATION, metavar="SECONDS",
-              help="Deadline of each call: 10, 2.5, 30s, 1m (default: [client] timeout of "
-                   "the config file, else 10).")
 @click.version_option(_version(), "-V", "--version", prog_name="dtsctl")
 @click.pass_context
 def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] | None,
@@ -1208,16 +1478,14 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
     On a host that runs dtsd, dtsctl needs no option: it talks to the local sockets, and
     the master knows from the kernel which user you are.
     """
-    if token and token_file:
-        raise click.UsageError("give --token or --token-file, not both")
-    if token:
-        click.echo("dtsctl: warning: --token shows the token to every user of this host "
-                   "(/proc/PID/cmdline); use --token-file FILE or $DTSD_TOKEN_FILE", err=True)
     ctx.obj = Settings(servers=servers, submit_server=submit_server,
-                       status_servers=status_servers, config_path=config_path, token=token,
-                       token_file=token_file, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                       status_servers=status_servers, config_path=config_path,
+                       tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                        tls_server_name=tls_server_name,
                        output=ctx.meta.get(_OUTPUT_KEY, "table"), timeout=timeout)
+    for name, value in (("token", token), ("token_file", token_file)):
+        if value is not None:
+            ctx.obj.set_option(name, value)
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -1261,7 +1529,8 @@ def cli(ctx: click.Context, servers: list[str] | None, submit_server: list[str] 
                    "--limit/--notify/--notify-on give defaults.")
 @click.option("--concurrent", is_flag=True,
               help="With --file --wait: print each job's block as soon as it ends, "
-                   "instead of in file order.")
+                   "instead of in file order. (On a terminal, a line on stderr counts "
+                   "the jobs that ended.)")
 @click.option("--raw", is_flag=True, help="With --wait or --follow: write " + RAW_HELP)
 @option_output
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] CMD...")
@@ -1278,13 +1547,16 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     word is used as is, so `dtsctl submit -- 'echo hi | wc -c'` runs a pipeline.
     Options must come before CMD: everything from the first word on is the command.
 
-    Prints the job id (JSON: {id, created}). With --wait or --follow the id goes to
-    standard error, the job's output to standard output (at the end, or live), and a
-    final status line to standard error (JSON: {id, created, job: <job object>}).
-    The output is written as its exact bytes to a pipe or a file, and with control
-    characters escaped to a terminal unless --raw is given.
-    With --file: one line `<id>  <name>` per job (JSON: {jobs: [{id, created, name}]});
-    with --wait a block per job and exit 1 if any job did not succeed.
+    Prints the job id (JSON: {id, created, queue_unserved}). With --wait or --follow
+    the id goes to standard error, the job's output to standard output (at the end, or
+    live), and a final status line to standard error (JSON: {id, created,
+    queue_unserved, job: <job object>}). The output is written as its exact bytes to a
+    pipe or a file, and with control characters escaped to a terminal unless --raw is
+    given. A job sent to a queue no live worker serves is accepted, with a warning on
+    standard error: it waits until such a worker runs.
+    With --file: one line `<id>  <name>` per job (JSON: {jobs: [{id, created,
+    queue_unserved, name}]}); with --wait a block per job and exit 1 if any job did not
+    succeed.
     """
     if jobs_file is not None:
         if command:
@@ -1314,9 +1586,12 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
                     run_at=run_at, id=job_id, idempotency_key=idempotency_key,
                     limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on))
     reply = settings.call(Role.WRITE, "SubmitJob", dtsd_pb2.SubmitJobRequest(job=spec))
-    result: dict[str, Any] = {"id": reply.id, "created": reply.created}
+    result: dict[str, Any] = {"id": reply.id, "created": reply.created,
+                              "queue_unserved": reply.queue_unserved}
     if not reply.created and not settings.json:
         warn(f"{reply.id}: already submitted with this idempotency key")
+    if reply.queue_unserved:
+        warn_unserved([spec.queue])
     if not (wait or follow):
         render(settings.output, result, lambda data: data["id"])
         return
@@ -1334,6 +1609,14 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
     click.get_current_context().exit(job_exit_code(job["status"], job["exit_code"]))
 
 
+def warn_unserved(queues: Sequence[str]) -> None:
+    """Say that jobs went to queues no live worker serves: they wait until one does."""
+    for queue in dict.fromkeys(queue or models.DEFAULT_QUEUE for queue in queues):
+        warn(f"dtsctl: warning: no live worker serves queue {queue!r}: its jobs wait until "
+             "a worker whose [worker] queues names it runs (dtsctl status shows the queues "
+             "each worker serves)")
+
+
 def _merge(limits: tuple[dict[str, int], ...]) -> dict[str, int]:
     """Repeated --limit options, the last one winning per name."""
     return {name: value for given in limits for name, value in given.items()}
@@ -1349,8 +1632,11 @@ def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wai
         where = f"jobs file {path}: job {number}"
         specs.append(job_spec(where=where, **fields))
     reply = settings.call(Role.WRITE, "SubmitJobs", dtsd_pb2.SubmitJobsRequest(jobs=specs))
-    results = [{"id": answer.id, "created": answer.created, "name": entry.get("name", "")}
+    results = [{"id": answer.id, "created": answer.created,
+                "queue_unserved": answer.queue_unserved, "name": entry.get("name", "")}
                for answer, entry in zip(reply.jobs, entries)]
+    warn_unserved([spec.queue for spec, answer in zip(specs, reply.jobs)
+                   if answer.queue_unserved])
     table = lambda data: "\n".join(f"{r['id']}  {cell(r['name'])}".rstrip()  # noqa: E731
                                    for r in data["jobs"])
     if not wait:
@@ -1360,25 +1646,63 @@ def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wai
         render(settings.output, {"jobs": results}, table)
     lock = threading.Lock()
     settings.client(Role.READ)   # made before the threads start, so they share it
+    progress = Progress(len(results))
 
     def finish(index: int) -> dict[str, Any]:
         job = job_dict(wait_for_job(settings, results[index]["id"]))
         results[index]["job"] = job
-        if not settings.json:
-            with lock:
+        with lock:
+            progress.clear()
+            if not settings.json:
                 render(settings.output, job, lambda data: _job_block(entries[index], data))
+            progress.advance(job["status"] == models.JobStatus.SUCCEEDED.value)
         return job
 
-    if concurrent:
-        with ThreadPoolExecutor(max_workers=min(32, len(results))) as pool:
-            finished = list(pool.map(finish, range(len(results))))
-    else:
-        finished = [finish(index) for index in range(len(results))]
+    progress.draw()
+    try:
+        if concurrent:
+            with ThreadPoolExecutor(max_workers=min(32, len(results))) as pool:
+                finished = list(pool.map(finish, range(len(results))))
+        else:
+            finished = [finish(index) for index in range(len(results))]
+    finally:
+        progress.clear()
     if settings.json:
         render(settings.output, {"jobs": results}, lambda data: None)
     failed = [job for job in finished if job["status"] != models.JobStatus.SUCCEEDED.value]
     if failed:
         raise CliError(f"{len(failed)} of {len(finished)} jobs did not succeed")
+
+
+class Progress:
+    """How many of the jobs waited for have ended, on one line of standard error that is
+    redrawn in place: only on a terminal, and only for more than one job. Whoever writes
+    a line meanwhile clears it first."""
+
+    def __init__(self, total: int, stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.shown = total > 1 and is_terminal(self.stream)
+        self.total = total
+        self.done = 0
+        self.failed = 0
+
+    def draw(self) -> None:
+        if self.shown:
+            failed = f", {self.failed} did not succeed" if self.failed else ""
+            self.stream.write(f"\r\x1b[Kwaiting: {self.done} of {self.total} jobs "
+                              f"ended{failed}")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def advance(self, succeeded: bool) -> None:
+        self.done += 1
+        self.failed += not succeeded
+        if self.done < self.total:
+            self.draw()
 
 
 def _job_block(entry: Mapping[str, Any], job: dict[str, Any]) -> str:
@@ -1389,9 +1713,9 @@ def _job_block(entry: Mapping[str, Any], job: dict[str, Any]) -> str:
     lines += [f"Command: {cell(job['spec']['command'])}", f"Job ID: {job['id']}",
               f"Status: {job['status']}"]
     if job["exit_code"] is not None:
-        lines.append(f"Exit Code: {job['exit_code']}")
-    if job["error"]:
-        lines.append(f"Error: {cell(job['error'])}")
+        lines.append(f"Exit Code: {exit_field(job['exit_code'])}")
+    if error_text(job):
+        lines.append(f"Error: {cell(error_text(job))}")
     lines.append("Output:")
     if job["output"]:
         lines.append(output_text(base64.b64decode(job["output_base64"])).rstrip("\n"))
@@ -1417,7 +1741,7 @@ def _each(ids: Sequence[str], action: Callable[[str], Any]) -> tuple[list[Any], 
 
 @cli.command()
 @option_output
-@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...", shell_complete=_job_ids())
 @pass_settings
 def status(settings: Settings, job_ids: tuple[str, ...]) -> None:
     """The cluster, or the given jobs.
@@ -1485,7 +1809,8 @@ option_all = click.option("--all", "all_pages", is_flag=True,
 def list_jobs(settings: Settings, statuses: tuple[str, ...], queue: str, name: str,
               since: datetime | None, until: datetime | None, limit: int | None,
               page_token: str, all_pages: bool) -> None:
-    """Jobs, newest first: ID, NAME, STATUS, QUEUE, ATTEMPTS, EXIT, CREATED.
+    """Jobs, newest first: ID, NAME, STATUS, QUEUE, ATTEMPTS, EXIT (its code, or the
+    signal that killed it), CREATED (how long ago), DURATION (how long it ran).
 
     When more pages exist (and no --all) the next page token goes to stderr.
     JSON: {jobs: [<job object>, output empty], next_page_token}.
@@ -1507,7 +1832,7 @@ def list_jobs(settings: Settings, statuses: tuple[str, ...], queue: str, name: s
               help="The output of attempt N instead of the last finished one.")
 @option_raw
 @option_output
-@click.argument("job_id")
+@click.argument("job_id", shell_complete=_job_ids())
 @pass_settings
 def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw: bool) -> None:
     """A job's output (stdout and stderr together).
@@ -1519,7 +1844,8 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw
     Without -f: the stored output of the last finished attempt.
     JSON: {id, attempt, output, output_base64, output_truncated}.
     With -f: output as it is written, each byte once (a retry starts its own output,
-    marked on stderr), until the job is final; exits with the job's result.
+    marked on stderr), until the job is final; then the final status line on stderr
+    (as `submit --follow` writes it); exits with the job's result.
     """
     if raw and settings.json:
         raise click.UsageError("--raw writes the output bytes: not with -o json")
@@ -1528,6 +1854,7 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw
             raise click.UsageError("-f writes the live output: no -o json or --attempt")
         live = OutputWriter(binary_stdout(), exact=exact_output(raw))
         job = job_dict(wait_for_job(settings, job_id, follow=live))
+        warn(_final_line(job))
         click.get_current_context().exit(int(job_exit_code(job["status"], job["exit_code"])))
     job = settings.call(Role.READ, "GetJob",
                         dtsd_pb2.GetJobRequest(id=job_id, include_attempts=bool(attempt)))
@@ -1547,7 +1874,8 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw
 
 @cli.command()
 @option_output
-@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...",
+                shell_complete=_job_ids(models.JobStatus.PENDING, models.JobStatus.RUNNING))
 @pass_settings
 def cancel(settings: Settings, job_ids: tuple[str, ...]) -> None:
     """Cancel jobs: pending ones never run, running ones are killed.
@@ -1570,7 +1898,8 @@ def cancel(settings: Settings, job_ids: tuple[str, ...]) -> None:
 
 @cli.command()
 @option_output
-@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...",
+                shell_complete=_job_ids(models.JobStatus.FAILED, models.JobStatus.CANCELLED))
 @pass_settings
 def retry(settings: Settings, job_ids: tuple[str, ...]) -> None:
     """Run FAILED or CANCELLED jobs again, with a fresh retry budget.
@@ -1584,6 +1913,59 @@ def retry(settings: Settings, job_ids: tuple[str, ...]) -> None:
         f"{job['id']} {job['status']}" for job in data["jobs"]))
     if errors:
         click.get_current_context().exit(Exit.FAILED)
+
+
+@cli.command("web-login")
+@click.option("--url", metavar="URL",
+              help="The web UI's address, e.g. https://host.example:8080 (default: http:// "
+                   "and [web] listen of the config file, else 127.0.0.1:8080).")
+@pass_settings
+def web_login(settings: Settings, url: str | None) -> None:
+    """Print a link that logs a browser into the web UI as you, this host's Unix user.
+
+    Your role is the one [server] local_roles gives your user, as for dtsctl's own calls.
+    The link holds a one-time code, good for two minutes, and asks to confirm before it
+    logs in; the session lasts an hour. Works only on the host dtsd runs on: the web UI
+    takes the request from a loopback address only.
+    """
+    import ssl                       # here: no other verb pays for loading them
+    import urllib.error
+    import urllib.request
+    cfg = read_client_config(settings.config_path, os.environ)
+    runtime_dir = (cfg.get("dtsd", "runtime_dir") if cfg is not None
+                   else config.default("dtsd", "runtime_dir"))
+    if url is None:
+        host, port = (cfg.get("web", "listen") if cfg is not None
+                      else config.default("web", "listen"))
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    url = url.rstrip("/")
+    token = LocalToken(runtime_dir)()
+    context = None
+    if url.startswith("https://"):
+        context = ssl.create_default_context(cafile=settings.tls_ca or None)
+    request = urllib.request.Request(url + "/login/local", method="POST",
+                                     data=json.dumps({"token": token}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=settings.timeout or DEFAULT_TIMEOUT,
+                                    context=context) as reply:
+            answer = json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            said = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            said = exc.reason
+        raise CliError(f"{url} refused the login: {said}",
+                       Exit.UNAUTHORISED if exc.code in (401, 403) else Exit.FAILED) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(f"cannot reach the web UI at {url}: {reason} (is [web] processes 0, or "
+                       "does it listen elsewhere? give --url)", Exit.UNREACHABLE) from None
+    click.echo(f"{url}{answer['path']}")
+    warn(f"dtsctl: open the link within {answer['expires_in']} s to log in as "
+         f"{answer['user']} (role {answer['role']}); it works once")
 
 
 @cli.group()
@@ -1610,7 +1992,8 @@ def dlq_list(settings: Settings, queue: str, limit: int | None, page_token: str,
 @click.option("--all", "all_jobs", is_flag=True, help="Every dead-lettered job (of --queue).")
 @click.option("--queue", default="", help="With --all: only jobs of this queue.")
 @option_output
-@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)")
+@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)",
+                shell_complete=_job_ids(dead=True))
 @pass_settings
 def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, queue: str) -> None:
     """Run dead-lettered jobs again (they leave the dead-letter queue).
@@ -1633,20 +2016,31 @@ def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, qu
 
 
 @dlq.command("purge")
+@click.option("--all", "all_jobs", is_flag=True,
+              help="Every dead-lettered job (of --queue); asks first on a terminal.")
 @click.option("--queue", default="", help="Only jobs of this queue.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before purging everything.")
 @option_output
-@click.argument("job_ids", nargs=-1, metavar="[JOB_ID]...")
+@click.argument("job_ids", nargs=-1, metavar="(JOB_ID... | --all)",
+                shell_complete=_job_ids(dead=True))
 @pass_settings
-def dlq_purge(settings: Settings, job_ids: tuple[str, ...], queue: str, yes: bool) -> None:
+def dlq_purge(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, queue: str,
+              yes: bool) -> None:
     """Remove jobs from the dead-letter queue; their FAILED record stays.
 
-    Without JOB_IDs purges every dead-lettered job (of --queue); that asks first unless
-    --yes is given or stdin is not a terminal. Prints the count. JSON: {purged}.
+    Without JOB_IDs purges every dead-lettered job (of --queue). On a terminal that asks
+    first unless --yes is given; elsewhere (a script) it needs --all or --yes, so that a
+    list of ids that came out empty purges nothing. Prints the count. JSON: {purged}.
     """
-    if not job_ids and not yes and sys.stdin.isatty():
+    if job_ids and all_jobs:
+        raise click.UsageError("give job ids or --all (not both)")
+    if not job_ids and not yes:
         scope = f"of queue {queue!r}" if queue else "of every queue"
-        click.confirm(f"Purge every dead-lettered job {scope}?", abort=True)
+        if is_terminal(sys.stdin):
+            click.confirm(f"Purge every dead-lettered job {scope}?", abort=True)
+        elif not all_jobs:
+            raise click.UsageError(f"no job ids: to purge every dead-lettered job {scope} "
+                                   "give --all (or --yes)")
     reply = settings.call(Role.WRITE, "PurgeDeadLetters", dtsd_pb2.PurgeDeadLettersRequest(
         ids=list(job_ids), queue=queue))
     render(settings.output, {"purged": reply.purged}, lambda data: f"purged {data['purged']}")
@@ -1676,7 +2070,8 @@ def schedules_table(data: dict[str, Any]) -> str:
     return format_table(
         ("NAME", "EXPRESSION", "ZONE", "OVERLAP", "MISFIRE", "STATE", "NEXT", "LAST JOB", "COMMAND"),
         [(s["name"], s["expression"], s["timezone"], s["overlap"], s["misfire"],
-          "paused" if s["paused"] else "active", local_time(s["next_fire_time"]) or "-",
+          "paused" if s["paused"] else "active",
+          exact_time(s["next_fire_time"], schedule_zone(s["timezone"])),
           s["last_job_id"] or "-", s["job"]["command"]) for s in data["schedules"]])
 
 
@@ -1695,7 +2090,8 @@ def cron() -> None:
 
 
 @cron.command("add")
-@click.option("--tz", "zone", default="", metavar="ZONE", help="IANA time zone (default UTC).")
+@click.option("--tz", "zone", default="", metavar="ZONE", shell_complete=complete_zones,
+              help="IANA time zone (default UTC).")
 @click.option("--overlap", type=click.Choice(OVERLAP_NAMES), default="allow", show_default=True,
               help="A slot while the previous run still runs: start anyway, skip it, or "
                    "cancel the running one. forbid holds across the whole cluster.")
@@ -1770,7 +2166,7 @@ def cron_list(settings: Settings) -> None:
 def _schedule_verb(method: str, verb: str, doc: str) -> None:
     @cron.command(verb, help=doc)
     @option_output
-    @click.argument("name")
+    @click.argument("name", shell_complete=complete_schedules)
     @pass_settings
     def command(settings: Settings, name: str) -> None:
         reply = settings.call(Role.WRITE, method, dtsd_pb2.ScheduleRef(name=name))
@@ -1798,10 +2194,10 @@ _schedule_verb("TriggerSchedule", "run", "Fire NAME now, outside its slots; prin
 @cron.command("next")
 @click.option("-n", "count", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="How many slots.")
-@click.option("--tz", "zone", default="", metavar="ZONE",
+@click.option("--tz", "zone", default="", metavar="ZONE", shell_complete=complete_zones,
               help="With an expression instead of NAME: its time zone.")
 @option_output
-@click.argument("name_or_expression")
+@click.argument("name_or_expression", shell_complete=complete_schedules)
 @pass_settings
 def cron_next(settings: Settings, name_or_expression: str, count: int, zone: str) -> None:
     """The next slots of a schedule (or of an expression), in UTC and local time, with
@@ -1815,6 +2211,9 @@ def cron_next(settings: Settings, name_or_expression: str, count: int, zone: str
                       for t in reply.times]}
     render(settings.output, data, lambda d: format_table(
         ("UTC", "LOCAL", "NOTE"), [(t["at"], t["local"], t["note"] or "") for t in d["times"]]))
+
+
+accept_global_options_after_verbs(cli)
 
 
 def main() -> None:

@@ -14,6 +14,9 @@ could not reach (`unreachable_store`), if any: that says more than "no connectio
 from __future__ import annotations
 
 import queue
+import random
+import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -32,14 +35,26 @@ STORE_METADATA = "dtsd-store"
 
 def unreachable_store(error: grpc.RpcError) -> str | None:
     """The backing store ("postgres", "redis") a server said it could not reach when it
-    answered `error`; None when no server said so (no connection, another error)."""
+    answered `error`; None when no server said so (no connection, another error).
+
+    The trailing metadata names it; where that was lost (a stream, a proxy), the server's
+    message does: it begins with the store's name ("Redis is unreachable from this
+    server: ...", "PostgreSQL failed the call: ..."), which no connection error does.
+    """
     if error.code() != grpc.StatusCode.UNAVAILABLE:
         return None
     try:
         metadata = error.trailing_metadata() or ()
     except Exception:  # noqa: BLE001 - an error raised before any call has none
-        return None
-    return next((value for key, value in metadata if key == STORE_METADATA), None)
+        metadata = ()
+    named = next((value for key, value in metadata if key == STORE_METADATA), None)
+    if named:
+        return named
+    from dtsd import backing    # here: it loads prometheus_client, which dtsctl rarely needs
+    details = error.details() or ""
+    return next((store.value for store in backing.BackingStore
+                 if details.startswith((f"{store.label} is unreachable",
+                                        f"{store.label} failed the call"))), None)
 
 
 def _telling(error: grpc.RpcError, best: grpc.RpcError | None) -> grpc.RpcError:
@@ -69,6 +84,73 @@ def parse_servers(text: str) -> list[str]:
     return servers
 
 
+# What gRPC's message says when a TLS handshake failed (both OpenSSL's and BoringSSL's
+# spellings), and when the peer hung up before any HTTP/2 frame: a TLS server that got
+# plaintext, or an mTLS server that got no client certificate.
+_HANDSHAKE_WORDS = ("handshake failed", "socket closed", "wrong_version_number",
+                    "wrong version number", "certificate verify failed",
+                    "certificate_verify_failed", "connection reset")
+
+
+def tls_mismatch(server: str, tls: Tls | None, details: str, wait: float = 2.0) -> str | None:
+    """Why `server` would not talk, when TLS is the reason: plaintext spoken to a TLS port
+    or TLS to a plaintext one, no client certificate for an mTLS server, a certificate
+    the CA does not vouch for. None when that is not it (or cannot be told).
+
+    Reads gRPC's message first; where it says only "Socket closed", asks the server itself
+    with a TLS handshake of its own (no verification, no certificate, nothing sent after
+    it): a server that completes it speaks TLS, and one that then refuses or hangs up
+    wants a client certificate.
+    """
+    words = details.lower()
+    if server.startswith("unix:") or not any(word in words for word in _HANDSHAKE_WORDS):
+        return None
+    if tls is not None and ("wrong_version_number" in words or "wrong version number" in words):
+        return (f"{server} does not speak TLS (it answered in plaintext): drop --tls-ca "
+                "([client] tls_ca), or give that server [server] tls_cert and tls_key")
+    if tls is not None and "certificate" in words and "verify" in words:
+        name = f" or the name {tls.server_name!r}" if tls.server_name else ""
+        return (f"{server}: its certificate is not signed by the CA in {tls.ca}{name} "
+                "(--tls-ca, [client] tls_ca), or names another host (--tls-server-name)")
+    speaks, wants_certificate = _probe_tls(server, wait)
+    if tls is None and speaks:
+        return (f"{server} speaks TLS, and dtsctl spoke plaintext: give --tls-ca FILE "
+                "(or [client] tls_ca) with the CA that signed its certificate"
+                + (", and --tls-cert/--tls-key: it requires a client certificate"
+                   if wants_certificate else ""))
+    if tls is not None and not tls.cert and wants_certificate:
+        return (f"{server} requires a client certificate (mTLS): give --tls-cert FILE and "
+                "--tls-key FILE (or [client] tls_cert and tls_key)")
+    return None
+
+
+def _probe_tls(server: str, wait: float) -> tuple[bool, bool]:
+    """(whether `server` completes a TLS handshake, whether it then refuses us for want
+    of a client certificate)."""
+    host, port = config.host_port(server)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=wait) as raw:
+            with context.wrap_socket(raw) as conn:
+                # With TLS 1.3 a server judges the client's certificate after the handshake:
+                # one that wants it and got none sends an alert or just hangs up, while
+                # any other waits for the HTTP/2 preface (or sends its SETTINGS).
+                try:
+                    return True, conn.recv(1) == b""
+                except ssl.SSLError as exc:
+                    return True, "certificate" in str(exc).lower()
+                except OSError:         # socket.timeout included: it waits for us
+                    return True, False
+    except ssl.SSLError as exc:         # TLS 1.2 refuses it within the handshake
+        text = str(exc).lower()
+        return ("certificate" in text or "handshake failure" in text), "certificate" in text
+    except OSError:
+        return False, False
+
+
 @dataclass(frozen=True)
 class Tls:
     """PEM file paths for a TLS channel: the CA that signed the servers' certificates, and
@@ -92,7 +174,8 @@ class Tls:
 
 
 class Client:
-    """One channel per server (TLS when `tls` is given), created on first use; calls go round-robin.
+    """One channel per server (TLS when `tls` is given), created on first use; calls go
+    round-robin, starting at a random server.
 
     A server is `host:port`, or `unix:PATH` for a server's local socket on this host (always
     plaintext: it never leaves the host). `timeout` is the deadline of each unary call in
@@ -117,7 +200,9 @@ class Client:
         self.last_tried: list[str] = []
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, dtsd_pb2_grpc.SchedulerStub] = {}
-        self._next = 0
+        # Each client starts at a random server, so that many short dtsctl runs spread
+        # over the servers instead of all landing on the first one.
+        self._next = random.randrange(len(self.servers))
         self._lock = threading.Lock()
 
     @property

@@ -24,7 +24,7 @@ import socket
 import stat as stat_module
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from .identity import ROLE_NAMES, parse_local_roles
 
@@ -482,14 +482,15 @@ def _options() -> list[Option]:
         *_process_options("worker"),
 
         o("web", "processes", "1", integer(0, 16),
-          "HTTP children serving /healthz, /readyz, /metrics and the HTTP JSON API "
-          "(/api/v1/, a client of this node's API sockets) on `listen` (SO_REUSEPORT). "
-          "0: none."),
+          "HTTP children serving the web UI (/), /healthz, /readyz, /metrics and the HTTP "
+          "JSON API (/api/v1/); the UI and the API are clients of this node's API sockets. "
+          "On `listen` (SO_REUSEPORT). 0: none."),
         o("web", "listen", "127.0.0.1:8080", host_port,
           "Address of the HTTP listener. Not on a loopback address only with [server] "
           "tokens_file and TLS ([server] tls_cert and tls_key serve both) and without "
           "[server] anonymous_role, as the gRPC port; with a tokens file, /metrics wants a "
-          "bearer token of any role, and /api/v1/ passes the caller's token to the API."),
+          "bearer token of any role, /api/v1/ passes the caller's token to the API, and "
+          "the web UI asks for a token of the tokens file at login."),
         o("web", "stopwaitsecs", "5s", duration,
           "On stop, how long in-flight HTTP requests may take before they are cut."),
         *_process_options("web"),
@@ -507,7 +508,7 @@ def _options() -> list[Option]:
         o("redis", "url", "unix:///run/redis/redis-server.sock?db=0", nonempty,
           "unix://PATH?db=N, redis:// or rediss:// (TLS) URL (env REDIS_ADDR, as host:port). "
           "The default is Debian's redis-server on its unix socket, which only members of "
-          "the group redis may open (jobs cannot; README, Security). An ACL user: "
+          "the group redis may open (jobs cannot; docs/security.md). An ACL user: "
           "redis://USER:PASSWORD@host:port/0 (percent-encoded; keep this file 0640). TLS: "
           "rediss://host:port/0?ssl_ca_certs=FILE, a client certificate with "
           "&ssl_certfile=FILE&ssl_keyfile=FILE."),
@@ -770,6 +771,34 @@ def peek(path: str | None, section: str, key: str) -> Any:
         return option.convert(option.default)
 
 
+def load_keys(path: str, keys: Sequence[tuple[str, str]]) -> Config:
+    """Only `keys` of the file at `path`, each checked; every other section and key is
+    left unread, so an error there does not count (dtsctl needs [client] of a file whose
+    server sections may be wrong). Raises ConfigError naming the file, section and key
+    of a wrong one of `keys`, or when the file cannot be read at all."""
+    chosen = os.path.abspath(path)
+    parser = configparser.ConfigParser(interpolation=None, strict=False,
+                                       inline_comment_prefixes=(";", "#"),
+                                       default_section="\0none")
+    try:
+        with open(chosen, encoding="utf-8") as handle:
+            parser.read_file(handle, source=chosen)
+    except FileNotFoundError:
+        raise ConfigError(f"{chosen}: no such file") from None
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise ConfigError(f"{chosen}: cannot read: {exc}") from None
+    config = Config(path=chosen)
+    for section, key in keys:
+        option = _BY_KEY[(section, key)]
+        text = parser.get(section, key, fallback=None)
+        try:
+            value = option.convert(option.default if text is None else text)
+        except ValueError as exc:
+            raise ConfigError(f"{chosen}: [{section}] {key}: {exc}") from None
+        config.values.setdefault(section, {})[key] = value
+    return config
+
+
 def reference_ini() -> str:
     """The shipped /etc/dtsd/dtsd.ini: every option, commented out, with its default and help."""
     lines = ["; /etc/dtsd/dtsd.ini: configuration of dtsd, the distributed task scheduler.",
@@ -790,7 +819,8 @@ def reference_ini() -> str:
 
 
 def reference_table() -> list[str]:
-    """The rows of README.md's option table (a test keeps the README's equal to these)."""
+    """The rows of docs/configuration.md's option table (a test keeps the page's equal to
+    these)."""
     rows = []
     for opt in OPTIONS:
         default = f"`{opt.default}`" if opt.default else "*(empty)*"

@@ -115,6 +115,7 @@ class Coordinator:
                     next_reconcile = started + reconcile_every
                 if started >= next_prune:
                     self._tick("pruning old jobs", lambda: self.prune(fence))
+                    self._tick("forgetting old activity", self.store.forget_activity)
                     next_prune = started + PRUNE_EVERY
             self.parent.alive()
             if started >= next_status:

@@ -11,8 +11,10 @@
     dtsd token list                     names and roles
 
 Exit codes of `dtsd` itself: 0 after a requested stop, 78 (EX_CONFIG) when the
-configuration is refused (the unit's RestartPreventExitStatus=78: restarting would not
-help), 1 for anything else that stops it (address in use, failed migration).
+configuration is refused or names a PostgreSQL database or role that does not exist (the
+unit's RestartPreventExitStatus=78: restarting would not help; the log says the commands
+that create them), 1 for anything else that stops it (address in use, an unreachable
+database, another failed migration).
 """
 
 from __future__ import annotations
@@ -219,7 +221,11 @@ def _alive(pid: int) -> bool:
 @click.pass_obj
 def migrate(parent_path: str | None, path: str | None) -> None:
     """Apply the PostgreSQL migrations not applied yet (under an advisory lock); each one
-    applied is logged (`applied migration NAME`)."""
+    applied is logged (`applied migration NAME`).
+
+    Exits 78 when the database or the role does not exist (the error names the commands
+    that create them), 1 on any other failure.
+    """
     from .child import setup_logging
     from .store import Store
     cfg = _load(path or parent_path)
@@ -228,9 +234,10 @@ def migrate(parent_path: str | None, path: str | None) -> None:
     try:
         applied = store.migrate()
     except Exception as exc:  # report, don't trace: this runs at every start
+        hint = _missing_database_hint(exc)
         logging.getLogger("dtsd.store").error("migration failed: %s: %s%s", type(exc).__name__,
-                                              str(exc).rstrip(), _missing_database_hint(exc))
-        sys.exit(1)
+                                              str(exc).rstrip(), hint)
+        sys.exit(EXIT_CONFIG if hint else 1)
     if not applied:
         logging.getLogger("dtsd.store").info("the schema is up to date")
 

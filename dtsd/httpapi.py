@@ -26,6 +26,7 @@ preflight and sends no CORS header, so a page of another origin cannot make one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import inspect
@@ -200,8 +201,9 @@ ROUTES = [
     Route("POST", "/jobs/{id}/cancel", "CancelJob", "Cancel a job", body=""),
     Route("POST", "/jobs/{id}/retry", "RetryJob",
           "Run a FAILED or CANCELLED job again with a fresh retry budget", body=""),
-    Route("GET", "/jobs/{id}/watch", "WatchJob", "Server-sent events: the job's state, "
-          "then output chunks and state changes until it is final", stream=True),
+    Route("GET", "/jobs/{id}/watch", "WatchJob", "Server-sent events: the job's state "
+          "(its output first when it is final already), then output chunks and state "
+          "changes, ending with the final state", stream=True),
     Route("GET", "/dead-letters", "ListDeadLetters", "List dead-lettered jobs",
           aliases={"limit": "page_size"}),
     Route("POST", "/dead-letters/requeue", "RequeueDeadLetters",
@@ -209,6 +211,8 @@ ROUTES = [
     Route("POST", "/dead-letters/purge", "PurgeDeadLetters",
           "Remove jobs from the dead-letter queue (no ids: all, of queue if set)", body=""),
     Route("GET", "/cluster", "ClusterStatus", "Nodes, leader, workers, queue depths, counts"),
+    Route("GET", "/activity", "JobActivity",
+          "Jobs that ended per minute (succeeded, failed, cancelled), oldest first"),
     Route("GET", "/schedules", "ListSchedules", "List cron schedules"),
     Route("POST", "/schedules", "CreateSchedule", "Create a cron schedule", body="schedule"),
     Route("GET", "/schedules/{name}", "ListSchedules",
@@ -439,46 +443,66 @@ class HttpApi:
         _, message = await self._request(request, route)
         call, first = await self.channels.stream(route.rpc, message, metadata)
         response = web.StreamResponse(headers={**HEADERS, "Content-Type": "text/event-stream"})
-        events: asyncio.Queue = asyncio.Queue()
-
-        async def read() -> None:
-            try:
-                while True:
-                    event = await call.read()     # not `async for`: read() took the first
-                    if event is grpc.aio.EOF:
-                        break
-                    events.put_nowait(("message", event))
-            except grpc.RpcError as exc:
-                events.put_nowait(("error", exc))
-            finally:
-                events.put_nowait(("end", None))
-
-        reader = asyncio.ensure_future(read())
         try:
             await response.prepare(request)
-            kind, item = ("end", None) if first is grpc.aio.EOF else ("message", first)
-            while kind != "end":
-                if kind == "message":
-                    await response.write(f"data: {json.dumps(to_dict(item))}\n\n".encode())
-                elif kind == "error" and item.code() != grpc.StatusCode.CANCELLED:
-                    refusal = Refusal.from_rpc(item)
-                    error = {"error": {"code": refusal.code, "message": refusal.message}}
-                    await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
-                try:
-                    kind, item = await asyncio.wait_for(events.get(), KEEPALIVE)
-                except asyncio.TimeoutError:
-                    await response.write(b": keepalive\n\n")   # notices a gone client
-                    kind = "wait"
+            async with contextlib.aclosing(relay(call, first)) as events:
+                async for kind, item in events:
+                    if kind == "message":
+                        await response.write(f"data: {json.dumps(to_dict(item))}\n\n".encode())
+                    elif kind == "error":
+                        refusal = Refusal.from_rpc(item)
+                        error = {"error": {"code": refusal.code, "message": refusal.message}}
+                        await response.write(f"event: error\ndata: {json.dumps(error)}\n\n"
+                                             .encode())
+                    else:
+                        await response.write(b": keepalive\n\n")   # notices a gone client
             await response.write_eof()
         except ConnectionResetError:
             pass                                    # the client went away: stop watching
-        finally:
-            call.cancel()
-            reader.cancel()
         return response
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi(), headers=HEADERS)
+
+
+async def relay(call, first, keepalive: float = KEEPALIVE):
+    """A server stream's messages as ("message", msg), ("keepalive", None) after each
+    `keepalive` quiet seconds, and ("error", grpc.RpcError) if it fails (not when it was
+    cancelled); then it ends, and the call is cancelled when the caller stops iterating.
+    `first` is the message `Channels.stream` read. A task of its own reads the call:
+    cancelling a grpc.aio read() on a timeout would cancel the whole call."""
+    if first is grpc.aio.EOF:
+        return
+    items: asyncio.Queue = asyncio.Queue()
+
+    async def read() -> None:
+        try:
+            while True:
+                item = await call.read()           # not `async for`: read() took the first
+                if item is grpc.aio.EOF:
+                    break
+                items.put_nowait(("message", item))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                items.put_nowait(("error", exc))
+        finally:
+            items.put_nowait(("end", None))
+
+    reader = asyncio.ensure_future(read())
+    try:
+        yield "message", first
+        while True:
+            try:
+                kind, item = await asyncio.wait_for(items.get(), keepalive)
+            except asyncio.TimeoutError:
+                yield "keepalive", None
+                continue
+            if kind == "end":
+                return
+            yield kind, item
+    finally:
+        call.cancel()
+        reader.cancel()
 
 
 @web.middleware

@@ -17,7 +17,9 @@ start, removed at stop). The API servers read the key at boot and accept a local
 only from a unix-socket peer: never over TCP, loopback included, so a token that leaks
 off the host is worthless. The role is the one the broker decided when it signed, so a
 change of `local_roles` or of a user's groups applies to tokens issued after it (within
-`LOCAL_TOKEN_TTL` for everyone).
+`LOCAL_TOKEN_TTL` for everyone). The web child reads the key too: it checks the local
+token `dtsctl web-login` posts from loopback, and signs local tokens for the user of such
+a session, for at most its hour (dtsd/webui.py).
 
 This module is standard library only, and light: the master imports it. Python's `hmac`
 and `hashlib` load OpenSSL (+4 MB of master RSS), so the HMAC here is the RFC 2104

@@ -1,7 +1,7 @@
 """The job's box as the worker sees it: who a job runs as, with what limits, and the handle
 on the launcher process that starts it (dtsd/launcher.py holds the privileged side).
 
-Who holds what (see README, Security):
+Who holds what (see docs/security.md):
 - the master: whatever it was started with. Under the packaged unit that is user dtsd with
   CAP_SETUID, CAP_SETGID and CAP_SETPCAP, nothing else.
 - server and coordinator children: started through `setpriv` with every set emptied

@@ -25,7 +25,9 @@ Signal handlers only record the signal and wake the loop (a self-pipe through
 
     TERM, INT   graceful stop (a second one escalates to a fast stop)
     QUIT        fast stop: running jobs are handed back at once
-    HUP         reload: the start checks first (a refused file changes nothing), then scale and restart changed roles one at a time
+    HUP         reload: the start checks first (a refused file changes nothing), then scale
+                and restart changed roles one at a time (changed settings, or the API's TLS
+                files renewed in place: servers and web)
     TTIN, TTOU  one worker child more, one less
     USR1        reopen log files (the master's and the children's)
 
@@ -61,7 +63,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import __version__, backing, checks, child, identity, metrics
+from . import __version__, backing, checks, child, identity, metrics, tls
 from . import config as configmod
 from .config import Config
 from .jobbox import job_uids_in_use, privilege_argv
@@ -77,6 +79,9 @@ ROLE_SECTIONS = {"server": ("dtsd", "server", "worker.limits", "worker.limits_ma
                  "worker": ("dtsd", "worker", "postgres", "redis"),
                  "coordinator": ("dtsd", "worker", "postgres", "redis", "etcd", "notify"),
                  "web": ("dtsd", "web", "server", "postgres", "redis", "etcd")}
+# Files read at boot whose contents a reload compares too, not only their names: the API's
+# certificate, key and client CA (dtsd/tls.py), replaced in place when renewed.
+ROLE_FILES = {role: tls.digests for role in tls.ROLES}
 # How the coordinator is supervised (it has no section of its own).
 COORDINATOR = {"startsecs": 0.0, "startretries": 5, "stopsignal": signal.SIGTERM,
                "stopwaitsecs": child.COORDINATOR_STOPWAIT, "autorestart": "true"}
@@ -210,6 +215,7 @@ class Master:
         self.cfg = cfg
         self.preflight = preflight or checks.Report()
         self.counts = self.wanted(cfg)
+        self.file_digests = self.digests(cfg)
         self.children: list[Child] = []
         self.signals: list[int] = []
         self.stopping = False
@@ -257,9 +263,13 @@ class Master:
         self.notifier.status("starting")
         for warning in self.preflight.warnings:
             log.warning("%s", warning)
-        if not self.address_is_free() or not self.open_broker() or not self.migrate():
+        if not self.address_is_free() or not self.open_broker():
             self.broker.close()
             return 1
+        migrated = self.migrate()
+        if migrated:
+            self.broker.close()
+            return migrated
         self.sweep_job_slots()       # what a master that died before us may have left
         if not self.job_slots_usable():
             self.broker.close()
@@ -381,8 +391,12 @@ class Master:
         old, self.cfg = self.cfg, new
         self.insecure = bool(configmod.server_exposure(new)[1])
         self.counts = self.wanted(new)
+        digests, self.file_digests = self.file_digests, self.digests(new)
+        files = {role: tls.changed(digests.get(role, {}), self.file_digests.get(role, {}))
+                 for role in self.file_digests}
         changed = [role for role, sections in ROLE_SECTIONS.items()
-                   if any(_part(old, s) != _part(new, s) for s in sections)]
+                   if any(_part(old, s) != _part(new, s) for s in sections) or files.get(role)]
+        renewed = sorted({name for names in files.values() for name in names})
         for item in self.children:
             if item.role in changed and not item.retiring:
                 item.outdated = True
@@ -390,9 +404,10 @@ class Master:
         self.applied_seq = self.reload_seq
         self.write_verdict(ReloadState.RELOADING, "applying: " + (
             f"restarting {', '.join(changed)}" if changed else "scaling only"))
-        log.info("reloading %s: processes %s; restarting %s", new.path,
+        log.info("reloading %s: processes %s; restarting %s%s", new.path,
                  ", ".join(f"{r}={n}" for r, n in self.counts.items()),
-                 ", ".join(changed) or "nothing")
+                 ", ".join(changed) or "nothing",
+                 f" ({', '.join(renewed)} changed on disk)" if renewed else "")
 
     def abandon_reload(self) -> None:
         if self.reloading and self.verdict is ReloadState.RELOADING:
@@ -424,6 +439,11 @@ class Master:
                 "server": cfg.get("server", "processes"),
                 "worker": cfg.get("worker", "processes"),
                 "web": cfg.get("web", "processes")}
+
+    @staticmethod
+    def digests(cfg: Config) -> dict[str, dict[str, str]]:
+        """What each role's boot-time files hold now (ROLE_FILES), for the next reload."""
+        return {role: read(cfg) for role, read in ROLE_FILES.items()}
 
     def setting(self, role: str, key: str):
         return COORDINATOR[key] if role == "coordinator" else self.cfg.get(role, key)
@@ -476,6 +496,9 @@ class Master:
             self.reloading = False
             log.info("reload complete")
             self.write_node_record(force=True)   # whoever acts on READY reads this
+            # STATUS= without "reloading; " before READY=1 and the verdict: `systemctl
+            # reload` returns on the verdict, and what it shows then must be the outcome.
+            self.notifier.status(self.status_line())
             self.notifier.send("READY=1")
             self.write_verdict(ReloadState.DONE, "reload complete")
             return
@@ -879,14 +902,22 @@ class Master:
             return 0
         return len(result.stdout.split())
 
-    def migrate(self) -> bool:
-        """Bring the schema up to date in a child process (the master opens no connection)."""
+    def migrate(self) -> int:
+        """Bring the schema up to date in a child process (the master opens no connection).
+
+        0 when done, else the master's exit code: EXIT_CONFIG when `dtsd migrate` found no
+        such database or role (a restart would not create them; its error line names the
+        commands that do), 1 otherwise (the database may be back on the next try)."""
         result = subprocess.run([sys.executable, "-m", "dtsd", "migrate", *self.config_args()],
                                 stdin=subprocess.DEVNULL)
-        if result.returncode != 0:
-            log.error("schema migration failed (exit code %d); not starting", result.returncode)
-            return False
-        return True
+        if result.returncode == 0:
+            return 0
+        if result.returncode == child.EXIT_CONFIG:
+            log.error("schema migration failed: the database or its role does not exist (the "
+                      "line above says how to create them); not starting")
+            return child.EXIT_CONFIG
+        log.error("schema migration failed (exit code %d); not starting", result.returncode)
+        return 1
 
 
 def _part(cfg: Config, part: str):

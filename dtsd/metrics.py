@@ -152,7 +152,7 @@ STORE_ERRORS = _counter("dtsd_store_errors",
                         "Failed calls to a backing store, by store: postgres, redis, etcd.",
                         ("store",))
 
-# The families served, name -> type (the README's Monitoring section lists them; the
+# The families served, name -> type (docs/monitoring.md lists them; the
 # examples' tests check their rules and dashboard against this).
 FAMILIES: dict[str, str] = {
     "dtsd_jobs_submitted_total": "counter",

@@ -238,8 +238,8 @@ def validate_spec(*, id: str = "", command: str, name: str = "", env: dict[str, 
 
 def check_notify(names: Sequence[str], targets: Collection[str] | None,
                  field_name: str = "notify") -> tuple[str, ...]:
-    """Target names a job asks to be notified at: known ones only, never URLs (README,
-    "Failure notifications": a submitter choosing a URL could make dtsd POST anywhere)."""
+    """Target names a job asks to be notified at: known ones only, never URLs
+    (docs/notifications.md: a submitter choosing a URL could make dtsd POST anywhere)."""
     names = tuple(dict.fromkeys(names))
     if len(names) > MAX_NOTIFY:
         raise InvalidField(field_name, f"names {len(names)} targets; at most {MAX_NOTIFY}")
@@ -304,7 +304,7 @@ def retry_delay(failures: int, base: float, cap: float, rand: float) -> float:
 
 # --- the job lines of the log -------------------------------------------------------------
 
-#: The logger of the lines about single jobs (README, "Processes", Logs): a job that failed
+#: The logger of the lines about single jobs (docs/processes.md, Logs): a job that failed
 #: for good or was lost with its worker, and with `[dtsd] log_jobs` every attempt's start
 #: and end. Its lines name user text (the job's name, its error): the log formatter escapes
 #: every control character of a message, arguments included (child.LogFormatter).

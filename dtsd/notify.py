@@ -41,7 +41,8 @@ log = logging.getLogger("dtsd.notify")
 IN_FLIGHT = 4            # POSTs at once: a few slow receivers cannot hold up the others
 ANSWER_BYTES = 4096      # of a receiver's answer, read and dropped
 CONTENT_TYPE = "application/json"
-# Headers of each POST. The signature is over `<X-Dtsd-Timestamp>.<body>` (README).
+# Headers of each POST. The signature is over `<X-Dtsd-Timestamp>.<body>`
+# (docs/notifications.md).
 EVENT_HEADER = "X-Dtsd-Event"
 DELIVERY_HEADER = "X-Dtsd-Delivery"
 TIMESTAMP_HEADER = "X-Dtsd-Timestamp"

@@ -222,6 +222,7 @@ def epoch(value: datetime | None) -> int:
 # --- queue depths -------------------------------------------------------------------------
 
 DEPTH_FRESH = 0.1   # seconds a depth read from Redis may admit further submits
+SERVED_FRESH = 2.0  # seconds the queues the live workers serve are taken as still served
 
 
 class DepthCache:
@@ -253,6 +254,36 @@ class DepthCache:
             self.seen[key] = (time.monotonic(), value + adding if value + adding <= limit
                               else value)
         return value
+
+
+class ServedQueues:
+    """The queues some live worker serves, by the workers' heartbeats in Redis, read at
+    most every `fresh` seconds, so that a submit pays no round trip for it. None when
+    Redis cannot tell: then no queue is said to be unserved."""
+
+    def __init__(self, queue: Queue, fresh: float = SERVED_FRESH):
+        self.queue = queue
+        self.fresh = fresh
+        self.lock = threading.Lock()
+        self.read_at: float | None = None
+        self.served: frozenset[str] | None = None
+
+    def unserved(self, name: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            stale = self.read_at is None or now - self.read_at >= self.fresh
+            if stale:
+                self.read_at = now      # one reader per period; the others use the last set
+        if stale:
+            try:
+                beats = self.queue.workers().values()
+                served = frozenset(q for beat in beats if beat for q in beat.get("queues", ()))
+            except redis.RedisError:
+                served = None
+            with self.lock:
+                self.served = served
+        served = self.served
+        return served is not None and name not in served
 
 
 # --- error mapping ------------------------------------------------------------------------
@@ -439,6 +470,7 @@ class Api:
         self.max_pending_total = cfg.get("server", "max_pending_total")
         self.submits = Combiner(self._store_round, max_weight=cfg.get("server", "max_batch"))
         self.depths = DepthCache()
+        self.served = ServedQueues(queue)
 
     def submit(self, jobs: list[NewJob]) -> list[bool]:
         """Store `jobs` (all or none) and push them to Redis; per job, whether it is new.
@@ -639,6 +671,10 @@ class ScheduleService:
         return response
 
 
+ACTIVITY_MINUTES = 60          # JobActivity's default span
+ACTIVITY_MAX = 120             # and its longest: what the store keeps (ACTIVITY_KEPT)
+
+
 def _owner_filter() -> str | None:
     """Whose jobs the caller may cancel and retry: its own (its principal), or any (admin)."""
     who = auth.caller()
@@ -662,7 +698,8 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                           targets=self.api.targets)
         created = self.api.submit([job])[0]
         auth.audit("submit", f"1 job: {job.id}{'' if created else ' (existed)'}")
-        return pb.SubmitJobResponse(id=job.id, created=created)
+        return pb.SubmitJobResponse(id=job.id, created=created,
+                                    queue_unserved=self.api.served.unserved(job.queue))
 
     @rpc
     def SubmitJobs(self, request, context):
@@ -677,8 +714,10 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                 for i, spec in enumerate(request.jobs)]
         created = self.api.submit(jobs)
         auth.audit("submit", f"{len(jobs)} jobs ({sum(created)} new): {_ids(jobs)}")
-        return pb.SubmitJobsResponse(jobs=[pb.SubmitJobResponse(id=job.id, created=new)
-                                           for job, new in zip(jobs, created)])
+        return pb.SubmitJobsResponse(jobs=[
+            pb.SubmitJobResponse(id=job.id, created=new,
+                                 queue_unserved=self.api.served.unserved(job.queue))
+            for job, new in zip(jobs, created)])
 
     @rpc
     def GetJob(self, request, context):
@@ -693,10 +732,11 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                           name=request.name, created_after=request.created_after
                           if request.HasField("created_after") else None,
                           created_before=request.created_before
-                          if request.HasField("created_before") else None)
+                          if request.HasField("created_before") else None,
+                          schedule=request.schedule)
 
     def _list(self, request, *, dead_lettered: bool, statuses=(), name: str = "",
-              created_after=None, created_before=None):
+              created_after=None, created_before=None, schedule: str = ""):
         size = request.page_size or 100
         if not 0 < size <= MAX_PAGE:
             raise InvalidField("page_size", f"must be 1 to {MAX_PAGE}, not {request.page_size}")
@@ -712,10 +752,13 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
                 raise InvalidField("page_token", "malformed; pass next_page_token back unchanged")
         after = to_datetime(created_after, "created_after") if created_after else None
         before = to_datetime(created_before, "created_before") if created_before else None
+        schedule_id = None
+        if schedule:
+            schedule_id = self.api.store.get_schedule(check_schedule_name(schedule))["id"]
         rows, token = self.api.store.list_jobs(
             statuses=statuses, queue=request.queue, name=name, created_after=after,
-            created_before=before, dead_lettered=dead_lettered, limit=size,
-            page_token=request.page_token)
+            created_before=before, dead_lettered=dead_lettered, schedule_id=schedule_id,
+            limit=size, page_token=request.page_token)
         viewer = auth.caller()
         response = pb.ListJobsResponse(next_page_token=token)
         for row in rows:
@@ -818,6 +861,19 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             return {}
 
     @rpc
+    def JobActivity(self, request, context):
+        minutes = request.minutes or ACTIVITY_MINUTES
+        if not 0 < minutes <= ACTIVITY_MAX:
+            raise InvalidField("minutes", f"must be 1 to {ACTIVITY_MAX}, not {request.minutes}")
+        response = pb.JobActivityResponse()
+        for minute, counts in self.api.store.activity(minutes):
+            item = response.minutes.add(succeeded=counts.get("SUCCEEDED", 0),
+                                        failed=counts.get("FAILED", 0),
+                                        cancelled=counts.get("CANCELLED", 0))
+            timestamp(_from_epoch(minute), item.minute)
+        return response
+
+    @rpc
     def ClusterStatus(self, request, context):
         by_status, dead, queues = self.api.store.counts()
         response = pb.ClusterStatusResponse(
@@ -826,8 +882,22 @@ class SchedulerService(ScheduleService, pb_grpc.SchedulerServicer):
             dead_lettered=dead, server_node=self.api.cfg.node_id)
         for status in JobStatus:
             response.job_counts[status.value] = by_status.get(status.value, 0)
+        try:
+            by_priority, _ = self.api.queue.depths()
+        except redis.RedisError as exc:
+            store_unavailable(exc)
+            by_priority = {}
+        depths = {}
         for name, ready, delayed, running in queues:
-            response.queues.add(queue=name, pending=ready, delayed=delayed, running=running)
+            depths[name] = response.queues.add(queue=name, pending=ready, delayed=delayed,
+                                               running=running)
+        for (name, priority), count in sorted(by_priority.items()):
+            if name not in depths:      # ids in Redis whose jobs are no longer PENDING
+                depths[name] = response.queues.add(queue=name)
+            depths[name].ready_by_priority[priority] = count
+        fence = self.api.store.fence_token(self.api.cfg.get("dtsd", "cluster"))
+        if fence is not None:
+            response.fencing_token = fence[0]
         for record in self._node_records():
             node = response.nodes.add(node_id=record.get("node_id", ""),
                                       version=record.get("version", ""),

@@ -138,6 +138,7 @@ OUTPUT_TAIL = 4096      # bytes of a job's output a webhook carries: its last on
 
 # job_counts' key for the dead-lettered count (the others are statuses): 0006_scale.sql.
 DEAD_LETTERED_KEY = "dead_lettered"
+ACTIVITY_KEPT = 2 * 3600       # seconds of per-minute activity kept (JobActivity)
 
 # The leader's prune: finished jobs older than the retention (bench/scale.py explains it).
 PRUNE_SELECT = """SELECT id FROM jobs WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
@@ -308,7 +309,7 @@ def _job_records(jobs: Sequence[NewJob]) -> str:
         "notify": list(j.notify), "notify_on": list(j.notify_on)} for j in jobs])
 
 
-# The notifications a final state asks for (README, "Failure notifications"): one outbox
+# The notifications a final state asks for (docs/notifications.md): one outbox
 # row per target of a job that ended FAILED and dead-lettered, or SUCCEEDED, when it asks
 # for that event. Read from a data-modifying CTE's RETURNING (`ended`), in the transaction
 # that records the state; a job without targets costs a look at an empty array.
@@ -552,7 +553,10 @@ class Store:
         """Record a batch of finished attempts; returns the ids whose job row changed.
 
         The attempt row is always closed. The job row changes only if it is still RUNNING
-        that very attempt; a job cancelled meanwhile keeps its CANCELLED.
+        that very attempt; a job cancelled meanwhile keeps its CANCELLED (and its error) but
+        takes the output of the attempt the cancel ended, as a job killed by its timeout
+        keeps what it wrote (such a job is not among the ids returned: its row's state
+        did not change here).
 
         A job that ends FAILED and dead-lettered, or SUCCEEDED, and asks for that event
         (jobs.notify_on) gets a row in `notifications` per target, in the same statement;
@@ -582,6 +586,10 @@ class Store:
                               output = u.output, output_truncated = u.truncated, error = u.error
                        FROM u WHERE a.job_id = u.job_id AND a.attempt = u.attempt
                          AND a.finished_at IS NULL),
+                   kept AS (
+                       UPDATE jobs j SET output = u.output, output_truncated = u.truncated
+                       FROM u WHERE j.id = u.job_id AND j.attempts = u.attempt
+                         AND j.status = 'CANCELLED'),
                    ended AS (
                        UPDATE jobs j SET status = u.status, exit_code = u.exit_code,
                               output = u.output, output_truncated = u.truncated, error = u.error,
@@ -690,15 +698,16 @@ class Store:
 
     def list_jobs(self, *, statuses: Sequence[JobStatus] = (), queue: str = "", name: str = "",
                   created_after: datetime | None = None, created_before: datetime | None = None,
-                  dead_lettered: bool = False, limit: int = 100,
-                  page_token: str = "") -> tuple[list[dict[str, Any]], str]:
+                  dead_lettered: bool = False, schedule_id: int | None = None,
+                  limit: int = 100, page_token: str = "") -> tuple[list[dict[str, Any]], str]:
         """Newest first, keyset-paged. Returns (rows, next page token or '').
 
         Each status is its own branch with `status = %s`, each read newest first from its
         index and cut at the page, then merged: PostgreSQL 15 cannot keep an index's order
         under `status = ANY(...)`, and sorted every job of those statuses for one page. No
         status filter means every status (jobs has no index without the status, as each
-        costs every status change an entry: migration 0007), except for dead letters.
+        costs every status change an entry: migration 0007), except for dead letters and
+        a schedule's runs, which have their own partial indexes (0007, 0009).
         """
         clauses, params = [], []
         if queue:
@@ -715,14 +724,17 @@ class Store:
             params.append(created_before)
         if dead_lettered:
             clauses.append("dead_lettered_at IS NOT NULL")
+        if schedule_id is not None:
+            clauses.append("schedule_id = %s")
+            params.append(schedule_id)
         if page_token:
             created, last_id = decode_page_token(page_token)
             clauses.append("(created_at, id) < (%s, %s)")
             params.extend([created, last_id])
         order = "ORDER BY created_at DESC, id DESC LIMIT %s"
         values = sorted({s.value for s in statuses})
-        if dead_lettered and not values:
-            # Dead letters: newest first from their own partial index (migration 0007).
+        if (dead_lettered or schedule_id is not None) and not values:
+            # Dead letters, a schedule's runs: newest first from their own partial index.
             sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(clauses)} {order}"
             args = list(params)
         else:
@@ -1099,14 +1111,40 @@ class Store:
                    SELECT key, n FROM sums ORDER BY key
                    ON CONFLICT (key) DO UPDATE SET n = c.n + EXCLUDED.n""").rowcount
 
+    def forget_activity(self, keep: float = ACTIVITY_KEPT) -> int:
+        """Drop the per-minute activity keys (0009_job_activity.sql) older than `keep`
+        seconds from job_counts; the leader calls this after folding."""
+        with self.connection() as conn:
+            return conn.execute(
+                """DELETE FROM job_counts
+                   WHERE key LIKE 'm:%%' AND split_part(key, ':', 2)::bigint < %s""",
+                (int(time.time() - keep),)).rowcount
+
     @staticmethod
     def _status_counts(conn: psycopg.Connection) -> tuple[dict[str, int], int]:
         by_status = dict(conn.execute(
             """SELECT key, sum(n)::bigint FROM (
-                   SELECT key, n FROM job_counts
-                   UNION ALL SELECT key, n FROM job_count_deltas) c
+                   SELECT key, n FROM job_counts WHERE key NOT LIKE 'm:%'
+                   UNION ALL SELECT key, n FROM job_count_deltas WHERE key NOT LIKE 'm:%') c
                GROUP BY key"""))
         return by_status, by_status.pop(DEAD_LETTERED_KEY, 0)
+
+    def activity(self, minutes: int) -> list[tuple[int, dict[str, int]]]:
+        """[(minute as epoch seconds, {final status: jobs that ended in it})] for the last
+        `minutes` minutes including the current one, oldest first, every minute present."""
+        now = int(time.time()) // 60 * 60
+        first = now - (minutes - 1) * 60
+        with self.connection() as conn:
+            rows = conn.execute(
+                """SELECT split_part(key, ':', 2)::bigint, split_part(key, ':', 3), sum(n)::bigint
+                   FROM (SELECT key, n FROM job_counts WHERE key LIKE 'm:%%'
+                         UNION ALL SELECT key, n FROM job_count_deltas WHERE key LIKE 'm:%%') c
+                   WHERE split_part(key, ':', 2)::bigint >= %s
+                   GROUP BY 1, 2""", (first,)).fetchall()
+        found: dict[int, dict[str, int]] = {}
+        for minute, status, n in rows:
+            found.setdefault(minute, {})[status] = max(n, 0)
+        return [(minute, found.get(minute, {})) for minute in range(first, now + 60, 60)]
 
     def status_counts(self, timeout: float | None = None) -> tuple[dict[str, int], int]:
         """(jobs by status, dead-lettered count): a few rows, whatever the table holds."""

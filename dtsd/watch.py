@@ -349,7 +349,9 @@ class WatchHub:
 
 
 class Watch:
-    """One WatchJob stream: the current state, then output and state changes until final."""
+    """One WatchJob stream. A job not final yet: its current state first, then output and
+    state changes as they come. A job final already: its output, then its final state. The
+    final state is the last event in both cases, so a client may stop at it."""
 
     def __init__(self, hub: WatchHub, store: Store, queue: Queue, job_id: str, context):
         self.hub = hub

@@ -6,8 +6,9 @@
     GET /metrics   the node's Prometheus metrics (dtsd/metrics.py), in the text format
     /api/v1/...    the HTTP JSON API (dtsd/httpapi.py): a client of this node's gRPC API
                    on its local sockets, with the caller's bearer token
+    /, /jobs, ...  the web UI (dtsd/webui.py): pages over the same API, with sessions
 
-It follows the gRPC port's rules (README, Security): on a loopback address by default;
+It follows the gRPC port's rules (docs/security.md): on a loopback address by default;
 anywhere else only with `[server] tokens_file` and TLS (`[server] tls_cert`/`tls_key`,
 the same certificate), unless `[server] insecure = true`. With a tokens file, /metrics
 wants `Authorization: Bearer <token>` of any role; /healthz and /readyz answer anyone and
@@ -34,7 +35,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import __version__, auth, child, httpapi, metrics
+from . import __version__, auth, child, httpapi, metrics, webui
+from . import tls as tlsmod
 from .config import Config
 from .queue import Queue, connect
 from .store import Store
@@ -205,6 +207,8 @@ class Web:
         self.tokens = auth.TokenFile(tokens_file) if tokens_file else None
         self.pool = concurrent.futures.ThreadPoolExecutor(SCRAPES, thread_name_prefix="scrape")
         self.api = httpapi.HttpApi(cfg)
+        self.ui = webui.WebUI(cfg, self.api.channels,
+                              tls=bool(cfg.get("server", "tls_cert") and cfg.get("server", "tls_key")))
         self.stopping = asyncio.Event()
 
     # --- handlers -------------------------------------------------------------------------
@@ -246,21 +250,10 @@ class Web:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         self.api.add_routes(app)
+        self.ui.add_routes(app)
         return app
 
     # --- running --------------------------------------------------------------------------
-
-    def _tls(self) -> ssl.SSLContext | None:
-        cert, key = self.cfg.get("server", "tls_cert"), self.cfg.get("server", "tls_key")
-        if not (cert and key):
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
-        client_ca = self.cfg.get("server", "tls_client_ca")
-        if client_ca:
-            context.load_verify_locations(client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -271,7 +264,7 @@ class Web:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            tls = self._tls()
+            tls = tlsmod.server_context(self.cfg)
             site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_port=True)
             await site.start()
         except (OSError, ssl.SSLError) as exc:

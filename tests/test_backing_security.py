@@ -300,7 +300,7 @@ def test_election_logs_in_again_when_etcd_forgets_its_token(pki, secure_etcd, tm
 
 
 def test_redis_acl_user_over_tls(pki, secure_redis):
-    """The URL forms the README documents, on this redis-py: user, password, CA, client
+    """The URL forms docs/security.md documents, on this redis-py: user, password, CA, client
     certificate; each missing or wrong piece is refused by the server."""
     client = queuemod.connect(redis_url(secure_redis, pki))
     assert client.ping() and client.acl_whoami() == "dtsd"

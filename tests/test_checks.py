@@ -42,8 +42,11 @@ def throwaway_user():
 def test_check_config_reads_the_files_as_the_daemons_user(tmp_path, throwaway_user):
     name, gid = throwaway_user.pw_name, throwaway_user.pw_gid
     key, cert, tokens = tmp_path / "server.key", tmp_path / "server.pem", tmp_path / "tokens"
-    for path in (key, cert, tokens):
-        path.write_text("x\n")
+    # A real pair: the checks also load it (tls_pair_loads), once every reader can read it.
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    tokens.write_text("x\n")
     cert.chmod(0o644)
     key.chmod(0o600)         # root's alone: what an admin who forgets the group leaves
     tokens.chmod(0o640)
@@ -88,6 +91,39 @@ def test_check_config_reads_the_files_as_the_daemons_user(tmp_path, throwaway_us
 
     assert "no such user" in run_dtsd("--check-config", "--user", "no-such-user-dtsd",
                                       "-c", str(ini)).stderr
+
+
+def test_check_config_refuses_a_tls_pair_that_does_not_load(tmp_path):
+    """A reload runs the same check: a renewed certificate with the wrong key, or a key
+    that asks for a passphrase, is refused before the servers are replaced."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True,
+                       timeout=60)
+
+    for name in ("a", "b"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=localhost", "-keyout", f"{name}.key", "-out", f"{name}.pem")
+    openssl("genpkey", "-algorithm", "RSA", "-aes256", "-pass", "pass:secret",
+            "-out", "locked.key")
+    openssl("req", "-x509", "-key", "locked.key", "-passin", "pass:secret", "-days", "2",
+            "-subj", "/CN=localhost", "-out", "locked.pem")
+
+    def check(cert: str, key: str) -> subprocess.CompletedProcess[str]:
+        ini = tmp_path / "dtsd.ini"
+        ini.write_text(f"[server]\ntls_cert = {tmp_path / cert}\ntls_key = {tmp_path / key}\n"
+                       f"[worker]\njob_user = {TEST_JOB_USER}\n")
+        ini.chmod(0o644)
+        return run_dtsd("--check-config", "-c", str(ini))
+
+    assert check("a.pem", "a.key").returncode == 0
+    mismatched = check("a.pem", "b.key")
+    assert mismatched.returncode == 1, mismatched
+    assert (f"dtsd: error: [server] tls_cert {tmp_path / 'a.pem'} with tls_key "
+            f"{tmp_path / 'b.key'} do not load: [X509: KEY_VALUES_MISMATCH] key values "
+            "mismatch (a key of another certificate") in mismatched.stderr, mismatched.stderr
+    locked = check("locked.pem", "locked.key")
+    assert locked.returncode == 1, locked
+    assert f"tls_key {tmp_path / 'locked.key'} do not load: " in locked.stderr, locked.stderr
 
 
 def test_check_config_builds_the_redis_client_without_connecting(tmp_path):

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from dtsd import cli as dtsctl
 from dtsd import config
-from dtsd.client import Client, parse_servers
+from dtsd.client import Client, parse_servers, unreachable_store
 from dtsd.v1 import dtsd_pb2
 
 SERVER_VARIABLES = ("DTSD_SERVERS", "SERVERS", "SUBMIT_SERVER", "STATUS_SERVERS", "DTSD_CONFIG",
@@ -74,6 +74,9 @@ def run(*args: str, env: dict[str, str] | None = None, input: str | None = None)
     (["dlq", "requeue"], "job ids or --all"),
     (["dlq", "requeue", "--all", "some-id"], "job ids or --all"),
     (["dlq", "requeue", "--queue", "q", "some-id"], "--queue goes with --all"),
+    (["dlq", "purge"], "give --all (or --yes)"),             # stdin is no terminal here
+    (["dlq", "purge", "--queue", "q"], "of queue 'q' give --all"),
+    (["dlq", "purge", "--all", "some-id"], "job ids or --all"),
     (["--timeout", "soon", "status"], "not a duration"),
     (["-o", "yaml", "status"], "yaml"),
 ])
@@ -82,6 +85,51 @@ def test_usage_errors_exit_2_before_any_call(nowhere, args, message):
     assert result.exit_code == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert "cannot reach" not in result.stderr
+
+
+@pytest.mark.parametrize("args, nearest", [
+    (["stauts"], "status"),
+    (["lsit"], "list"),
+    (["dlq", "purj"], "purge"),
+    (["cron", "lst"], "list"),
+])
+def test_a_mistyped_verb_names_the_nearest(args, nearest):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert f"No such command {args[-1]!r}. Did you mean {nearest!r}?" in result.stderr
+
+
+def test_an_unlike_verb_gets_no_suggestion():
+    result = run("xyzzy")
+    assert result.exit_code == 2 and "Did you mean" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["list", "--servers", "{nowhere}", "--timeout", "2"],
+    ["list", "--token", "X", "--servers", "{nowhere}", "--timeout", "2"],
+    ["--servers", "127.0.0.1:1", "status", "--servers", "{nowhere}", "--timeout", "2"],
+    ["dlq", "list", "--status-servers", "{nowhere}", "--timeout", "2"],
+    ["submit", "--submit-server", "{nowhere}", "--timeout", "5", "--", "true"],
+])
+def test_global_options_after_the_verb(nowhere, args):
+    """`dtsctl list --token X` once said "Did you mean --page-token?"; after the verb a
+    global option counts as before it (the later one wins)."""
+    result = run(*(arg.format(nowhere=nowhere) for arg in args))
+    assert result.exit_code == 3, result.stderr
+    assert f"tried {nowhere})" in result.stderr
+
+
+def test_timeout_after_submit_is_the_job_s_timeout(nowhere):
+    """--timeout after `submit` stays the job's: `5 parsecs` is refused as its duration."""
+    result = run("--servers", nowhere, "submit", "--timeout", "5 parsecs", "--", "true")
+    assert result.exit_code == 2 and "not a duration" in result.stderr
+
+
+def test_token_and_token_file_are_refused_together_on_either_side(nowhere, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    result = run("--servers", nowhere, "--token-file", str(token), "list", "--token", "X")
+    assert result.exit_code == 2 and "not both" in result.stderr
 
 
 def test_bad_server_address_is_a_usage_error():
@@ -323,10 +371,46 @@ def test_render_table_of_one_job(capsys):
     assert re.search(r"^Exit code:\s+3$", text, re.M)
     assert re.search(r"^Attempts:\s+2 \(max retries 2\)$", text, re.M)
     assert re.search(r"^Env:\s+A=1 B=2$", text, re.M)
-    assert re.search(rf"^Created:\s+{created.replace(tzinfo=None).isoformat()}$", text, re.M)
-    assert ".250000" not in text and "Z\n" not in text    # local, no microseconds
-    assert re.search(r"^\s+2\s+w-2\s+\S+\s+-\s+-\s+timeout$", text, re.M)
+    # Exact times are local with their offset, without microseconds, and say how long ago.
+    assert re.search(rf"^Created:\s+{re.escape(created.isoformat())} \(\d+ d ago\)$", text,
+                     re.M), text
+    assert ".250000" not in text and "Z\n" not in text
+    assert re.search(r"^Duration:\s+8s$", text, re.M)
+    assert re.search(r"^\s+1\s+w-1\s+\d+ d ago\s+1s\s+3\s+-$", text, re.M)
+    assert re.search(r"^\s+2\s+w-2\s+\d+ d ago\s+-\s+-\s+timeout$", text, re.M)
     assert text.endswith("Output:\nmade\n\\xff\\xfe bytes\n")   # bytes that are not UTF-8
+
+
+def killed_job(error: str) -> dict:
+    job = dtsctl.job_dict(sample_job())
+    job["exit_code"], job["error"] = -15, error
+    return job
+
+
+@pytest.mark.parametrize("error, line", [
+    ("killed by signal 15 (SIGTERM)", "job-1: FAILED, killed by SIGTERM"),
+    ("timeout after 5s", "job-1: FAILED, killed by SIGTERM (timeout after 5s)"),
+    ("", "job-1: FAILED, killed by SIGTERM"),
+])
+def test_a_death_by_signal_is_said_in_words(error, line):
+    job = killed_job(error)
+    assert dtsctl._final_line(job) == line
+    table = dtsctl.job_table(job)
+    assert re.search(r"^Exit code:\s+killed by SIGTERM$", table, re.M)
+    assert "-15" not in table and "signal 15" not in table
+    assert ("Error:" in table) == (error == "timeout after 5s")
+    assert "Exit Code: killed by SIGTERM" in dtsctl._job_block({"name": "x"}, job)
+    row = dtsctl.jobs_table({"jobs": [job]}).splitlines()[1]
+    assert row.split()[5] == "SIGTERM"
+
+
+def test_an_exit_code_is_not_repeated_by_its_error():
+    job = dtsctl.job_dict(sample_job())
+    job["error"] = "exit code 3"
+    assert dtsctl._final_line(job) == "job-1: FAILED, exit code 3"
+    assert "Error:" not in dtsctl.job_table(job)
+    job["error"] = "exit code 3 and more"
+    assert dtsctl._final_line(job) == "job-1: FAILED, exit code 3 (exit code 3 and more)"
 
 
 def test_render_table_bytes_go_out_unchanged():
@@ -340,8 +424,52 @@ def test_render_table_bytes_go_out_unchanged():
 def test_jobs_table_columns():
     text = dtsctl.jobs_table({"jobs": [dtsctl.job_dict(sample_job())]})
     header, row = text.splitlines()
-    assert header.split() == ["ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED"]
+    assert header.split() == ["ID", "NAME", "STATUS", "QUEUE", "ATTEMPTS", "EXIT", "CREATED",
+                              "DURATION"]
     assert row.split()[:6] == ["job-1", "build", "FAILED", "default", "2", "3"]
+    assert re.search(r"\s\d+ d ago\s+8s$", row)
+
+
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("iso, shown", [
+    ("2024-05-01T12:00:00Z", "0 s ago"),
+    ("2024-05-01T11:59:48.500000Z", "11 s ago"),
+    ("2024-05-01T11:57:00Z", "3 min ago"),
+    ("2024-05-01T10:00:00Z", "2 h ago"),
+    ("2024-04-28T12:00:00Z", "3 d ago"),
+    ("2024-05-01T12:05:00Z", "in 5 min"),
+    (None, "-"),
+])
+def test_ago(iso, shown):
+    assert dtsctl.ago(iso, NOW) == shown
+
+
+def test_duration_runs_to_now_while_there_is_no_end():
+    assert dtsctl.duration("2024-05-01T11:58:55Z", "2024-05-01T11:59:00Z") == "5s"
+    assert dtsctl.duration("2024-05-01T10:58:00Z", None, NOW) == "1h02m"
+    assert dtsctl.duration(None, None, NOW) is None
+
+
+def test_exact_time_carries_its_offset():
+    assert dtsctl.exact_time("2024-05-01T12:00:00.250000Z", timezone.utc) == \
+        "2024-05-01T12:00:00+00:00"
+    local = dtsctl.exact_time("2024-05-01T12:00:00Z")
+    assert datetime.fromisoformat(local) == NOW          # aware: the offset is there
+
+
+def test_cron_list_shows_next_in_the_schedule_s_own_zone():
+    schedule = dtsd_pb2.Schedule(name="backup", expression="0 2 * * *",
+                                 timezone="Europe/Berlin", job=dtsd_pb2.JobSpec(command="true"),
+                                 next_fire_time=stamp("2024-05-02T00:00:00+00:00"))
+    utc = dtsd_pb2.Schedule(name="utc", expression="0 2 * * *", timezone="",
+                            job=dtsd_pb2.JobSpec(command="true"),
+                            next_fire_time=stamp("2024-05-02T02:00:00+00:00"))
+    text = dtsctl.schedules_table({"schedules": [dtsctl.schedule_dict(schedule),
+                                                 dtsctl.schedule_dict(utc)]})
+    assert re.search(r"^backup .* 2024-05-02T02:00:00\+02:00 ", text, re.M), text
+    assert re.search(r"^utc .* 2024-05-02T02:00:00\+00:00 ", text, re.M), text
 
 
 def sample_cluster():
@@ -368,8 +496,21 @@ def test_cluster_json_and_table():
     assert "prod (leader node-b)" in text
     assert re.search(r"^node-b\s+worker\s+1\s+4242\s+BACKOFF\s+1h02m\s+3$", text, re.M)
     assert re.search(r"^node-b/1\s+node-b\s+4242\s+default,io\s+2/4", text, re.M)
-    assert re.search(r"^default\s+7\s+1\s+2$", text, re.M)
+    assert re.search(r"^default\s+7\s+1\s+2\s+1$", text, re.M)     # WORKERS: 1 serves it
+    assert data["unserved_queues"] == [] and "No live worker" not in text
     assert re.search(r"^Dead-lettered:\s+4$", text, re.M)
+
+
+def test_status_names_the_queues_no_live_worker_serves():
+    reply = sample_cluster()
+    reply.queues.add(queue="gpu", pending=3)
+    reply.queues.add(queue="later", delayed=1)
+    reply.queues.add(queue="drained")
+    data = dtsctl.cluster_dict(reply)
+    assert data["unserved_queues"] == ["gpu", "later"]
+    text = dtsctl.cluster_table(data)
+    assert re.search(r"^gpu\s+3\s+0\s+0\s+0$", text, re.M)
+    assert "No live worker serves 'gpu', 'later': their jobs wait" in text
 
 
 @pytest.mark.parametrize("status, code, expected", [
@@ -474,12 +615,33 @@ def test_named_config_file_must_exist(tmp_path):
     assert caught.value.exit_code == 2
 
 
-def test_bad_config_file_is_a_usage_error(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("[client]\nservers = nope\n", "[client] servers"),
+    # beside an error elsewhere, which alone would only be warned about
+    ("[worker]\nconcurrency = many\n[client]\ntimeout = soon\n", "[client] timeout"),
+])
+def test_bad_config_file_is_a_usage_error(tmp_path, text, message):
     path = tmp_path / "bad.ini"
-    path.write_text("[client]\nservers = nope\n")
+    path.write_text(text)
     result = run("-c", str(path), "status")
     assert result.exit_code == 2
-    assert "[client] servers" in result.stderr
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("broken", [
+    "[worker]\nconcurrency = many\n",          # a bad value
+    "[server]\nlistn = :1\n",                  # an unknown key
+    "[nonsense]\nx = 1\n",                     # an unknown section
+])
+def test_an_error_outside_client_is_only_a_warning(tmp_path, nowhere, broken):
+    """dtsctl refused to run while the server's sections of dtsd.ini had an error."""
+    path = tmp_path / "dtsd.ini"
+    path.write_text(f"[client]\nservers = {nowhere}\ntimeout = 2s\n{broken}")
+    result = run("-c", str(path), "status")
+    assert result.exit_code == 3, result.stderr          # it went as far as the network
+    assert f"tried {nowhere}" in result.stderr
+    assert "dtsctl: warning:" in result.stderr and str(path) in result.stderr
+    assert "dtsctl reads only [client] and [dtsd] runtime_dir" in result.stderr
 
 
 # --- the client -----------------------------------------------------------------------------
@@ -498,10 +660,58 @@ def test_parse_servers_rejects(text):
 
 def test_round_robin_starts_one_further_each_call():
     client = Client(["a:1", "b:2", "c:3"])
-    assert client._rotation() == ["a:1", "b:2", "c:3"]
-    assert client._rotation() == ["b:2", "c:3", "a:1"]
-    assert client._rotation() == ["c:3", "a:1", "b:2"]
-    assert client._rotation() == ["a:1", "b:2", "c:3"]
+    first = client._rotation()
+    assert sorted(first) == ["a:1", "b:2", "c:3"]
+    assert client._rotation() == first[1:] + first[:1]
+    assert client._rotation() == first[2:] + first[:2]
+    assert client._rotation() == first
+
+
+def test_round_robin_starts_at_a_random_server():
+    """Short dtsctl runs each make one client: they must not all start at the first server
+    (the chance that 60 random starts all pick one of three is 3 * 3**-60)."""
+    starts = {Client(["a:1", "b:2", "c:3"])._rotation()[0] for _ in range(60)}
+    assert starts == {"a:1", "b:2", "c:3"}
+
+
+class Answer(grpc.RpcError):
+    """An RPC error as grpc raises it, with the parts unreachable_store reads."""
+
+    def __init__(self, code, details, metadata=()):
+        self._code, self._details, self._metadata = code, details, metadata
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._metadata
+
+
+@pytest.mark.parametrize("code, details, metadata, store", [
+    (grpc.StatusCode.UNAVAILABLE, "retry later", (("dtsd-store", "redis"),), "redis"),
+    (grpc.StatusCode.UNAVAILABLE, "Redis is unreachable from this server: Error 111; retry "
+                                  "later", (), "redis"),
+    (grpc.StatusCode.UNAVAILABLE, "PostgreSQL failed the call: gone; retry later", (),
+     "postgres"),
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: "
+                                  "UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed", (), None),
+    (grpc.StatusCode.INTERNAL, "Redis is unreachable from this server", (), None),
+])
+def test_unreachable_store_from_metadata_or_the_server_s_words(code, details, metadata, store):
+    assert unreachable_store(Answer(code, details, metadata)) == store
+
+
+def test_a_store_outage_is_named_not_called_unreachable_servers():
+    client = Client(["a:1"])
+    client.last_tried, client.last_server = ["a:1"], "a:1"
+    error = dtsctl.rpc_failure(Answer(grpc.StatusCode.UNAVAILABLE, "Redis is unreachable from "
+                                      "this server: Error 111; retry later"), client)
+    assert error.exit_code == 3
+    assert error.message.startswith("a:1: Redis is unreachable")
+    assert "cannot reach any server" not in error.message
 
 
 def test_token_becomes_bearer_metadata():
@@ -515,10 +725,11 @@ def test_client_fails_over_and_raises_the_last_unavailable():
         with pytest.raises(grpc.RpcError) as caught:
             client.call("GetJob", dtsd_pb2.GetJobRequest(id="x"))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert client.last_tried == servers
+        tried = client.last_tried
+        assert sorted(tried) == sorted(servers)
         with pytest.raises(grpc.RpcError):
             list(client.stream("WatchJob", dtsd_pb2.WatchJobRequest(id="x")))
-        assert client.last_tried == servers[1:] + servers[:1]
+        assert client.last_tried == tried[1:] + tried[:1]
 
 
 # --- cannot reach ---------------------------------------------------------------------------
@@ -537,6 +748,8 @@ def test_exit_3_when_no_server_listens():
     ["logs", "some-job"],
     ["cancel", "a", "b"],
     ["dlq", "purge", "--yes"],
+    ["dlq", "purge", "--all"],
+    ["dlq", "purge", "some-id"],
     ["submit", "--env", "A=1", "--", "echo", "hi there"],
 ])
 def test_exit_3_from_each_verb(nowhere, args):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pwd
+import re
 import subprocess
 import sys
 import time
@@ -151,3 +152,96 @@ def test_bad_input_is_a_clear_error(dtsd):
     assert result.returncode == 2 and "priority" in result.stderr
     result = dtsd.dtsctl("status", "no-such-job")
     assert result.returncode == 1 and "not found" in result.stderr
+
+
+def test_a_death_by_signal_reads_killed_by_sigterm_everywhere(dtsd):
+    """It read `Exit code: -15` in status and 143 with --wait; and an exit code was said
+    twice: `FAILED, exit code 7 (exit code 7)`."""
+    waited = dtsd.dtsctl("submit", "--wait", "--max-retries", "0", "--", "kill -TERM $$")
+    assert waited.returncode == 143, (waited.stdout, waited.stderr)
+    line = waited.stderr.splitlines()[-1]
+    assert line.endswith(": FAILED, killed by SIGTERM"), waited.stderr
+    job_id = line.split(":")[0]
+    shown = ok(dtsd.dtsctl("status", job_id))
+    assert re.search(r"^Exit code:\s+killed by SIGTERM$", shown, re.M), shown
+    assert "-15" not in shown and "signal 15" not in shown
+    assert "SIGTERM" in ok(dtsd.dtsctl("list")).splitlines()[1].split()
+    assert json.loads(ok(dtsd.dtsctl("-o", "json", "status", job_id)))["jobs"][0][
+        "exit_code"] == -15
+    seven = dtsd.dtsctl("submit", "--wait", "--max-retries", "0", "--", "exit 7")
+    assert seven.returncode == 7
+    assert seven.stderr.splitlines()[-1].endswith(": FAILED, exit code 7"), seven.stderr
+
+
+def test_logs_follow_ends_with_the_final_status_line(dtsd):
+    job_id = ok(dtsd.dtsctl("submit", "--max-retries", "0", "--", "echo out; exit 4")).strip()
+    followed = dtsd.dtsctl("logs", "-f", job_id)
+    assert followed.returncode == 4
+    assert followed.stdout == "out\n"
+    assert followed.stderr.splitlines()[-1] == f"{job_id}: FAILED, exit code 4"
+
+
+def test_dlq_purge_without_ids_off_a_terminal_needs_all_or_yes(dtsd):
+    job_id = ok(dtsd.dtsctl("submit", "--max-retries", "0", "--", "false")).strip()
+    wait_for(lambda: job_id in dtsd.dtsctl("dlq", "list").stdout)
+    refused = dtsd.dtsctl("dlq", "purge")          # stdin is /dev/null: a script
+    assert refused.returncode == 2 and "give --all (or --yes)" in refused.stderr
+    assert job_id in ok(dtsd.dtsctl("dlq", "list"))
+    assert ok(dtsd.dtsctl("dlq", "purge", "--all")).strip() == "purged 1"
+    assert job_id not in ok(dtsd.dtsctl("dlq", "list"))
+
+
+def test_a_job_for_a_queue_no_worker_serves_is_warned_about(dtsd, tmp_path):
+    """It was accepted silently and waited forever: the submit warns, status names it."""
+    wait_for(lambda: json.loads(ok(dtsd.dtsctl("-o", "json", "status")))["workers"],
+             message="the workers' heartbeats")
+    served = dtsd.dtsctl("submit", "--", "true")
+    assert ok(served) and "no live worker" not in served.stderr
+    lonely = dtsd.dtsctl("submit", "--queue", "gpu", "--", "true")
+    assert lonely.returncode == 0
+    assert "warning: no live worker serves queue 'gpu'" in lonely.stderr
+    reply = json.loads(ok(dtsd.dtsctl("-o", "json", "submit", "--queue", "gpu", "--", "true")))
+    assert reply["queue_unserved"] is True
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"jobs": [{"command": "true", "queue": "gpu"},
+                                         {"command": "true", "queue": "gpu"},
+                                         {"command": "true"}]}))
+    batch = dtsd.dtsctl("submit", "--file", str(jobs))
+    assert ok(batch) and batch.stderr.count("no live worker serves queue 'gpu'") == 1
+    status = json.loads(ok(dtsd.dtsctl("-o", "json", "status")))
+    assert status["unserved_queues"] == ["gpu"]
+    assert "No live worker serves 'gpu'" in ok(dtsd.dtsctl("status"))
+
+
+def complete(dtsd, line: str) -> list[str]:
+    """What bash completion offers for the last word of `line` (click's protocol, which
+    packaging/completion/dtsctl speaks), asking the real dtsd."""
+    words = line.split(" ")
+    result = subprocess.run(
+        [sys.executable, "-m", "dtsd.cli"], capture_output=True, text=True, timeout=30,
+        cwd=REPO_ROOT, env=clean_env({"PYTHONPATH": str(REPO_ROOT), "COMP_WORDS": line,
+                                      "COMP_CWORD": str(len(words) - 1),
+                                      "_DTSCTL_COMPLETE": "bash_complete"}))
+    assert result.returncode == 0, result.stderr
+    return [item.split(",", 1)[1] for item in result.stdout.splitlines() if item]
+
+
+def test_completion_of_job_ids_schedule_names_and_zones(dtsd):
+    running = ok(dtsd.dtsctl("submit", "--", "sleep 300")).strip()
+    failed = ok(dtsd.dtsctl("submit", "--max-retries", "0", "--", "false")).strip()
+    wait_for(lambda: failed in dtsd.dtsctl("dlq", "list").stdout)
+    ok(dtsd.dtsctl("cron", "add", "nightly", "0 3 * * *", "--", "true"))
+    at = f"--servers {dtsd.address} --timeout 20"       # a loaded CI machine can be slow
+    assert {running, failed} <= set(complete(dtsd, f"dtsctl {at} status "))
+    assert complete(dtsd, f"dtsctl {at} cancel ") == [running]
+    assert complete(dtsd, f"dtsctl {at} retry ") == [failed]
+    assert complete(dtsd, f"dtsctl {at} dlq requeue ") == [failed]
+    assert complete(dtsd, f"dtsctl {at} logs {failed[:8]}") == [failed]
+    assert running in complete(dtsd, f"dtsctl status {at} ")   # options after the verb count
+    assert complete(dtsd, f"dtsctl {at} cron pause nig") == ["nightly"]
+    assert complete(dtsd, f"dtsctl {at} cron next ") == ["nightly"]
+    assert complete(dtsd, "dtsctl cron add x y --tz America/New_Y") == ["America/New_York"]
+    nowhere = f"127.0.0.1:{free_port()}"
+    assert complete(dtsd, f"dtsctl --servers {nowhere} status ") == []   # no server: nothing
+    assert complete(dtsd, f"dtsctl {at} cron pause zzz") == []
+    ok(dtsd.dtsctl("cancel", running))

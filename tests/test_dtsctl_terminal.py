@@ -256,30 +256,32 @@ ESCAPED = (b"deploy \\x1b[8mFAILED\\x1b[0m\n\\x1b]52;c;aGFja2Vk\\x07\\x1b[2J\\u0
            b"\\u202etxt\tend\\xff\n")
 
 
-def on_terminal(dtsd, *args: str) -> tuple[int, bytes, str]:
-    """Run dtsctl with a pseudo-terminal as standard output, as from an admin's shell.
+def on_terminal(dtsd, *args: str, stream: str = "stdout") -> tuple[int, bytes, str]:
+    """Run dtsctl with a pseudo-terminal as standard output (or as `stream="stderr"`),
+    as from an admin's shell, and a pipe as the other.
 
     Returns the exit code, every byte dtsctl wrote to the terminal (raw mode: no newline
-    translation, so these are the bytes it wrote), and its standard error.
+    translation, so these are the bytes it wrote), and what went to the pipe.
     """
     master, slave = os.openpty()
     tty.setraw(slave)
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, stream: slave}
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dtsd.cli", "--servers", dtsd.address, *args],
-            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, cwd=REPO_ROOT,
-            env=clean_env({"PYTHONPATH": str(REPO_ROOT)}))
+            stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+            env=clean_env({"PYTHONPATH": str(REPO_ROOT)}), **streams)
     finally:
         os.close(slave)
+    pipe = proc.stderr if stream == "stdout" else proc.stdout
     try:
         written = read_all(master)
-        stderr = proc.stderr.read().decode("utf-8")
-        return proc.wait(30), written, stderr
+        return proc.wait(30), written, pipe.read().decode("utf-8")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        proc.stderr.close()
+        pipe.close()
 
 
 def piped(dtsd, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -375,3 +377,20 @@ def test_cron_list_on_a_terminal_escapes_the_command(dtsd):
     code, written, _ = on_terminal(dtsd, "cron", "list")
     assert code == 0
     assert "echo \\x1b[2J\\u202e" in shown_text(written)
+
+
+def test_submit_file_wait_counts_the_ended_jobs_on_a_terminal_only(dtsd, tmp_path):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"jobs": [
+        {"name": "one", "command": "true"}, {"name": "two", "command": "sleep 0.3"},
+        {"name": "bad", "command": "exit 2", "max_retries": 0}]}))
+    code, err, out = on_terminal(dtsd, "submit", "--file", str(jobs), "--wait", stream="stderr")
+    assert code == 1 and out.count("Job ID:") == 3
+    clear = "\r\x1b[K"      # back to the line's start, erase it: before each block on stdout
+    assert err.decode() == (f"{clear}waiting: 0 of 3 jobs ended{clear}"
+                            f"{clear}waiting: 1 of 3 jobs ended{clear}"
+                            f"{clear}waiting: 2 of 3 jobs ended{clear}"
+                            f"{clear}Error: 1 of 3 jobs did not succeed\n")   # a raw tty
+    piped_run = piped(dtsd, "submit", "--file", str(jobs), "--wait")
+    assert piped_run.returncode == 1
+    assert b"waiting:" not in piped_run.stderr and b"\x1b" not in piped_run.stderr

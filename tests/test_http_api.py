@@ -83,7 +83,7 @@ def test_submit_then_get_until_it_succeeds_with_its_output(node):
     again = ok(node, "POST", "/api/v1/jobs", {"command": "echo hello; echo $GREETING",
                                               "name": "greet", "env": {"GREETING": "hi"},
                                               "idempotency_key": "k1"})
-    assert again == {"id": submitted["id"], "created": False}
+    assert again == {"id": submitted["id"], "created": False, "queue_unserved": False}
     with_attempts = ok(node, "GET", f"/api/v1/jobs/{submitted['id']}?include_attempts=true")
     assert [a["number"] for a in with_attempts["attempt_history"]] == [1]
 
@@ -183,6 +183,12 @@ def test_schedules_dead_letters_and_the_cluster(node):
     assert ok(node, "POST", "/api/v1/schedules/nightly/resume")["paused"] is False
     fired = ok(node, "POST", "/api/v1/schedules/nightly/trigger")
     assert base64.b64decode(final(node, fired["id"])["output"]) == b"nightly\n"
+    # A schedule's runs, by its name; an unknown name is a 404, a bad one a 400.
+    ok(node, "POST", "/api/v1/jobs", {"command": "true", "name": "nightly"})
+    assert [j["id"] for j in ok(node, "GET", "/api/v1/jobs?schedule=nightly")["jobs"]] == [
+        fired["id"]]
+    refused(node, 404, "NOT_FOUND", "GET", "/api/v1/jobs?schedule=weekly")
+    refused(node, 400, "INVALID_ARGUMENT", "GET", "/api/v1/jobs?schedule=Bad%20Name")
     times = ok(node, "GET", "/api/v1/schedules/nightly/preview?count=3")["times"]
     assert len(times) == 3 and all(t["local"].startswith(t["local"][:4]) for t in times)
     spring = ok(node, "GET", "/api/v1/schedule-preview?expression=30+2+*+*+*"
@@ -206,6 +212,15 @@ def test_schedules_dead_letters_and_the_cluster(node):
 
     cluster = ok(node, "GET", "/api/v1/cluster")
     assert cluster["single_node"] is True and cluster["leader"] == node.node_id
+    assert int(cluster["fencing_token"]) >= 1
+
+    # Jobs that ended per minute: the last hour, oldest first, every minute listed.
+    minutes = ok(node, "GET", "/api/v1/activity")["minutes"]
+    assert len(minutes) == 60 and minutes == sorted(minutes, key=lambda m: m["minute"])
+    ended = {k: sum(int(m[k]) for m in minutes) for k in ("succeeded", "failed", "cancelled")}
+    assert ended["succeeded"] >= 1 and ended["failed"] == 2, ended
+    assert len(ok(node, "GET", "/api/v1/activity?minutes=5")["minutes"]) == 5
+    assert "120" in refused(node, 400, "INVALID_ARGUMENT", "GET", "/api/v1/activity?minutes=121")
     roles = {c["role"] for n in cluster["nodes"] for c in n["children"]}
     assert {"server", "worker", "web"} <= roles
 

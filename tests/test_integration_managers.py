@@ -366,6 +366,12 @@ def test_systemd_notify_protocol_ready_status_watchdog_reload_stopping(node_fact
         ready = listener.wait(lambda f: f.get("READY") == "1", after=reloading + 1, timeout=60,
                               what="READY=1 after the reload")
         timings["HUP to READY"] = time.monotonic() - t0
+        # The STATUS= systemd holds when READY=1 ends the reload (and `systemctl reload`
+        # returns) is the outcome, not "reloading; ...".
+        statuses = [f["STATUS"] for _, f, _ in listener.snapshot()[reloading:ready]
+                    if "STATUS" in f]
+        assert statuses and not statuses[-1].startswith("reloading"), statuses
+        assert "children 4/4 running" in statuses[-1], statuses
         assert len(listener.ready_snapshots) == 2
         assert listener.ready_snapshots[-1].get("health") == SERVING, listener.ready_snapshots
         record = wait_all_running(node, {"server": 1, "worker": 2, "coordinator": 1},

@@ -185,3 +185,66 @@ def test_migration_counts_the_jobs_stored_before(pg_dsn: str, monkeypatch: pytes
         assert not {"jobs_created", "jobs_queue_created", "jobs_name_created"} & indexes
     finally:
         store.close()
+
+
+def real_activity(dsn: str) -> dict[tuple[int, str], int]:
+    """Final jobs by (minute of finished_at, status), counted from the rows."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            """SELECT floor(extract(epoch FROM finished_at) / 60)::bigint * 60, status, count(*)
+               FROM jobs WHERE status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+               AND finished_at IS NOT NULL GROUP BY 1, 2""").fetchall()
+    return {(minute, status): n for minute, status, n in rows}
+
+
+def stored_activity(store: Store) -> dict[tuple[int, str], int]:
+    return {(minute, status): n for minute, counts in store.activity(120)
+            for status, n in counts.items() if n}
+
+
+def test_activity_counts_jobs_as_they_end_per_minute(store: Store, pg_dsn: str):
+    """JobActivity's per-minute keys (0009_job_activity.sql) equal a count of the final
+    rows by minute through ends, a retry, a dead-letter mark, a fold, and a prune (which
+    does not take an ended job back out of its minute); they never count as a status."""
+    fence = Fence("c", 1, "node")
+    ids = submit(store, 8)
+    claimed = store.claim(ids[:6], "w1")
+    store.finish([outcome(claimed[0], JobStatus.SUCCEEDED), outcome(claimed[1], JobStatus.SUCCEEDED),
+                  outcome(claimed[2], JobStatus.FAILED),
+                  outcome(claimed[3], JobStatus.FAILED, dead=True),
+                  outcome(claimed[4], JobStatus.PENDING)])            # a retry: not final
+    store.cancel(ids[7])
+    assert sum(stored_activity(store).values()) == 5
+    assert stored_activity(store) == real_activity(pg_dsn)
+    assert {s for _, s in stored_activity(store)} == {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+    store.retry(claimed[2].id)                    # FAILED -> PENDING: no longer ended
+    store.purge_dead([claimed[3].id])             # the dead-letter mark changes, not the end
+    assert store.fold_counts() > 0
+    assert stored_activity(store) == real_activity(pg_dsn)
+    assert sum(stored_activity(store).values()) == 4
+    assert assert_counts_true(store, pg_dsn)      # the minute keys are no status
+
+    # An hour back: it lands in its own minute, oldest first, every minute listed.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE jobs SET finished_at = now() - interval '61 minutes' "
+                     "WHERE id = %s", (claimed[1].id,))
+    assert stored_activity(store) == real_activity(pg_dsn)
+    minutes = [minute for minute, _ in store.activity(60)]
+    assert len(minutes) == 60 and minutes == sorted(minutes)
+    assert all(b - a == 60 for a, b in zip(minutes, minutes[1:]))
+    assert sum(c.get("SUCCEEDED", 0) for _, c in store.activity(60)) == 1
+    assert sum(c.get("SUCCEEDED", 0) for _, c in store.activity(62)) == 2
+
+    # The prune deletes rows, not what ended; the leader forgets keys past two hours.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE jobs SET finished_at = now() - interval '3 hours' "
+                     "WHERE id = %s", (claimed[0].id,))
+    store.fold_counts()
+    assert store.prune(fence, 7200) == 1
+    assert sum(stored_activity(store).values()) == 3
+    assert store.forget_activity() == 1
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM job_counts WHERE key LIKE 'm:%' AND "
+                            "split_part(key, ':', 2)::bigint < extract(epoch FROM now()) - 7200"
+                            ).fetchone()[0] == 0

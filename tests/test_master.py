@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from dtsd.dtsdpb import pb, pb_grpc
-from tests.helpers import REPO_ROOT, clean_env, wait_for, write_ini
+from tests.helpers import REPO_ROOT, clean_env, free_port, wait_for, write_ini
 
 FAST = {"worker": {"retry_backoff": "50ms", "retry_backoff_max": "200ms", "kill_grace": "1s",
                    "startsecs": "0", "stopwaitsecs": "10s"},
@@ -342,7 +342,7 @@ def test_a_missing_database_or_role_is_named_with_the_commands_that_create_it(pg
                                 capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
                                 env=clean_env({"PYTHONPATH": str(REPO_ROOT)}),
                                 stdin=subprocess.DEVNULL)
-        assert result.returncode == 1, result
+        assert result.returncode == 78, result     # EX_CONFIG: a restart would not help
         return result.stderr
     missing_db = migrate(dbname="no_such_db")
     assert 'database "no_such_db" does not exist' in missing_db
@@ -352,3 +352,38 @@ def test_a_missing_database_or_role_is_named_with_the_commands_that_create_it(pg
     assert ('create the role and its database on the PostgreSQL host: sudo -u postgres '
             'createuser no_such_role && sudo -u postgres createdb -O no_such_role dtsd'
             in missing_role), missing_role
+
+
+def test_a_start_without_its_database_exits_78_and_says_how_to_create_it(dtsd_factory, pg_dsn):
+    """The daemon's start path, not only `dtsd migrate`: systemd would restart a plain
+    failure every 5 s (RestartPreventExitStatus=78 stops that), and the journal holds the
+    commands that fix it."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    params = conninfo_to_dict(pg_dsn)
+    for changes, commands in (
+            ({"dbname": "no_such_db"}, "sudo -u postgres createdb -O dtsd no_such_db"),
+            ({"user": "no_such_role"}, "sudo -u postgres createuser no_such_role && "
+                                       "sudo -u postgres createdb -O no_such_role dtsd")):
+        master = dtsd_factory(FAST, postgres={"dsn": make_conninfo(**{**params, **changes})},
+                              start=False)
+        write_ini(master.ini_path, master.sections)
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "dtsd", "-c", str(master.ini_path)],
+                                capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                                env=clean_env({"PYTHONPATH": str(REPO_ROOT)}),
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 78, result
+        assert commands in result.stderr, result.stderr
+        assert "schema migration failed: the database or its role does not exist" \
+            in result.stderr
+        assert time.monotonic() - started < 30
+    # Unreachable is another matter: it may pass, so 1 (systemd retries).
+    master = dtsd_factory(FAST, postgres={"dsn": make_conninfo(
+        **{**params, "host": "127.0.0.1", "port": str(free_port())})}, start=False)
+    write_ini(master.ini_path, master.sections)
+    result = subprocess.run([sys.executable, "-m", "dtsd", "-c", str(master.ini_path)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                            env=clean_env({"PYTHONPATH": str(REPO_ROOT)}),
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result
+    assert "schema migration failed (exit code 1)" in result.stderr

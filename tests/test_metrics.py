@@ -228,9 +228,11 @@ def test_with_a_tokens_file_metrics_want_a_bearer_token(dtsd_factory, tmp_path):
     # Probes need no token, and learn nothing but which store answers.
     assert get(node.web_url + "/healthz")[0] == 200
     assert get(node.web_url + "/readyz")[0] == 200
-    # Only the three paths exist; other methods are refused.
-    assert get(node.web_url + "/")[0] == 404
-    assert get(node.web_url + "/metrics/../etc/passwd")[0] == 404
+    # Anything else is the web UI, which wants a login first; no path reaches a file.
+    status, body, _ = get(node.web_url + "/")
+    assert status == 200 and "Log in to dtsd" in body
+    status, body, _ = get(node.web_url + "/metrics/../etc/passwd")
+    assert "root:" not in body
     request = urllib.request.Request(node.web_url + "/metrics", method="POST", data=b"x")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=5)

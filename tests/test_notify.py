@@ -1,5 +1,5 @@
 """Webhook notifications end to end: real dtsd processes POST to real HTTP receivers on
-loopback ports, which record what they were sent (README, "Failure notifications")."""
+loopback ports, which record what they were sent (docs/notifications.md)."""
 
 from __future__ import annotations
 

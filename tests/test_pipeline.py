@@ -176,6 +176,28 @@ def test_a_job_cancelled_while_running_can_be_retried(api, tmp_path):
     assert (job.status, job.output, job.attempts) == (pb.SUCCEEDED, b"again\n", 2)
 
 
+def test_a_cancelled_running_job_keeps_the_output_it_wrote(dtsd, api, tmp_path):
+    """As a job killed by its timeout does: the output of every ended attempt is kept
+    (it was `Output: (none)` after a cancel)."""
+    mark = tmp_path / "mark"
+    job_id = submit(api, f"echo before the cancel; touch {mark}; sleep 300")
+    wait_for(mark.exists, message="the job to write its output")
+    api.CancelJob(pb.CancelJobRequest(id=job_id))
+    job = wait_for(lambda: (j := api.GetJob(pb.GetJobRequest(id=job_id, include_attempts=True)))
+                   .attempt_history[0].finished_at.seconds and j,
+                   message="the cancelled attempt to be recorded")
+    assert job.status == pb.CANCELLED and "cancel" in job.error
+    assert job.output == b"before the cancel\n"
+    assert job.attempt_history[0].output == job.output
+    logs = dtsd.dtsctl("logs", job_id)
+    assert (logs.returncode, logs.stdout) == (0, "before the cancel\n"), logs
+    # A watch of it sends that output, then the final state.
+    events = list(api.WatchJob(pb.WatchJobRequest(id=job_id), timeout=10))
+    assert [(e.kind, e.output, e.status) for e in events] == [
+        (pb.JobEvent.OUTPUT, b"before the cancel\n", 0),
+        (pb.JobEvent.STATE, b"", pb.CANCELLED)]
+
+
 def test_a_job_killed_by_a_signal_records_minus_the_signal(api):
     job = wait_final(api, submit(api, "kill -9 $$", max_retries=0))
     assert (job.status, job.exit_code) == (pb.FAILED, -9)
@@ -373,6 +395,22 @@ def test_watch_of_a_finished_job_sends_its_output_and_state(api):
     events = list(api.WatchJob(pb.WatchJobRequest(id=job_id), timeout=10))
     assert [e.kind for e in events] == [pb.JobEvent.OUTPUT, pb.JobEvent.STATE]
     assert events[0].output == b"done\n" and events[1].status == pb.SUCCEEDED
+
+
+def test_watch_of_a_running_job_sends_its_state_first_and_the_final_state_last(api, tmp_path):
+    """What the proto and docs/api.md (gRPC and HTTP) say of WatchJob, for both kinds of job."""
+    mark = tmp_path / "mark"
+    job_id = submit(api, f"touch {mark}; sleep 0.5; echo late; exit 3", max_retries=0)
+    wait_for(mark.exists, message="the job to run")
+    events = list(api.WatchJob(pb.WatchJobRequest(id=job_id), timeout=30))
+    assert (events[0].kind, events[0].status) == (pb.JobEvent.STATE, pb.RUNNING), events[0]
+    assert (events[-1].kind, events[-1].status, events[-1].exit_code) == (
+        pb.JobEvent.STATE, pb.FAILED, 3), events[-1]
+    assert b"".join(e.output for e in events if e.kind == pb.JobEvent.OUTPUT) == b"late\n"
+    # Once final: the output, then the final state, and nothing after it.
+    again = list(api.WatchJob(pb.WatchJobRequest(id=job_id), timeout=10))
+    assert [(e.kind, e.status) for e in again] == [(pb.JobEvent.OUTPUT, 0),
+                                                  (pb.JobEvent.STATE, pb.FAILED)]
 
 
 def test_the_seed_surface_answers_on_the_same_port(dtsd):

@@ -21,6 +21,18 @@ RUN_ONCE: MisfirePolicy
 SKIP: MisfirePolicy
 SUCCEEDED: JobStatus
 
+class ActivityMinute(_message.Message):
+    __slots__ = ["cancelled", "failed", "minute", "succeeded"]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    MINUTE_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: int
+    failed: int
+    minute: _timestamp_pb2.Timestamp
+    succeeded: int
+    def __init__(self, minute: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ...) -> None: ...
+
 class Attempt(_message.Message):
     __slots__ = ["error", "exit_code", "finished_at", "number", "output", "output_truncated", "started_at", "worker"]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -76,7 +88,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ["cluster", "dead_lettered", "job_counts", "leader", "nodes", "queues", "server_node", "single_node", "workers"]
+    __slots__ = ["cluster", "dead_lettered", "fencing_token", "job_counts", "leader", "nodes", "queues", "server_node", "single_node", "workers"]
     class JobCountsEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +98,7 @@ class ClusterStatusResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     JOB_COUNTS_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +108,7 @@ class ClusterStatusResponse(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     dead_lettered: int
+    fencing_token: int
     job_counts: _containers.ScalarMap[str, int]
     leader: str
     nodes: _containers.RepeatedCompositeFieldContainer[Node]
@@ -102,7 +116,7 @@ class ClusterStatusResponse(_message.Message):
     server_node: str
     single_node: bool
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
-    def __init__(self, cluster: _Optional[str] = ..., single_node: bool = ..., leader: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., job_counts: _Optional[_Mapping[str, int]] = ..., dead_lettered: _Optional[int] = ..., server_node: _Optional[str] = ...) -> None: ...
+    def __init__(self, cluster: _Optional[str] = ..., single_node: bool = ..., leader: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., job_counts: _Optional[_Mapping[str, int]] = ..., dead_lettered: _Optional[int] = ..., server_node: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class CreateScheduleRequest(_message.Message):
     __slots__ = ["schedule"]
@@ -173,6 +187,18 @@ class Job(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     worker: str
     def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., attempts: _Optional[int] = ..., exit_code: _Optional[int] = ..., output: _Optional[bytes] = ..., output_truncated: bool = ..., error: _Optional[str] = ..., dead_lettered: bool = ..., worker: _Optional[str] = ..., submitted_by: _Optional[str] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_history: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., schedule_id: _Optional[int] = ..., fire_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., env_hidden: bool = ...) -> None: ...
+
+class JobActivityRequest(_message.Message):
+    __slots__ = ["minutes"]
+    MINUTES_FIELD_NUMBER: _ClassVar[int]
+    minutes: int
+    def __init__(self, minutes: _Optional[int] = ...) -> None: ...
+
+class JobActivityResponse(_message.Message):
+    __slots__ = ["minutes"]
+    MINUTES_FIELD_NUMBER: _ClassVar[int]
+    minutes: _containers.RepeatedCompositeFieldContainer[ActivityMinute]
+    def __init__(self, minutes: _Optional[_Iterable[_Union[ActivityMinute, _Mapping]]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ["attempt", "error", "exit_code", "kind", "offset", "output", "status"]
@@ -247,7 +273,7 @@ class ListDeadLettersRequest(_message.Message):
     def __init__(self, queue: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ["created_after", "created_before", "dead_lettered", "name", "page_size", "page_token", "queue", "statuses"]
+    __slots__ = ["created_after", "created_before", "dead_lettered", "name", "page_size", "page_token", "queue", "schedule", "statuses"]
     CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
     CREATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +281,7 @@ class ListJobsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     created_after: _timestamp_pb2.Timestamp
     created_before: _timestamp_pb2.Timestamp
@@ -263,8 +290,9 @@ class ListJobsRequest(_message.Message):
     page_size: int
     page_token: str
     queue: str
+    schedule: str
     statuses: _containers.RepeatedScalarFieldContainer[JobStatus]
-    def __init__(self, statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., queue: _Optional[str] = ..., name: _Optional[str] = ..., created_after: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., dead_lettered: bool = ...) -> None: ...
+    def __init__(self, statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., queue: _Optional[str] = ..., name: _Optional[str] = ..., created_after: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., dead_lettered: bool = ..., schedule: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ["jobs", "next_page_token"]
@@ -337,16 +365,25 @@ class PurgeDeadLettersResponse(_message.Message):
     def __init__(self, purged: _Optional[int] = ...) -> None: ...
 
 class QueueDepth(_message.Message):
-    __slots__ = ["delayed", "pending", "queue", "running"]
+    __slots__ = ["delayed", "pending", "queue", "ready_by_priority", "running"]
+    class ReadyByPriorityEntry(_message.Message):
+        __slots__ = ["key", "value"]
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     DELAYED_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
+    READY_BY_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     delayed: int
     pending: int
     queue: str
+    ready_by_priority: _containers.ScalarMap[int, int]
     running: int
-    def __init__(self, queue: _Optional[str] = ..., pending: _Optional[int] = ..., delayed: _Optional[int] = ..., running: _Optional[int] = ...) -> None: ...
+    def __init__(self, queue: _Optional[str] = ..., pending: _Optional[int] = ..., delayed: _Optional[int] = ..., running: _Optional[int] = ..., ready_by_priority: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class RequeueDeadLettersRequest(_message.Message):
     __slots__ = ["all", "ids", "queue"]
@@ -445,12 +482,14 @@ class SubmitJobRequest(_message.Message):
     def __init__(self, job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
-    __slots__ = ["created", "id"]
+    __slots__ = ["created", "id", "queue_unserved"]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_UNSERVED_FIELD_NUMBER: _ClassVar[int]
     created: bool
     id: str
-    def __init__(self, id: _Optional[str] = ..., created: bool = ...) -> None: ...
+    queue_unserved: bool
+    def __init__(self, id: _Optional[str] = ..., created: bool = ..., queue_unserved: bool = ...) -> None: ...
 
 class SubmitJobsRequest(_message.Message):
     __slots__ = ["jobs"]

@@ -104,6 +104,11 @@ class SchedulerStub(object):
                 request_serializer=dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleRequest.SerializeToString,
                 response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleResponse.FromString,
                 )
+        self.JobActivity = channel.unary_unary(
+                '/dtsd.v1.Scheduler/JobActivity',
+                request_serializer=dtsd_dot_v1_dot_dtsd__pb2.JobActivityRequest.SerializeToString,
+                response_deserializer=dtsd_dot_v1_dot_dtsd__pb2.JobActivityResponse.FromString,
+                )
 
 
 class SchedulerServicer(object):
@@ -221,6 +226,13 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JobActivity(self, request, context):
+        """Throughput and failures over the last minutes, for the web UI's overview.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -313,6 +325,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.PreviewSchedule,
                     request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleRequest.FromString,
                     response_serializer=dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleResponse.SerializeToString,
+            ),
+            'JobActivity': grpc.unary_unary_rpc_method_handler(
+                    servicer.JobActivity,
+                    request_deserializer=dtsd_dot_v1_dot_dtsd__pb2.JobActivityRequest.FromString,
+                    response_serializer=dtsd_dot_v1_dot_dtsd__pb2.JobActivityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -627,5 +644,22 @@ class Scheduler(object):
         return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/PreviewSchedule',
             dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleRequest.SerializeToString,
             dtsd_dot_v1_dot_dtsd__pb2.PreviewScheduleResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def JobActivity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/dtsd.v1.Scheduler/JobActivity',
+            dtsd_dot_v1_dot_dtsd__pb2.JobActivityRequest.SerializeToString,
+            dtsd_dot_v1_dot_dtsd__pb2.JobActivityResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -123,8 +123,10 @@ def seed_variables() -> list[tuple[str, str]]:
 
 
 def signal_table() -> list[tuple[str, str]]:
-    """The master docstring's table: `    TERM, INT   graceful stop ...`."""
-    rows = re.findall(r"^    ([A-Z0-9]+(?:, [A-Z0-9]+)*) {2,}(.+)$", master.__doc__ or "", re.M)
+    """The master docstring's table: `    TERM, INT   graceful stop ...`, a row's text
+    going on in the lines indented to it."""
+    rows = [(names, " ".join(text.split())) for names, text in re.findall(
+        r"^    ([A-Z0-9]+(?:, [A-Z0-9]+)*) {2,}(.+(?:\n {8,}\S.*)*)$", master.__doc__ or "", re.M)]
     if not rows:
         sys.exit("mkman: found no signal table in dtsd.master's docstring")
     return rows
@@ -165,8 +167,13 @@ def dtsd_page() -> list[str]:
         "failing to start is given up (FATAL) while the rest of the node serves on."),
         ".PP", esc(
         "Jobs are shell commands (`[worker] shell -c COMMAND`). Each runs in its own session "
-        "and process group, with a clean environment, standard input from /dev/null and "
-        "the user and sandbox of the daemon.")]
+        "and process group, with a clean environment, standard input from /dev/null, a "
+        "private TMPDIR, and not as the daemon's user: as a job slot user of its own, one "
+        f"uid of `[worker] job_uids` ({default('worker', 'job_uids')}) per job running at "
+        "once (dtsd-job-0, dtsd-job-1 ... from the package), with the groups of `[worker] "
+        f"job_user` ({default('worker', 'job_user') or 'none'}), no capability in any set and "
+        "no_new_privs, under `[worker] limits`. So a job can neither signal, trace nor read "
+        "another job, nor read the configuration or the tokens, nor write to dtsd's directories.")]
     out += [".SH OPTIONS"] + options(group, ctx)
     out += [".SH COMMANDS"] + verbs(group, ctx, "dtsd")
     out += [".SH SIGNALS", "The master acts on these signals; handlers only wake its loop."]
@@ -186,20 +193,24 @@ def dtsd_page() -> list[str]:
         f"`[worker] kill_grace` ({kill_grace}) after that. The master pings the watchdog from "
         "its loop. Its log goes to the journal: `journalctl -u dtsd`."),
         ".PP", esc(
-        "The unit is sandboxed, and jobs run inside the sandbox: they may use the network and "
-        f"write to the state directory /var/lib/dtsd, to {runtime_dir} and to a /tmp and "
-        "/var/tmp private to the service; the rest of the file system is read-only, /home is "
-        "hidden, and no job can gain privileges. "
+        "The unit is sandboxed, and jobs run inside the sandbox too, as their slot users: "
+        "they may use the network and write to the /tmp and /var/tmp private to the service "
+        "(each job gets a private TMPDIR there); /var/lib/dtsd (0750) and "
+        f"{runtime_dir} belong to dtsd and are not theirs to write, the rest of the file "
+        "system is read-only, /home, /root and /run/user are hidden, other users' processes "
+        "are hidden in /proc, and no job can gain privileges. "
         "/usr/share/doc/dtsd/examples/relax-hardening.conf is a drop-in for "
         "/etc/systemd/system/dtsd.service.d/ that loosens the sandbox, line by line.")]
     out += [".SH EXIT STATUS", esc(
         "0 after a requested stop (and for --check-config on a valid file, 1 on an error). "
         f"{child.EXIT_CONFIG} (EX_CONFIG) when the master refuses the configuration: it does "
         "not parse, or a start check fails (exposure, secrets, unreadable files, the job "
-        f"user), or a child exits {child.EXIT_CONFIG} before the node was first ready. "
-        "1 when it stops on its own for another reason: the listen address in use, a failed "
-        f"migration, a child exiting {child.EXIT_BOOT} (cannot start) before the node was "
-        "first ready.")]
+        f"user), or a child exits {child.EXIT_CONFIG} before the node was first ready; also "
+        "when the PostgreSQL database or role of `[postgres] dsn` does not exist (the log "
+        "names the createuser and createdb commands that create them). "
+        "1 when it stops on its own for another reason: the listen address in use, "
+        "PostgreSQL unreachable or another failed migration, a child exiting "
+        f"{child.EXIT_BOOT} (cannot start) before the node was first ready.")]
     out += [".SH ENVIRONMENT", ".TP", "\\fBDTSD_CONFIG\\fR",
             esc(f"The configuration file when -c is not given (default {config.DEFAULT_PATH})."),
             ".PP", "The seed's variables override the file when set and not empty:"]
@@ -229,9 +240,9 @@ def dtsctl_page() -> list[str]:
             "\\fBdtsctl\\fR [\\fIGLOBAL OPTIONS\\fR] \\fIVERB\\fR [\\fIOPTIONS\\fR] "
             "[\\fIARGS\\fR]",
             ".SH DESCRIPTION", esc(
-                "dtsctl talks to the gRPC API of dtsd servers. Global options come before the "
-                "verb; `-o json` may come before or after it. `dtsctl VERB --help` prints a "
-                "verb's help.")]
+                "dtsctl talks to the gRPC API of dtsd servers. Global options may come before "
+                "or after the verb (after `submit` and `cron add`, `--timeout` is the job's "
+                "timeout). `dtsctl VERB --help` prints a verb's help.")]
     # The module docstring: which servers, exit codes, the JSON fields. Its title, usage
     # line and list of verbs are what NAME, SYNOPSIS and COMMANDS show.
     sections = {"Which servers": "SERVERS", "Exit codes": "EXIT STATUS",
@@ -257,10 +268,19 @@ def dtsctl_page() -> list[str]:
     for name, text in (("DTSD_SERVERS", "As --servers."), ("SERVERS", "As --servers (the seed's name)."),
                        ("SUBMIT_SERVER", "As --submit-server."),
                        ("STATUS_SERVERS", "As --status-servers."),
-                       ("DTSD_CONFIG", f"As -c (default {config.DEFAULT_PATH}, when readable).")):
+                       ("DTSD_CONFIG", f"As -c (default {config.DEFAULT_PATH}, when readable)."),
+                       ("DTSD_TOKEN", "As --token."), ("DTSD_TOKEN_FILE", "As --token-file."),
+                       ("GRPC_VERBOSITY", "gRPC's own logging; dtsd sets NONE unless it is set.")):
         out += [".TP", f"\\fB{name}\\fR", opt(text)]
+    # What dtsctl reads of the file, from the code that reads it (dtsd.cli.CLIENT_KEYS).
+    read = ", ".join(f"[{section}] {key}" for section, key in dtsctl.CLIENT_KEYS)
     out += [".SH FILES", ".TP", esc(config.DEFAULT_PATH),
-            "Its [client] section: servers and timeout (see \\fBdtsd.ini\\fR(5)).",
+            esc(f"dtsctl reads {read} (see `dtsd.ini`(5)); an error elsewhere in the "
+                "file is only warned about."),
+            ".TP", esc("/usr/share/bash-completion/completions/dtsctl"),
+            esc("Completion for bash; zsh and fish get theirs in "
+                "/usr/share/zsh/vendor-completions/_dtsctl and "
+                "/usr/share/fish/vendor_completions.d/dtsctl.fish."),
             ".SH SEE ALSO", "\\fBdtsd\\fR(8), \\fBdtsd.ini\\fR(5)"]
     return out
 

@@ -4,19 +4,22 @@
 #   tests/deb/run-test.sh build/deb/dtsd_0.1.0_all.deb
 #
 # 1. The install section's install block, as written: apt installs PostgreSQL, Redis, etcd
-#    and the .deb, every dependency from the Debian archive. Nothing starts dtsd.
+#    and the .deb, every dependency from the Debian archive. Nothing starts dtsd, and the
+#    postinst says so; README.Debian holds every command of the first-start block.
 # 2. Its first-start block, as written: `systemctl start dtsd` returns after READY, the
 #    unit is active, `systemctl status` shows the STATUS= line.
 # 3. `dtsctl status` shows the node and its children; a job runs as a slot user dtsd-job-N
 #    (never root, without privileges), cannot see or signal another job, cannot reach Redis,
 #    and leaves nothing behind after setsid; the seed's jobs.json submits and completes.
 # 4. Another [worker] processes and the reload block: the count changes, the unit stays
-#    active, a running job survives; a reload to an exposed address is refused and
-#    `systemctl reload` fails. `systemctl stop` drains; the journal holds the log.
+#    active, a running job survives; a reload to an exposed address or of a file that does
+#    not parse is refused and `systemctl reload` fails; a reload back to 2 workers returns
+#    only once the third has drained. `systemctl stop` drains; the journal holds the log.
 # 5. A broken file exits 78 and is not restarted. `kill -9` of the master: systemd
 #    restarts it and the queued jobs complete. Then the documented drop-in that loosens
 #    the sandbox takes effect.
-# 6. The purge block: no configuration, state, unit or process is left.
+# 6. `dtsd token add`, then the purge block: no configuration, tokens file, state, unit or
+#    process is left.
 #
 # The install section is the one headed "## Install on Debian 12" in README.md; its blocks are the ```sh fences that follow
 # `<!-- test-deb: NAME -->` markers. They run as root in the container, in the directory
@@ -260,8 +263,19 @@ note "container up: systemd pid $CT_PID on the host, $(ct systemctl is-system-ru
 
 # --- 1 ------------------------------------------------------------------------------------
 say "1. the install block: PostgreSQL, Redis, etcd and the .deb, offline from the fetched archive"
-quiet '^(Selecting|Preparing|Unpacking|Setting up|Processing|\(Reading|Get:|debconf: )' ct_sh "bash -eux install.sh" ||
+install_out=$(quiet '^(Selecting|Preparing|Unpacking|Setting up|Processing|\(Reading|Get:|debconf: )' ct_sh "bash -eux install.sh") ||
 	fail "the install block failed"
+printf '%s\n' "$install_out"
+grep -F "dtsd is installed and enabled, but not started" <<<"$install_out" >/dev/null &&
+	grep -F "/usr/share/doc/dtsd/README.Debian" <<<"$install_out" >/dev/null ||
+	fail "postinst did not say that dtsd is not started and where the first start is"
+# README.Debian gives the first-start block of the README, command for command.
+readme_debian=$(ct sh -c 'zcat -f /usr/share/doc/dtsd/README.Debian*')
+while IFS= read -r line; do
+	grep -F -- "${line#sudo }" <<<"$readme_debian" >/dev/null ||
+		fail "README.Debian lacks the first-start line: $line"
+done < <(block first-start)
+note "postinst says dtsd is not started; README.Debian holds every first-start command"
 ct_sh "dpkg-query -W -f='\${Package} \${Version} \${Status}\n' dtsd postgresql redis-server etcd-server"
 ct_sh "apt-cache policy dtsd"
 [ "$(ct systemctl is-active dtsd || true)" = inactive ] || fail "installing started dtsd"
@@ -435,7 +449,30 @@ note "reload to 0.0.0.0:50051 refused: ReloadResult=$(ct systemctl show -p Reloa
 [ "$(ct dtsctl -o json status | ct python3 "$CT_DIR/jsonq.py" 'len(d["nodes"])')" = 1 ] ||
 	fail "dtsctl status does not answer on 127.0.0.1 after the refused reload"
 ct sed -i 's/^listen = 0.0.0.0:50051$/;listen = 127.0.0.1:50051/' /etc/dtsd/dtsd.ini
+# A file that does not parse: refused the same way, `systemctl reload` fails.
+ct sed -i '/^\[worker\]/,/^\[/ s/^processes = 3$/processes = many/' /etc/dtsd/dtsd.ini
+if ct systemctl reload dtsd; then fail "a reload with [worker] processes = many succeeded"; fi
+reload_result=$(ct systemctl show -p ReloadResult --value dtsd)
+note "reload with [worker] processes = many: ReloadResult=$reload_result, unit $(ct systemctl is-active dtsd)"
+[ "$reload_result" = exit-code ] || fail "a refused reload left ReloadResult=$reload_result"
+errors=$(ct journalctl -u dtsd -p err -o cat --no-pager)
+grep -F "[worker] processes: not a whole number: 'many'" <<<"$errors" >/dev/null ||
+	fail "the journal does not say why the reload with processes = many was refused"
+[ "$(ct systemctl is-active dtsd)" = active ] || fail "dtsd is not active after a refused reload"
+# Back to 2 workers while jobs run: `systemctl reload` returns only once the worker that
+# goes has drained and exited (it returned at once, with the status still 'reloading').
+# (dtsctl reads dtsd.ini too, and refuses a file that does not parse: fixed first.)
+ct sed -i '/^\[worker\]/,/^\[/ s/^processes = many$/;processes = 2/' /etc/dtsd/dtsd.ini
+for _ in 1 2 3 4 5 6; do ct dtsctl submit -- 'sleep 4' >/dev/null; done
+reload_start=$(date +%s.%N)
 ct systemctl reload dtsd || fail "the reload back to the shipped file failed"
+reload_took=$(awk -v a="$reload_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+at_return=$(ct python3 -c 'import json; r = json.load(open("/run/dtsd/node.json")); print(r["state"], sorted(c["role"] + ":" + c["state"] for c in r["children"] if c["role"] == "worker"))')
+note "reload to 2 workers returned after ${reload_took}s: node $at_return; STATUS=$(status_text)"
+[ "$at_return" = "running ['worker:RUNNING', 'worker:RUNNING']" ] ||
+	fail "systemctl reload returned before the reload was done: $at_return"
+case "$(status_text)" in reloading*) fail "STATUS= still says reloading after systemctl reload returned" ;; esac
+[ "$(ct systemctl show -p ReloadResult --value dtsd)" = success ] || fail "ReloadResult is not success"
 stamped=$(ct journalctl -u dtsd -o cat --no-pager | grep -cE '^20[0-9]{2}-[0-9]{2}-[0-9]{2} ' || true)
 [ "$stamped" = 0 ] || fail "$stamped journal line(s) of dtsd carry a timestamp of their own"
 
@@ -500,7 +537,13 @@ ct_sh "mkdir -p /etc/systemd/system/dtsd.service.d
 	fail "dtsd does not run with relax-hardening.conf"
 
 # --- 6 ------------------------------------------------------------------------------------
-say "6. the purge block"
+say "6. the purge block, after \`dtsd token add\` made /etc/dtsd/tokens and /run/dtsd/tokens.lock"
+# As the README's Security section has it, with the service stopped: the lock in /run/dtsd
+# then outlives the service's runtime directory.
+ct systemctl stop dtsd
+printf '[server]\ntokens_file = /etc/dtsd/tokens\n' >"$WORK/root$CT_DIR/tokens.ini"
+ct dtsd token add purge-check --role read -c "$CT_DIR/tokens.ini" >/dev/null
+ct_sh "ls -l /etc/dtsd/tokens /run/dtsd/tokens.lock"
 quiet '^\(Reading' ct_sh "bash -eux purge.sh" || fail "the purge block failed"
 ct_sh "refute 'dpkg-query -W -f=\${db:Status-Abbrev} dtsd 2>/dev/null | grep -E ^i'
 	refute '[ -e /etc/dtsd ] || [ -e /var/lib/dtsd ] || [ -e /run/dtsd ]'
