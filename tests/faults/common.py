@@ -168,3 +168,26 @@ def submit(stub, command: str, key: str, deadline: float = 60.0, **spec) -> tupl
                                   grpc.StatusCode.DEADLINE_EXCEEDED) or time.monotonic() > end:
                 raise
             time.sleep(0.2)
+
+
+def submit_stream(stub, ledger: Path, count: int, pause: float = 0.0
+                  ) -> tuple[list[str], int, float]:
+    """`count` ledger jobs submitted one after another like a careful client (see `submit`):
+    (their ids, how many tries were retries, the slowest submit in seconds)."""
+    ids, tries, slowest = [], 0, 0.0
+    for n in range(count):
+        started = time.monotonic()
+        job_id, took = submit(stub, ledger_command(ledger), f"k{n}")
+        slowest = max(slowest, time.monotonic() - started)
+        ids.append(job_id)
+        tries += took
+        time.sleep(pause)
+    return ids, tries - count, slowest
+
+
+def settle(dsn: str, ids: list[str], ledger: Path, timeout: float = 60) -> Tally:
+    """Wait for every job to end, then count."""
+    from tests.helpers import wait_for
+    wait_for(lambda: all_ended(dsn, ids), timeout=timeout, interval=0.5,
+             message=lambda: f"every job to end: {statuses(dsn, ids)}")
+    return tally(dsn, ids, ledger)

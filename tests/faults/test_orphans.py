@@ -19,9 +19,9 @@ import pytest
 
 from dtsd.child import COORDINATOR_STOPWAIT
 from dtsd.master import STOP_MARGIN
-from tests.conftest import DtsdFactory
-from tests.faults.common import alive, children, descendants, measure, pids_running
-from tests.helpers import PostgresServer, wait_for
+from tests.faults.common import (Tally, alive, all_running, children, descendants, measure,
+                                 pids_running)
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,56 +35,39 @@ NODE = {"server": {"processes": 1, "startsecs": "0", "stopwaitsecs": f"{STOPWAIT
         "dtsd": {"housekeeping_interval": "200ms", "reconcile_interval": "1s"}}
 
 
-@pytest.fixture
-def own_postgres():
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-
-
 @pytest.mark.parametrize("stores", ["stopped", "up"])
-def test_children_of_a_killed_master_exit_in_bounded_time_and_leave_no_job(
-        request, own_postgres, redis, stores):
-    dsn = own_postgres.create_database(f"t_{secrets.token_hex(6)}")
-    factory = DtsdFactory(request, dsn, redis)
-    try:
-        master = factory(NODE)
-        wait_for(lambda: len(children(master)) >= 3 and
-                 all(c["state"] == "RUNNING" for c in children(master)),
-                 timeout=30, message="every child RUNNING")
-        marker = f"{secrets.randbelow(10**6) + 10**6}.5"     # a unique `sleep` argument
-        submitted = master.dtsctl("submit", "--", "sleep", marker)
-        assert submitted.returncode == 0, submitted.stderr
-        wait_for(lambda: pids_running(f"sleep {marker}"), timeout=20,
-                 message="the job to run")
-        kids = [c["pid"] for c in children(master)]
-        tree = descendants(master.pid)
+def test_children_of_a_killed_master_exit_in_bounded_time_and_leave_no_job(rig, report,
+                                                                          stores):
+    master = rig.node(NODE)
+    wait_for(lambda: all_running(master, 3), timeout=30, message="every child RUNNING")
+    marker = f"{secrets.randbelow(10**6) + 10**6}.5"     # a unique `sleep` argument
+    submitted = master.dtsctl("submit", "--", "sleep", marker)
+    assert submitted.returncode == 0, submitted.stderr
+    wait_for(lambda: pids_running(f"sleep {marker}"), timeout=20,
+             message="the job to run")
+    kids = [c["pid"] for c in children(master)]
+    tree = descendants(master.pid)
 
-        os.kill(master.pid, signal.SIGKILL)
-        master.proc.wait(10)
-        killed = time.monotonic()
-        if stores == "stopped":
-            redis.stop()
-            own_postgres.stop()
+    os.kill(master.pid, signal.SIGKILL)
+    master.proc.wait(10)
+    killed = time.monotonic()
+    if stores == "stopped":
+        rig.redis.stop()
+        rig.pg.stop()
 
-        took = measure(lambda: not any(alive(pid) for pid in tree), timeout=BOUND + 20)
-        left = [pid for pid in tree if alive(pid)]
-        job_left = pids_running(f"sleep {marker}")
-        # Whatever is left dies now, so that a failure leaves nothing running.
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        print(f"orphans ({stores} stores): every process gone after "
-              f"{'never' if took is None else f'{took:.1f}s'} (bound {BOUND:.0f}s)")
-        assert took is not None and took <= BOUND, (
-            f"children {kids}: still alive {BOUND + 20:.0f}s after the master's KILL: {left}"
-            f"\n{master.log()[-5000:]}")
-        assert not job_left, "the job outlived its worker"
-        assert time.monotonic() - killed <= BOUND + 21
-    finally:
-        factory.stop_all()
+    took = measure(lambda: not any(alive(pid) for pid in tree), timeout=BOUND + 20)
+    left = [pid for pid in tree if alive(pid)]
+    job_left = pids_running(f"sleep {marker}")
+    # Whatever is left dies now, so that a failure leaves nothing running.
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    report(Tally(submitted=1, detail={"processes left": len(left), "job left": len(job_left)}),
+           gone_after=-1.0 if took is None else took, bound=BOUND)
+    assert took is not None and took <= BOUND, (
+        f"children {kids}: still alive {BOUND + 20:.0f}s after the master's KILL: {left}"
+        f"\n{master.log()[-5000:]}")
+    assert not job_left, "the job outlived its worker"
+    assert time.monotonic() - killed <= BOUND + 21

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tests.faults.common import (all_ended, all_running, api, ledger_command, ledger_runs,
-                                 measure, statuses, submit, tally)
+from tests.faults.common import (all_running, api, ledger_command, ledger_runs, measure,
+                                 settle, statuses, submit, submit_stream)
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -28,8 +28,12 @@ def running(dsn: str, ids: list[str]) -> int:
     return sum(1 for s in statuses(dsn, ids).values() if s == "RUNNING")
 
 
-def serving_again(master) -> bool:
-    return master.dtsctl("--timeout", "5", "submit", "--", "true").returncode == 0
+def serving_again(master) -> float:
+    """Seconds until a submit is accepted again (at most 30)."""
+    took = measure(lambda: master.dtsctl("--timeout", "5", "submit", "--", "true")
+                   .returncode == 0, timeout=30)
+    assert took is not None, "no submit accepted 30 s after PostgreSQL came back"
+    return took
 
 
 def test_postgres_restart_while_jobs_run_and_finish(rig, report):
@@ -52,11 +56,8 @@ def test_postgres_restart_while_jobs_run_and_finish(rig, report):
     ended_meanwhile = len(ledger_runs(rig.ledger)) - ended_before
     rig.pg.resume()
     back = time.monotonic()
-    recovery = measure(lambda: serving_again(master), timeout=30)
-    assert recovery is not None, "no submit accepted 30 s after PostgreSQL came back"
-    wait_for(lambda: all_ended(rig.dsn, ids), timeout=60, interval=0.5,
-             message="every job to end")
-    counts = tally(rig.dsn, ids, rig.ledger)
+    recovery = serving_again(master)
+    counts = settle(rig.dsn, ids, rig.ledger)
     counts.detail["ended during the outage"] = ended_meanwhile
     report(counts, outage=back - down, refused_in=answered, recovery=recovery)
     assert counts.lost == 0 and counts.completed == len(ids)
@@ -82,11 +83,8 @@ def test_postgres_blackholed_nothing_hangs(rig, report):
         assert "PostgreSQL is unreachable" in refused.stderr, refused.stderr
     rig.pg_link.heal()
     healed = time.monotonic()
-    recovery = measure(lambda: serving_again(master), timeout=30)
-    assert recovery is not None, "no submit accepted 30 s after the link healed"
-    wait_for(lambda: all_ended(rig.dsn, ids), timeout=60, interval=0.5,
-             message="every job to end")
-    counts = tally(rig.dsn, ids, rig.ledger)
+    recovery = serving_again(master)
+    counts = settle(rig.dsn, ids, rig.ledger)
     report(counts, outage=healed - cut, slowest_refusal=max(answers), recovery=recovery)
     assert max(answers) < ANSWER_BOUND, f"refusals took {answers}"
     assert "silent for" not in master.log(), "a child hung until the master killed it"
@@ -102,17 +100,9 @@ def test_postgres_slow_and_lossy_link(rig, report):
     stub = api(master)
     rig.pg_link.delay(0.05)              # 50 ms each way, per chunk
     rig.pg_link.drop_every(3.0)          # and every connection is cut (RST) after 3 s
-    ids, tries, slowest = [], 0, 0.0
-    for n in range(30):
-        started = time.monotonic()
-        job_id, took = submit(stub, ledger_command(rig.ledger), f"k{n}")
-        slowest = max(slowest, time.monotonic() - started)
-        ids.append(job_id)
-        tries += took
-    wait_for(lambda: all_ended(rig.dsn, ids), timeout=120, interval=0.5,
-             message="every job to end")
-    counts = tally(rig.dsn, ids, rig.ledger)
-    counts.detail = {"retried submits": tries - len(ids), "connections cut": rig.pg_link.cut}
+    ids, retried, slowest = submit_stream(stub, rig.ledger, 30)
+    counts = settle(rig.dsn, ids, rig.ledger, timeout=120)
+    counts.detail = {"retried submits": retried, "connections cut": rig.pg_link.cut}
     report(counts, slowest_submit=slowest)
     assert len(set(ids)) == len(ids)
     assert counts.lost == 0 and counts.completed == len(ids)

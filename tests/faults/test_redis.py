@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import pytest
 
-from tests.faults.common import (all_ended, all_running, api, ledger_command, ledger_runs,
-                                 measure, statuses, submit, tally)
+from tests.faults.common import (all_ended, all_running, api, ledger_command, settle,
+                                 statuses, submit, submit_stream, tally)
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -100,18 +99,9 @@ def test_redis_slow_and_lossy_link(rig, report):
     stub = api(master)
     rig.redis_link.delay(0.05)
     rig.redis_link.drop_every(1.0)      # every connection is cut (RST) after 1 s
-    ids, tries, slowest = [], 0, 0.0
-    for n in range(30):
-        started = time.monotonic()
-        job_id, took = submit(stub, ledger_command(rig.ledger), f"k{n}")
-        slowest = max(slowest, time.monotonic() - started)
-        ids.append(job_id)
-        tries += took
-        time.sleep(0.1)
-    wait_for(lambda: all_ended(rig.dsn, ids), timeout=120, interval=0.5,
-             message="every job to end")
-    counts = tally(rig.dsn, ids, rig.ledger)
-    counts.detail = {"retried submits": tries - len(ids), "connections cut": rig.redis_link.cut}
+    ids, retried, slowest = submit_stream(stub, rig.ledger, 30, pause=0.1)
+    counts = settle(rig.dsn, ids, rig.ledger, timeout=120)
+    counts.detail = {"retried submits": retried, "connections cut": rig.redis_link.cut}
     report(counts, slowest_submit=slowest)
     assert counts.lost == 0 and counts.completed == len(ids)
     assert counts.run_twice == 0
