@@ -549,6 +549,22 @@ class Store:
                 {"ids": list(ids), "worker": worker}).fetchall()
         return [Claimed(*row) for row in rows]
 
+    def claimed_by(self, ids: Sequence[str], worker: str) -> list[Claimed]:
+        """Those of `ids` that `worker` holds RUNNING with their attempt still open, as
+        `claim` returned them: what a claim committed when its answer was lost."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                """SELECT j.id, j.command, j.env, j.cwd, j.timeout, j.attempts, j.failures,
+                          j.max_retries, j.queue, j.priority, j.limits, j.name,
+                          extract(epoch FROM now() - greatest(j.created_at, j.run_at))
+                              ::float8 AS waited,
+                          cardinality(j.notify) > 0 AS notified
+                   FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.attempt = j.attempts
+                   WHERE j.id = ANY(%(ids)s) AND j.status = 'RUNNING' AND j.worker = %(worker)s
+                     AND a.worker = %(worker)s AND a.finished_at IS NULL""",
+                {"ids": list(ids), "worker": worker}).fetchall()
+        return [Claimed(*row) for row in rows]
+
     def finish(self, outcomes: Sequence[Outcome]) -> set[str]:
         """Record a batch of finished attempts; returns the ids whose job row changed.
 

@@ -87,6 +87,7 @@ class Worker:
         self.give_up = threading.Event()          # stopping, and the stores had their time
         self.done = threading.Event()             # threads may go
         self.todo: queuemod.SimpleQueue[Claimed | None] = queuemod.SimpleQueue()
+        self.unsure: set[str] = set()             # ids of claims whose answer was lost
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -195,13 +196,27 @@ class Worker:
                 backoff = min(5.0, backoff * 2)
 
     def _claim_strays(self) -> None:
-        """Take the ids a failed round left in this worker's processing list.
+        """Take what a failed round left to this worker without telling it.
+
+        A claim whose statement committed but whose answer was lost (the connection cut
+        in between) left its jobs RUNNING under this worker's live lease: nobody would
+        run or recover them, so they stayed RUNNING for good. They are found by their open
+        attempt and run now.
 
         A connection cut after the fetch's script ran, before its reply came, leaves ids
-        there that this worker never saw: nobody else takes them while it lives (the
-        leader drops only dead workers' lists), and the reconciler counts them as held, so
-        their jobs stayed PENDING for good. They are claimed as a fetch's would be (only
-        PENDING jobs are; the others are let go)."""
+        in the processing list that this worker never saw: nobody else takes them while it
+        lives (the leader drops only dead workers' lists), and the reconciler counts them
+        as held, so their jobs stayed PENDING for good. They are claimed as a fetch's
+        would be (only PENDING jobs are; the others are let go)."""
+        if self.unsure:
+            found = self.store.claimed_by(sorted(self.unsure), self.id)
+            self.unsure.clear()
+            if found:
+                log.warning("starting %d job(s) claimed by a round whose answer was lost",
+                            len(found))
+                self._start(found)
+                for job in found:
+                    self.todo.put(job)
         held = self.queue.processing_ids(self.id)
         with self.lock:
             mine = set(self.running)
@@ -214,13 +229,15 @@ class Worker:
         try:
             claimed = self.store.claim(ids, self.id)
         except Exception:
-            # PostgreSQL refused: let go of the ids; the reconciler pushes them again.
+            # PostgreSQL refused: let go of the ids; the reconciler pushes them again. If
+            # the claim committed and only its answer was lost, the jobs are RUNNING here
+            # and nobody else will take them: the next round looks (`_claim_strays`).
+            self.unsure.update(ids)
             self.queue.ack(self.id, ids)
             raise
         mine = {job.id for job in claimed}
         unclaimed = [job_id for job_id in ids if job_id not in mine]
-        with self.lock:
-            self.starting += len(claimed)
+        self._start(claimed)
         # Let go of the ids not claimed (done, cancelled or running elsewhere) and tell
         # watchers the claimed ones run (before they can end), in one round trip.
         events = [(job.id, Event("state", attempt=job.attempt, status=JobStatus.RUNNING))
@@ -233,10 +250,16 @@ class Worker:
             log.debug("RUNNING events not published: %s", exc)
         finally:
             for job in claimed:
-                queue = metrics.queue_label(job.queue)
-                metrics.JOBS_STARTED.labels(queue).inc()
-                metrics.JOB_WAIT.labels(queue).observe(max(0.0, job.waited))
                 self.todo.put(job)
+
+    def _start(self, claimed: list[Claimed]) -> None:
+        """Count `claimed` as starting (the job threads take them from `todo`)."""
+        with self.lock:
+            self.starting += len(claimed)
+        for job in claimed:
+            queue = metrics.queue_label(job.queue)
+            metrics.JOBS_STARTED.labels(queue).inc()
+            metrics.JOB_WAIT.labels(queue).observe(max(0.0, job.waited))
 
     def _job_thread(self, slot: int) -> None:
         while True:

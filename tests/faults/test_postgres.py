@@ -102,7 +102,9 @@ def test_postgres_slow_and_lossy_link(rig, report):
     rig.pg_link.drop_every(3.0)          # and every connection is cut (RST) after 3 s
     ids, retried, slowest = submit_stream(stub, rig.ledger, 30)
     counts = settle(rig.dsn, ids, rig.ledger, timeout=120)
-    counts.detail = {"retried submits": retried, "connections cut": rig.pg_link.cut}
+    counts.detail = {"retried submits": retried, "connections cut": rig.pg_link.cut,
+                     "claims whose answer was lost": master.log().count(
+                         "claimed by a round whose answer was lost")}
     report(counts, slowest_submit=slowest)
     assert len(set(ids)) == len(ids)
     assert counts.lost == 0 and counts.completed == len(ids)

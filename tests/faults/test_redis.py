@@ -101,7 +101,9 @@ def test_redis_slow_and_lossy_link(rig, report):
     rig.redis_link.drop_every(1.0)      # every connection is cut (RST) after 1 s
     ids, retried, slowest = submit_stream(stub, rig.ledger, 30, pause=0.1)
     counts = settle(rig.dsn, ids, rig.ledger, timeout=120)
-    counts.detail = {"retried submits": retried, "connections cut": rig.redis_link.cut}
+    counts.detail = {"retried submits": retried, "connections cut": rig.redis_link.cut,
+                     "fetches whose reply was lost": master.log().count(
+                         "a failed fetch left in this worker's list")}
     report(counts, slowest_submit=slowest)
     assert counts.lost == 0 and counts.completed == len(ids)
     assert counts.run_twice == 0
