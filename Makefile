@@ -53,7 +53,8 @@ UNIT_EXPOSURE_MAX := 30
 DEB_VERSION       = $(shell dpkg-parsechangelog -l packaging/debian/changelog -S Version)
 
 # $(call apt-install-missing,PACKAGES): install those not installed yet, without letting
-# their maintainer scripts start daemons (as in `deps`).
+# their maintainer scripts start daemons (as in `deps`), and without leaving the services
+# they enabled to start at boot (the ones enabled by this install are disabled again).
 define apt-install-missing
 	@missing=""; \
 	for pkg in $(1); do \
@@ -70,13 +71,21 @@ define apt-install-missing
 			printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee "$$policy" >/dev/null && \
 			$(SUDO) chmod 755 "$$policy" || exit 1; \
 		fi; \
+		enabled() { command -v systemctl >/dev/null && systemctl list-unit-files \
+			--type=service --state=enabled --no-legend 2>/dev/null | awk '{print $$1}' | sort; }; \
+		before=$$(enabled); \
 		$(SUDO) apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y --no-install-recommends $$missing; \
+			apt-get install -y --no-install-recommends $$missing || exit 1; \
+		new=$$(comm -13 <(echo "$$before") <(enabled) | tr '\n' ' '); \
+		if [ -n "$${new// /}" ]; then \
+			echo "not starting at boot what this install enabled: $$new(systemctl enable NAME undoes it)"; \
+			$(SUDO) systemctl disable --quiet $$new 2>/dev/null || true; \
+		fi; \
 	fi
 endef
 
-.PHONY: help deps proto proto-check test test-pypi run bench bench-peers bench-scale clean deb lint-deb test-deb
+.PHONY: help deps proto proto-check test test-pypi test-faults run bench bench-peers bench-scale clean deb lint-deb test-deb
 
 help: ## list the targets
 	@echo "dtsd make targets:"
@@ -90,7 +99,9 @@ deps: ## install the Debian packages dtsd needs and tests use (only the missing 
 	@# Installing supervisor, prometheus, redis-server, postgresql-15 or etcd-server on a host
 	@# with a running init would start system daemons (a second supervisord, a Prometheus
 	@# on :9090, ...): a policy-rc.d that exits 101 forbids that for the install; it is
-	@# created only if absent and removed again afterwards.
+	@# created only if absent and removed again afterwards. Their packages also enable them
+	@# at boot: the services this install enabled are disabled again (`systemctl enable
+	@# --now NAME` if you want one as a system service).
 	$(call apt-install-missing,$(DEB_PACKAGES) supervisor)
 
 proto: ## regenerate the committed gRPC stubs from proto/ with Debian's compilers
@@ -110,8 +121,15 @@ proto-check: ## fail if regenerating the stubs would change the committed ones
 		exit 1; \
 	fi
 
+# The fault scenarios (tests/faults/) have a target of their own: `make test` and
+# `make test-pypi` leave them out when they run the whole of tests/.
+NO_FAULTS = $(if $(filter tests tests/,$(TESTS)),--ignore=tests/faults)
+
 test: deps proto-check ## run the suite on Debian's Python and packages
-	$(PYTHON) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(TESTS) $(NO_FAULTS) $(PYTEST_ARGS)
+
+test-faults: deps ## stores restarted, blackholed, slow; clock skew, OOM, failover, orphans (tests/faults)
+	$(PYTHON) -m pytest -q tests/faults $(PYTEST_ARGS)
 
 # The venv is (re)filled when pyproject.toml, setup.cfg or this Makefile change;
 # `rm -rf $(VENV)` (or `make clean`) fetches the newest releases again.
@@ -127,7 +145,7 @@ $(VENV)/.stamp: pyproject.toml setup.cfg Makefile
 	@touch "$@"
 
 test-pypi: deps $(VENV)/.stamp ## run the suite on the newest PyPI releases (venv .venv-pypi)
-	PYTHONPATH="$(CURDIR)" "$(VENV)/bin/python" -m pytest -q $(TESTS) $(PYTEST_ARGS)
+	PYTHONPATH="$(CURDIR)" "$(VENV)/bin/python" -m pytest -q $(TESTS) $(NO_FAULTS) $(PYTEST_ARGS)
 
 run: deps ## run a private PostgreSQL + Redis under .run/ and dtsd in the foreground
 	scripts/dev-run
@@ -204,14 +222,19 @@ test-deb: deb lint-deb ## install, run, reload, kill and purge the .deb on syste
 	$(SUDO) tests/deb/run-test.sh "$(DEB_DIR)/dtsd_$(DEB_VERSION)_all.deb"
 
 clean: ## remove .run/ (stopping its servers), the PyPI and peers venvs and caches
+	@# .run/pg may point to /var/tmp/dtsd-dev-HASH (scripts/dev-run, as root under /root).
 	@if [ -f .run/pg/postmaster.pid ]; then \
 		echo "clean: stopping the PostgreSQL of .run/"; \
+		data=$$(readlink -f .run/pg); \
 		if [ "$$(id -u)" = 0 ]; then \
-			runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$(CURDIR)/.run/pg" -m fast -w stop || true; \
+			(cd "$$(dirname "$$data")" && runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D "$$data" -m fast -w stop) || true; \
 		else \
-			/usr/lib/postgresql/15/bin/pg_ctl -D .run/pg -m fast -w stop || true; \
+			/usr/lib/postgresql/15/bin/pg_ctl -D "$$data" -m fast -w stop || true; \
 		fi; \
 	fi
 	@if [ -f .run/redis/redis.pid ]; then kill "$$(cat .run/redis/redis.pid)" 2>/dev/null || true; fi
+	@if [ -L .run/pg ]; then \
+		case "$$(readlink .run/pg)" in /var/tmp/dtsd-dev-*/pg) rm -rf "$$(dirname "$$(readlink .run/pg)")";; esac; \
+	fi
 	rm -rf .run "$(VENV)" "$(PEERS_VENV)" .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -229,9 +229,10 @@ health = StoreHealth()
 
 
 def probe_postgres(store) -> Callable[[], object]:
-    """A probe of a dtsd.store.Store's pool: a connection within PROBE_TIMEOUT, SELECT 1."""
+    """A probe of a dtsd.store.Store's pool: a connection within PROBE_TIMEOUT, SELECT 1
+    answered within PROBE_TIMEOUT (or the connection is cut)."""
     def check() -> None:
-        with store.pool.connection(timeout=PROBE_TIMEOUT) as conn:
+        with store.connection(timeout=PROBE_TIMEOUT, limit=PROBE_TIMEOUT) as conn:
             conn.execute("SELECT 1")
     return check
 

@@ -14,9 +14,11 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import threading
+import time
 from logging.handlers import WatchedFileHandler
 from typing import Callable
 
@@ -27,8 +29,23 @@ from . import config as configmod
 EXIT_OK = 0
 EXIT_CONFIG = 78      # EX_CONFIG: the configuration is unusable; restarting will not help
 EXIT_BOOT = 3         # could not start (e.g. cannot bind the port)
+EXIT_MASTER_GONE = 1  # the master died and the child outstayed its stop budget (nobody reaps it)
 # Before the node was first ready, either one stops the master; later, a failing child
 # backs off and ends FATAL, while the rest of the node goes on serving.
+
+# Seconds a child may take, after its drain (stopwaitsecs, and kill_grace for a worker), to
+# record what it holds and let go. The master KILLs a child that overstays it by more
+# (STOP_MARGIN in dtsd/master.py); a child whose master is gone ends itself at that point.
+FINISH_GRACE = 3.0
+COORDINATOR_STOPWAIT = 5.0     # the coordinator has no section of its own
+
+
+def stop_budget(cfg: configmod.Config, role: str) -> float:
+    """Seconds from a TERM to the moment the child must be gone: its stopwaitsecs, a
+    worker's kill_grace (to kill what the drain hands back), and FINISH_GRACE."""
+    wait = COORDINATOR_STOPWAIT if role == "coordinator" else cfg.get(role, "stopwaitsecs")
+    grace = cfg.get("worker", "kill_grace") if role == "worker" else 0.0
+    return wait + grace + FINISH_GRACE
 
 
 # --- logging ------------------------------------------------------------------------------
@@ -186,6 +203,34 @@ class Parent:
             except OSError:
                 self.fd = None
 
+    def watch(self, budget: float, log: logging.Logger) -> None:
+        """End this process if the master goes away, whatever its loops are waiting for.
+
+        The master's PR_SET_PDEATHSIG sends a TERM when it dies, and the child drains as
+        for any TERM; but nobody is left to KILL a child that then hangs (on a store that
+        went too, say). The master holding the pipe's read end is the one sure sign it
+        lives: once the read end is closed (POLLERR on the write end), the child has
+        `budget` seconds, the time the master would have given it, then exits if it still
+        runs. Its jobs die with it (the launcher kills every slot when the worker goes).
+        No second TERM is sent: a handler interrupted by itself could deadlock on the
+        Event it sets."""
+        if self.fd is None:
+            return
+        fd = self.fd
+
+        def wait_for_the_end() -> None:
+            poller = select.poll()
+            poller.register(fd, 0)          # POLLERR and POLLHUP are always reported
+            while not any(event & (select.POLLERR | select.POLLHUP | select.POLLNVAL)
+                          for _, event in poller.poll()):
+                pass
+            log.warning("the master is gone: stopping within %.0fs", budget)
+            time.sleep(budget)
+            log.error("still running %.0fs after the master went: exiting now", budget)
+            logging.shutdown()
+            os._exit(EXIT_MASTER_GONE)
+        threading.Thread(target=wait_for_the_end, name="master-watch", daemon=True).start()
+
     def ready(self) -> None:
         self.send("ready")
 
@@ -229,6 +274,7 @@ def boot(role: str, argv: list[str] | None = None) -> tuple[configmod.Config, in
         sys.exit(EXIT_CONFIG)
     setup_logging(cfg, f"{role}-{args.index}")
     parent = Parent(args.notify_fd)
+    parent.watch(stop_budget(cfg, role), logging.getLogger(f"dtsd.{role}"))
     backing.health.listen(parent.store_state)
     return cfg, args.index, parent
 

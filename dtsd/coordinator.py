@@ -39,7 +39,7 @@ from . import cron as cronmod
 from .config import Config
 from .models import JOB_LOGGER, job_label, resolve_notify, schedule_job
 from .queue import Queue, Ready, connect
-from .store import Deposed, Fence, FirePlan, Lost, Store
+from .store import LEADER_ANSWER_WITHIN, Deposed, Fence, FirePlan, Lost, Store
 
 log = logging.getLogger("dtsd.coordinator")
 job_log = logging.getLogger(JOB_LOGGER)
@@ -58,7 +58,8 @@ class Coordinator:
         # its lease: the next leader needs the fence row.
         window = max(1.0, cfg.get("etcd", "lease_ttl") / 2)
         self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=3,
-                           name="dtsd-coordinator", hold_limit=window)
+                           name="dtsd-coordinator", hold_limit=window,
+                           answer_within=LEADER_ANSWER_WITHIN)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.leadership = leadership
         self.stop = threading.Event()
@@ -167,8 +168,13 @@ class Coordinator:
     # --- cron -----------------------------------------------------------------------------
 
     def fire(self, fence: Fence) -> float | None:
-        """Fire the due schedules; returns seconds until the next slot (None: none)."""
-        now = datetime.now(timezone.utc)
+        """Fire the due schedules; returns seconds until the next slot (None: none).
+
+        Slots fall due by PostgreSQL's clock, not this host's: a leader whose clock runs
+        ahead fired them early by as much, and each failover between hosts whose clocks
+        differ moved the firing back and forth."""
+        now = self.store.clock()
+        read_at = time.monotonic()
         self.missed = 0                 # counted by plan(), which a rollback may undo
         for fired in self.store.fire_due_schedules(fence, now, lambda row, runs:
                                                     self.plan(row, runs, now)):
@@ -186,7 +192,9 @@ class Coordinator:
             metrics.CRON_MISSED.inc(self.missed)
             self.missed = 0
         due = self.store.next_due()
-        return None if due is None else (due - datetime.now(timezone.utc)).total_seconds()
+        if due is None:
+            return None
+        return (due - now).total_seconds() - (time.monotonic() - read_at)
 
     def plan(self, row: dict[str, Any], open_runs: list[tuple[str, str, int]],
              now: datetime) -> FirePlan:
@@ -330,6 +338,9 @@ class Coordinator:
         record["single_node"] = self.leadership.single_node
         record["leader_id"] = self.leadership.leader()
         record["seen_at"] = time.time()
+        for item in record.get("children", ()):    # as of now, not of the file's writing
+            if item.get("running_since"):
+                item["uptime"] = round(max(0.0, record["seen_at"] - item["running_since"]), 1)
         self.queue.publish_node(self.cfg.node_id, record,
                                 ttl=max(5.0, 5 * self.cfg.get("dtsd", "housekeeping_interval")))
 

@@ -243,12 +243,16 @@ class JobBox:
                         groups=self.groups, umask=self.umask)
 
     def explain(self, limits: Mapping[str, int], exit_code: int | None, signum: int | None,
-                output: bytes) -> str:
+                output: bytes, oom_killed: bool = False) -> str:
         """Name the limit that most likely ended a failed job, or "".
 
         A process killed by SIGXFSZ/SIGXCPU hit file_size/cpu_time (the shell reports it as
-        exit 128+N); a shell that could not fork says so in its last output line."""
+        exit 128+N); a shell that could not fork says so in its last output line. A KILL
+        that came with a new OOM kill in the worker's cgroup (`oom_killed`, see OomCounter)
+        was the kernel's OOM killer."""
         sig = signum if signum else (exit_code - 128 if exit_code and exit_code > 128 else None)
+        if sig == signal.SIGKILL and oom_killed:
+            return "ended by the kernel's OOM killer (out of memory)"
         if sig == signal.SIGXFSZ and "file_size" in limits:
             return f"file size limit exceeded ({limits_text({'file_size': limits['file_size']})})"
         if sig == signal.SIGXCPU and "cpu_time" in limits:
@@ -264,6 +268,60 @@ class JobBox:
                                    or b"out of memory" in tail):
             return f"memory limit reached ({limits_text({'memory': limits['memory']})})"
         return ""
+
+
+class OomCounter:
+    """The kernel's count of processes its OOM killer ended in this process's memory cgroup
+    (cgroup v2 `memory.events`, v1 `memory.oom_control`: `oom_kill N`), which jobs share
+    with their worker.
+
+    Read only when a job died of SIGKILL, so it costs nothing otherwise: each new kill
+    counted since the last read explains one such death. Where neither file can be read
+    (no memory controller, the root cgroup), it explains nothing."""
+
+    def __init__(self, proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"):
+        self.path = self._find(proc_cgroup, root)
+        self.seen = self._read()
+
+    @staticmethod
+    def _find(proc_cgroup: str, root: str) -> str | None:
+        try:
+            with open(proc_cgroup, encoding="utf-8") as handle:
+                lines = [line.rstrip("\n").split(":", 2) for line in handle]
+        except OSError:
+            return None
+        candidates = [f"{root}/memory{path}/memory.oom_control"
+                      for _, controllers, path in lines if "memory" in controllers.split(",")]
+        candidates += [f"{root}{path}/memory.events" for hierarchy, _, path in lines
+                       if hierarchy == "0"]
+        candidates += [f"{root}/unified{path}/memory.events" for hierarchy, _, path in lines
+                       if hierarchy == "0"]
+        return next((c for c in candidates if os.path.exists(c)), None)
+
+    def _read(self) -> int | None:
+        if self.path is None:
+            return None
+        try:
+            with open(self.path, encoding="ascii") as handle:
+                for line in handle:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def claim(self) -> bool:
+        """True if the OOM killer ended a process since the last claim (a job that just
+        died of SIGKILL: most likely it)."""
+        now = self._read()
+        if now is None or self.seen is None:
+            self.seen = now
+            return False
+        if now <= self.seen:
+            return False
+        self.seen += 1
+        return True
 
 
 # --- the worker's handle on its launcher ----------------------------------------------------

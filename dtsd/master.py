@@ -84,9 +84,11 @@ ROLE_SECTIONS = {"server": ("dtsd", "server", "worker.limits", "worker.limits_ma
 ROLE_FILES = {role: tls.digests for role in tls.ROLES}
 # How the coordinator is supervised (it has no section of its own).
 COORDINATOR = {"startsecs": 0.0, "startretries": 5, "stopsignal": signal.SIGTERM,
-               "stopwaitsecs": 5.0, "autorestart": "true"}
+               "stopwaitsecs": child.COORDINATOR_STOPWAIT, "autorestart": "true"}
 BACKOFF_MAX = 30.0
-STOP_MARGIN = 5.0          # beyond the role's stopwaitsecs (+ kill_grace for workers)
+# Beyond the role's stopwaitsecs (+ kill_grace for workers): the child's own FINISH_GRACE,
+# and two seconds more before the master KILLs it.
+STOP_MARGIN = child.FINISH_GRACE + 2.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -769,7 +771,11 @@ class Master:
         return "; ".join(parts)
 
     def node_record(self) -> dict:
+        """What node.json holds. Each RUNNING child's `running_since` is a unix time, from
+        which the coordinator computes the uptime it publishes: the file is rewritten only
+        every few seconds, and an uptime frozen in it read up to 5 s low."""
         now = time.monotonic()
+        wall = time.time()
         return {
             "node_id": self.cfg.node_id, "version": __version__, "pid": os.getpid(),
             "started_at": self.started,
@@ -779,6 +785,8 @@ class Master:
             "children": [{"role": c.role, "index": c.index, "pid": c.pid, "state": c.state.value,
                           "uptime": round(now - c.running_since, 1)
                           if c.state is ChildState.RUNNING else 0.0,
+                          "running_since": round(wall - (now - c.running_since), 3)
+                          if c.state is ChildState.RUNNING else None,
                           "restarts": c.restarts} for c in self.children],
         }
 

@@ -432,6 +432,10 @@ class Queue:
             pipe.set(self.keys.full(queue), b"1", px=max(1, int(hold * 1000)))
         pipe.execute()
 
+    def processing_ids(self, worker: str) -> list[str]:
+        """The ids in the worker's processing list (fetched, and not acknowledged yet)."""
+        return [i.decode() for i in self.redis.lrange(self.keys.processing(worker), 0, -1)]
+
     def wait_for_work(self, queues: Sequence[str], timeout: float) -> bool:
         """Block until some job may be ready on `queues` (or the timeout passes)."""
         return self.redis.blpop([self.keys.wake(q) for q in queues], timeout=timeout) is not None

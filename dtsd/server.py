@@ -45,8 +45,8 @@ from .models import (DEFAULT_QUEUE, LIMIT_PROTO_FIELDS, MAX_NAME, QUEUE_NAME,
                      InvalidField, JobStatus, NewJob, check_job_id, check_queue, check_text,
                      parse_selector, resolve_notify, schedule_job, validate_spec)
 from .queue import Event, Queue, Ready, connect
-from .store import (BULK_BATCH, Conflict, Forbidden, NotFound, Precondition, Selection, Store,
-                    decode_page_token)
+from .store import (ANSWER_WITHIN, BULK_BATCH, Conflict, Forbidden, NotFound, Precondition,
+                    Selection, Store, decode_page_token)
 from .watch import Watch, WatchHub
 
 log = logging.getLogger("dtsd.server")
@@ -1103,11 +1103,18 @@ def _ids(jobs, shown: int = 20) -> str:
 
 
 def _local_node_record(cfg: Config) -> dict | None:
+    """The master's node.json, each RUNNING child's uptime as of now (the file is rewritten
+    every few seconds; `running_since` is a unix time of this host's clock)."""
     try:
         with open(os.path.join(cfg.get("dtsd", "runtime_dir"), "node.json"), encoding="utf-8") as f:
-            return json.load(f)
+            record = json.load(f)
     except (OSError, ValueError):
         return None
+    now = time.time()
+    for item in record.get("children", ()):
+        if item.get("running_since"):
+            item["uptime"] = round(max(0.0, now - item["running_since"]), 1)
+    return record
 
 
 def _from_epoch(value: float | None) -> datetime | None:
@@ -1186,7 +1193,8 @@ class Server:
         threads = cfg.get("server", "threads")
         self.store = Store(cfg.get("postgres", "dsn"), min_size=cfg.get("postgres", "pool_min"),
                            max_size=max(2, min(cfg.get("postgres", "pool_max"), threads)),
-                           name=f"dtsd-server-{index}", timeout=POOL_WAIT)
+                           name=f"dtsd-server-{index}", timeout=POOL_WAIT,
+                           answer_within=ANSWER_WITHIN)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.stopping = threading.Event()
         self.fast = False

@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import select
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -58,6 +60,70 @@ def _wait_without_select() -> None:
 _wait_without_select()
 
 CONNECT_TIMEOUT = 3     # seconds, for each new connection (libpq's connect_timeout)
+# Milliseconds the kernel lets sent data go unacknowledged before it drops the connection
+# (libpq's tcp_user_timeout): a PostgreSQL host gone without a reset is noticed then,
+# not after TCP's fifteen minutes of retransmissions. Keepalives cover idle connections.
+TCP_USER_TIMEOUT_MS = 10_000
+# Seconds one use of a connection may wait for PostgreSQL before it is cut (see _Cutter):
+# an API server answers UNAVAILABLE well within a client's 10 s deadline, a worker's
+# heartbeat fails before its lease is in doubt. The leader's steps get longer.
+ANSWER_WITHIN = 5.0
+LEADER_ANSWER_WITHIN = 10.0
+
+
+class _Cutter:
+    """Cuts a connection that a PostgreSQL call has held past its limit.
+
+    Nothing at the TCP level notices a link that stalls while both kernels still
+    acknowledge (a stuck proxy, pgbouncer or NAT box), and psycopg has no deadline of its
+    own for a statement: the call would wait for ever, holding a server's thread past its
+    client's deadline, or a worker's heartbeat. One thread per process watches the
+    connections in use; one held past its limit gets its socket shut down, so the call
+    fails at once with a connection error (PostgreSQL unreachable) and the pool drops the
+    connection. The limits sit far above any statement dtsd runs (milliseconds)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, tuple[float, float, psycopg.Connection]] = {}
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, conn: psycopg.Connection, limit: float) -> int:
+        with self._lock:
+            self._next += 1
+            self._held[self._next] = (time.monotonic() + limit, limit, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="pg-cutter",
+                                                daemon=True)
+                self._thread.start()
+            return self._next
+
+    def disarm(self, ticket: int) -> None:
+        with self._lock:
+            self._held.pop(ticket, None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.2)
+            now = time.monotonic()
+            with self._lock:     # cut under the lock: a disarmed connection is never cut
+                for ticket, (deadline, limit, conn) in list(self._held.items()):
+                    if now >= deadline:
+                        del self._held[ticket]
+                        self._cut(conn, limit)
+
+    @staticmethod
+    def _cut(conn: psycopg.Connection, limit: float) -> None:
+        try:
+            fd = conn.pgconn.socket
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, psycopg.Error):
+            return          # closed meanwhile
+        log.warning("PostgreSQL did not answer within %.0fs: connection cut", limit)
+
+
+_cutter = _Cutter()
 
 MIGRATION_LOCK = 0x64747364  # "dtsd": the advisory lock every migrating process takes
 
@@ -403,7 +469,7 @@ class Store:
 
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 8,
                  name: str = "dtsd", timeout: float = 10.0, hold_limit: float | None = None,
-                 custom_plans: bool = False):
+                 custom_plans: bool = False, answer_within: float | None = None):
         """`hold_limit` (seconds) bounds how long a session may sit in an open transaction
         or wait for a lock. The leader sets it below its lease window: a leader cut off in
         the middle of a fenced transaction would otherwise keep the fence row locked (and
@@ -415,11 +481,16 @@ class Store:
         `job_attempts` were nearly empty (a fresh install, or right after a TRUNCATE)
         scans `job_attempts` whole on every result until an ANALYZE happens to replace it
         (bench/results/profile-2026-12-03.md measured 0.3-0.4 ms of PostgreSQL CPU per job).
+
+        `answer_within` (seconds) bounds how long one use of a pooled connection may wait
+        for PostgreSQL (see `_Cutter`); None for no bound (migrations may run long).
         """
         self.dsn = dsn
+        self.answer_within = answer_within
         kwargs: dict[str, Any] = {"application_name": name, "autocommit": True,
                                   "keepalives": 1, "keepalives_idle": 5,
-                                  "keepalives_interval": 2, "keepalives_count": 3}
+                                  "keepalives_interval": 2, "keepalives_count": 3,
+                                  "tcp_user_timeout": TCP_USER_TIMEOUT_MS}
         # A PostgreSQL that does not answer (a host gone, a blackholed route) must not hold
         # a connection attempt for the kernel's minutes: CONNECT_TIMEOUT, unless the DSN
         # sets its own.
@@ -445,8 +516,22 @@ class Store:
         self.pool.open(wait=wait, timeout=timeout)
         return self
 
-    def close(self) -> None:
-        self.pool.close()
+    def close(self, timeout: float = 5.0) -> None:
+        self.pool.close(timeout=timeout)
+
+    @contextmanager
+    def connection(self, timeout: float | None = None,
+                   limit: float | None = None) -> Iterator[psycopg.Connection]:
+        """A pooled connection (waiting at most `timeout` for one), cut if this use holds
+        it past `limit` seconds (default: the store's `answer_within`)."""
+        limit = self.answer_within if limit is None else limit
+        with self.pool.connection(timeout=timeout) as conn:
+            ticket = _cutter.arm(conn, limit) if limit else None
+            try:
+                yield conn
+            finally:
+                if ticket is not None:
+                    _cutter.disarm(ticket)
 
 
     # --- schema ---------------------------------------------------------------------------
@@ -496,12 +581,12 @@ class Store:
         rows = _job_records(jobs)
         if not any(job.idempotency_key for job in jobs):
             try:
-                with self.pool.connection() as conn:
+                with self.connection() as conn:
                     conn.execute(_INSERT_JOBS.format(conflict=""), (rows,))
                 return [True] * len(jobs)
             except psycopg.errors.UniqueViolation:
                 pass
-        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with self.connection() as conn, conn.transaction(), conn.cursor() as cur:
             return self._insert_jobs(cur, jobs, rows)
 
     def _insert_jobs(self, cur: psycopg.Cursor, jobs: Sequence[NewJob],
@@ -552,7 +637,7 @@ class Store:
         """
         if not ids:
             return []
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             rows = conn.execute(_CLAIM.format(ids="unnest(%(ids)s::text[]) AS u(id)",
                                               limited=_NOT_LIMITED),
                                 {"ids": list(ids), "worker": worker}).fetchall()
@@ -565,7 +650,7 @@ class Store:
         if not ids:
             return {}
         found: dict[str, list[str]] = {}
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             for job_id, queue in conn.execute(
                     """SELECT j.id, j.queue FROM unnest(%s::text[]) WITH ORDINALITY AS x(id, n)
                        JOIN jobs j ON j.id = x.id
@@ -586,7 +671,7 @@ class Store:
         lets go, as after `claim`. A queue without a limit (lifted meanwhile) claims all."""
         if not ids:
             return [], []
-        with self.pool.connection() as conn, conn.transaction():
+        with self.connection() as conn, conn.transaction():
             row = conn.execute("SELECT max_running FROM queue_limits WHERE queue = %s "
                                "FOR UPDATE", (queue,)).fetchone()
             room = len(ids)
@@ -607,6 +692,22 @@ class Store:
                 """SELECT id FROM jobs WHERE id = ANY(%s) AND status = 'PENDING'
                    AND (run_at IS NULL OR run_at <= now())""", (left,))} if left else set()
         return claimed, [job_id for job_id in left if job_id in waiting]
+
+    def claimed_by(self, ids: Sequence[str], worker: str) -> list[Claimed]:
+        """Those of `ids` that `worker` holds RUNNING with their attempt still open, as
+        `claim` returned them: what a claim committed when its answer was lost."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                """SELECT j.id, j.command, j.env, j.cwd, j.timeout, j.attempts, j.failures,
+                          j.max_retries, j.queue, j.priority, j.limits, j.name,
+                          extract(epoch FROM now() - greatest(j.created_at, j.run_at))
+                              ::float8 AS waited,
+                          cardinality(j.notify) > 0 AS notified
+                   FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.attempt = j.attempts
+                   WHERE j.id = ANY(%(ids)s) AND j.status = 'RUNNING' AND j.worker = %(worker)s
+                     AND a.worker = %(worker)s AND a.finished_at IS NULL""",
+                {"ids": list(ids), "worker": worker}).fetchall()
+        return [Claimed(*row) for row in rows]
 
     def finish(self, outcomes: Sequence[Outcome]) -> set[str]:
         """Record a batch of finished attempts; returns the ids whose job row changed.
@@ -632,7 +733,7 @@ class Store:
         # The outbox's part only when a job of the batch names targets: most name none,
         # and the worker's connections plan the whole statement at every run.
         ended = _ENDED_NOTIFIED if any(x.notified for x in o) else _ENDED
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             rows = conn.execute(
                 """WITH u AS (
                        SELECT * FROM jsonb_to_recordset(%s::jsonb)
@@ -672,7 +773,7 @@ class Store:
     def get_job(self, job_id: str, *, with_output: bool = True,
                 with_attempts: bool = False) -> dict[str, Any]:
         columns = _JOB_COLUMNS + (", output" if with_output else "")
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             row = cur.execute(f"SELECT {columns} FROM jobs WHERE id = %s", (job_id,)).fetchone()
             if row is None:
@@ -693,7 +794,7 @@ class Store:
         """
         if not ids:
             return {}
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             rows = cur.execute(
                 """SELECT id, status, attempts, error, exit_code FROM jobs
@@ -706,7 +807,7 @@ class Store:
         With `owner`, only a job of that owner (else Forbidden). Cancelling a cancelled job
         is a no-op; cancelling one that finished otherwise is a Precondition error.
         """
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             row = conn.execute(
                 """UPDATE jobs j SET status = 'CANCELLED', finished_at = now(), updated_at = now(),
                           error = %s, run_at = NULL
@@ -734,7 +835,7 @@ class Store:
                               "AND (%s::text IS NULL OR owner = %s)", (job_id, owner, owner))
         if found:
             return found[0]
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             current = conn.execute("SELECT status, owner FROM jobs WHERE id = %s",
                                    (job_id,)).fetchone()
         if current is None:
@@ -743,7 +844,7 @@ class Store:
         raise Precondition(f"job {job_id} is {current[0]}: only FAILED or CANCELLED jobs can be retried")
 
     def _requeue(self, where: str, params: Iterable[Any]) -> list[Requeued]:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             rows = conn.execute(
                 f"""UPDATE jobs SET status = 'PENDING', failures = 0, run_at = NULL,
                            dead_lettered_at = NULL, exit_code = NULL, output = NULL,
@@ -790,7 +891,7 @@ class Store:
             sql = (f"SELECT * FROM ({' UNION ALL '.join([branch] * len(values))}) AS page "
                    f"{order}")
             args = [arg for value in values for arg in (value, *params, limit + 1)]
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             rows = cur.execute(sql, (*args, limit + 1)).fetchall()
         token = ""
@@ -802,7 +903,7 @@ class Store:
     # --- bulk actions ---------------------------------------------------------------------
 
     def now(self) -> datetime:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute("SELECT now()").fetchone()[0]
 
     @staticmethod
@@ -822,13 +923,13 @@ class Store:
     def count_selected(self, selection: Selection, statuses: Sequence[JobStatus], *,
                        owner: str | None = None) -> int:
         where, params = self._bulk_where(selection, statuses, owner, None)
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute(f"SELECT count(*) FROM jobs WHERE {where}", params).fetchone()[0]
 
     def any_selected(self, selection: Selection, statuses: Sequence[JobStatus], *,
                      owner: str | None = None) -> bool:
         where, params = self._bulk_where(selection, statuses, owner, None)
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute(f"SELECT EXISTS (SELECT 1 FROM jobs WHERE {where})",
                                 params).fetchone()[0]
 
@@ -841,7 +942,7 @@ class Store:
         claim, its end) is judged again by its new state: still PENDING or RUNNING, it is
         cancelled; else it is left alone."""
         where, params = self._bulk_where(selection, statuses, owner, ("created_at", created_by))
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             rows = conn.execute(
                 f"""UPDATE jobs j SET status = 'CANCELLED', finished_at = now(),
                            updated_at = now(), error = %s, run_at = NULL
@@ -885,7 +986,7 @@ class Store:
         if queue:
             where += " AND queue = %s"
             params.append(queue)
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute(f"UPDATE jobs SET dead_lettered_at = NULL, updated_at = now() "
                                 f"WHERE {where}", params).rowcount
 
@@ -900,7 +1001,7 @@ class Store:
         if after:
             cursor = "AND (updated_at, id) > (%s, %s)"
             params.extend(after)
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute(
                 f"""SELECT id, queue, priority, run_at, updated_at FROM jobs
                     WHERE status = 'PENDING' AND updated_at < now() - make_interval(secs => %s)
@@ -908,14 +1009,14 @@ class Store:
                 (*params, limit)).fetchall()
 
     def pending_count(self) -> int:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute("SELECT count(*) FROM jobs WHERE status = 'PENDING'").fetchone()[0]
 
     # --- worker leases ---------------------------------------------------------------------
 
     def register_worker(self, worker: str, node: str, ttl: float) -> None:
         """Open (or renew) `worker`'s lease for `ttl` seconds from now, by the server's clock."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             conn.execute(
                 """INSERT INTO workers (id, node, lease_until)
                    VALUES (%s, %s, now() + make_interval(secs => %s))
@@ -924,19 +1025,19 @@ class Store:
 
     def renew_lease(self, worker: str, ttl: float) -> bool:
         """Extend the lease; False when the row is gone (the leader declared the worker dead)."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute(
                 """UPDATE workers SET lease_until = now() + make_interval(secs => %s)
                    WHERE id = %s""", (ttl, worker)).rowcount == 1
 
     def retire_worker(self, worker: str) -> None:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             conn.execute("DELETE FROM workers WHERE id = %s", (worker,))
 
     def expired_workers(self) -> tuple[list[str], list[str]]:
         """(workers whose lease has run out, workers that RUNNING jobs name but that hold no
         lease row at all: a worker of a version before leases, or one long gone)."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             expired = [row[0] for row in conn.execute(
                 "SELECT id FROM workers WHERE lease_until < now() ORDER BY id")]
             unknown = [row[0] for row in conn.execute(
@@ -948,7 +1049,7 @@ class Store:
     def cancelled(self, job_id: str, attempt: int) -> bool:
         """Whether `attempt` of the job was cancelled (what a worker checks before it acts on
         a cancel message: anyone who reaches Redis could publish one)."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             row = conn.execute("SELECT status, attempts FROM jobs WHERE id = %s",
                                (job_id,)).fetchone()
         return (row is not None and row[0] == JobStatus.CANCELLED.value
@@ -1006,7 +1107,7 @@ class Store:
 
     def next_notification(self) -> float | None:
         """Seconds until the next notification is due (0 or less: due now; None: none)."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             row = conn.execute("SELECT extract(epoch FROM min(next_at) - now())::float8 "
                                "FROM notifications").fetchone()
         return row[0]
@@ -1041,11 +1142,11 @@ class Store:
 
     def notification_delivered(self, notification_id: int) -> None:
         """Delivered, or given up: the row goes (the log and the metrics keep the count)."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             conn.execute("DELETE FROM notifications WHERE id = %s", (notification_id,))
 
     def notification_failed(self, notification_id: int, error: str, delay: float) -> None:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             conn.execute("""UPDATE notifications SET last_error = %s,
                                    next_at = now() + make_interval(secs => %s)
                             WHERE id = %s""", (error, delay, notification_id))
@@ -1060,7 +1161,7 @@ class Store:
         leader-only transactions of two would-be leaders serialize); a fence already
         ahead of our token means a newer leader exists: Deposed, nothing written.
         """
-        with self.pool.connection() as conn, conn.transaction():
+        with self.connection() as conn, conn.transaction():
             row = conn.execute(
                 """INSERT INTO leader_fence AS f (cluster, token, holder) VALUES (%s, %s, %s)
                    ON CONFLICT (cluster) DO UPDATE
@@ -1075,7 +1176,7 @@ class Store:
             yield conn
 
     def fence_token(self, cluster: str) -> tuple[int, str] | None:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute("SELECT token, holder FROM leader_fence WHERE cluster = %s",
                                 (cluster,)).fetchone()
 
@@ -1087,7 +1188,7 @@ class Store:
     def create_schedule(self, *, name: str, expression: str, timezone: str, overlap: str,
                         misfire: str, catchup_window: float, job: dict[str, Any],
                         next_fire_time: datetime, created_by: str) -> dict[str, Any]:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             try:
                 return cur.execute(
@@ -1101,13 +1202,13 @@ class Store:
                 raise Conflict(f"name: a schedule named {name!r} exists") from None
 
     def list_schedules(self) -> list[dict[str, Any]]:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             return cur.execute(f"SELECT {self._SCHEDULE_COLUMNS} FROM schedules ORDER BY name"
                                ).fetchall()
 
     def get_schedule(self, name: str) -> dict[str, Any]:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             row = cur.execute(f"SELECT {self._SCHEDULE_COLUMNS} FROM schedules WHERE name = %s",
                               (name,)).fetchone()
@@ -1119,7 +1220,7 @@ class Store:
                        next_fire_time: Callable[[dict[str, Any]], datetime | None]
                        ) -> dict[str, Any]:
         """Pause, or resume with the next slot from now (missed slots are not made up)."""
-        with self.pool.connection() as conn, conn.transaction():
+        with self.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             row = cur.execute(f"SELECT {self._SCHEDULE_COLUMNS} FROM schedules WHERE name = %s "
                               "FOR UPDATE", (name,)).fetchone()
@@ -1135,13 +1236,19 @@ class Store:
                 (paused, None if paused else next_fire_time(row), paused, row["id"])).fetchone()
 
     def delete_schedule(self, name: str) -> None:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             if not conn.execute("DELETE FROM schedules WHERE name = %s", (name,)).rowcount:
                 raise NotFound(f"schedule {name!r} not found")
 
+    def clock(self) -> datetime:
+        """PostgreSQL's time of day: the one clock every node shares, whatever its own
+        says (leases run out by it, and the leader fires cron slots by it)."""
+        with self.connection() as conn:
+            return conn.execute("SELECT clock_timestamp()").fetchone()[0]
+
     def next_due(self) -> datetime | None:
         """The earliest next_fire_time of all active schedules (the leader sleeps till then)."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute("SELECT min(next_fire_time) FROM schedules WHERE NOT paused"
                                 ).fetchone()[0]
 
@@ -1201,7 +1308,7 @@ class Store:
 
     def pause_queue(self, queue: str, by: str) -> dict[str, Any]:
         """Record `queue` as paused (a queue paused already keeps who and when)."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             cur.execute("""INSERT INTO paused_queues (queue, paused_by) VALUES (%s, %s)
                            ON CONFLICT (queue) DO NOTHING""", (queue, by))
@@ -1210,13 +1317,13 @@ class Store:
 
     def resume_queue(self, queue: str) -> bool:
         """Forget the pause of `queue`; False when it was not paused."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute("DELETE FROM paused_queues WHERE queue = %s",
                                 (queue,)).rowcount == 1
 
     def set_queue_limit(self, queue: str, max_running: int) -> None:
         """At most `max_running` RUNNING jobs of `queue` (0: no limit)."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             if max_running:
                 conn.execute("""INSERT INTO queue_limits (queue, max_running) VALUES (%s, %s)
                                 ON CONFLICT (queue) DO UPDATE
@@ -1226,11 +1333,11 @@ class Store:
                 conn.execute("DELETE FROM queue_limits WHERE queue = %s", (queue,))
 
     def queue_limits(self) -> dict[str, int]:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return dict(conn.execute("SELECT queue, max_running FROM queue_limits"))
 
     def paused_queues(self) -> list[dict[str, Any]]:
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             return cur.execute("SELECT queue, paused_by, paused_at FROM paused_queues "
                                "ORDER BY queue").fetchall()
@@ -1245,7 +1352,7 @@ class Store:
         it (see 0006_scale.sql); keys are upserted in key order, so two folders at once
         (a leader and a deposed one) wait for each other rather than deadlock.
         """
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute(
                 """WITH gone AS (DELETE FROM job_count_deltas RETURNING key, n),
                         sums AS (SELECT key, sum(n) AS n FROM gone GROUP BY key)
@@ -1256,7 +1363,7 @@ class Store:
     def forget_activity(self, keep: float = ACTIVITY_KEPT) -> int:
         """Drop the per-minute activity keys (0009_job_activity.sql) older than `keep`
         seconds from job_counts; the leader calls this after folding."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             return conn.execute(
                 """DELETE FROM job_counts
                    WHERE key LIKE 'm:%%' AND split_part(key, ':', 2)::bigint < %s""",
@@ -1276,7 +1383,7 @@ class Store:
         `minutes` minutes including the current one, oldest first, every minute present."""
         now = int(time.time()) // 60 * 60
         first = now - (minutes - 1) * 60
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             rows = conn.execute(
                 """SELECT split_part(key, ':', 2)::bigint, split_part(key, ':', 3), sum(n)::bigint
                    FROM (SELECT key, n FROM job_counts WHERE key LIKE 'm:%%'
@@ -1290,12 +1397,12 @@ class Store:
 
     def status_counts(self, timeout: float | None = None) -> tuple[dict[str, int], int]:
         """(jobs by status, dead-lettered count): a few rows, whatever the table holds."""
-        with self.pool.connection(timeout=timeout) as conn:
+        with self.connection(timeout=timeout) as conn:
             return self._status_counts(conn)
 
     def counts(self) -> tuple[dict[str, int], int, list[tuple[str, int, int, int]]]:
         """(jobs by status, dead-lettered count, per queue: (queue, ready, delayed, running))."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             by_status, dead = self._status_counts(conn)
             queues = conn.execute(
                 """SELECT queue,

@@ -95,7 +95,7 @@ class Stores:
         self._reported[store] = up
 
     def _postgres(self) -> None:
-        with self.store.pool.connection(timeout=STORE_TIMEOUT) as conn:
+        with self.store.connection(timeout=STORE_TIMEOUT, limit=STORE_TIMEOUT) as conn:
             conn.execute("SELECT 1")
 
     def etcd_up(self) -> bool | None:

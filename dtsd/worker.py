@@ -25,6 +25,7 @@ then they are handed back: PENDING again, no retry spent). QUIT hands back at on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue as queuemod
@@ -40,10 +41,10 @@ from . import launcher as launchermod
 from .config import Config
 from .config import ConfigError
 from .executor import Execution, Result, build_env
-from .jobbox import JobBox, Launcher, LauncherError
+from .jobbox import JobBox, Launcher, LauncherError, OomCounter
 from .models import JOB_LOGGER, EndReason, JobStatus, job_label, retry_delay
 from .queue import Event, Queue, Ready, Taken, connect
-from .store import Claimed, Outcome, Store
+from .store import ANSWER_WITHIN, Claimed, Outcome, Store
 
 log = logging.getLogger("dtsd.worker")
 job_log = logging.getLogger(JOB_LOGGER)
@@ -67,9 +68,11 @@ class Worker:
         self.concurrency = self.settings.concurrency
         self.log_jobs = cfg.get("dtsd", "log_jobs")
         self.store = Store(cfg.get("postgres", "dsn"), min_size=1, max_size=3,
-                           name=f"dtsd-worker-{index}", custom_plans=True)
+                           name=f"dtsd-worker-{index}", custom_plans=True,
+                           answer_within=ANSWER_WITHIN)
         self.queue = Queue(connect(cfg.get("redis", "url")), cfg.key_prefix)
         self.started = time.time()
+        self.ooms = OomCounter()
 
         self.lock = threading.Condition()
         self.running: dict[str, tuple[Execution, int]] = {}  # job id -> (execution, attempt)
@@ -82,9 +85,11 @@ class Worker:
         self.results: queuemod.SimpleQueue[Outcome | None] = queuemod.SimpleQueue()
         self.stopping = threading.Event()         # take no new jobs
         self.hand_back_now = threading.Event()    # QUIT, or the drain time is over
+        self.give_up = threading.Event()          # stopping, and the stores had their time
         self.done = threading.Event()             # threads may go
         self.todo: queuemod.SimpleQueue[Claimed | None] = queuemod.SimpleQueue()
         self.limited: set[str] = set()            # queues it met with a max_running
+        self.unsure: set[str] = set()             # ids of claims whose answer was lost
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -109,21 +114,30 @@ class Worker:
         self.parent.ready()
         self._fetch_loop()
         self._drain()
+        # The stores get FINISH_GRACE to take the last results, not more: a worker whose
+        # master is gone has nobody to KILL it, and a store that went too must not keep it.
+        timer = threading.Timer(max(0.0, child.FINISH_GRACE - 1.0), self.give_up.set)
+        timer.daemon = True
+        timer.start()
         for _ in range(self.concurrency):
             self.todo.put(None)
         self.results.put(None)
         writer.join()
         self.done.set()
         self.launcher.close()
-        try:
-            self.queue.retire(self.id)
-        except Exception as exc:
-            log.warning("could not retire from Redis: %s", exc)
-        try:
-            self.store.retire_worker(self.id)
-        except Exception as exc:
-            log.warning("could not end the lease in PostgreSQL (it runs out by itself): %s", exc)
-        self.store.close()
+        if self.give_up.is_set():
+            log.warning("not retiring worker %s: its lease runs out by itself", self.id)
+        else:
+            try:
+                self.queue.retire(self.id)
+            except Exception as exc:
+                log.warning("could not retire from Redis: %s", exc)
+            try:
+                self.store.retire_worker(self.id)
+            except Exception as exc:
+                log.warning("could not end the lease in PostgreSQL (it runs out by itself): %s",
+                            exc)
+        self.store.close(timeout=1.0)
         log.info("worker %s stopped", self.id)
         return self.exit_code
 
@@ -153,6 +167,7 @@ class Worker:
 
     def _fetch_loop(self) -> None:
         backoff = 0.2
+        strays = False      # a failed fetch may have moved ids without telling this worker
         while not self.stopping.is_set():
             if self.launcher.dead.is_set():
                 self._launcher_died()
@@ -166,6 +181,9 @@ class Worker:
             if self.stopping.is_set():
                 break
             try:
+                if strays:
+                    self._claim_strays()
+                    strays = False
                 taken = self.queue.fetch(self.id, self.queues, free)
                 if not taken:
                     self.queue.wait_for_work(self.queues, timeout=1.0)
@@ -173,6 +191,7 @@ class Worker:
                 self._claim_and_start(taken)
                 backoff = 0.2
             except Exception as exc:
+                strays = True
                 if backing.health.note(exc) is None:    # a store's absence is said once
                     log.warning("fetch failed: %s; retrying in %.1fs", exc, backoff)
                 self.stopping.wait(backoff)
@@ -194,6 +213,9 @@ class Worker:
             mine = {job.id for job in claimed}
             for queue, ids in self.store.limited([i for i in plain if i not in mine]).items():
                 limited.setdefault(queue, []).extend(ids)
+                for job_id in ids:          # a stray's queue was not known: it is now
+                    if not by_id[job_id].queue:
+                        by_id[job_id] = dataclasses.replace(by_id[job_id], queue=queue)
         no_room: list[Taken] = []
         for queue, ids in limited.items():
             self.limited.add(queue)
@@ -209,12 +231,46 @@ class Worker:
             no_room += [by_id[job_id] for job_id in left]
         return claimed, no_room
 
+    def _claim_strays(self) -> None:
+        """Take what a failed round left to this worker without telling it.
+
+        A claim whose statement committed but whose answer was lost (the connection cut
+        in between) left its jobs RUNNING under this worker's live lease: nobody would
+        run or recover them, so they stayed RUNNING for good. They are found by their open
+        attempt and run now.
+
+        A connection cut after the fetch's script ran, before its reply came, leaves ids
+        in the processing list that this worker never saw: nobody else takes them while it
+        lives (the leader drops only dead workers' lists), and the reconciler counts them
+        as held, so their jobs stayed PENDING for good. They are claimed as a fetch's
+        would be (only PENDING jobs are; the others are let go)."""
+        if self.unsure:
+            found = self.store.claimed_by(sorted(self.unsure), self.id)
+            self.unsure.clear()
+            if found:
+                log.warning("starting %d job(s) claimed by a round whose answer was lost",
+                            len(found))
+                self._start(found)
+                for job in found:
+                    self.todo.put(job)
+        held = self.queue.processing_ids(self.id)
+        with self.lock:
+            mine = set(self.running)
+        strays = [job_id for job_id in held if job_id not in mine]
+        if strays:
+            log.info("claiming %d id(s) a failed fetch left in this worker's list", len(strays))
+            # Where they came from is not known: the claim finds a limited queue's ids.
+            self._claim_and_start([Taken(job_id, "", 0) for job_id in strays])
+
     def _claim_and_start(self, taken: list[Taken]) -> None:
         ids = [item.id for item in taken]
         try:
             claimed, no_room = self._claim(taken)
         except Exception:
-            # PostgreSQL refused: let go of the ids; the reconciler pushes them again.
+            # PostgreSQL refused: let go of the ids; the reconciler pushes them again. If
+            # the claim committed and only its answer was lost, the jobs are RUNNING here
+            # and nobody else will take them: the next round looks (`_claim_strays`).
+            self.unsure.update(ids)
             self.queue.ack(self.id, ids)
             raise
         if no_room:
@@ -226,8 +282,7 @@ class Worker:
                 ids = [job_id for job_id in ids if job_id not in {t.id for t in no_room}]
         mine = {job.id for job in claimed}
         unclaimed = [job_id for job_id in ids if job_id not in mine]
-        with self.lock:
-            self.starting += len(claimed)
+        self._start(claimed)
         # Let go of the ids not claimed (done, cancelled or running elsewhere) and tell
         # watchers the claimed ones run (before they can end), in one round trip.
         events = [(job.id, Event("state", attempt=job.attempt, status=JobStatus.RUNNING))
@@ -240,10 +295,16 @@ class Worker:
             log.debug("RUNNING events not published: %s", exc)
         finally:
             for job in claimed:
-                queue = metrics.queue_label(job.queue)
-                metrics.JOBS_STARTED.labels(queue).inc()
-                metrics.JOB_WAIT.labels(queue).observe(max(0.0, job.waited))
                 self.todo.put(job)
+
+    def _start(self, claimed: list[Claimed]) -> None:
+        """Count `claimed` as starting (the job threads take them from `todo`)."""
+        with self.lock:
+            self.starting += len(claimed)
+        for job in claimed:
+            queue = metrics.queue_label(job.queue)
+            metrics.JOBS_STARTED.labels(queue).inc()
+            metrics.JOB_WAIT.labels(queue).observe(max(0.0, job.waited))
 
     def _job_thread(self, slot: int) -> None:
         while True:
@@ -298,7 +359,9 @@ class Worker:
         if self.launcher.dead.is_set():
             self._launcher_died()
         if result.reason is None and result.exit_code != 0:
-            why = self.box.explain(limits, result.exit_code, result.signal, result.output)
+            killed = result.signal == signal.SIGKILL or result.exit_code == 128 + signal.SIGKILL
+            why = self.box.explain(limits, result.exit_code, result.signal, result.output,
+                                   oom_killed=killed and self.ooms.claim())
             if why:
                 result.error = f"{result.error or f'exit code {result.exit_code}'}: {why}"
         self.results.put(self._outcome(job, result))
@@ -363,8 +426,26 @@ class Worker:
                     finished = True
                     break
                 batch.append(item)
-            child.retry_forever("recording results", lambda: self._record(batch), log,
-                                threading.Event())
+            # Retried as long as the worker runs (a PostgreSQL restart loses no result),
+            # until `give_up` once it stops.
+            if child.retry_forever("recording results", lambda: self._record(batch) or True,
+                                   log, self.give_up) is None:
+                self._unrecorded(batch, finished)
+                return
+
+    def _unrecorded(self, batch: list[Outcome], finished: bool) -> None:
+        """Say which attempts' ends a stopping worker could not record. Their jobs stay
+        RUNNING under this worker's lease; once it runs out, the leader recovers them and
+        they run again (README, Guarantees)."""
+        while not finished:
+            item = self.results.get()
+            if item is None:
+                break
+            batch.append(item)
+        log.error("stopping without recording the end of %d attempt(s) (PostgreSQL did not "
+                  "answer within %.0fs): %s; the leader recovers them when this worker's "
+                  "lease runs out", len(batch), child.FINISH_GRACE,
+                  ", ".join(f"{o.job_id} attempt {o.attempt}" for o in batch[:20]))
 
     def _record(self, batch: list[Outcome]) -> None:
         changed = self.store.finish(batch)
@@ -383,7 +464,7 @@ class Worker:
         freed = {o.queue for o in batch if o.queue in self.limited}
         child.retry_forever("acknowledging in Redis", lambda: self.queue.ack(
             self.id, [o.job_id for o in batch], events=events, retries=retries, freed=freed),
-            log, threading.Event(), max_delay=2.0)
+            log, self.give_up, max_delay=2.0)
 
     def _log_end(self, outcome: Outcome, recorded: bool) -> None:
         """The job lines of a finished attempt, once its record is committed: the failure

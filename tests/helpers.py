@@ -259,7 +259,9 @@ class PostgresServer:
 class RedisServer:
     """A private redis-server on 127.0.0.1 without persistence.
 
-    `stop()` kills it (as a crash would); `start()` brings it back on the same port, empty.
+    `stop()` kills it (as a crash would); `start()` brings it back on the same port, empty,
+    or, with `appendonly`, with what its append-only file held (fsync'd every second, as
+    Debian's packaged redis.conf would have it once AOF is switched on).
     `tls` = {"cert", "key", "ca"} (PEM paths): TLS only, clients need a certificate signed
     by "ca" too, also given as "client_cert"/"client_key" for the helper's own ping.
     `auth` = (user, password): that ACL user may do anything, the default user nothing.
@@ -269,8 +271,9 @@ class RedisServer:
 
     def __init__(self, port: int | None = None, binary: str = "redis-server", *,
                  tls: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None,
-                 unix_socket: bool = False):
+                 unix_socket: bool = False, appendonly: bool = False):
         self.binary = shutil.which(binary) or binary
+        self.appendonly = appendonly
         self.tls = tls
         self.auth = auth
         self.dir = Path(tempfile.mkdtemp(prefix="dtsd-redis-"))
@@ -314,10 +317,15 @@ class RedisServer:
         self._log = open(self.logfile, "ab")
         self.proc = subprocess.Popen(
             [self.binary, *self._listen_args(), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+             "--save", "", *self._persistence_args(), "--dir", str(self.dir),
              "--daemonize", "no", *self._socket_args(), "--loglevel", "notice"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             cwd=self.dir, env=clean_env())
+
+    def _persistence_args(self) -> list[str]:
+        if self.appendonly:
+            return ["--appendonly", "yes", "--appendfsync", "everysec"]
+        return ["--appendonly", "no"]
 
     def _socket_args(self) -> list[str]:
         if self.socket:

@@ -46,16 +46,30 @@ def _ip(*args: str, check: bool = True, timeout: float = 20) -> subprocess.Compl
 
 
 def netns_unavailable() -> str | None:
-    """Why namespaces cannot be used here (None: they can)."""
+    """Why namespaces cannot be used here (None: they can).
+
+    Tries what `Netns.create()` does: a namespace, and a veth pair with one end moved into
+    it. A container without CAP_NET_ADMIN may allow the first (it is a file and a mount)
+    and refuse the second ("RTNETLINK answers: Operation not permitted")."""
     if os.geteuid() != 0:
         return "network namespaces need root"
     if not os.path.exists(IP):
         return "iproute2 (`ip`) is not installed"
-    probe = f"dtsd-t-probe-{secrets.token_hex(3)}"
+    tag = secrets.token_hex(3)
+    probe, host_if, ns_if = f"dtsd-t-probe-{tag}", f"dtsp{tag}", f"dtsq{tag}"
     made = _ip("netns", "add", probe, check=False)
     if made.returncode != 0:
         return f"`ip netns add` fails here: {made.stderr.strip()}"
-    _ip("netns", "del", probe, check=False)
+    try:
+        for step in (("link", "add", host_if, "type", "veth", "peer", "name", ns_if),
+                     ("link", "set", ns_if, "netns", probe)):
+            done = _ip(*step, check=False)
+            if done.returncode != 0:
+                return (f"`ip {' '.join(step)}` fails here (CAP_NET_ADMIN missing?): "
+                        f"{done.stderr.strip()}")
+    finally:
+        _ip("link", "del", host_if, check=False)
+        _ip("netns", "del", probe, check=False)
     return None
 
 
