@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -101,19 +102,42 @@ def login(driver, node, secret: str) -> None:
              message=lambda: f"the login to go through: {problems(driver)}")
 
 
+def click(driver, selector: str) -> None:
+    """Find and click, again if Chromium says the node it found left the document between
+    the two steps (seen now and then when a page has just loaded)."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    for attempt in range(5):
+        try:
+            one(driver, selector).click()
+            return
+        except StaleElementReferenceException:
+            pass
+        except WebDriverException as exc:
+            if "does not belong to the document" not in str(exc):
+                raise
+        time.sleep(0.2)
+    one(driver, selector).click()
+
+
 def press(driver, selector: str, confirm: bool = False) -> None:
     """Click a button that submits a form (accepting its confirmation), and wait until
     the next page has replaced this one."""
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
+
     def loaded(_driver) -> bool:
         return driver.execute_script("return document.readyState") == "complete"
+
+    def replaced(_driver) -> bool:
+        # A new document has a new window object, without the mark. (Selenium's
+        # staleness_of does not do: this Chromium answers a replaced node with "does not
+        # belong to the document", not with a stale-element error.)
+        return driver.execute_script("return window.dtsdTestMark === undefined")
     WebDriverWait(driver, 15).until(loaded)
-    page = one(driver, "html")
-    one(driver, selector).click()
+    driver.execute_script("window.dtsdTestMark = true")
+    click(driver, selector)
     if confirm:
         driver.switch_to.alert.accept()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 15).until(replaced)
     WebDriverWait(driver, 15).until(loaded)
 
 
@@ -212,7 +236,7 @@ def test_an_admin_does_in_the_browser_what_dtsctl_does(node, browser, tmp_path):
     ids = [a.text for a in css(browser, "table.jobs a.id")]
     assert {job_id, failed_id, ok_id} <= set(ids)
     shoot(browser, "jobs")
-    one(browser, "input[name='status'][value='FAILED']").click()
+    click(browser, "input[name='status'][value='FAILED']")
     press(browser, "form.filters button")
     wait_for(lambda: "status=FAILED" in browser.current_url, timeout=10)
     assert [a.text for a in css(browser, "table.jobs a.id")] == [failed_id]
@@ -235,7 +259,7 @@ def test_an_admin_does_in_the_browser_what_dtsctl_does(node, browser, tmp_path):
         return failed_id in [a.text for a in css(browser, "a.id")]
     wait_for(dead_listed, timeout=20)
     shoot(browser, "dead-letters")
-    one(browser, f"input[name='id'][value='{failed_id}']").click()
+    click(browser, f"input[name='id'][value='{failed_id}']")
     press(browser, "button[formaction='/dead-letters/requeue']:not([name])")
     assert "Requeue dead letters?" in one(browser, "h1").text
     shoot(browser, "dead-letters-confirm")
