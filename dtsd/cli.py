@@ -152,10 +152,10 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 import click
 import grpc
 
-from dtsd import config, identity, models
+from dtsd import config, identity, models, shown
 from dtsd.client import (DEFAULT_TIMEOUT, Client, Tls, parse_servers, tls_mismatch,
                          unreachable_store)
-from dtsd.executor import describe_signal
+from dtsd.shown import ESCAPES, ending, escape, signal_name
 from dtsd.v1 import dtsd_pb2
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -596,45 +596,10 @@ def _names(given: tuple[tuple[str, ...], ...]) -> list[str]:
     return list(dict.fromkeys(name for names in given for name in names))
 
 
-# --- terminal safety ----------------------------------------------------------------------
+# --- terminal safety (the rule is dtsd/shown.py's) ----------------------------------------
 
-# What dtsctl never writes as it is (the module docstring says when a job's output bytes
-# go out exact): every Unicode control character, general category Cc (C0 U+0000-U+001F,
-# DEL U+007F, C1 U+0080-U+009F), and the Bidi_Control characters, which reorder what a
-# person reads ("Trojan Source"): U+061C, U+200E-U+200F, U+202A-U+202E, U+2066-U+2069.
-_CONTROL_CODES = (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0))
-_BIDI_CONTROL_CODES = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
-_SHORT_ESCAPES = {0x09: r"\t", 0x0A: r"\n", 0x0D: r"\r"}
-
-
-def _shown_as(code: int) -> str:
-    r"""Python's spelling: `\t` `\n` `\r`, `\xNN` below U+0080, `\u009b` or `\u202e` above.
-
-    `\xNN` also stands for a byte that is not UTF-8 (`output_text`), so a C1 character,
-    which is valid UTF-8, reads differently (`\u009b`) from a stray 0x9B byte (`\x9b`).
-    """
-    if code in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[code]
-    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
-
-
-_ESCAPES = {code: _shown_as(code) for code in (*_CONTROL_CODES, *_BIDI_CONTROL_CODES)}
-_LAYOUT_ESCAPES = {code: text for code, text in _ESCAPES.items() if code not in (0x09, 0x0A)}
 # json.dumps escapes C0 itself; these are the rest, in JSON's own \uNNNN (the same value).
-_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in _ESCAPES if code >= 0x7F}
-
-
-def escape(text: str, *, layout: bool = False) -> str:
-    r"""`text` with every control and bidi control character spelled out (`\x1b`, `\u202e`).
-
-    With `layout`, newline and tab stay as they are: they are the layout of a multi-line
-    body (a job's output, a message). Without it (a table cell, a field) they are escaped
-    too, so a value can leave neither its line nor its column. Backslashes are left alone,
-    as journalctl and less leave them, so escaping twice changes nothing; a literal `\x1b`
-    in a value therefore reads like an escaped ESC (`-o json`, `logs --raw` or `logs` to a
-    pipe give the exact value).
-    """
-    return text.translate(_LAYOUT_ESCAPES if layout else _ESCAPES)
+_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in ESCAPES if code >= 0x7F}
 
 
 def output_text(data: bytes) -> str:
@@ -927,26 +892,11 @@ def seconds_text(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f}s"
 
 
-def signal_name(number: int) -> str:
-    """`SIGTERM` for 15; `signal 99` for a number with no name here."""
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
 def _exit_text(code: int | None) -> str:
     """The EXIT cell: the exit code, or the signal that ended the job (stored as -N)."""
     if code is None:
         return "-"
     return signal_name(-code) if code < 0 else str(code)
-
-
-def ending(code: int | None) -> str | None:
-    """How a job's command ended, in words: `exit code 7`, `killed by SIGTERM`."""
-    if code is None:
-        return None
-    return f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
 
 
 def exit_field(code: int | None) -> str | None:
@@ -957,13 +907,8 @@ def exit_field(code: int | None) -> str | None:
 
 
 def error_text(job: Mapping[str, Any]) -> str | None:
-    """The job's error, unless it only repeats how the command ended (the worker writes
-    `exit code 7` or `killed by signal 15 (SIGTERM)` when it knows nothing more)."""
-    code, error = job["exit_code"], job["error"]
-    if code is not None and error in (f"exit code {code}",
-                                      code < 0 and f"killed by {describe_signal(-code)}"):
-        return None
-    return error or None
+    """The job's error, unless it only repeats how the command ended."""
+    return shown.error_text(job["exit_code"], job["error"])
 
 
 def env_text(env: Mapping[str, str], hidden: bool) -> str:
@@ -2091,6 +2036,23 @@ def retry(settings: Settings, job_ids: tuple[str, ...], selector: str,
         click.get_current_context().exit(Exit.FAILED)
 
 
+def on_this_host(url: str) -> str:
+    """`url` if it is http(s) on a loopback address; else a usage error. The web UI takes
+    a local token from a loopback peer only, so web-login never sends one anywhere else."""
+    import ipaddress
+    import urllib.parse
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or not url.startswith(("http://", "https://")):
+        raise CliError(f"--url {url}: web-login works on this host only: give an http:// or "
+                       "https:// URL on a loopback address (127.0.0.1, [::1], localhost)",
+                       Exit.USAGE)
+    return url
+
+
 @cli.command("web-login")
 @click.option("--url", metavar="URL",
               help="The web UI's address, e.g. https://host.example:8080 (default: http:// "
@@ -2107,6 +2069,8 @@ def web_login(settings: Settings, url: str | None) -> None:
     import ssl                       # here: no other verb pays for loading them
     import urllib.error
     import urllib.request
+    if url is not None:
+        on_this_host(url)
     cfg = read_client_config(settings.config_path, os.environ)
     runtime_dir = (cfg.get("dtsd", "runtime_dir") if cfg is not None
                    else config.default("dtsd", "runtime_dir"))
@@ -2116,7 +2080,7 @@ def web_login(settings: Settings, url: str | None) -> None:
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    url = url.rstrip("/")
+    url = on_this_host(url.rstrip("/"))
     token = LocalToken(runtime_dir)()
     context = None
     if url.startswith("https://"):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from dtsd.models import EndReason
+from dtsd.shown import describe_signal
 
 if TYPE_CHECKING:
     from dtsd.jobbox import Launcher
@@ -67,13 +68,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.reason is None and self.exit_code == 0
-
-
-def describe_signal(signum: int) -> str:
-    try:
-        return f"signal {signum} ({signal.Signals(signum).name})"
-    except ValueError:
-        return f"signal {signum}"
 
 
 class Execution:

@@ -54,7 +54,6 @@ import math
 import os
 import re
 import secrets
-import signal
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -66,11 +65,12 @@ import jinja2
 from aiohttp import web
 from google.protobuf import timestamp_pb2
 
-from . import auth, identity
+from . import auth, config, identity
 from .config import Config
 from .dtsdpb import pb
 from .httpapi import Channels, Refusal, relay
 from .identity import Role
+from .shown import ending, error_text, escape
 
 log = logging.getLogger("dtsd.webui")
 
@@ -88,7 +88,6 @@ SWEEP_EVERY = 600.0             # seconds between removals of expired session fi
 LIVE_KEEPALIVE = 15.0           # seconds between comments on a quiet event stream
 REFRESH = 10                    # seconds between the overview's (and jobs') own reloads
 STATUSES = [s for s in pb.JobStatus.keys() if s != "JOB_STATUS_UNSPECIFIED"]
-FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
@@ -97,17 +96,25 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".svg": "image/svg+xml"}
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
-# Characters shown escaped in output: C0 controls but tab and newline, DEL, C1 controls,
-# and the bidirectional overrides that can make text read other than it is.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def visible(data: bytes | str) -> str:
     """Output as text a page can show: UTF-8 (bad bytes as U+FFFD), with control and
-    direction characters shown as escapes (\\x1b, \\u202e) rather than obeyed."""
+    direction characters shown as escapes (\\x1b, \\u202e) rather than obeyed, by the
+    rule dtsctl follows on a terminal (dtsd/shown.py); newlines and tabs kept."""
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    return _CONTROL.sub(lambda m: (f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                                   else f"\\u{ord(m.group()):04x}"), text)
+    return escape(text, layout=True)
+
+
+def local_path(value: Any, default: str) -> str:
+    """`value` when it is a path on this site (`/jobs?status=FAILED`), else `default`: what
+    a redirect may go to. Browsers read `//host`, `/\\host` and the same with a tab or a
+    newline in between as another site, so a path with a backslash or a control
+    character goes nowhere either."""
+    if (not isinstance(value, str) or not value.startswith("/") or value.startswith("//")
+            or "\\" in value or any(ord(char) < 0x20 or ord(char) == 0x7F for char in value)):
+        return default
+    return value
 
 
 def refusal_of(exc: Exception) -> Refusal:
@@ -159,21 +166,11 @@ def iso(moment: datetime | None) -> str:
 
 
 def ended(item) -> str:
-    """What the end of a job, attempt or event says, once: 'exit code 7', 'killed by
-    SIGTERM', 'timeout after 5s (killed by SIGKILL)'."""
-    if not item.HasField("exit_code"):
-        return item.error
-    code = item.exit_code
-    if code < 0:
-        try:
-            said = f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            said = f"killed by signal {-code}"
-    else:
-        said = f"exit code {code}"
-    if not item.error or said in item.error or item.error.startswith("killed by"):
-        return item.error or said
-    return f"{item.error} ({said})"
+    """What the end of a job, attempt or event says, once, as dtsctl says it: 'exit code
+    7', 'killed by SIGKILL (timeout after 5s)'."""
+    code = item.exit_code if item.HasField("exit_code") else None
+    said, error = ending(code), error_text(code, item.error)
+    return f"{said} ({error})" if said and error else said or error or ""
 
 
 def job_duration(job) -> float | None:
@@ -575,26 +572,19 @@ class WebUI:
 
     def done(self, request: web.Request, default: str, flash: str) -> Redirect:
         """Back to the page the form was on (a local path only), with a message."""
-        back = request["form"].get("back", "")
-        if not isinstance(back, str) or not back.startswith("/") or back.startswith("//"):
-            back = default
-        return Redirect(back, flash)
+        return Redirect(local_path(request["form"].get("back", ""), default), flash)
 
     # --- login -----------------------------------------------------------------------------
 
     async def login_page(self, request: web.Request) -> web.Response:
         return self.page(request, "login.html", title="Log in", error="",
-                         next=self._next(request.query.get("next", "")),
+                         next=local_path(request.query.get("next", ""), "/"),
                          tokens_file=self.cfg.get("server", "tokens_file"))
-
-    @staticmethod
-    def _next(value: str) -> str:
-        return value if value.startswith("/") and not value.startswith("//") else "/"
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         form = request["form"]
         secret = str(form.get("token", "")).strip()
-        target = self._next(str(form.get("next", "/")))
+        target = local_path(form.get("next", "/"), "/")
         found = self.tokens.lookup(secret) if self.tokens and secret else None
         if found is None:
             if self.tokens is None:
@@ -1019,7 +1009,6 @@ _INTEGERS = {"priority": "priority", "max_retries": "max_retries",
              "limits.cpu_seconds": "cpu_seconds", "limits.processes": "processes",
              "limits.open_files": "open_files"}
 _SIZES = {"limits.memory_bytes": "memory_bytes", "limits.file_size_bytes": "file_size_bytes"}
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
 
 
 def parse_time(text: str, field_name: str) -> datetime:
@@ -1065,14 +1054,13 @@ def job_spec(values: dict[str, str]) -> pb.JobSpec:
             except ValueError:
                 errors[key] = f"out of range: {text[:20]}"
     for key, field_name in _SIZES.items():
-        text = values[key].strip().lower().removesuffix("b").removesuffix("i")
+        text = values[key].strip()
         if not text:
             continue
-        match = re.fullmatch(r"(\d+)\s*([kmgt]?)", text)
-        if not match:
-            errors[key] = f"a size like 512M or 2G, not {values[key].strip()[:20]!r}"
-            continue
-        setattr(spec.limits, field_name, int(match.group(1)) * _SIZE_UNITS[match.group(2)])
+        try:
+            setattr(spec.limits, field_name, config.size(text))     # as [worker] limits
+        except ValueError:
+            errors[key] = f"a size like 512M or 2G, not {text[:20]!r}"
     text = values["timeout_seconds"].strip()
     if text:
         try:
@@ -1137,24 +1125,11 @@ def _status_of(exc: Exception) -> int:
     return refusal_of(exc).status
 
 
-def _limits(limits) -> list[tuple[str, str]]:
-    shown = []
-    for label, value, size in (("memory", limits.memory_bytes, True),
-                               ("CPU seconds", limits.cpu_seconds, False),
-                               ("processes", limits.processes, False),
-                               ("open files", limits.open_files, False),
-                               ("file size", limits.file_size_bytes, True)):
-        if value:
-            shown.append((label, _size(value) if size else str(value)))
-    return shown
-
-
-def _size(value: int) -> str:
-    for unit, size in (("TiB", 1024 ** 4), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2),
-                       ("KiB", 1024)):
-        if value >= size and value % size == 0:
-            return f"{value // size} {unit}"
-    return f"{value} bytes"
+def _limits(limits) -> str:
+    """A job's limits as `[worker] limits` writes them: `memory=512MiB cpu_time=10s`."""
+    return config.limits_text({name: getattr(limits, field)
+                               for name, field in config.LIMIT_PROTO_FIELDS.items()
+                               if getattr(limits, field)})
 
 
 # --- the overview's chart ---------------------------------------------------------------------

@@ -780,3 +780,13 @@ def test_role_servers_are_used(nowhere):
                  "status")
     assert result.exit_code == 3
     assert other in result.stderr and nowhere not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["http://example.com:8080", "https://10.0.0.5:8080",
+                                 "file:///etc/passwd", "http://127.0.0.1.example.com"])
+def test_web_login_sends_its_local_token_to_this_host_only(url, tmp_path):
+    """The local token proves who runs dtsctl: it goes to a loopback address or nowhere
+    (the web UI refuses it from anywhere else anyway), before any token is fetched."""
+    result = run("web-login", "--url", url, env={"DTSD_CONFIG": str(tmp_path / "none.ini")})
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert "loopback" in result.stderr

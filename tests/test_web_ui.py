@@ -674,3 +674,18 @@ def test_labels_select_jobs_and_an_admin_pauses_a_queue_from_the_overview(node, 
     assert "resumed" in flash(browser)
     wait_for(lambda: "SUCCEEDED" in ok(node.dtsctl("status", job, token=admin)), timeout=20)
     no_console_errors(browser)
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "/\\evil.example/x",
+                                    "/\t/evil.example/x", "https://evil.example/x"])
+def test_a_login_never_redirects_off_this_site(node, target):
+    """`next` after a login, and `back` after a form, are paths on this site or nothing:
+    browsers read `//host`, `/\\host` and `/<tab>/host` as another site."""
+    admin = web_token(node, "admin", "admin")
+    visitor = Visitor(node.web_url)
+    status, _, headers = visitor.request("POST", "/login", {
+        "csrf": visitor.csrf(), "token": admin, "next": target})
+    assert status == 303 and headers["Location"] == "/", headers.get("Location")
+    status, _, headers = visitor.request("POST", "/jobs/bulk", {
+        "csrf": visitor.csrf("/jobs"), "action": "cancel", "back": target})
+    assert status == 303 and headers["Location"] == "/jobs", headers.get("Location")
