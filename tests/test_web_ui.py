@@ -689,3 +689,23 @@ def test_a_login_never_redirects_off_this_site(node, target):
     status, _, headers = visitor.request("POST", "/jobs/bulk", {
         "csrf": visitor.csrf("/jobs"), "action": "cancel", "back": target})
     assert status == 303 and headers["Location"] == "/jobs", headers.get("Location")
+
+
+def test_sessions_and_links_are_out_of_reach_of_jobs(node):
+    """A session file holds a bearer token and a link is a login: both live in a directory
+    only the daemon's user may enter, and the key that signs CSRF tokens is 0600."""
+    import stat as statmod
+    admin = web_token(node, "admin", "admin")
+    Visitor(node.web_url).login(admin)
+    ok(run_dtsctl("-c", str(node.ini_path), "web-login"))
+    directory = node.workdir / "run" / "web"
+    assert statmod.S_IMODE(directory.stat().st_mode) == 0o700
+    names = sorted(path.name[:2] for path in directory.iterdir())
+    assert "s-" in names and "l-" in names and "ke" in names
+    for path in directory.iterdir():
+        assert statmod.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert admin not in path.name                     # named by a hash, not the secret
+    # A job (its slot user) cannot list or read them.
+    job = ok(node.dtsctl("submit", "--wait", "--", f"ls {directory} 2>&1; cat {directory}/key "
+                         "2>&1; true", token=admin))
+    assert "Permission denied" in job and "s-" not in job
