@@ -310,7 +310,21 @@ def hostile_job_id(dtsd) -> str:
                    "--", EVIL_COMMAND)
     assert (result.returncode, result.stdout) == (3, EXACT), result.stderr
     job_id = result.stderr.decode().split()[1]
-    wait_for(lambda: job_id in piped(dtsd, "-o", "json", "dlq", "list").stdout.decode())
+    listed: list[subprocess.CompletedProcess[bytes]] = []
+
+    def dead_lettered() -> bool:
+        listed[:] = [piped(dtsd, "-o", "json", "dlq", "list")]
+        return job_id in listed[0].stdout.decode()
+
+    def seen() -> str:
+        """What the last `dlq list` and the job's record said, should it never be listed."""
+        shown = piped(dtsd, "-o", "json", "status", job_id)
+        last = listed[0] if listed else None
+        said = last and (last.returncode, last.stdout, last.stderr)
+        return (f"{job_id} in dlq list; last dlq list: {said}; "
+                f"status: {(shown.returncode, shown.stdout, shown.stderr)}")
+
+    wait_for(dead_lettered, message=seen)
     return job_id
 
 
