@@ -11,7 +11,7 @@ Two layers, both public (docs/client.md states the stability rules):
   - `Connection.call("GetJob", request)` / `.stream(...)`, which `Client` inherits: one RPC
     by name with protobuf messages, so an RPC or field this module does not wrap yet is
     still reachable. It raises `grpc.RpcError` as grpc does.
-dtsctl (dtsd/cli.py) is built on `Client`; the tests and benchmarks use both layers.
+dtsctl (dtsd/cli.py) is built on `Client`; the tests use both layers.
 
 Fail-over rule: a call moves on to the next server only when a server answers
 `UNAVAILABLE` (it cannot be reached, or it says a backing store is down). Any other
@@ -953,8 +953,9 @@ class Client(Connection):
     `Connection`) reach any RPC with protobuf messages; each returned dataclass keeps
     the message it was made from in `.raw`.
 
-    Calls fail over to the next server on UNAVAILABLE only (see `Connection`). A client is
-    safe to share between threads.
+    Calls fail over to the next server on UNAVAILABLE only (see `Connection`). A client
+    may be shared between threads; its `last_server`/`last_tried` then tell of whichever
+    call ended last, while each exception carries its own call's `server` and `tried`.
     """
 
     def __init__(self, servers: Sequence[str] | None = None, timeout: float | None = None,
