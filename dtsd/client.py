@@ -1489,8 +1489,6 @@ def resolve_credential(targets: Targets, *, token: str | None = None,
     local sockets, a local token from its master (asked now, so that a refusal is said
     first); else None."""
     environ = os.environ if env is None else env
-    if token and token_file:
-        raise ConfigurationError("give a token or a token file, not both")
     if token:
         return token
     if token_file:
