@@ -7,6 +7,7 @@ that the page cannot drift from the code.
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -19,7 +20,9 @@ from dtsd.client import (Attempt, Client, EventKind, FailedPrecondition,
                          InvalidArgument, Job, JobStatus, NotFound, PermissionDenied,
                          Unauthenticated, Unavailable, WaitTimeout)
 from dtsd.v1 import dtsd_pb2
-from tests.helpers import REPO_ROOT, clean_env, free_port, wait_for, write_ini
+from tests.conftest import DtsdFactory
+from tests.helpers import (REPO_ROOT, PostgresServer, clean_env, free_port, wait_for,
+                           write_ini)
 from tests.test_auth import add_token
 
 FAST = {"worker": {"retry_backoff": "50ms", "retry_backoff_max": "200ms", "kill_grace": "1s"},
@@ -277,6 +280,29 @@ def test_spec_fields_pass_through_as_given():
     with pytest.raises(InvalidArgument) as caught:
         client_module.build_spec("true", limits={"bogus": 1})
     assert caught.value.field == "limits"
+
+
+def test_a_store_down_is_unavailable_naming_it(request, redis):
+    """The server answers that it cannot reach PostgreSQL: that is what the client says,
+    not "no connection"."""
+    own = PostgresServer()
+    try:
+        own.start()
+        factory = DtsdFactory(request, own.create_database(f"t_{secrets.token_hex(6)}"), redis)
+        try:
+            master = factory(FAST)
+            with Client([master.address], timeout=10) as connected:
+                assert connected.submit("true").created
+                own.stop()
+                with pytest.raises(Unavailable) as caught:
+                    connected.submit("true")
+        finally:
+            factory.stop_all()
+    finally:
+        own.cleanup()
+    assert caught.value.store == "postgres", caught.value.details
+    assert caught.value.details.startswith("PostgreSQL")
+    assert caught.value.server == master.address
 
 
 # --- credentials, as dtsctl reads them ------------------------------------------------------------
