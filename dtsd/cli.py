@@ -1836,8 +1836,8 @@ def cancel(settings: Settings, job_ids: tuple[str, ...], selector: str,
         return
     def one(job_id: str) -> dict[str, str]:
         reply = settings.ask(Role.WRITE, lambda client: client.cancel(job_id))
-        return {"id": job_id, "previous_status": reply.previous_status.value,
-                "status": reply.status.value}
+        return {"id": job_id, "previous_status": status_name(reply.raw.previous_status),
+                "status": status_name(reply.raw.status)}
 
     done, errors = _each(job_ids, one)
     render(settings.output, {"jobs": done, "errors": errors}, lambda data: "\n".join(

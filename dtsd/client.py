@@ -547,9 +547,20 @@ def _optional(message: Any, name: str) -> Any:
     return getattr(message, name) if message.HasField(name) else None
 
 
-def _status(value: int) -> JobStatus:
-    """A proto JobStatus number as the enum; ValueError for one this version does not know."""
-    return JobStatus(dtsd_pb2.JobStatus.Name(value))
+def _status(value: int) -> JobStatus | None:
+    """A proto JobStatus number as the enum; None for one this version does not know (a
+    newer server's), whose number stays in the message's `.raw`."""
+    try:
+        return JobStatus(dtsd_pb2.JobStatus.Name(value))
+    except ValueError:
+        return None
+
+
+def _status_name(value: int) -> str:
+    try:
+        return dtsd_pb2.JobStatus.Name(value)
+    except ValueError:
+        return str(value)
 
 
 def _status_number(status: JobStatus | str) -> int:
@@ -622,7 +633,7 @@ class Job:
     `attempt_history` is filled by `get(..., attempts=True)` and by `wait`."""
 
     id: str
-    status: JobStatus
+    status: JobStatus | None         # None: a status this client does not know (see .raw)
     spec: JobSpec
     attempts: int
     exit_code: int | None
@@ -655,9 +666,16 @@ class Job:
         return self.spec.labels
 
     @property
+    def raw_status(self) -> str:
+        """The status's name as the server sent it, known to this client or not."""
+        if self.status is not None or self.raw is None:
+            return self.status.value if self.status else ""
+        return _status_name(self.raw.status)
+
+    @property
     def final(self) -> bool:
         """Whether the job has ended: SUCCEEDED, FAILED or CANCELLED."""
-        return self.status.final
+        return self.status is not None and self.status.final
 
     @classmethod
     def from_proto(cls, job: Any) -> Job:
@@ -721,7 +739,7 @@ class JobEvent:
     def from_proto(cls, event: Any) -> JobEvent:
         kind = (EventKind.OUTPUT if event.kind == dtsd_pb2.JobEvent.OUTPUT
                 else EventKind.STATE)
-        return cls(kind=kind, status=_status(event.status) if event.status else None,
+        return cls(kind=kind, status=_status(event.status),
                    attempt=event.attempt, output=bytes(event.output), offset=event.offset,
                    exit_code=_optional(event, "exit_code"), error=event.error, raw=event)
 
@@ -729,8 +747,8 @@ class JobEvent:
 @dataclass(frozen=True)
 class CancelResult:
     id: str
-    previous_status: JobStatus
-    status: JobStatus
+    previous_status: JobStatus | None
+    status: JobStatus | None
     raw: Any = field(repr=False, compare=False, default=None)
 
 
@@ -1115,7 +1133,7 @@ class Client(Connection):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise WaitTimeout(f"job {job_id} is not final after {timeout:g}s"
-                                  + (f" (it is {job.status.value})" if job else ""),
+                                  + (f" (it is {job.raw_status})" if job else ""),
                                   job=job, server=self.last_server, tried=self.last_tried)
             if watch:
                 watch = False

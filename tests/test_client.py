@@ -305,6 +305,18 @@ def test_a_store_down_is_unavailable_naming_it(request, redis):
     assert caught.value.server == master.address
 
 
+def test_a_status_this_client_does_not_know_is_none_not_a_crash():
+    """A newer server may send a status added after this client: the job still reads."""
+    job = Job.from_proto(dtsd_pb2.Job(id="x", status=99))
+    assert (job.status, job.raw_status, job.final) == (None, "99", False)
+    known = Job.from_proto(dtsd_pb2.Job(id="y", status=dtsd_pb2.SUCCEEDED))
+    assert (known.status, known.raw_status, known.final) == (JobStatus.SUCCEEDED, "SUCCEEDED",
+                                                             True)
+    event = client_module.JobEvent.from_proto(dtsd_pb2.JobEvent(kind=dtsd_pb2.JobEvent.STATE,
+                                                                status=99))
+    assert event.status is None and not event.final
+
+
 # --- credentials, as dtsctl reads them ------------------------------------------------------------
 
 @pytest.fixture
