@@ -556,6 +556,14 @@ def _status(value: int) -> JobStatus | None:
         return None
 
 
+def _policy(kind: Any, proto_enum: Any, value: int) -> Any:
+    """A schedule policy as `kind`'s member; None for one this version does not know."""
+    try:
+        return kind(proto_enum.Name(value))
+    except ValueError:
+        return None
+
+
 def _status_name(value: int) -> str:
     try:
         return dtsd_pb2.JobStatus.Name(value)
@@ -771,8 +779,8 @@ class Schedule:
     name: str
     expression: str
     timezone: str
-    overlap: Overlap
-    misfire: Misfire
+    overlap: Overlap | None          # None: a policy this client does not know (see .raw)
+    misfire: Misfire | None
     catchup_window_seconds: float
     job: JobSpec
     paused: bool
@@ -786,11 +794,12 @@ class Schedule:
 
     @classmethod
     def from_proto(cls, schedule: Any) -> Schedule:
-        overlap = dtsd_pb2.OverlapPolicy.Name(schedule.overlap or dtsd_pb2.ALLOW)
-        misfire = dtsd_pb2.MisfirePolicy.Name(schedule.misfire or dtsd_pb2.RUN_ONCE)
         return cls(id=schedule.id, name=schedule.name, expression=schedule.expression,
-                   timezone=schedule.timezone, overlap=Overlap(overlap),
-                   misfire=Misfire(misfire),
+                   timezone=schedule.timezone,
+                   overlap=_policy(Overlap, dtsd_pb2.OverlapPolicy,
+                                   schedule.overlap or dtsd_pb2.ALLOW),
+                   misfire=_policy(Misfire, dtsd_pb2.MisfirePolicy,
+                                   schedule.misfire or dtsd_pb2.RUN_ONCE),
                    catchup_window_seconds=schedule.catchup_window_seconds,
                    job=JobSpec.from_proto(schedule.job), paused=schedule.paused,
                    next_fire_time=_when(schedule, "next_fire_time"),
