@@ -142,27 +142,27 @@ import shlex
 import signal
 import sys
 import threading
-import time
 import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
-from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import click
 import grpc
 
-from dtsd import config, identity, models, shown
-from dtsd.client import (DEFAULT_TIMEOUT, Client, Tls, parse_servers, tls_mismatch,
-                         unreachable_store)
+from dtsd import config, models, shown
+from dtsd import client as client_module
+from dtsd.client import (DEFAULT_SERVER, DEFAULT_TIMEOUT, CLIENT_KEYS, Client,  # noqa: F401
+                         ConfigurationError, DtsdError, Role, Targets, Tls, parse_servers,
+                         tls_mismatch, unreachable_store)
 from dtsd.shown import ESCAPES, ending, escape, signal_name
 from dtsd.v1 import dtsd_pb2
 
-DEFAULT_SERVER = "127.0.0.1:50051"
 HIDDEN = "(hidden)"           # shown for env values the caller may not see
-POLL_INTERVAL = 0.5
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 STATUS_NAMES = tuple(status.value for status in models.JobStatus)
+T = TypeVar("T")
 
 
 class Exit(enum.IntEnum):
@@ -220,6 +220,13 @@ def rpc_failure(error: grpc.RpcError, client: Client) -> CliError:
     return CliError(f"{code.name}: {details}", Exit.FAILED, code)
 
 
+def failure(error: DtsdError, client: Client) -> CliError:
+    """A DtsdError of the high-level client as dtsctl's message and exit code."""
+    if error.rpc_error is not None:
+        return rpc_failure(error.rpc_error, client)
+    return config_failure(error)
+
+
 def tls_diagnosis(client: Client, details: str) -> str | None:
     """When TLS is why no server would talk: what is wrong and what to give, for each
     server tried, with gRPC's own words after it."""
@@ -228,69 +235,27 @@ def tls_diagnosis(client: Client, details: str) -> str | None:
     return "; ".join(found) + f" (gRPC: {details})" if found else None
 
 
-# --- where the servers are ----------------------------------------------------------------
+# --- where the servers are: dtsd.client finds them, as the library does -------------------
 
-@dataclass(frozen=True)
-class Targets:
-    """The servers for writes and for reads, where each list came from, and the deadline."""
-
-    write: list[str]
-    read: list[str]
-    write_source: str
-    read_source: str
-    timeout: float = DEFAULT_TIMEOUT
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    local_dir: str = ""       # the runtime directory, when these are its local sockets
-    token_file: str = ""      # [client] token_file of the config file that was read
+def config_failure(error: DtsdError) -> CliError:
+    """A ConfigurationError of dtsd.client as dtsctl's message and exit code."""
+    reason = getattr(error, "reason", "usage")
+    code = {"unreachable": Exit.UNREACHABLE, "unauthorised": Exit.UNAUTHORISED}.get(
+        reason, Exit.USAGE)
+    return CliError(str(error), code)
 
 
-# What dtsctl reads of a config file: [client], where this host's dtsd keeps its sockets,
-# and (web-login) where its web child listens.
-CLIENT_KEYS = (*((option.section, option.key) for option in config.OPTIONS
-                 if option.section == "client"), ("dtsd", "runtime_dir"), ("web", "listen"))
+def _warn_config(error: config.ConfigError) -> None:
+    warn(f"dtsctl: warning: {error} (dtsctl reads only [client] and [dtsd] runtime_dir of "
+         "it, which are fine)")
 
 
 def read_client_config(config_path: str | None, env: Mapping[str, str]) -> config.Config | None:
-    """The named config file (`-c`, else $DTSD_CONFIG), else /etc/dtsd/dtsd.ini if readable.
-
-    An error in a part dtsctl does not read (the server's sections) is warned about, not
-    fatal: the client still works while the server's file is being fixed. An error in
-    CLIENT_KEYS is a usage error.
-    """
-    path = config_path or env.get("DTSD_CONFIG") or None
-    if path is None:
-        if not os.access(config.DEFAULT_PATH, os.R_OK):
-            return None
-        path = config.DEFAULT_PATH
+    """dtsd.client.read_client_config, its warning and errors in dtsctl's words."""
     try:
-        return config.load(path, env={})
-    except config.ConfigError as exc:
-        whole = exc
-    try:
-        partial = config.load_keys(path, CLIENT_KEYS)
-    except config.ConfigError as exc:
-        raise CliError(str(exc), Exit.USAGE) from None
-    warn(f"dtsctl: warning: {whole} (dtsctl reads only [client] and [dtsd] runtime_dir of "
-         "it, which are fine)")
-    return partial
-
-
-def local_sockets(runtime_dir: str) -> list[str] | None:
-    """This host's dtsd API sockets (`unix:` addresses), or None when this host runs no
-    dtsd there (no `ident.sock`). CliError when it runs one that serves no socket yet."""
-    if not os.path.exists(os.path.join(runtime_dir, identity.IDENT_SOCKET)):
-        return None
-    try:
-        paths = identity.api_sockets(runtime_dir)
-    except OSError as exc:
-        raise CliError(f"cannot list {runtime_dir}: {exc.strerror}", Exit.UNREACHABLE) from None
-    if not paths:
-        raise CliError(f"dtsd runs on this host ({runtime_dir}) but serves no local API socket "
-                       "yet: is it starting, or has it [server] processes = 0? (or name "
-                       "servers with --servers)", Exit.UNREACHABLE)
-    return [f"unix:{path}" for path in paths]
+        return client_module.read_client_config(config_path, env, on_warning=_warn_config)
+    except ConfigurationError as exc:
+        raise config_failure(exc) from None
 
 
 def resolve_servers(servers: Sequence[str] | None = None,
@@ -299,61 +264,13 @@ def resolve_servers(servers: Sequence[str] | None = None,
                     timeout: float | None = None,
                     config_path: str | None = None,
                     env: Mapping[str, str] | None = None) -> Targets:
-    """Apply the precedence of the module docstring: flags, environment, this host's local
-    sockets, config, default.
-
-    The default config file is read only when neither flags nor environment name the
-    servers; a file named with `-c`/$DTSD_CONFIG is always read (for its timeout too).
-    """
-    environ = os.environ if env is None else env
-
-    def from_env(name: str) -> list[str] | None:
-        text = environ.get(name, "").strip()
-        if not text:
-            return None
-        try:
-            return parse_servers(text)
-        except ValueError as exc:
-            raise CliError(f"${name}: {exc}", Exit.USAGE) from None
-
-    def first(*candidates: tuple[str, Sequence[str] | None]) -> tuple[list[str], str] | None:
-        for source, value in candidates:
-            if value:
-                return list(value), source
-        return None
-
-    env_general = (("$DTSD_SERVERS", from_env("DTSD_SERVERS")), ("$SERVERS", from_env("SERVERS")))
-    write = first(("--submit-server", submit_server), ("--servers", servers),
-                  ("$SUBMIT_SERVER", from_env("SUBMIT_SERVER")), *env_general)
-    read = first(("--status-servers", status_servers), ("--servers", servers),
-                 ("$STATUS_SERVERS", from_env("STATUS_SERVERS")), *env_general)
-
-    named = config_path or environ.get("DTSD_CONFIG")
-    cfg = read_client_config(config_path, environ) if (named or not (write and read)) else None
-    fallback = ([DEFAULT_SERVER], "the default")
-    settings: dict[str, str] = {}
-    if cfg is not None:
-        fallback = (list(cfg.get("client", "servers")), f"{cfg.path} [client] servers")
-        if timeout is None:
-            timeout = cfg.get("client", "timeout")
-        settings = {f"tls_{key}": cfg.get("client", f"tls_{key}") for key in ("ca", "cert", "key")}
-        settings["token_file"] = cfg.get("client", "token_file")
-    if not write and not read:
-        runtime_dir = (cfg.get("dtsd", "runtime_dir") if cfg is not None
-                       else config.default("dtsd", "runtime_dir"))
-        local = local_sockets(runtime_dir)
-        if local is not None:
-            fallback = (local, f"the local sockets in {runtime_dir}")
-            settings["local_dir"] = runtime_dir
-    write = write or fallback
-    read = read or fallback
-    return Targets(write=write[0], read=read[0], write_source=write[1], read_source=read[1],
-                   timeout=DEFAULT_TIMEOUT if timeout is None else timeout, **settings)
-
-
-class Role(enum.Enum):
-    WRITE = "write"
-    READ = "read"
+    """Apply the precedence of the module docstring (dtsd.client.resolve_servers)."""
+    try:
+        return client_module.resolve_servers(servers, submit_server, status_servers,
+                                             timeout=timeout, config_path=config_path,
+                                             env=env, on_warning=_warn_config)
+    except ConfigurationError as exc:
+        raise config_failure(exc) from None
 
 
 @dataclass
@@ -412,44 +329,39 @@ class Settings:
         """The token to send, by the precedence of the module docstring (flags, then the
         environment, then the config file, then who the local user is); None: none."""
         if self._credential is None:
-            environ = os.environ if env is None else env
-            if self.token:
-                self._credential = self.token
-            elif self.token_file:
-                self._credential = read_token_file(self.token_file, "--token-file")
-            elif environ.get("DTSD_TOKEN"):
-                self._credential = environ["DTSD_TOKEN"]
-            elif environ.get("DTSD_TOKEN_FILE"):
-                self._credential = read_token_file(environ["DTSD_TOKEN_FILE"], "$DTSD_TOKEN_FILE")
-            elif targets.token_file:
-                self._credential = read_token_file(targets.token_file, "[client] token_file")
-            elif targets.local_dir:
-                self._credential = LocalToken(targets.local_dir)
-                self._credential()          # ask now: a refusal is said before anything else
-            else:
-                self._credential = ""
+            try:
+                found = client_module.resolve_credential(
+                    targets, token=self.token, token_file=self.token_file, env=env,
+                    local_token=LocalToken)
+            except ConfigurationError as exc:
+                raise config_failure(exc) from None
+            self._credential = found or ""
         return self._credential or None
 
     def tls(self, targets: Targets) -> Tls | None:
         """TLS when a CA is given (flag, else [client] tls_ca); flags beat the config file."""
-        ca = self.tls_ca or targets.tls_ca
-        cert = self.tls_cert or targets.tls_cert
-        key = self.tls_key or targets.tls_key
-        if not ca:
-            if cert or key or self.tls_server_name:
-                raise CliError("--tls-cert, --tls-key and --tls-server-name need --tls-ca "
-                               "(or [client] tls_ca)", Exit.USAGE)
-            return None
-        if bool(cert) != bool(key):
-            raise CliError("--tls-cert and --tls-key go together", Exit.USAGE)
-        return Tls(ca, cert, key, self.tls_server_name or "")
+        try:
+            return client_module.resolve_tls(targets, ca=self.tls_ca, cert=self.tls_cert,
+                                             key=self.tls_key, server_name=self.tls_server_name)
+        except ConfigurationError as exc:
+            raise config_failure(exc) from None
 
     def call(self, role: Role, method: str, request: Any) -> Any:
+        """One RPC by name with protobufs (the verbs dtsd.client does not wrap)."""
         client = self.client(role)
         try:
             return client.call(method, request)
         except grpc.RpcError as exc:
             raise rpc_failure(exc, client) from None
+
+    def ask(self, role: Role, action: Callable[[Client], T]) -> T:
+        """`action(client)` with the high-level client; its DtsdError as dtsctl's message
+        and exit code."""
+        client = self.client(role)
+        try:
+            return action(client)
+        except DtsdError as exc:
+            raise failure(exc, client) from None
 
     def close(self) -> None:
         for client in self._clients.values():
@@ -460,46 +372,14 @@ class Settings:
 pass_settings = click.make_pass_decorator(Settings)
 
 
-def read_token_file(path: str, source: str) -> str:
-    """The token in `path` (its first line), for `source` (the option that named it)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(65536)
-    except OSError as exc:
-        raise CliError(f"{source}: cannot read the token file {path}: {exc.strerror or exc}",
-                       Exit.USAGE) from None
-    except UnicodeDecodeError:
-        raise CliError(f"{source}: the token file {path} is not text", Exit.USAGE) from None
-    secret = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    if not secret:
-        raise CliError(f"{source}: the token file {path} is empty", Exit.USAGE)
-    return secret
-
-
-class LocalToken:
-    """A local token from this host's master (dtsd/identity.py), renewed shortly before it
-    expires, so that a long `--wait` or `logs -f` keeps its credential. Calling it gives
-    the current token; a refusal (no role) is exit code 4, no answer exit code 3."""
-
-    RENEW_BEFORE = 30.0
-
-    def __init__(self, runtime_dir: str):
-        self.runtime_dir = runtime_dir
-        self.token = ""
-        self.expires = 0.0
-        self.lock = threading.Lock()
+class LocalToken(client_module.LocalToken):
+    """dtsd.client.LocalToken, its refusal as exit code 4 and no answer as exit code 3."""
 
     def __call__(self) -> str:
-        with self.lock:
-            if time.time() > self.expires - self.RENEW_BEFORE:
-                try:
-                    self.token = identity.fetch_local_token(self.runtime_dir)
-                except identity.LocalIdentityError as exc:
-                    code = Exit.UNAUTHORISED if exc.refused else Exit.UNREACHABLE
-                    what = "not authorised" if exc.refused else "cannot reach this host's dtsd"
-                    raise CliError(f"{what}: {exc}", code) from None
-                self.expires = identity.claim_expiry(self.token)
-            return self.token
+        try:
+            return super().__call__()
+        except ConfigurationError as exc:
+            raise config_failure(exc) from None
 
 
 # --- values on the command line -----------------------------------------------------------
@@ -1095,50 +975,19 @@ class OutputFollower:
         self.out.end()
 
 
-_FATAL_WATCH = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
 def wait_for_job(settings: Settings, job_id: str, *, follow: OutputWriter | None = None) -> Any:
     """Block until the job is final and return it (a `dtsd.v1.Job`, with attempts).
 
-    Watches the job (WatchJob); if the stream breaks, polls GetJob every 0.5 s. With
+    `Client.wait`: watches the job, polls GetJob every 0.5 s if the stream breaks. With
     `follow`, output chunks go to that writer as they come, each byte once; the watch is
     re-opened after a break so the output stays live.
     """
-    client = settings.client(Role.READ)
     follower = OutputFollower(follow) if follow is not None else None
-    watch = True
-    last_contact = time.monotonic()
-    while True:
-        if watch:
-            watch = False
-            events = client.stream("WatchJob", dtsd_pb2.WatchJobRequest(id=job_id))
-            try:
-                for event in events:
-                    watch = follower is not None
-                    if event.kind == dtsd_pb2.JobEvent.OUTPUT and follower:
-                        follower.chunk(event.attempt, event.offset, event.output)
-                    elif event.kind == dtsd_pb2.JobEvent.STATE and is_final(status_name(event.status)):
-                        break
-            except grpc.RpcError as exc:
-                if exc.code() in _FATAL_WATCH:
-                    raise rpc_failure(exc, client) from None
-            finally:
-                events.close()
-        try:
-            job = client.call("GetJob", dtsd_pb2.GetJobRequest(id=job_id, include_attempts=True))
-            last_contact = time.monotonic()
-        except grpc.RpcError as exc:
-            if exc.code() not in _TRANSIENT or time.monotonic() - last_contact > client.timeout:
-                raise rpc_failure(exc, client) from None
-            job = None
-        if job is not None and is_final(status_name(job.status)):
-            if follower:
-                follower.finish(job)
-            return job
-        time.sleep(POLL_INTERVAL)
+    job = settings.ask(Role.READ, lambda client: client.wait(
+        job_id, on_output=follower.chunk if follower else None)).raw
+    if follower:
+        follower.finish(job)
+    return job
 
 
 # --- the jobs file ------------------------------------------------------------------------
@@ -1292,23 +1141,18 @@ def _job_ids(*statuses: models.JobStatus, dead: bool = False) -> Callable[..., l
     """Complete the ids of the newest jobs (in these statuses; dead-lettered ones)."""
     def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
         def ids(settings: Settings) -> list[str]:
-            if dead:
-                request = dtsd_pb2.ListDeadLettersRequest(page_size=COMPLETION_JOBS)
-                reply = settings.call(Role.READ, "ListDeadLetters", request)
-            else:
-                request = dtsd_pb2.ListJobsRequest(
-                    statuses=[dtsd_pb2.JobStatus.Value(status.value) for status in statuses],
-                    page_size=COMPLETION_JOBS)
-                reply = settings.call(Role.READ, "ListJobs", request)
-            return [job.id for job in reply.jobs]
+            page = settings.ask(Role.READ, lambda client: (
+                client.dead_letters_page(page_size=COMPLETION_JOBS) if dead
+                else client.list_page(statuses=statuses, page_size=COMPLETION_JOBS)))
+            return [job.id for job in page.jobs]
         return _ask(ctx, incomplete, ids)
     return complete
 
 
 def complete_schedules(ctx: click.Context, param: click.Parameter,
                        incomplete: str) -> list[str]:
-    return _ask(ctx, incomplete, lambda settings: [schedule.name for schedule in settings.call(
-        Role.READ, "ListSchedules", dtsd_pb2.ListSchedulesRequest()).schedules])
+    return _ask(ctx, incomplete, lambda settings: [schedule.name for schedule in settings.ask(
+        Role.READ, lambda client: client.schedules())])
 
 
 def complete_zones(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
@@ -1577,7 +1421,7 @@ def submit(settings: Settings, command: tuple[str, ...], name: str, env: tuple[t
                     run_at=run_at, id=job_id, idempotency_key=idempotency_key,
                     limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on),
                     labels=dict(labels))
-    reply = settings.call(Role.WRITE, "SubmitJob", dtsd_pb2.SubmitJobRequest(job=spec))
+    reply = settings.ask(Role.WRITE, lambda client: client.submit(spec=spec))
     result: dict[str, Any] = {"id": reply.id, "created": reply.created,
                               "queue_unserved": reply.queue_unserved}
     if not reply.created and not settings.json:
@@ -1624,11 +1468,11 @@ def _submit_file(settings: Settings, path: str, defaults: dict[str, Any], *, wai
         fields["labels"] = {**defaults["labels"], **entry.get("labels", {})}
         where = f"jobs file {path}: job {number}"
         specs.append(job_spec(where=where, **fields))
-    reply = settings.call(Role.WRITE, "SubmitJobs", dtsd_pb2.SubmitJobsRequest(jobs=specs))
+    answers = settings.ask(Role.WRITE, lambda client: client.submit_many(specs))
     results = [{"id": answer.id, "created": answer.created,
                 "queue_unserved": answer.queue_unserved, "name": entry.get("name", "")}
-               for answer, entry in zip(reply.jobs, entries)]
-    warn_unserved([spec.queue for spec, answer in zip(specs, reply.jobs)
+               for answer, entry in zip(answers, entries)]
+    warn_unserved([spec.queue for spec, answer in zip(specs, answers)
                    if answer.queue_unserved])
     table = lambda data: "\n".join(f"{r['id']}  {cell(r['name'])}".rstrip()  # noqa: E731
                                    for r in data["jobs"])
@@ -1748,28 +1592,30 @@ def status(settings: Settings, job_ids: tuple[str, ...]) -> None:
     is not found.
     """
     if not job_ids:
-        reply = settings.call(Role.READ, "ClusterStatus", dtsd_pb2.ClusterStatusRequest())
+        reply = settings.ask(Role.READ, lambda client: client.cluster_status()).raw
         render(settings.output, cluster_dict(reply), cluster_table)
         return
-    jobs, errors = _each(job_ids, lambda job_id: job_dict(settings.call(
-        Role.READ, "GetJob", dtsd_pb2.GetJobRequest(id=job_id, include_attempts=True))))
+    jobs, errors = _each(job_ids, lambda job_id: job_dict(settings.ask(
+        Role.READ, lambda client: client.get(job_id, attempts=True)).raw))
     render(settings.output, {"jobs": jobs, "errors": errors},
            lambda data: "\n\n".join(job_table(job) for job in data["jobs"]))
     if errors:
         click.get_current_context().exit(Exit.FAILED)
 
 
-def _pages(settings: Settings, method: str, request: Any, all_pages: bool) -> dict[str, Any]:
+def _pages(settings: Settings, fetch: Callable[[Client, str], client_module.JobPage],
+           page_token: str, all_pages: bool) -> dict[str, Any]:
+    """`fetch(client, page_token)` from `page_token` on: one page, or with `all_pages` all."""
     jobs: list[dict[str, Any]] = []
     seen: set[str] = set()
+    token = page_token
     while True:
-        reply = settings.call(Role.READ, method, request)
-        jobs += [job_dict(job) for job in reply.jobs]
-        token = reply.next_page_token
+        page = settings.ask(Role.READ, lambda client: fetch(client, token))
+        jobs += [job_dict(job.raw) for job in page.jobs]
+        token = page.next_page_token
         if not (all_pages and token) or token in seen:
             break
         seen.add(token)
-        request.page_token = token
     if all_pages:
         token = ""
     if token:
@@ -1810,14 +1656,11 @@ def list_jobs(settings: Settings, statuses: tuple[str, ...], queue: str, name: s
     When more pages exist (and no --all) the next page token goes to stderr.
     JSON: {jobs: [<job object>, output empty], next_page_token}.
     """
-    request = dtsd_pb2.ListJobsRequest(
-        statuses=[dtsd_pb2.JobStatus.Value(s.upper()) for s in statuses], queue=queue,
-        name=name, page_size=limit or 0, page_token=page_token, selector=selector)
-    if since is not None:
-        request.created_after.CopyFrom(to_timestamp(since))
-    if until is not None:
-        request.created_before.CopyFrom(to_timestamp(until))
-    render(settings.output, _pages(settings, "ListJobs", request, all_pages), jobs_table)
+    def fetch(client: Client, token: str) -> client_module.JobPage:
+        return client.list_page(statuses=[s.upper() for s in statuses], queue=queue, name=name,
+                                selector=selector, since=since, until=until,
+                                page_size=limit or 0, page_token=token)
+    render(settings.output, _pages(settings, fetch, page_token, all_pages), jobs_table)
 
 
 @cli.command()
@@ -1851,8 +1694,8 @@ def logs(settings: Settings, job_id: str, follow: bool, attempt: int | None, raw
         job = job_dict(wait_for_job(settings, job_id, follow=live))
         warn(_final_line(job))
         click.get_current_context().exit(int(job_exit_code(job["status"], job["exit_code"])))
-    job = settings.call(Role.READ, "GetJob",
-                        dtsd_pb2.GetJobRequest(id=job_id, include_attempts=bool(attempt)))
+    job = settings.ask(Role.READ, lambda client: client.get(job_id,
+                                                           attempts=bool(attempt))).raw
     number, data, truncated = job.attempts, job.output, job.output_truncated
     if attempt:
         found = [a for a in job.attempt_history if a.number == attempt]
@@ -1900,38 +1743,38 @@ def selection_options(statuses: Sequence[models.JobStatus]) -> Callable[..., Any
 
 def job_selection(*, selector: str = "", statuses: Sequence[str] = (), queue: str = "",
                   name: str = "", since: datetime | None = None, until: datetime | None = None,
-                  dead_lettered: bool = False) -> Any | None:
-    """A JobSelection, or None when no option selects anything."""
+                  dead_lettered: bool = False) -> dict[str, Any] | None:
+    """The selection as keyword arguments of `Client.cancel_many`/`retry_many`, or None
+    when no option selects anything."""
     if not (selector or statuses or queue or name or since or until):
         return None
-    selection = dtsd_pb2.JobSelection(
-        selector=selector, statuses=[dtsd_pb2.JobStatus.Value(s.upper()) for s in statuses],
-        queue=queue, name=name, dead_lettered=dead_lettered)
-    if since is not None:
-        selection.created_after.CopyFrom(to_timestamp(since))
-    if until is not None:
-        selection.created_before.CopyFrom(to_timestamp(until))
+    selection: dict[str, Any] = dict(selector=selector, statuses=[s.upper() for s in statuses],
+                                     queue=queue, name=name, since=since, until=until)
+    if dead_lettered:
+        selection["dead_lettered"] = True
     return selection
 
 
-def run_bulk(settings: Settings, method: str, selection: Any, *, doing: str, done: str,
-             dry_run: bool, yes: bool, limit: int | None) -> None:
-    """Count, confirm and run a bulk action; print how many jobs it changed."""
-    request = dtsd_pb2.BulkJobsRequest(selection=selection, limit=limit or 0)
+def run_bulk(settings: Settings, method: str, selection: dict[str, Any], *, doing: str,
+             done: str, dry_run: bool, yes: bool, limit: int | None) -> None:
+    """Count, confirm and run a bulk action (`method`: the Client's `cancel_many` or
+    `retry_many`); print how many jobs it changed."""
+    def run(dry: bool, most: int) -> client_module.BulkResult:
+        return settings.ask(Role.WRITE, lambda client: getattr(client, method)(
+            **selection, dry_run=dry, limit=most))
+
     if not (dry_run or yes):
         if not is_terminal(sys.stdin):
             raise click.UsageError(f"a selection {doing} every job it matches: give --yes "
                                    "(or --dry-run to count them)")
-        counted = settings.call(Role.WRITE, method, dtsd_pb2.BulkJobsRequest(
-            selection=selection, dry_run=True))
+        counted = run(True, 0)
         if not counted.matched:
             render(settings.output, {"matched": 0, "changed": 0, "more": False,
                                      "dry_run": False}, lambda data: f"{done} 0")
             return
         click.confirm(f"{doing.capitalize()} {counted.matched} job(s)?", abort=True,
                       err=True)
-    request.dry_run = dry_run
-    reply = settings.call(Role.WRITE, method, request)
+    reply = run(dry_run, limit or 0)
     data = {"matched": reply.matched, "changed": reply.changed, "more": reply.more,
             "dry_run": dry_run}
     render(settings.output, data, lambda d: (f"{d['matched']} job(s) match" if dry_run
@@ -1941,7 +1784,7 @@ def run_bulk(settings: Settings, method: str, selection: Any, *, doing: str, don
 
 
 def by_selection(settings: Settings, method: str, job_ids: Sequence[str], *, doing: str,
-                 done: str, selection: Any | None, dry_run: bool, yes: bool,
+                 done: str, selection: dict[str, Any] | None, dry_run: bool, yes: bool,
                  limit: int | None) -> bool:
     """Run a bulk verb's selection (True), or say that the verb goes by ids (False)."""
     _ids_or_selection(job_ids, selection, dry_run, yes, limit)
@@ -1952,7 +1795,7 @@ def by_selection(settings: Settings, method: str, job_ids: Sequence[str], *, doi
     return True
 
 
-def _ids_or_selection(job_ids: Sequence[str], selection: Any | None, dry_run: bool,
+def _ids_or_selection(job_ids: Sequence[str], selection: dict[str, Any] | None, dry_run: bool,
                       yes: bool, limit: int | None) -> None:
     if job_ids and selection is not None:
         raise click.UsageError("give job ids or a selection (--selector, --status, ...), "
@@ -1986,15 +1829,15 @@ def cancel(settings: Settings, job_ids: tuple[str, ...], selector: str,
     asks first, saying how many; elsewhere (a script) it needs --yes. Without role admin
     only your own jobs are taken.
     """
-    if by_selection(settings, "CancelJobs", job_ids, doing="cancel", done="cancelled",
+    if by_selection(settings, "cancel_many", job_ids, doing="cancel", done="cancelled",
                     selection=job_selection(selector=selector, statuses=statuses, queue=queue,
                                             name=name, since=since, until=until),
                     dry_run=dry_run, yes=yes, limit=limit):
         return
     def one(job_id: str) -> dict[str, str]:
-        reply = settings.call(Role.WRITE, "CancelJob", dtsd_pb2.CancelJobRequest(id=job_id))
-        return {"id": job_id, "previous_status": status_name(reply.previous_status),
-                "status": status_name(reply.status)}
+        reply = settings.ask(Role.WRITE, lambda client: client.cancel(job_id))
+        return {"id": job_id, "previous_status": status_name(reply.raw.previous_status),
+                "status": status_name(reply.raw.status)}
 
     done, errors = _each(job_ids, one)
     render(settings.output, {"jobs": done, "errors": errors}, lambda data: "\n".join(
@@ -2023,13 +1866,13 @@ def retry(settings: Settings, job_ids: tuple[str, ...], selector: str,
     dry_run}). --dry-run only counts them. On a terminal it asks first; elsewhere it
     needs --yes. Without role admin only your own jobs are taken.
     """
-    if by_selection(settings, "RetryJobs", job_ids, doing="retry", done="retried",
+    if by_selection(settings, "retry_many", job_ids, doing="retry", done="retried",
                     selection=job_selection(selector=selector, statuses=statuses, queue=queue,
                                             name=name, since=since, until=until),
                     dry_run=dry_run, yes=yes, limit=limit):
         return
-    done, errors = _each(job_ids, lambda job_id: job_dict(settings.call(
-        Role.WRITE, "RetryJob", dtsd_pb2.RetryJobRequest(id=job_id)).job))
+    done, errors = _each(job_ids, lambda job_id: job_dict(settings.ask(
+        Role.WRITE, lambda client: client.retry(job_id)).raw))
     render(settings.output, {"jobs": done, "errors": errors}, lambda data: "\n".join(
         f"{job['id']} {job['status']}" for job in data["jobs"]))
     if errors:
@@ -2123,9 +1966,9 @@ def dlq() -> None:
 def dlq_list(settings: Settings, queue: str, limit: int | None, page_token: str,
              all_pages: bool) -> None:
     """Dead-lettered jobs, as `list` shows them. JSON: as `list`."""
-    request = dtsd_pb2.ListDeadLettersRequest(queue=queue, page_size=limit or 0,
-                                              page_token=page_token)
-    render(settings.output, _pages(settings, "ListDeadLetters", request, all_pages), jobs_table)
+    def fetch(client: Client, token: str) -> client_module.JobPage:
+        return client.dead_letters_page(queue=queue, page_size=limit or 0, page_token=token)
+    render(settings.output, _pages(settings, fetch, page_token, all_pages), jobs_table)
 
 
 @dlq.command("requeue")
@@ -2155,14 +1998,13 @@ def dlq_requeue(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, qu
         raise click.UsageError("--all takes every dead letter (of --queue): no --selector, "
                                "--name, --since or --until")
     if (selection is not None or dry_run or yes or limit) and by_selection(
-            settings, "RetryJobs", job_ids, doing="requeue", done="requeued",
+            settings, "retry_many", job_ids, doing="requeue", done="requeued",
             selection=selection, dry_run=dry_run, yes=yes, limit=limit):
         return
     if bool(job_ids) == all_jobs:
         raise click.UsageError("give job ids, --all or a selection (--selector, ...)")
-    reply = settings.call(Role.WRITE, "RequeueDeadLetters", dtsd_pb2.RequeueDeadLettersRequest(
-        ids=list(job_ids), all=all_jobs, queue=queue))
-    ids = list(reply.ids)
+    ids = settings.ask(Role.WRITE, lambda client: client.requeue_dead_letters(
+        job_ids, all=all_jobs, queue=queue))
     render(settings.output, {"ids": ids}, lambda data: "\n".join(data["ids"]))
     missing = [job_id for job_id in job_ids if job_id not in set(ids)]
     for job_id in missing:
@@ -2197,9 +2039,9 @@ def dlq_purge(settings: Settings, job_ids: tuple[str, ...], all_jobs: bool, queu
         elif not all_jobs:
             raise click.UsageError(f"no job ids: to purge every dead-lettered job {scope} "
                                    "give --all (or --yes)")
-    reply = settings.call(Role.WRITE, "PurgeDeadLetters", dtsd_pb2.PurgeDeadLettersRequest(
-        ids=list(job_ids), queue=queue))
-    render(settings.output, {"purged": reply.purged}, lambda data: f"purged {data['purged']}")
+    purged = settings.ask(Role.WRITE, lambda client: client.purge_dead_letters(job_ids,
+                                                                              queue=queue))
+    render(settings.output, {"purged": purged}, lambda data: f"purged {data['purged']}")
 
 
 # --- cron schedules -----------------------------------------------------------------------
@@ -2302,13 +2144,9 @@ def cron_add(settings: Settings, name: str, expression: str, command: tuple[str,
                     priority=priority, max_retries=max_retries, timeout=job_timeout,
                     limits=_merge(limits), notify=_names(notify), notify_on=_names(notify_on),
                     labels=dict(labels))
-    schedule = dtsd_pb2.Schedule(
-        name=name, expression=expression, timezone=zone, job=spec,
-        overlap=dtsd_pb2.OverlapPolicy.Value(overlap.upper()),
-        misfire=dtsd_pb2.MisfirePolicy.Value(misfire.upper()),
-        catchup_window_seconds=catchup_window or 0.0)
-    reply = settings.call(Role.WRITE, "CreateSchedule",
-                          dtsd_pb2.CreateScheduleRequest(schedule=schedule))
+    reply = settings.ask(Role.WRITE, lambda client: client.create_schedule(
+        name, expression, timezone=zone, overlap=overlap, misfire=misfire,
+        catchup_window_seconds=catchup_window or 0.0, job=spec)).raw
     render(settings.output, schedule_dict(reply), lambda data: schedules_table(
         {"schedules": [data]}))
 
@@ -2318,36 +2156,37 @@ def cron_add(settings: Settings, name: str, expression: str, command: tuple[str,
 @pass_settings
 def cron_list(settings: Settings) -> None:
     """Every schedule. JSON: {schedules: [<schedule>]}."""
-    reply = settings.call(Role.READ, "ListSchedules", dtsd_pb2.ListSchedulesRequest())
-    render(settings.output, {"schedules": [schedule_dict(s) for s in reply.schedules]},
+    schedules = settings.ask(Role.READ, lambda client: client.schedules())
+    render(settings.output, {"schedules": [schedule_dict(s.raw) for s in schedules]},
            schedules_table)
 
 
 def _schedule_verb(method: str, verb: str, doc: str) -> None:
+    """A verb on one schedule by NAME: `method` is the Client's."""
     @cron.command(verb, help=doc)
     @option_output
     @click.argument("name", shell_complete=complete_schedules)
     @pass_settings
     def command(settings: Settings, name: str) -> None:
-        reply = settings.call(Role.WRITE, method, dtsd_pb2.ScheduleRef(name=name))
-        if method == "DeleteSchedule":
+        reply = settings.ask(Role.WRITE, lambda client: getattr(client, method)(name))
+        if method == "delete_schedule":
             render(settings.output, {"name": name, "deleted": True},
                    lambda data: f"deleted {data['name']}")
-        elif method == "TriggerSchedule":
+        elif method == "trigger_schedule":
             render(settings.output, {"id": reply.id, "created": reply.created},
                    lambda data: data["id"])
         else:
-            render(settings.output, schedule_dict(reply),
+            render(settings.output, schedule_dict(reply.raw),
                    lambda data: schedules_table({"schedules": [data]}))
 
 
-_schedule_verb("PauseSchedule", "pause", "Stop firing NAME (JSON: the schedule).")
-_schedule_verb("ResumeSchedule", "resume",
+_schedule_verb("pause_schedule", "pause", "Stop firing NAME (JSON: the schedule).")
+_schedule_verb("resume_schedule", "resume",
                "Fire NAME again from its next slot; slots missed while paused are not made "
                "up (JSON: the schedule).")
-_schedule_verb("DeleteSchedule", "rm", "Delete NAME; jobs it submitted stay (JSON: {name, "
+_schedule_verb("delete_schedule", "rm", "Delete NAME; jobs it submitted stay (JSON: {name, "
                                        "deleted}).")
-_schedule_verb("TriggerSchedule", "run", "Fire NAME now, outside its slots; prints the job id "
+_schedule_verb("trigger_schedule", "run", "Fire NAME now, outside its slots; prints the job id "
                                          "(JSON: {id, created}).")
 
 
@@ -2363,12 +2202,11 @@ def cron_next(settings: Settings, name_or_expression: str, count: int, zone: str
     """The next slots of a schedule (or of an expression), in UTC and local time, with
     the DST rule applied where one applies. JSON: {times: [{at, local, note}]}."""
     is_name = models.QUEUE_NAME.match(name_or_expression) is not None and not zone
-    request = (dtsd_pb2.PreviewScheduleRequest(name=name_or_expression, count=count) if is_name
-               else dtsd_pb2.PreviewScheduleRequest(expression=name_or_expression, timezone=zone,
-                                                    count=count))
-    reply = settings.call(Role.READ, "PreviewSchedule", request)
-    data = {"times": [{"at": _time(t, "at"), "local": t.local, "note": t.note or None}
-                      for t in reply.times]}
+    times = settings.ask(Role.READ, lambda client: (
+        client.preview_schedule(name_or_expression, count=count) if is_name
+        else client.preview_schedule(expression=name_or_expression, timezone=zone, count=count)))
+    data = {"times": [{"at": iso_utc(t.at), "local": t.local, "note": t.note or None}
+                      for t in times]}
     render(settings.output, data, lambda d: format_table(
         ("UTC", "LOCAL", "NOTE"), [(t["at"], t["local"], t["note"] or "") for t in d["times"]]))
 
@@ -2402,11 +2240,12 @@ def queue_list(settings: Settings) -> None:
     """Queues that are paused or limited, hold jobs not final, or are served by a live
     worker: QUEUE, STATE (active or paused), MAX RUNNING, PAUSED BY, PAUSED (how long ago).
     JSON: {queues: [{name, paused, paused_by, paused_at, max_running}]}."""
-    reply = settings.call(Role.READ, "ListQueues", dtsd_pb2.ListQueuesRequest())
-    render(settings.output, {"queues": [queue_dict(q) for q in reply.queues]}, queues_table)
+    queues = settings.ask(Role.READ, lambda client: client.queues())
+    render(settings.output, {"queues": [queue_dict(q.raw) for q in queues]}, queues_table)
 
 
 def _queue_verb(method: str, verb: str, doc: str) -> None:
+    """A verb on one queue by NAME: `method` is the Client's."""
     @queue_group.command(verb, help=doc)
     @option_output
     @click.argument("name")
@@ -2416,12 +2255,12 @@ def _queue_verb(method: str, verb: str, doc: str) -> None:
             models.check_queue(name, "NAME")
         except models.InvalidField as exc:
             raise click.UsageError(str(exc)) from None
-        reply = settings.call(Role.WRITE, method, dtsd_pb2.QueueRef(name=name))
+        reply = settings.ask(Role.WRITE, lambda client: getattr(client, method)(name)).raw
         render(settings.output, queue_dict(reply),
                lambda data: queues_table({"queues": [data]}))
 
 
-_queue_verb("PauseQueue", "pause",
+_queue_verb("pause_queue", "pause",
             "Pause queue NAME (role admin): workers take no new job of it; submits are still "
             "accepted and wait; jobs already taken run on. Held in PostgreSQL: a restart "
             "keeps it. JSON: {name, paused, paused_by, paused_at}.")
@@ -2438,12 +2277,11 @@ def queue_limit(settings: Settings, name: str, max_running: int) -> None:
         models.check_queue(name, "NAME")
     except models.InvalidField as exc:
         raise click.UsageError(str(exc)) from None
-    reply = settings.call(Role.WRITE, "SetQueueLimit",
-                          dtsd_pb2.QueueLimit(name=name, max_running=max_running))
+    reply = settings.ask(Role.WRITE, lambda client: client.limit_queue(name, max_running)).raw
     render(settings.output, queue_dict(reply), lambda data: queues_table({"queues": [data]}))
 
 
-_queue_verb("ResumeQueue", "resume",
+_queue_verb("resume_queue", "resume",
             "Resume queue NAME (role admin): workers take its jobs again at once. "
             "JSON: {name, paused, paused_by, paused_at}.")
 
